@@ -1,0 +1,1 @@
+"""One module per lab scenario: ``NAME``, ``DESCRIPTION`` and ``run() -> int``."""

@@ -1,0 +1,18 @@
+"""punchtrio: connect machines behind NATs and firewalls with Trio, STUN, hole punching and WireGuard.
+
+The public API is re-exported here explicitly; everything else lives in private modules or in the
+documented subpackages (``punchtrio.wireguard``, ``punchtrio.stun``, ``punchtrio.rendezvous``...).
+"""
+
+from ._exceptions import PunchtrioError
+from .keys import InvalidKeyError, PrivateKey, PublicKey
+
+__version__ = "0.1.0.dev0"
+
+__all__ = [
+    "InvalidKeyError",
+    "PrivateKey",
+    "PublicKey",
+    "PunchtrioError",
+    "__version__",
+]

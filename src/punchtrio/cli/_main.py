@@ -1,0 +1,58 @@
+"""Argument parsing and the error policy shared by every subcommand."""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import signal
+import sys
+from collections.abc import Sequence
+
+from .._exceptions import PunchtrioError
+
+# Each module defines ``register(subparsers)``, which adds its subcommands and sets ``run`` on them:
+# ``run(args) -> int`` returns the exit code.
+_COMMAND_MODULES = ("_keys",)
+
+
+class UsageError(PunchtrioError):
+    """A command line or an input file is wrong; the CLI exits with status 2."""
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """Return the ``punchtrio`` argument parser with every subcommand registered."""
+    parser = argparse.ArgumentParser(
+        prog="punchtrio",
+        description="Connect machines behind NATs: STUN, rendezvous, hole punching, WireGuard.",
+    )
+    subparsers = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    for name in _COMMAND_MODULES:
+        importlib.import_module(f"{__package__}.{name}").register(subparsers)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run the ``punchtrio`` command line and return its exit status.
+
+    Errors that punchtrio raises on purpose print one line, ``punchtrio: error: ...``, and exit 1
+    (2 for usage errors); Ctrl-C exits 130 after everything has been torn down.
+    """
+    signal.signal(signal.SIGTERM, _raise_keyboard_interrupt)
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return int(args.run(args))
+    except UsageError as exc:
+        print(f"punchtrio: error: {exc}", file=sys.stderr)
+        return 2
+    except PunchtrioError as exc:
+        print(f"punchtrio: error: {exc}", file=sys.stderr)
+        return getattr(exc, "exit_code", 1)
+    except KeyboardInterrupt:
+        return 130
+    except BrokenPipeError:
+        return 1
+
+
+def _raise_keyboard_interrupt(signum: int, frame: object) -> None:
+    raise KeyboardInterrupt
