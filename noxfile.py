@@ -47,8 +47,8 @@ def _require_root(session: nox.Session) -> None:
 def lint(session: nox.Session) -> None:
     """Ruff lint and format check, mypy --strict on the package."""
     session.install("-e", ".[lint]")
-    session.run("ruff", "check", "src", "tests", "labs", "noxfile.py")
-    session.run("ruff", "format", "--check", "src", "tests", "labs", "noxfile.py")
+    session.run("ruff", "check", "src", "tests", "labs", "benchmarks", "noxfile.py")
+    session.run("ruff", "format", "--check", "src", "tests", "labs", "benchmarks", "noxfile.py")
     session.run("mypy", "--strict", "src")
 
 
