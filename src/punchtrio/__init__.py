@@ -6,13 +6,18 @@ documented subpackages (``punchtrio.wireguard``, ``punchtrio.stun``, ``punchtrio
 
 from ._exceptions import PunchtrioError
 from .keys import InvalidKeyError, PrivateKey, PublicKey
+from .stun import NatReport, StunError, StunServer, discover_nat
 
 __version__ = "0.1.0.dev0"
 
 __all__ = [
     "InvalidKeyError",
+    "NatReport",
     "PrivateKey",
     "PublicKey",
     "PunchtrioError",
+    "StunError",
+    "StunServer",
     "__version__",
+    "discover_nat",
 ]

@@ -1,0 +1,171 @@
+"""Ground truth for the NAT lab: a plain-UDP reflector and RFC 5780-style probes, no STUN involved.
+
+The lab's NATs are checked with this independent tool before any STUN implementation is trusted to
+classify them. The reflector (``serve``) listens on two addresses times two ports; every request is
+a JSON object ``{"token": str, "reply_from": [ip, port] | null}`` and the answer, sent from the
+requested socket (or the one that received it), is ``{"token": str, "seen": "ip:port"}``: the
+source address the request arrived from, i.e. the NAT mapping.
+
+``classify`` runs RFC 5780's mapping tests (one local port to A1:P1, A2:P1, A2:P2) and filtering
+tests (on a fresh port: a reply from A2:P2, then one from A1:P2) and prints one JSON object with
+``mapping``, ``filtering``, ``public_endpoint`` and ``port_preservation`` spelled as ``punchtrio nat
+--json`` does. ``hairpin`` checks whether a datagram sent to another host's public mapping arrives,
+and from which source. Run it as ``python -m labs.udpprobe ...`` inside a namespace.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import secrets
+import select
+import socket
+import sys
+import time
+from collections.abc import Sequence
+
+_TRIES = 3
+_WAIT_S = 0.3
+
+
+def serve(addresses: Sequence[str], ports: Sequence[int]) -> None:
+    """Answer probes on every (address, port) pair until killed; prints ``ready`` once bound."""
+    sockets: dict[tuple[str, int], socket.socket] = {}
+    for address in addresses:
+        for port in ports:
+            sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+            sock.bind((address, port))
+            sockets[(address, port)] = sock
+    by_fd = {sock.fileno(): sock for sock in sockets.values()}
+    print("ready", flush=True)
+    while True:
+        readable, _, _ = select.select(list(by_fd), [], [])
+        for fd in readable:
+            sock = by_fd[fd]
+            data, source = sock.recvfrom(2048)
+            try:
+                request = json.loads(data)
+                token = str(request["token"])
+                reply_from = request.get("reply_from")
+                out = sockets[(reply_from[0], int(reply_from[1]))] if reply_from else sock
+            except (ValueError, KeyError, TypeError, IndexError):
+                continue
+            answer = {"token": token, "seen": f"{source[0]}:{source[1]}"}
+            out.sendto(json.dumps(answer).encode(), source)
+
+
+def probe(
+    sock: socket.socket, server: tuple[str, int], reply_from: tuple[str, int] | None = None
+) -> str | None:
+    """Send one probe (retried) and return the mapping the reflector saw, or None without an answer."""
+    token = secrets.token_hex(8)
+    request = json.dumps({"token": token, "reply_from": list(reply_from) if reply_from else None})
+    for _ in range(_TRIES):
+        sock.sendto(request.encode(), server)
+        deadline = time.monotonic() + _WAIT_S
+        while (left := deadline - time.monotonic()) > 0:
+            if not select.select([sock], [], [], left)[0]:
+                break
+            data, _ = sock.recvfrom(2048)
+            answer = json.loads(data)
+            if answer.get("token") == token:
+                return str(answer["seen"])
+    return None
+
+
+def _udp_socket(port: int = 0) -> socket.socket:
+    sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    sock.bind(("0.0.0.0", port))
+    return sock
+
+
+def classify(a1: str, a2: str, p1: int, p2: int, port: int = 0) -> dict[str, object]:
+    """Run the mapping and filtering tests against a reflector; see the module docstring.
+
+    The mapping tests use local ``port`` (0: any free port), the filtering tests another one.
+    """
+    # Both sockets stay open, so the filtering test's port cannot reuse the mapping test's one.
+    with _udp_socket(port) as sock, _udp_socket() as fresh:
+        local_port = sock.getsockname()[1]
+        first = probe(sock, (a1, p1))
+        if first is None:
+            raise SystemExit("udpprobe: no answer from the reflector")
+        second = probe(sock, (a2, p1))
+        third = probe(sock, (a2, p2))
+        if probe(fresh, (a1, p1), reply_from=(a2, p2)) is not None:
+            filtering = "endpoint-independent"
+        elif probe(fresh, (a1, p1), reply_from=(a1, p2)) is not None:
+            filtering = "address-dependent"
+        else:
+            filtering = "address-and-port-dependent"
+    if first == second:
+        mapping = "endpoint-independent"
+    elif second == third:
+        mapping = "address-dependent"
+    else:
+        mapping = "address-and-port-dependent"
+    return {
+        "public_endpoint": first,
+        "mapping": mapping,
+        "filtering": filtering,
+        "port_preservation": int(first.rsplit(":", 1)[1]) == local_port,
+    }
+
+
+def hairpin_listen(server: tuple[str, int], port: int, timeout: float) -> None:
+    """Print our mapping (one JSON line), then the source of the first non-probe datagram or null."""
+    with _udp_socket(port) as sock:
+        print(json.dumps({"mapping": probe(sock, server)}), flush=True)
+        readable = select.select([sock], [], [], timeout)[0]
+        if not readable:
+            print(json.dumps({"received_from": None}), flush=True)
+            return
+        _, source = sock.recvfrom(2048)
+        print(json.dumps({"received_from": f"{source[0]}:{source[1]}"}), flush=True)
+
+
+def hairpin_send(server: tuple[str, int], target: str, count: int) -> None:
+    """Print our mapping (one JSON line), then send ``count`` datagrams to ``target`` (ip:port)."""
+    host, port = target.rsplit(":", 1)
+    with _udp_socket() as sock:
+        print(json.dumps({"mapping": probe(sock, server)}), flush=True)
+        for _ in range(count):
+            sock.sendto(b"hairpin", (host, int(port)))
+            time.sleep(0.05)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Command line: ``serve``, ``classify``, ``hairpin-listen`` or ``hairpin-send``."""
+    parser = argparse.ArgumentParser(prog="python -m labs.udpprobe", description=__doc__)
+    sub = parser.add_subparsers(dest="action", required=True)
+    for name in ("serve", "classify"):
+        cmd = sub.add_parser(name)
+        cmd.add_argument("a1")
+        cmd.add_argument("a2")
+        cmd.add_argument("p1", type=int)
+        cmd.add_argument("p2", type=int)
+        cmd.add_argument("--port", type=int, default=0, help="local port (classify only)")
+    listen = sub.add_parser("hairpin-listen")
+    listen.add_argument("server")
+    listen.add_argument("--port", type=int, default=0)
+    listen.add_argument("--timeout", type=float, default=3.0)
+    send = sub.add_parser("hairpin-send")
+    send.add_argument("server")
+    send.add_argument("target")
+    send.add_argument("--count", type=int, default=10)
+    args = parser.parse_args(argv)
+    if args.action == "serve":
+        serve([args.a1, args.a2], [args.p1, args.p2])
+    elif args.action == "classify":
+        print(json.dumps(classify(args.a1, args.a2, args.p1, args.p2, args.port)))
+    else:
+        host, port = args.server.rsplit(":", 1)
+        if args.action == "hairpin-listen":
+            hairpin_listen((host, int(port)), args.port, args.timeout)
+        else:
+            hairpin_send((host, int(port)), args.target, args.count)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

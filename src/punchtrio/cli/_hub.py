@@ -1,0 +1,191 @@
+"""``punchtrio hub``: run the rendezvous hub (HTTP API on Hypercorn, optional STUN server)."""
+
+from __future__ import annotations
+
+import argparse
+import math
+import signal
+import sys
+from collections.abc import Awaitable, Callable
+from functools import partial
+from typing import Any
+
+import trio
+
+from ..keys import InvalidKeyError, PrivateKey
+from ..rendezvous._auth import DEFAULT_WINDOW, NetworkSecret
+from ..rendezvous._hub import HubConfig
+from ..rendezvous._models import ValidationError, parse_address
+from ..rendezvous._serve import HubListeners, HubServeError, serve_hub
+from ..rendezvous._store import MemoryStore, StoreLimits
+from ._main import UsageError
+
+
+def register(subparsers: Any) -> None:
+    """Add ``hub`` to the ``punchtrio`` parser."""
+    hub = subparsers.add_parser(
+        "hub",
+        help="run the rendezvous hub",
+        description=(
+            "Serve the rendezvous API (and optionally a STUN server) until interrupted. "
+            "See docs/rendezvous.md."
+        ),
+    )
+    hub.add_argument(
+        "--listen",
+        metavar="IP:PORT",
+        default="0.0.0.0:7777",
+        help="HTTP address (default 0.0.0.0:7777; IPv6 as [::]:7777)",
+    )
+    hub.add_argument(
+        "--key-file",
+        metavar="FILE",
+        help="the hub's static X25519 private key (default: a fresh key at every start)",
+    )
+    hub.add_argument(
+        "--network-secret-file",
+        metavar="FILE",
+        action="append",
+        default=[],
+        help="a network secret (16+ bytes); repeat for several networks; none: an open hub",
+    )
+    hub.add_argument("--tls-cert", metavar="FILE", help="TLS certificate chain (PEM)")
+    hub.add_argument("--tls-key", metavar="FILE", help="TLS private key (PEM)")
+    hub.add_argument("--ttl", type=float, default=300.0, help="record lifetime, s (300)")
+    hub.add_argument("--max-wait", type=float, default=60.0, help="longest long poll, s (60)")
+    hub.add_argument(
+        "--auth-window",
+        type=float,
+        default=DEFAULT_WINDOW,
+        help="accepted clock difference of signed requests, s (60)",
+    )
+    hub.add_argument(
+        "--rate", type=float, default=50.0, help="requests/s per client IP (50; 0 disables)"
+    )
+    hub.add_argument("--burst", type=float, default=100.0, help="rate-limit burst (100)")
+    limits = StoreLimits()
+    hub.add_argument("--max-peers", type=int, default=limits.max_peers, help="records in all")
+    hub.add_argument("--max-waiters", type=int, default=limits.max_waiters, help="open long polls")
+    hub.add_argument(
+        "--max-queued",
+        type=int,
+        default=limits.max_queued_per_peer,
+        help="signalling messages queued per peer",
+    )
+    hub.add_argument(
+        "--max-messages", type=int, default=limits.max_queued, help="signalling messages in all"
+    )
+    hub.add_argument("--stun", metavar="IP:PORT", help="also serve STUN on this address")
+    hub.add_argument(
+        "--stun-alternate",
+        metavar="IP:PORT",
+        help="RFC 5780 alternate STUN address (other IP and port than --stun)",
+    )
+    hub.set_defaults(run=_run)
+
+
+def _address(text: str, option: str) -> tuple[str, int]:
+    host, _, port = text.rpartition(":")
+    if port == "0":
+        text = f"{host}:1"
+    try:
+        ip, parsed_port = parse_address(text, what=option)
+    except ValidationError as exc:
+        raise UsageError(str(exc)) from None
+    return str(ip), 0 if port == "0" else parsed_port
+
+
+def _positive(value: float, option: str) -> float:
+    if not (math.isfinite(value) and value > 0):
+        raise UsageError(f"{option} must be a positive number")
+    return value
+
+
+def build_config(args: argparse.Namespace) -> tuple[HubConfig, StoreLimits]:
+    """Turn parsed ``hub`` arguments into the hub's configuration and store limits.
+
+    Raises :class:`~punchtrio.cli._main.UsageError` for bad values, and the key or secret file's
+    error if one cannot be read.
+    """
+    if args.key_file:
+        try:
+            key = PrivateKey.from_file(args.key_file)
+        except InvalidKeyError as exc:
+            raise UsageError(str(exc)) from None
+    else:
+        key = PrivateKey.generate()
+    networks = tuple(NetworkSecret.from_file(path) for path in args.network_secret_file)
+    for number in ("max_peers", "max_waiters", "max_queued", "max_messages"):
+        if getattr(args, number) < 1:
+            raise UsageError(f"--{number.replace('_', '-')} must be at least 1")
+    if not (math.isfinite(args.rate) and args.rate >= 0):
+        raise UsageError("--rate must be 0 or a positive number")
+    config = HubConfig(
+        key,
+        networks,
+        ttl=_positive(args.ttl, "--ttl"),
+        max_wait=_positive(args.max_wait, "--max-wait"),
+        auth_window=_positive(args.auth_window, "--auth-window"),
+        rate=args.rate,
+        burst=max(1.0, _positive(args.burst, "--burst")),
+    )
+    limits = StoreLimits(
+        max_peers=args.max_peers,
+        max_waiters=args.max_waiters,
+        max_queued_per_peer=args.max_queued,
+        max_queued=args.max_messages,
+    )
+    return config, limits
+
+
+def _run(args: argparse.Namespace) -> int:
+    config, limits = build_config(args)
+    listen = _address(args.listen, "--listen")
+    stun = None if args.stun is None else _address(args.stun, "--stun")
+    if args.stun_alternate is not None and stun is None:
+        raise UsageError("--stun-alternate needs --stun")
+    alternate = (
+        None if args.stun_alternate is None else _address(args.stun_alternate, "--stun-alternate")
+    )
+
+    serve = partial(
+        serve_hub,
+        config,
+        listen,
+        store=MemoryStore(limits),
+        tls_cert=args.tls_cert,
+        tls_key=args.tls_key,
+        stun=stun,
+        stun_alternate=alternate,
+    )
+    trio.run(_until_signal, serve, config)
+    return 0
+
+
+async def _until_signal(serve: Callable[..., Awaitable[None]], config: HubConfig) -> None:
+    """Serve until SIGINT or SIGTERM, then stop cleanly (exit status 0)."""
+    failure: HubServeError | None = None
+    with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
+        async with trio.open_nursery() as nursery:
+            try:
+                listeners: HubListeners = await nursery.start(serve)
+            except HubServeError as exc:
+                failure = exc
+                nursery.cancel_scope.cancel()
+            else:
+                _announce(config, listeners)
+                async for _ in signals:
+                    print("punchtrio hub: stopping", file=sys.stderr)
+                    nursery.cancel_scope.cancel()
+                    break
+    if failure is not None:
+        raise failure
+
+
+def _announce(config: HubConfig, listeners: HubListeners) -> None:
+    print(f"punchtrio hub: key {config.key.public_key()}", file=sys.stderr)
+    for url in listeners.http:
+        print(f"punchtrio hub: serving {url}", file=sys.stderr)
+    for ip, port in listeners.stun:
+        print(f"punchtrio hub: STUN on {ip} port {port}", file=sys.stderr)
+    sys.stderr.flush()

@@ -1,0 +1,51 @@
+"""An in-process virtual internet for tests and NAT research, built on Trio's custom socket factory.
+
+Build hosts, routers and RFC 4787 NATs joined by links with latency, jitter, loss and duplication;
+enter the :class:`Internet` and ordinary Trio code using ``trio.socket`` runs unchanged on the
+simulated hosts, in virtual time under ``trio.testing.MockClock``. See ``docs/netsim.md``.
+"""
+
+from ._addresses import NetsimError
+from ._link import Link
+from ._nat import Filtering, Mapping, NatBehavior, NatBinding, NatTable, PortAllocation
+from ._socket import MAX_DATAGRAM, RECEIVE_QUEUE_LIMIT, UDPSocket, UnsupportedSocketError
+from ._topology import (
+    FIRST_EPHEMERAL_PORT,
+    INITIAL_TTL,
+    NAT,
+    Host,
+    Interface,
+    Internet,
+    Network,
+    NoCurrentHostError,
+    Node,
+    Router,
+)
+from ._trace import TraceRecord, Verdict
+
+__all__ = [
+    "FIRST_EPHEMERAL_PORT",
+    "INITIAL_TTL",
+    "MAX_DATAGRAM",
+    "NAT",
+    "RECEIVE_QUEUE_LIMIT",
+    "Filtering",
+    "Host",
+    "Interface",
+    "Internet",
+    "Link",
+    "Mapping",
+    "NatBehavior",
+    "NatBinding",
+    "NatTable",
+    "NetsimError",
+    "Network",
+    "NoCurrentHostError",
+    "Node",
+    "PortAllocation",
+    "Router",
+    "TraceRecord",
+    "UDPSocket",
+    "UnsupportedSocketError",
+    "Verdict",
+]

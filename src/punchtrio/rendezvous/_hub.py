@@ -1,0 +1,445 @@
+"""The rendezvous hub as an ASGI application (Starlette), independent of the server that runs it.
+
+:func:`create_app` builds the app from a :class:`HubConfig` and a :class:`Store`. The API, its
+status codes and its limits are specified in ``docs/rendezvous.md``.
+"""
+
+from __future__ import annotations
+
+import collections
+import contextlib
+import ipaddress
+import math
+import re
+import time
+from collections.abc import Awaitable, Callable, Mapping
+from dataclasses import dataclass, field
+from functools import partial
+from typing import TypeVar
+
+import trio
+from starlette.applications import Starlette
+from starlette.exceptions import HTTPException
+from starlette.middleware import Middleware
+from starlette.requests import Request
+from starlette.responses import Response
+from starlette.routing import Route
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from ..keys import PrivateKey
+from ._auth import (
+    DEFAULT_WINDOW,
+    AuthenticationError,
+    NetworkSecret,
+    RequestVerifier,
+    VerifiedRequest,
+)
+from ._models import (
+    MAX_BODY_BYTES,
+    HubInfo,
+    RegisterRequest,
+    SignalMessage,
+    StunAddress,
+    ValidationError,
+    dump_json,
+    error_body,
+    messages_to_json,
+    parse_json,
+    validate_name,
+)
+from ._store import (
+    AllowedIPsConflictError,
+    Clock,
+    MemoryStore,
+    NameTakenError,
+    QueueFullError,
+    Store,
+    StoreFullError,
+)
+
+NO_SUCH_PEER = "no such peer"
+_T = TypeVar("_T")
+_RETRY_AFTER = {"Retry-After": "1"}
+_NUMBER = re.compile(r"[0-9]{1,6}(\.[0-9]{1,6})?")
+_INTEGER = re.compile(r"[0-9]{1,18}")
+
+
+@dataclass(frozen=True)
+class HubConfig:
+    """Everything that shapes a hub's behaviour (all durations in seconds).
+
+    ``key``: the hub's static X25519 key, published in ``GET /v1/hub``. ``networks``: network secrets;
+    none makes an open hub. ``ttl``: record lifetime (300). ``max_wait``: longest long poll (60).
+    ``auth_window``: accepted clock difference of signed requests (60). ``rate``/``burst``: token
+    bucket per client IP, IPv6 per /64 (50 requests/s, 100; ``rate`` 0 disables).
+    ``max_sources``: size of the bucket table (65536, least recently used forgotten first).
+    ``body_timeout``: time to receive a whole body (10). ``stun``: STUN servers to publish.
+    """
+
+    key: PrivateKey
+    networks: tuple[NetworkSecret, ...] = ()
+    ttl: float = 300.0
+    max_wait: float = 60.0
+    auth_window: float = DEFAULT_WINDOW
+    rate: float = 50.0
+    burst: float = 100.0
+    max_sources: int = 65536
+    body_timeout: float = 10.0
+    stun: tuple[StunAddress, ...] = field(default=())
+
+
+class _Refusal(Exception):
+    """An HTTP error answer: status, one-line reason, extra headers."""
+
+    def __init__(self, status: int, reason: str, headers: dict[str, str] | None = None) -> None:
+        super().__init__(reason)
+        self.status = status
+        self.reason = reason
+        self.headers = headers or {}
+
+
+def _error(status: int, reason: str, headers: Mapping[str, str] | None = None) -> Response:
+    return Response(error_body(reason), status, headers, media_type="application/json")
+
+
+def _json(obj: object, status: int = 200) -> Response:
+    return Response(dump_json(obj), status, media_type="application/json")
+
+
+class _TokenBuckets:
+    """Per-source token buckets in a bounded table (least recently used forgotten first)."""
+
+    def __init__(self, rate: float, burst: float, max_sources: int) -> None:
+        self.rate = rate
+        self.burst = burst
+        self.max_sources = max_sources
+        self._buckets: collections.OrderedDict[str, tuple[float, float]] = collections.OrderedDict()
+
+    def allow(self, source: str, now: float) -> bool:
+        if self.rate <= 0:
+            return True
+        tokens, stamp = self._buckets.pop(source, (self.burst, now))
+        tokens = min(self.burst, tokens + (now - stamp) * self.rate)
+        allowed = tokens >= 1.0
+        if allowed:
+            tokens -= 1.0
+        self._buckets[source] = (tokens, now)
+        while len(self._buckets) > self.max_sources:
+            self._buckets.popitem(last=False)
+        return allowed
+
+
+def _source_of(scope: Scope) -> str:
+    client = scope.get("client")
+    if not client:
+        return "unknown"
+    host = str(client[0])
+    try:
+        address = ipaddress.ip_address(host)
+    except ValueError:
+        return host
+    if address.version == 6 and address.ipv4_mapped is None:
+        return str(ipaddress.ip_network(f"{address}/64", strict=False))
+    return str(address.ipv4_mapped or address) if address.version == 6 else str(address)
+
+
+_ROUTES = (
+    (re.compile(r"/v1/peers/[^/]+"), "/v1/peers/{name}"),
+    (re.compile(r"/v1/peers/[^/]+/messages"), "/v1/peers/{name}/messages"),
+    (re.compile(r"/v1/hub"), "/v1/hub"),
+    (re.compile(r"/healthz"), "/healthz"),
+    (re.compile(r"/metrics"), "/metrics"),
+)
+_METHODS = frozenset({"GET", "PUT", "POST", "DELETE", "HEAD"})
+
+
+def _route_label(path: str) -> str:
+    for pattern, label in _ROUTES:
+        if pattern.fullmatch(path):
+            return label
+    return "other"
+
+
+class _Metrics:
+    """Request counters by route, method and status; rendered with the store's gauges."""
+
+    def __init__(self) -> None:
+        self.requests: collections.Counter[tuple[str, str, int]] = collections.Counter()
+
+
+class _Gate:
+    """Outer ASGI layer: per-source rate limit first, then counts every answer for ``/metrics``."""
+
+    def __init__(self, app: ASGIApp, hub: _Hub) -> None:
+        self.app = app
+        self.hub = hub
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        route = _route_label(scope["path"])
+        method = scope["method"] if scope["method"] in _METHODS else "other"
+        status = 500
+
+        async def counting_send(message: Message) -> None:
+            nonlocal status
+            if message["type"] == "http.response.start":
+                status = message["status"]
+            await send(message)
+
+        try:
+            if not self.hub.buckets.allow(_source_of(scope), trio.current_time()):
+                response = _error(429, "rate limit exceeded", _RETRY_AFTER)
+                await response(scope, receive, counting_send)
+            else:
+                await self.app(scope, receive, counting_send)
+        finally:
+            self.hub.counters.requests[route, method, status] += 1
+
+
+class _Hub:
+    """The handlers and their shared state (one per app)."""
+
+    def __init__(self, config: HubConfig, store: Store, clock: Clock) -> None:
+        self.config = config
+        self.store = store
+        self.clock = clock
+        self.verifier = RequestVerifier(config.key, config.networks, window=config.auth_window)
+        self.buckets = _TokenBuckets(config.rate, config.burst, config.max_sources)
+        self.counters = _Metrics()
+
+    # plumbing
+
+    async def read_body(self, request: Request) -> bytes:
+        length = request.headers.get("content-length")
+        if length is not None:
+            if not _INTEGER.fullmatch(length):
+                raise _Refusal(400, "invalid Content-Length")
+            if int(length) > MAX_BODY_BYTES:
+                raise _Refusal(413, f"body is larger than {MAX_BODY_BYTES} bytes")
+        chunks: list[bytes] = []
+        size = 0
+        with trio.move_on_after(self.config.body_timeout) as scope:
+            async with contextlib.aclosing(request.stream()) as stream:
+                async for chunk in stream:
+                    size += len(chunk)
+                    if size > MAX_BODY_BYTES:
+                        raise _Refusal(413, f"body is larger than {MAX_BODY_BYTES} bytes")
+                    chunks.append(chunk)
+        if scope.cancelled_caught:
+            raise _Refusal(408, "request body was not received in time")
+        return b"".join(chunks)
+
+    async def authenticate(self, request: Request) -> tuple[bytes, VerifiedRequest]:
+        """Read the body and check the signature and nonce; return ``(body, verified)``."""
+        body = await self.read_body(request)
+        target = request.scope["raw_path"].decode("latin-1")
+        query = request.scope.get("query_string", b"")
+        if query:
+            target += "?" + query.decode("latin-1")
+        try:
+            verified = self.verifier.verify(
+                request.method, target, body, request.headers, self.clock()
+            )
+        except AuthenticationError as exc:
+            raise _Refusal(401, str(exc)) from None
+        if not await self.store.remember_nonce(verified.nonce, 2 * self.config.auth_window):
+            raise _Refusal(401, "replayed request")
+        return body, verified
+
+    def wait_seconds(self, request: Request) -> float:
+        text = request.query_params.get("wait", "0")
+        if not _NUMBER.fullmatch(text) or float(text) > 3600:
+            raise _Refusal(400, "wait must be a number of seconds from 0 to 3600")
+        return min(float(text), self.config.max_wait)
+
+    # endpoints
+
+    async def healthz(self, request: Request) -> Response:
+        return _json({"status": "ok"})
+
+    async def metrics(self, request: Request) -> Response:
+        stats = self.store.stats()
+        lines = [
+            "# HELP punchtrio_hub_peers Registered peer records.",
+            "# TYPE punchtrio_hub_peers gauge",
+            f"punchtrio_hub_peers {stats.peers}",
+            "# HELP punchtrio_hub_open_waits Open long polls.",
+            "# TYPE punchtrio_hub_open_waits gauge",
+            f"punchtrio_hub_open_waits {stats.waiters}",
+            "# HELP punchtrio_hub_queued_messages Queued signalling messages.",
+            "# TYPE punchtrio_hub_queued_messages gauge",
+            f"punchtrio_hub_queued_messages {stats.queued}",
+            "# HELP punchtrio_hub_requests_total HTTP requests by route, method and status.",
+            "# TYPE punchtrio_hub_requests_total counter",
+        ]
+        for (route, method, status), count in sorted(self.counters.requests.items()):
+            labels = f'route="{route}",method="{method}",status="{status}"'
+            lines.append(f"punchtrio_hub_requests_total{{{labels}}} {count}")
+        return Response(
+            "\n".join(lines) + "\n", media_type="text/plain; version=0.0.4; charset=utf-8"
+        )
+
+    async def hub_info(self, request: Request) -> Response:
+        config = self.config
+        info = HubInfo(
+            config.key.public_key(),
+            config.stun,
+            config.ttl,
+            config.max_wait,
+            config.auth_window,
+            round(self.clock(), 3),
+            self.verifier.network_required,
+        )
+        return _json(info.to_json())
+
+    async def put_peer(self, request: Request) -> Response:
+        body, verified = await self.authenticate(request)
+        name = validate_name(request.path_params["name"])
+        registration = RegisterRequest.from_json(parse_json(body))
+        if registration.public_key != verified.public_key:
+            raise _Refusal(400, "public_key must be the key that signs the request")
+        peer, created = await self.store.put(
+            verified.network_id, name, registration, self.config.ttl
+        )
+        return _json(peer.to_record(self.clock()).to_json(), 201 if created else 200)
+
+    async def get_peer(self, request: Request) -> Response:
+        _, verified = await self.authenticate(request)
+        name = validate_name(request.path_params["name"])
+        wait = self.wait_seconds(request)
+        since_text = request.query_params.get("since", "0")
+        if not _INTEGER.fullmatch(since_text):
+            raise _Refusal(400, "since must be a non-negative integer")
+        since = int(since_text)
+        if wait <= 0:
+            peer = await self.store.get(verified.network_id, name)
+            if peer is not None and peer.revision <= since:
+                peer = None
+        else:
+            peer = await _long_poll(
+                request, wait, partial(self.store.wait, verified.network_id, name, since)
+            )
+        if peer is None:
+            raise _Refusal(404, NO_SUCH_PEER)
+        return _json(peer.to_record(self.clock()).to_json())
+
+    async def delete_peer(self, request: Request) -> Response:
+        _, verified = await self.authenticate(request)
+        name = validate_name(request.path_params["name"])
+        if not await self.store.delete(verified.network_id, name, verified.public_key):
+            raise _Refusal(404, NO_SUCH_PEER)
+        return Response(status_code=204)
+
+    async def post_message(self, request: Request) -> Response:
+        body, verified = await self.authenticate(request)
+        name = validate_name(request.path_params["name"])
+        message = SignalMessage.from_json(parse_json(body))
+        queued = await self.store.push_message(
+            verified.network_id, name, message, verified.public_key
+        )
+        if queued is None:
+            raise _Refusal(404, NO_SUCH_PEER)
+        return _json({"queued": queued}, 202)
+
+    async def get_messages(self, request: Request) -> Response:
+        _, verified = await self.authenticate(request)
+        name = validate_name(request.path_params["name"])
+        wait = self.wait_seconds(request)
+        network_id, owner = verified.network_id, verified.public_key
+        messages = await self.store.pop_messages(network_id, name, owner, wait=False)
+        if messages is None:
+            raise _Refusal(404, NO_SUCH_PEER)
+        if not messages and wait > 0:
+            # A timeout, or the record vanishing meanwhile, both end the poll with no messages.
+            polled = await _long_poll(
+                request,
+                wait,
+                partial(self.store.pop_messages, network_id, name, owner, wait=True),
+            )
+            messages = polled or ()
+        return _json(messages_to_json(messages))
+
+
+async def _long_poll(
+    request: Request, seconds: float, wait: Callable[[], Awaitable[_T]]
+) -> _T | None:
+    """Return ``await wait()``, or ``None`` after ``seconds`` or once the client disconnects."""
+    result: _T | None = None
+    failure: Exception | None = None
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(_cancel_on_disconnect, request, nursery.cancel_scope)
+        try:
+            with trio.move_on_after(seconds):
+                result = await wait()
+        except Exception as exc:  # re-raised below, outside the nursery, so it stays ungrouped
+            failure = exc
+        finally:
+            nursery.cancel_scope.cancel()
+    if failure is not None:
+        raise failure
+    return result
+
+
+async def _cancel_on_disconnect(request: Request, scope: trio.CancelScope) -> None:
+    while (await request.receive())["type"] != "http.disconnect":
+        pass
+    scope.cancel()
+
+
+def _wrap(
+    handler: Callable[[Request], Awaitable[Response]],
+) -> Callable[[Request], Awaitable[Response]]:
+    async def endpoint(request: Request) -> Response:
+        try:
+            return await handler(request)
+        except _Refusal as exc:
+            return _error(exc.status, exc.reason, exc.headers)
+        except ValidationError as exc:
+            return _error(400, str(exc))
+        except (NameTakenError, AllowedIPsConflictError) as exc:
+            return _error(409, str(exc))
+        except QueueFullError as exc:
+            return _error(429, str(exc), _RETRY_AFTER)
+        except StoreFullError as exc:
+            return _error(503, str(exc), _RETRY_AFTER)
+
+    return endpoint
+
+
+async def _http_exception(request: Request, exc: Exception) -> Response:
+    assert isinstance(exc, HTTPException)
+    reasons = {404: "not found", 405: "method not allowed"}
+    return _error(exc.status_code, reasons.get(exc.status_code, "bad request"), exc.headers)
+
+
+def create_app(
+    config: HubConfig, store: Store | None = None, *, clock: Clock = time.time
+) -> Starlette:
+    """Return the hub's ASGI application.
+
+    ``store`` defaults to a fresh :class:`MemoryStore` using ``clock`` (Unix seconds; tests pass a
+    fake that follows Trio's clock). The app must run under Trio (Hypercorn's Trio worker, or
+    ``httpx.ASGITransport`` under pytest-trio).
+    """
+    if not (math.isfinite(config.ttl) and config.ttl > 0):
+        raise ValueError("ttl must be a positive number of seconds")
+    hub = _Hub(config, store if store is not None else MemoryStore(clock=clock), clock)
+    routes = [
+        Route("/healthz", _wrap(hub.healthz), methods=["GET"]),
+        Route("/metrics", _wrap(hub.metrics), methods=["GET"]),
+        Route("/v1/hub", _wrap(hub.hub_info), methods=["GET"]),
+        Route("/v1/peers/{name}", _wrap(hub.put_peer), methods=["PUT"]),
+        Route("/v1/peers/{name}", _wrap(hub.get_peer), methods=["GET"]),
+        Route("/v1/peers/{name}", _wrap(hub.delete_peer), methods=["DELETE"]),
+        Route("/v1/peers/{name}/messages", _wrap(hub.post_message), methods=["POST"]),
+        Route("/v1/peers/{name}/messages", _wrap(hub.get_messages), methods=["GET"]),
+    ]
+    app = Starlette(
+        routes=routes,
+        middleware=[Middleware(_Gate, hub=hub)],
+        exception_handlers={HTTPException: _http_exception},
+    )
+    app.state.hub = hub
+    return app

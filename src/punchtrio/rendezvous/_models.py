@@ -1,0 +1,600 @@
+"""Wire models of the rendezvous hub's HTTP API, shared by the hub and its clients.
+
+Every model is a frozen dataclass with ``from_json`` (strict: exact keys, exact JSON types, every rule
+checked, :class:`ValidationError` on the first problem) and ``to_json`` (the canonical JSON object).
+Nothing here resolves names: endpoints and STUN servers are literal IP addresses.
+"""
+
+from __future__ import annotations
+
+import enum
+import ipaddress
+import itertools
+import json
+import re
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
+from typing import Any
+
+from .._exceptions import PunchtrioError
+from ..keys import InvalidKeyError, PublicKey
+
+IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
+IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
+
+API_VERSION = 1
+"""The version in the API's paths (``/v1/...``)."""
+
+MAX_BODY_BYTES = 64 * 1024
+"""Largest request body the hub reads, in bytes; a larger one gets 413."""
+
+MAX_ENDPOINTS = 16
+"""Most candidate endpoints in one record."""
+
+MAX_ALLOWED_IPS = 64
+"""Most allowed-IP prefixes in one record."""
+
+MAX_SIGNAL_BYTES = 2048
+"""Largest ``data`` of one signalling message, in UTF-8 bytes."""
+
+NAME_PATTERN = re.compile(r"[a-z0-9][a-z0-9._-]{0,62}")
+"""Peer names: 1-63 characters of lowercase ASCII letters, digits, ``.``, ``_`` and ``-``, starting
+with a letter or a digit (matched with ``fullmatch``)."""
+
+_PORT = re.compile(r"[0-9]{1,5}")
+_IPV4_TEXT = re.compile(r"[0-9.]{7,15}")
+_IPV6_TEXT = re.compile(r"[0-9a-fA-F:.]{2,45}")
+
+# Prefixes no peer may claim as allowed IPs: routing them into a tunnel hijacks local or
+# special-purpose traffic. Any prefix that overlaps one of these is refused, which also refuses
+# default routes split in halves (0.0.0.0/1 overlaps 0.0.0.0/8, 128.0.0.0/1 overlaps 224.0.0.0/4).
+_FORBIDDEN_ALLOWED: tuple[IPNetwork, ...] = (
+    ipaddress.ip_network("0.0.0.0/8"),
+    ipaddress.ip_network("127.0.0.0/8"),
+    ipaddress.ip_network("224.0.0.0/4"),
+    ipaddress.ip_network("255.255.255.255/32"),
+    ipaddress.ip_network("::/128"),
+    ipaddress.ip_network("::1/128"),
+    ipaddress.ip_network("::ffff:0:0/96"),
+    ipaddress.ip_network("ff00::/8"),
+)
+
+
+class ValidationError(PunchtrioError):
+    """A request or response body, or one of its fields, breaks the API's rules.
+
+    The message is one line naming the field, suitable for the hub's ``{"error": ...}`` body.
+    """
+
+
+class EndpointType(str, enum.Enum):
+    """Kind of a candidate endpoint, as in ICE: where the address was learnt."""
+
+    HOST = "host"
+    """An address of one of the peer's own interfaces (private addresses are fine)."""
+    SRFLX = "srflx"
+    """Server-reflexive: the peer's public mapping as a STUN server saw it."""
+    RELAY = "relay"
+    """An address allocated on a TURN relay."""
+
+
+def validate_name(name: object, *, what: str = "name") -> str:
+    """Return ``name`` if it is a valid peer name (see :data:`NAME_PATTERN`).
+
+    Raises :class:`ValidationError` otherwise.
+    """
+    if not isinstance(name, str):
+        raise ValidationError(f"{what} must be a string")
+    if not NAME_PATTERN.fullmatch(name):
+        raise ValidationError(f"{what} must match [a-z0-9][a-z0-9._-]{{0,62}}")
+    return name
+
+
+def parse_public_key(text: object, *, what: str = "public_key") -> PublicKey:
+    """Parse a base64 WireGuard public key (32 bytes, not all zero).
+
+    Raises :class:`ValidationError`.
+    """
+    if not isinstance(text, str) or len(text) != 44:
+        raise ValidationError(f"{what} must be 32 bytes of base64 (44 characters)")
+    try:
+        return PublicKey.from_base64(text)
+    except InvalidKeyError as exc:
+        raise ValidationError(f"{what}: {exc}") from None
+
+
+def parse_ip(text: str, *, what: str = "address") -> IPAddress:
+    """Parse a literal IPv4 or IPv6 address (no names, no zone index, no surrounding spaces).
+
+    Raises :class:`ValidationError`.
+    """
+    pattern = _IPV6_TEXT if ":" in text else _IPV4_TEXT
+    if not pattern.fullmatch(text):
+        raise ValidationError(f"{what} must be a literal IP address")
+    try:
+        return ipaddress.ip_address(text)
+    except ValueError:
+        raise ValidationError(f"{what} must be a literal IP address") from None
+
+
+def check_unicast(ip: IPAddress, *, what: str = "address") -> IPAddress:
+    """Return ``ip`` if a peer can be reached at it.
+
+    Refused (:class:`ValidationError`): unspecified, loopback, multicast, link-local, the IPv4
+    broadcast and reserved (240.0.0.0/4) ranges, and IPv4-mapped IPv6 addresses. Private addresses
+    are accepted (they are valid host candidates).
+    """
+    if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
+        raise ValidationError(f"{what} must not be an IPv4-mapped IPv6 address")
+    if ip.is_unspecified:
+        raise ValidationError(f"{what} must not be unspecified")
+    if ip.is_loopback:
+        raise ValidationError(f"{what} must not be loopback")
+    if ip.is_multicast:
+        raise ValidationError(f"{what} must not be multicast")
+    if ip.is_link_local:
+        raise ValidationError(f"{what} must not be link-local")
+    if isinstance(ip, ipaddress.IPv4Address) and (ip.is_reserved or ip.packed == b"\xff" * 4):
+        raise ValidationError(f"{what} must not be broadcast or reserved")
+    return ip
+
+
+def parse_address(text: object, *, what: str = "address") -> tuple[IPAddress, int]:
+    """Parse ``IPv4:port`` or ``[IPv6]:port`` into ``(ip, port)``; the port is 1-65535.
+
+    Only the syntax is checked here; see :func:`check_unicast` for which addresses a peer may use.
+    Raises :class:`ValidationError`.
+    """
+    if not isinstance(text, str) or len(text) > 64:
+        raise ValidationError(f"{what} must be a string IP:port")
+    if text.startswith("["):
+        host, sep, port = text[1:].partition("]:")
+        if not sep or ":" not in host:
+            raise ValidationError(f"{what} must be IPv4:port or [IPv6]:port")
+    else:
+        host, sep, port = text.rpartition(":")
+        if not sep or ":" in host:
+            raise ValidationError(f"{what} must be IPv4:port or [IPv6]:port")
+    ip = parse_ip(host, what=what)
+    if not _PORT.fullmatch(port) or not 0 < int(port) < 65536:
+        raise ValidationError(f"{what} must have a port from 1 to 65535")
+    return ip, int(port)
+
+
+def format_address(ip: IPAddress, port: int) -> str:
+    """Format ``(ip, port)`` as ``IPv4:port`` or ``[IPv6]:port``."""
+    return f"[{ip}]:{port}" if ip.version == 6 else f"{ip}:{port}"
+
+
+def parse_allowed_ip(text: object, *, what: str = "allowed_ips") -> IPNetwork:
+    """Parse one allowed-IP prefix in canonical CIDR form (``10.1.2.0/24``, ``fd00::1/128``).
+
+    The text must equal Python's canonical form of the network (explicit prefix length, no host bits
+    set, compressed lowercase IPv6). Refused: prefix length 0 (a default route) and any prefix that
+    overlaps 0.0.0.0/8, 127.0.0.0/8, 224.0.0.0/4, 255.255.255.255, ::, ::1, ::ffff:0:0/96 or ff00::/8.
+    Raises :class:`ValidationError`.
+    """
+    if not isinstance(text, str) or len(text) > 64 or "/" not in text:
+        raise ValidationError(f"{what} entries must be CIDR strings like 10.0.0.1/32")
+    try:
+        network = ipaddress.ip_network(text, strict=True)
+    except ValueError:
+        raise ValidationError(f"{what}: {text!r} is not a canonical CIDR") from None
+    if str(network) != text:
+        raise ValidationError(f"{what}: {text!r} is not a canonical CIDR (expected {network})")
+    if network.prefixlen == 0:
+        raise ValidationError(f"{what} must not include a default route")
+    for forbidden in _FORBIDDEN_ALLOWED:
+        if network.version == forbidden.version and network.overlaps(forbidden):
+            raise ValidationError(f"{what}: {text} overlaps reserved range {forbidden}")
+    return network
+
+
+def check_disjoint(networks: Iterable[IPNetwork], *, what: str = "allowed_ips") -> None:
+    """Raise :class:`ValidationError` if two of ``networks`` are equal or overlap."""
+    ordered = sorted(networks, key=lambda n: (n.version, int(n.network_address)))
+    for before, after in itertools.pairwise(ordered):
+        if before.version == after.version and int(before.broadcast_address) >= int(
+            after.network_address
+        ):
+            raise ValidationError(f"{what}: {before} and {after} overlap")
+
+
+@dataclass(frozen=True)
+class Endpoint:
+    """One candidate endpoint of a peer: a literal unicast IP address, a UDP port and its kind.
+
+    JSON: ``{"type": "srflx", "address": "203.0.113.7:51820"}`` (IPv6 as ``[2001:db8::7]:51820``).
+    Construction checks the address like :func:`check_unicast` and the port (1-65535) and raises
+    :class:`ValidationError`.
+    """
+
+    type: EndpointType
+    ip: IPAddress
+    port: int
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.type, EndpointType):
+            raise ValidationError("endpoint type must be host, srflx or relay")
+        check_unicast(self.ip, what="endpoint address")
+        if (
+            isinstance(self.port, bool)
+            or not isinstance(self.port, int)
+            or not 0 < self.port < 65536
+        ):
+            raise ValidationError("endpoint port must be from 1 to 65535")
+
+    @classmethod
+    def parse(cls, text: str, type: EndpointType = EndpointType.HOST) -> Endpoint:
+        """Parse ``IP:port`` / ``[IPv6]:port`` text into an endpoint of kind ``type``.
+
+        Raises :class:`ValidationError`.
+        """
+        ip, port = parse_address(text, what="endpoint address")
+        return cls(type, ip, port)
+
+    @property
+    def address(self) -> str:
+        """The endpoint as ``IP:port`` text."""
+        return format_address(self.ip, self.port)
+
+    def to_json(self) -> dict[str, Any]:
+        """Return the JSON object of this endpoint."""
+        return {"type": self.type.value, "address": self.address}
+
+    @classmethod
+    def from_json(cls, obj: object) -> Endpoint:
+        """Parse a JSON endpoint object. Raises :class:`ValidationError`."""
+        fields = _exact_keys(obj, "endpoint", required=("type", "address"))
+        kind = fields["type"]
+        if not isinstance(kind, str) or kind not in {t.value for t in EndpointType}:
+            raise ValidationError("endpoint type must be host, srflx or relay")
+        return cls.parse(fields["address"], EndpointType(kind))  # type: ignore[arg-type]
+
+
+def _endpoints_from_json(value: object) -> tuple[Endpoint, ...]:
+    if not isinstance(value, list):
+        raise ValidationError("endpoints must be a list")
+    if len(value) > MAX_ENDPOINTS:
+        raise ValidationError(f"endpoints: at most {MAX_ENDPOINTS} entries")
+    endpoints = tuple(Endpoint.from_json(item) for item in value)
+    if len(set(endpoints)) != len(endpoints):
+        raise ValidationError("endpoints must not repeat")
+    return endpoints
+
+
+def _allowed_ips_from_json(value: object) -> tuple[IPNetwork, ...]:
+    if not isinstance(value, list):
+        raise ValidationError("allowed_ips must be a list")
+    if len(value) > MAX_ALLOWED_IPS:
+        raise ValidationError(f"allowed_ips: at most {MAX_ALLOWED_IPS} entries")
+    networks = tuple(parse_allowed_ip(item) for item in value)
+    check_disjoint(networks)
+    return networks
+
+
+@dataclass(frozen=True)
+class RegisterRequest:
+    """Body of ``PUT /v1/peers/{name}``: what a peer registers (or refreshes) under its name.
+
+    JSON: ``{"public_key": "<base64>", "endpoints": [Endpoint...], "allowed_ips": ["10.0.0.1/32"]}``.
+    ``public_key`` must be the key that signs the request. At most :data:`MAX_ENDPOINTS` distinct
+    endpoints and :data:`MAX_ALLOWED_IPS` disjoint canonical prefixes (see :func:`parse_allowed_ip`).
+    Construction validates everything and raises :class:`ValidationError`.
+    """
+
+    public_key: PublicKey
+    endpoints: tuple[Endpoint, ...] = ()
+    allowed_ips: tuple[IPNetwork, ...] = ()
+
+    def __post_init__(self) -> None:
+        _check_record_fields(self.public_key, self.endpoints, self.allowed_ips)
+
+    def to_json(self) -> dict[str, Any]:
+        """Return the JSON object of this request."""
+        return {
+            "public_key": self.public_key.to_base64(),
+            "endpoints": [e.to_json() for e in self.endpoints],
+            "allowed_ips": [str(n) for n in self.allowed_ips],
+        }
+
+    @classmethod
+    def from_json(cls, obj: object) -> RegisterRequest:
+        """Parse the JSON object of a registration. Raises :class:`ValidationError`."""
+        fields = _exact_keys(obj, "body", required=("public_key", "endpoints", "allowed_ips"))
+        return cls(
+            parse_public_key(fields["public_key"]),
+            _endpoints_from_json(fields["endpoints"]),
+            _allowed_ips_from_json(fields["allowed_ips"]),
+        )
+
+
+@dataclass(frozen=True)
+class PeerRecord:
+    """A peer as the hub stores and returns it (responses of register and lookup).
+
+    JSON: ``{"name", "public_key", "endpoints", "allowed_ips", "revision", "expires_in"}``.
+    ``revision`` (an int >= 1) grows every time the record's content changes, also across hub
+    restarts; ``expires_in`` is the number of seconds (float) the record lives from the moment the
+    response was sent unless refreshed. Construction validates and raises :class:`ValidationError`.
+    """
+
+    name: str
+    public_key: PublicKey
+    endpoints: tuple[Endpoint, ...]
+    allowed_ips: tuple[IPNetwork, ...]
+    revision: int
+    expires_in: float
+
+    def __post_init__(self) -> None:
+        validate_name(self.name)
+        _check_record_fields(self.public_key, self.endpoints, self.allowed_ips)
+        if (
+            isinstance(self.revision, bool)
+            or not isinstance(self.revision, int)
+            or self.revision < 1
+        ):
+            raise ValidationError("revision must be a positive integer")
+        _check_seconds(self.expires_in, "expires_in")
+
+    def to_json(self) -> dict[str, Any]:
+        """Return the JSON object of this record (``expires_in`` rounded to milliseconds)."""
+        return {
+            "name": self.name,
+            "public_key": self.public_key.to_base64(),
+            "endpoints": [e.to_json() for e in self.endpoints],
+            "allowed_ips": [str(n) for n in self.allowed_ips],
+            "revision": self.revision,
+            "expires_in": round(self.expires_in, 3),
+        }
+
+    @classmethod
+    def from_json(cls, obj: object) -> PeerRecord:
+        """Parse a record as the hub returns it. Raises :class:`ValidationError`."""
+        fields = _exact_keys(
+            obj,
+            "record",
+            required=("name", "public_key", "endpoints", "allowed_ips", "revision", "expires_in"),
+        )
+        return cls(
+            validate_name(fields["name"]),
+            parse_public_key(fields["public_key"]),
+            _endpoints_from_json(fields["endpoints"]),
+            _allowed_ips_from_json(fields["allowed_ips"]),
+            fields["revision"],  # type: ignore[arg-type]
+            fields["expires_in"],  # type: ignore[arg-type]
+        )
+
+
+@dataclass(frozen=True)
+class SignalMessage:
+    """A short signalling message between two peers of the same network.
+
+    Sent as the body of ``POST /v1/peers/{recipient}/messages`` and received in
+    ``GET /v1/peers/{name}/messages``. JSON: ``{"from": "<sender name>", "data": "<text>"}``; the
+    sender name must be registered to the key that signs the POST. ``data`` is opaque text of at most
+    :data:`MAX_SIGNAL_BYTES` UTF-8 bytes. Raises :class:`ValidationError`.
+    """
+
+    sender: str
+    data: str
+
+    def __post_init__(self) -> None:
+        validate_name(self.sender, what="from")
+        if not isinstance(self.data, str):
+            raise ValidationError("data must be a string")
+        if len(self.data.encode("utf-8", "surrogatepass")) > MAX_SIGNAL_BYTES:
+            raise ValidationError(f"data must be at most {MAX_SIGNAL_BYTES} bytes")
+        try:
+            self.data.encode("utf-8")
+        except UnicodeEncodeError:
+            raise ValidationError("data must be valid Unicode text") from None
+
+    def to_json(self) -> dict[str, Any]:
+        """Return the JSON object of this message."""
+        return {"from": self.sender, "data": self.data}
+
+    @classmethod
+    def from_json(cls, obj: object) -> SignalMessage:
+        """Parse a JSON message. Raises :class:`ValidationError`."""
+        fields = _exact_keys(obj, "message", required=("from", "data"))
+        return cls(fields["from"], fields["data"])  # type: ignore[arg-type]
+
+
+def messages_to_json(messages: Iterable[SignalMessage]) -> dict[str, Any]:
+    """Return the body of ``GET /v1/peers/{name}/messages``: ``{"messages": [...]}``."""
+    return {"messages": [m.to_json() for m in messages]}
+
+
+def messages_from_json(obj: object) -> tuple[SignalMessage, ...]:
+    """Parse the body of ``GET /v1/peers/{name}/messages``. Raises :class:`ValidationError`."""
+    fields = _exact_keys(obj, "body", required=("messages",))
+    items = fields["messages"]
+    if not isinstance(items, list):
+        raise ValidationError("messages must be a list")
+    return tuple(SignalMessage.from_json(item) for item in items)
+
+
+@dataclass(frozen=True)
+class StunAddress:
+    """A STUN server the hub runs, as published in ``GET /v1/hub``.
+
+    JSON: ``{"ip": "203.0.113.1", "port": 3478}``; ``ip`` is ``null`` when the STUN server listens on
+    every address of the hub: then use the hub's own host. Raises :class:`ValidationError`.
+    """
+
+    ip: IPAddress | None
+    port: int
+
+    def __post_init__(self) -> None:
+        if self.ip is not None:
+            check_unicast(self.ip, what="stun ip")
+        if (
+            isinstance(self.port, bool)
+            or not isinstance(self.port, int)
+            or not 0 < self.port < 65536
+        ):
+            raise ValidationError("stun port must be from 1 to 65535")
+
+    def to_json(self) -> dict[str, Any]:
+        """Return the JSON object of this server."""
+        return {"ip": None if self.ip is None else str(self.ip), "port": self.port}
+
+    @classmethod
+    def from_json(cls, obj: object) -> StunAddress:
+        """Parse a JSON STUN server. Raises :class:`ValidationError`."""
+        fields = _exact_keys(obj, "stun", required=("ip", "port"))
+        ip = fields["ip"]
+        if ip is not None and not isinstance(ip, str):
+            raise ValidationError("stun ip must be a string or null")
+        return cls(None if ip is None else parse_ip(ip, what="stun ip"), fields["port"])  # type: ignore[arg-type]
+
+
+@dataclass(frozen=True)
+class HubInfo:
+    """Body of ``GET /v1/hub``: what a client needs before its first signed request.
+
+    JSON: ``{"api": 1, "public_key": "<hub X25519 key>", "stun": [StunAddress...], "ttl": 300,
+    "max_wait": 60, "auth_window": 60, "time": 1764000000.0, "network_required": false}``.
+    ``ttl``, ``max_wait`` and ``auth_window`` are seconds; ``time`` is the hub's clock (Unix
+    seconds) so clients can sign with a corrected timestamp. Raises :class:`ValidationError`.
+    """
+
+    public_key: PublicKey
+    stun: tuple[StunAddress, ...]
+    ttl: float
+    max_wait: float
+    auth_window: float
+    time: float
+    network_required: bool
+    api: int = API_VERSION
+
+    def __post_init__(self) -> None:
+        for name in ("ttl", "max_wait", "auth_window", "time"):
+            _check_seconds(getattr(self, name), name)
+        if not isinstance(self.network_required, bool):
+            raise ValidationError("network_required must be a boolean")
+
+    def to_json(self) -> dict[str, Any]:
+        """Return the JSON object of this hub description."""
+        return {
+            "api": self.api,
+            "public_key": self.public_key.to_base64(),
+            "stun": [s.to_json() for s in self.stun],
+            "ttl": self.ttl,
+            "max_wait": self.max_wait,
+            "auth_window": self.auth_window,
+            "time": self.time,
+            "network_required": self.network_required,
+        }
+
+    @classmethod
+    def from_json(cls, obj: object) -> HubInfo:
+        """Parse a hub description. Raises :class:`ValidationError` (also for another API version)."""
+        keys = ("api", "public_key", "stun", "ttl", "max_wait", "auth_window", "time")
+        fields = _exact_keys(obj, "hub", required=(*keys, "network_required"))
+        if fields["api"] != API_VERSION or isinstance(fields["api"], bool):
+            raise ValidationError(f"hub speaks API {fields['api']!r}, expected {API_VERSION}")
+        stun = fields["stun"]
+        if not isinstance(stun, list) or len(stun) > 8:
+            raise ValidationError("stun must be a list of at most 8 servers")
+        return cls(
+            parse_public_key(fields["public_key"]),
+            tuple(StunAddress.from_json(s) for s in stun),
+            fields["ttl"],  # type: ignore[arg-type]
+            fields["max_wait"],  # type: ignore[arg-type]
+            fields["auth_window"],  # type: ignore[arg-type]
+            fields["time"],  # type: ignore[arg-type]
+            fields["network_required"],  # type: ignore[arg-type]
+        )
+
+
+def error_reason(body: bytes, status: int) -> str:
+    """Return the one-line reason of a hub error response, or a generic one naming ``status``.
+
+    Never raises: a body that is not ``{"error": "<text>"}`` gives ``"HTTP <status>"``. The reason
+    is cut to 200 characters and stripped of control characters.
+    """
+    try:
+        obj = json.loads(body)
+    except (ValueError, RecursionError):
+        return f"HTTP {status}"
+    if not isinstance(obj, dict) or not isinstance(obj.get("error"), str):
+        return f"HTTP {status}"
+    text = "".join(ch for ch in obj["error"] if ch.isprintable())[:200]
+    return text or f"HTTP {status}"
+
+
+def error_body(reason: str) -> bytes:
+    """Return the JSON body ``{"error": reason}`` the hub sends with every 4xx and 5xx."""
+    return json.dumps({"error": reason}).encode()
+
+
+def parse_json(body: bytes) -> object:
+    """Decode a request body as strict JSON.
+
+    Refuses (:class:`ValidationError`) bodies over :data:`MAX_BODY_BYTES`, invalid UTF-8, ``NaN``
+    and ``Infinity``, duplicate object keys and nesting too deep to parse.
+    """
+    if len(body) > MAX_BODY_BYTES:
+        raise ValidationError(f"body is larger than {MAX_BODY_BYTES} bytes")
+    try:
+        text = body.decode("utf-8")
+        return json.loads(text, object_pairs_hook=_no_duplicates, parse_constant=_no_constant)
+    except (ValueError, RecursionError):
+        raise ValidationError("body is not valid JSON") from None
+
+
+def dump_json(obj: object) -> bytes:
+    """Encode ``obj`` as compact UTF-8 JSON, as the hub sends it."""
+    return json.dumps(obj, separators=(",", ":"), ensure_ascii=False).encode()
+
+
+def _no_duplicates(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    result: dict[str, Any] = {}
+    for key, value in pairs:
+        if key in result:
+            raise ValidationError(f"duplicate key {key[:40]!r} in JSON object")
+        result[key] = value
+    return result
+
+
+def _no_constant(name: str) -> Any:
+    raise ValidationError(f"{name} is not allowed in JSON")
+
+
+def _exact_keys(obj: object, what: str, *, required: tuple[str, ...]) -> Mapping[str, object]:
+    if not isinstance(obj, dict):
+        raise ValidationError(f"{what} must be a JSON object")
+    for key in obj:
+        if key not in required:
+            raise ValidationError(f"{what}: unknown field {str(key)[:40]!r}")
+    for key in required:
+        if key not in obj:
+            raise ValidationError(f"{what}: missing field {key!r}")
+    return obj
+
+
+def _check_seconds(value: object, what: str) -> None:
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise ValidationError(f"{what} must be a number")
+    if not 0 <= value < 1e12:
+        raise ValidationError(f"{what} must be a non-negative number of seconds")
+
+
+def _check_record_fields(public_key: object, endpoints: object, allowed_ips: object) -> None:
+    if not isinstance(public_key, PublicKey) or public_key.raw == bytes(32):
+        raise ValidationError("public_key must be a non-zero public key")
+    if not isinstance(endpoints, tuple) or not all(isinstance(e, Endpoint) for e in endpoints):
+        raise ValidationError("endpoints must be a tuple of Endpoint")
+    if len(endpoints) > MAX_ENDPOINTS:
+        raise ValidationError(f"endpoints: at most {MAX_ENDPOINTS} entries")
+    if len(set(endpoints)) != len(endpoints):
+        raise ValidationError("endpoints must not repeat")
+    if not isinstance(allowed_ips, tuple) or len(allowed_ips) > MAX_ALLOWED_IPS:
+        raise ValidationError(f"allowed_ips: a tuple of at most {MAX_ALLOWED_IPS} prefixes")
+    for network in allowed_ips:
+        if not isinstance(network, (ipaddress.IPv4Network, ipaddress.IPv6Network)):
+            raise ValidationError("allowed_ips must hold IP networks")
+        parse_allowed_ip(str(network))
+    check_disjoint(allowed_ips)

@@ -1,0 +1,130 @@
+"""Serving the hub: Hypercorn's Trio worker for HTTP and, in the same nursery, the STUN server."""
+
+from __future__ import annotations
+
+import ipaddress
+import time
+from dataclasses import dataclass, replace
+from functools import partial
+from typing import Any
+
+import trio
+from hypercorn.config import Config as HypercornConfig
+from hypercorn.trio import serve as hypercorn_serve
+
+from .._exceptions import PunchtrioError
+from ..stun import StunServer
+from ._hub import HubConfig, create_app
+from ._models import StunAddress, format_address
+from ._store import Clock, Store
+
+HEADER_TIMEOUT = 5.0
+"""Seconds a client has to send a request's complete headers (and to start one on an idle
+keep-alive connection)."""
+
+MAX_HEADER_BYTES = 8 * 1024
+"""Largest request head (request line and headers) the hub accepts."""
+
+
+class HubServeError(PunchtrioError):
+    """The hub cannot start: an address cannot be bound, or TLS files cannot be loaded."""
+
+    exit_code = 3
+
+
+@dataclass(frozen=True)
+class HubListeners:
+    """Where a running hub listens: HTTP URLs (``http://127.0.0.1:7777``) and STUN ``(ip, port)``."""
+
+    http: tuple[str, ...]
+    stun: tuple[tuple[str, int], ...]
+
+
+def hypercorn_config(
+    listen: tuple[str, int],
+    *,
+    max_wait: float,
+    tls_cert: str | None = None,
+    tls_key: str | None = None,
+) -> HypercornConfig:
+    """Return the Hypercorn configuration of a hub listening on ``listen`` ``(ip, port)``.
+
+    Request heads must arrive within :data:`HEADER_TIMEOUT` and fit :data:`MAX_HEADER_BYTES`; a
+    connection that sends nothing for ``max_wait`` plus 30 seconds is closed (long polls stay
+    silent for up to ``max_wait``). Access logs are off: they would record client addresses and
+    peer names of every poll.
+    """
+    config = HypercornConfig()
+    config.bind = [format_address(ipaddress.ip_address(listen[0]), listen[1])]
+    config.certfile = tls_cert
+    config.keyfile = tls_key
+    config.h11_max_incomplete_size = MAX_HEADER_BYTES
+    config.keep_alive_timeout = HEADER_TIMEOUT
+    config.read_timeout = int(max_wait + 30)
+    config.graceful_timeout = 1.0
+    config.accesslog = None
+    config.include_server_header = False
+    return config
+
+
+async def serve_hub(
+    config: HubConfig,
+    listen: tuple[str, int],
+    *,
+    store: Store | None = None,
+    tls_cert: str | None = None,
+    tls_key: str | None = None,
+    stun: tuple[str, int] | None = None,
+    stun_alternate: tuple[str, int] | None = None,
+    clock: Clock = time.time,
+    task_status: trio.TaskStatus[HubListeners] = trio.TASK_STATUS_IGNORED,
+) -> None:
+    """Run the hub until cancelled: HTTP on ``listen``, and a STUN server on ``stun`` if given.
+
+    ``listen``, ``stun`` and ``stun_alternate`` are ``(ip, port)``; port 0 lets the kernel choose.
+    The bound STUN addresses are published in ``GET /v1/hub`` (an unspecified IP as ``null``: "the
+    hub's own host"). Reports a :class:`HubListeners` through ``task_status`` once both listen.
+    Raises :class:`HubServeError` if a socket cannot be bound or TLS files cannot be loaded.
+    """
+    if (tls_cert is None) != (tls_key is None):
+        raise HubServeError("give both --tls-cert and --tls-key, or neither")
+    hyper = hypercorn_config(listen, max_wait=config.max_wait, tls_cert=tls_cert, tls_key=tls_key)
+    if hyper.ssl_enabled:
+        try:
+            hyper.create_ssl_context()
+        except (OSError, ValueError) as exc:
+            raise HubServeError(f"cannot load the TLS certificate or key: {exc}") from None
+    failure: HubServeError | None = None
+    async with trio.open_nursery() as nursery:
+        stun_bound: list[tuple[str, int]] = []
+        try:
+            if stun is not None:
+                what = f"serve STUN on {_text(stun)}"
+                stun_bound = list(await nursery.start(StunServer(stun, stun_alternate).serve))
+                config = replace(config, stun=_published(stun_bound))
+            app = create_app(config, store, clock=clock)
+            what = f"listen on {_text(listen)}"
+            asgi: Any = app  # Starlette is an ASGI app; Hypercorn's stubs want its own types
+            binds = await nursery.start(partial(hypercorn_serve, asgi, hyper))
+        except OSError as exc:
+            failure = HubServeError(f"cannot {what}: {exc.strerror or exc}")
+            nursery.cancel_scope.cancel()
+        else:
+            task_status.started(HubListeners(tuple(binds), tuple(stun_bound)))
+    if failure is not None:
+        raise failure
+
+
+def _text(address: tuple[str, int]) -> str:
+    return format_address(ipaddress.ip_address(address[0]), address[1])
+
+
+def _published(bound: list[tuple[str, int]]) -> tuple[StunAddress, ...]:
+    addresses = []
+    for ip_text, port in bound[:8]:
+        ip = ipaddress.ip_address(ip_text)
+        unreachable = ip.is_unspecified or ip.is_loopback or ip.is_link_local
+        address = StunAddress(None if unreachable else ip, port)
+        if address not in addresses:
+            addresses.append(address)
+    return tuple(addresses)

@@ -1,0 +1,422 @@
+"""RFC 5780 NAT behaviour discovery: a thin Trio shell over :class:`StunTransaction`.
+
+The decisions are pure functions (:func:`classify_mapping`, :func:`classify_filtering`); the shell
+only sequences the probes. Each behaviour is measured on its own socket, so that no probe opens the
+filter another test measures: the mapping tests (which talk to the alternate address) use one socket,
+the filtering tests a fresh socket that only ever sends to the primary address, hairpinning a third,
+and the optional lifetime test a fourth and fifth.
+"""
+
+from __future__ import annotations
+
+import errno
+import ipaddress
+import socket
+from dataclasses import dataclass
+from typing import Any
+
+import trio
+
+from .._exceptions import PunchtrioError
+from ._transaction import (
+    RTO,
+    BindingFailed,
+    BindingSucceeded,
+    BindingTimedOut,
+    StunTransaction,
+    TransactionEvent,
+)
+
+__all__ = [
+    "MAPPING_BEHAVIOURS",
+    "NatDiscoveryError",
+    "NatReport",
+    "StunAlternateNoResponseError",
+    "StunNoAlternateError",
+    "StunNoResponseError",
+    "StunUnreachableError",
+    "classify_filtering",
+    "classify_mapping",
+    "discover_nat",
+    "format_endpoint",
+    "parse_endpoint",
+]
+
+Endpoint = tuple[str, int]
+
+MAPPING_BEHAVIOURS = (
+    "none",
+    "endpoint-independent",
+    "address-dependent",
+    "address-and-port-dependent",
+)
+"""The values of :attr:`NatReport.mapping` (``filtering`` uses the last three)."""
+
+LIFETIME_WAITS = (10.0, 20.0, 40.0, 80.0, 160.0, 320.0, 640.0, 1280.0)
+"""Idle periods (seconds) tried, in order, by the mapping lifetime test."""
+
+
+class NatDiscoveryError(PunchtrioError):
+    """NAT discovery could not finish; subclasses say why. The CLI exits with ``exit_code``."""
+
+    exit_code = 1
+
+
+class StunUnreachableError(NatDiscoveryError):
+    """The STUN server's name does not resolve, or the network reports it unreachable (exit 3)."""
+
+    exit_code = 3
+
+
+class StunNoResponseError(NatDiscoveryError):
+    """The STUN server never answered: UDP is blocked on this network, or the server is down (4)."""
+
+    exit_code = 4
+
+
+class StunNoAlternateError(NatDiscoveryError):
+    """The server sent no OTHER-ADDRESS, so it cannot run RFC 5780 tests (exit 5)."""
+
+    exit_code = 5
+
+
+class StunAlternateNoResponseError(NatDiscoveryError):
+    """The server's alternate address (its OTHER-ADDRESS) never answered (exit 6)."""
+
+    exit_code = 6
+
+
+def format_endpoint(endpoint: Endpoint) -> str:
+    """Return ``ip:port``, with the IPv6 address in brackets."""
+    ip, port = endpoint
+    return f"[{ip}]:{port}" if ":" in ip else f"{ip}:{port}"
+
+
+def parse_endpoint(text: str) -> tuple[str, int]:
+    """Parse ``HOST:PORT`` or ``[IPv6]:PORT``; raise ``ValueError`` with a readable message."""
+    host, sep, port = text.rpartition(":")
+    if not sep or not host:
+        raise ValueError(f"expected HOST:PORT, got {text!r}")
+    if host.startswith("[") and host.endswith("]"):
+        host = host[1:-1]
+    elif ":" in host:
+        raise ValueError(f"write IPv6 addresses in brackets: [{host}]:{port}")
+    if not port.isdigit() or not 0 <= int(port) <= 65535:
+        raise ValueError(f"bad port in {text!r}")
+    return host, int(port)
+
+
+@dataclass(frozen=True)
+class NatReport:
+    """What RFC 5780 tests found out about the NAT between us and a STUN server.
+
+    ``mapping`` is one of :data:`MAPPING_BEHAVIOURS` ("none" when the mapped address equals the
+    local one: no NAT); ``filtering`` is one of the three dependent/independent values (with no
+    NAT it describes the firewall); ``hairpinning`` is ``None`` when there is no NAT to hairpin
+    through; ``port_preservation`` tells whether the NAT kept our local port;
+    ``mapping_lifetime`` is ``None`` unless measured, else ``(at_least, less_than)`` seconds of
+    idleness (``less_than`` ``None`` when the mapping outlived every wait).
+    """
+
+    server: Endpoint
+    other_address: Endpoint
+    local_endpoint: Endpoint
+    public_endpoint: Endpoint
+    mapping: str
+    filtering: str
+    hairpinning: bool | None
+    port_preservation: bool
+    mapping_lifetime: tuple[float, float | None] | None = None
+
+    def to_json(self) -> dict[str, Any]:
+        """Return the report as a JSON-ready dict (endpoints as ``ip:port`` strings)."""
+        lifetime = None
+        if self.mapping_lifetime is not None:
+            lifetime = {
+                "at_least_s": self.mapping_lifetime[0],
+                "less_than_s": self.mapping_lifetime[1],
+            }
+        return {
+            "public_endpoint": format_endpoint(self.public_endpoint),
+            "mapping": self.mapping,
+            "filtering": self.filtering,
+            "hairpinning": self.hairpinning,
+            "port_preservation": self.port_preservation,
+            "local_endpoint": format_endpoint(self.local_endpoint),
+            "server": format_endpoint(self.server),
+            "other_address": format_endpoint(self.other_address),
+            "mapping_lifetime": lifetime,
+        }
+
+
+def classify_mapping(
+    local: Endpoint, test1: Endpoint, test2: Endpoint | None, test3: Endpoint | None
+) -> str:
+    """Return the RFC 5780 section 4.3 mapping behaviour from the mapped addresses of tests I-III.
+
+    ``test2``/``test3`` may be ``None`` when not needed (no NAT, or test II already decided).
+    """
+    if test1 == local:
+        return "none"
+    if test2 == test1:
+        return "endpoint-independent"
+    if test3 == test2:
+        return "address-dependent"
+    return "address-and-port-dependent"
+
+
+def classify_filtering(change_ip_and_port_answered: bool, change_port_answered: bool) -> str:
+    """Return the RFC 5780 section 4.4 filtering behaviour from the two change-request tests."""
+    if change_ip_and_port_answered:
+        return "endpoint-independent"
+    if change_port_answered:
+        return "address-dependent"
+    return "address-and-port-dependent"
+
+
+_UNREACHABLE = {errno.ECONNREFUSED, errno.EHOSTUNREACH, errno.ENETUNREACH, errno.EHOSTDOWN}
+
+
+class _Prober:
+    """Runs transactions over Trio sockets with one per-transaction ``timeout`` (seconds)."""
+
+    def __init__(self, server: Endpoint, timeout: float, rto: float) -> None:
+        self.server = server
+        self.timeout = timeout
+        self.rto = rto
+        self.family = socket.AF_INET6 if ":" in server[0] else socket.AF_INET
+        self.local_ip = ""
+
+    async def open(self) -> trio.socket.SocketType:
+        sock = trio.socket.socket(self.family, socket.SOCK_DGRAM)
+        try:
+            await sock.bind((self.local_ip, 0))
+        except OSError:
+            sock.close()
+            raise
+        return sock
+
+    async def run(
+        self,
+        tx: StunTransaction,
+        send: trio.socket.SocketType,
+        receive: trio.socket.SocketType | None = None,
+    ) -> TransactionEvent:
+        """Drive ``tx``: send on ``send``, receive on ``receive`` (default ``send``)."""
+        receive = receive or send
+        deadline = trio.current_time() + self.timeout
+        while True:
+            now = trio.current_time()
+            tx.handle_timer(now)
+            for data, destination in tx.datagrams_to_send(now):
+                await self._io(send.sendto(data, destination))
+            event = tx.next_event()
+            if event is not None:
+                return event
+            if now >= deadline:
+                return BindingTimedOut(tx.attempts)
+            wake = min(tx.get_timer() or deadline, deadline)
+            with trio.move_on_at(wake):
+                data, source = await self._io(receive.recvfrom(2048))
+                tx.receive_datagram(data, source[:2], trio.current_time())
+
+    async def _io(self, operation: Any) -> Any:
+        try:
+            return await operation
+        except OSError as exc:
+            if exc.errno in _UNREACHABLE:
+                raise StunUnreachableError(
+                    f"STUN server {format_endpoint(self.server)} is unreachable: {exc.strerror}"
+                ) from None
+            raise StunNoResponseError(
+                f"cannot send UDP to {format_endpoint(self.server)}: {exc.strerror}"
+            ) from None
+
+
+async def _resolve(server: Endpoint | str) -> Endpoint:
+    try:
+        host, port = parse_endpoint(server) if isinstance(server, str) else server
+    except ValueError as exc:
+        raise NatDiscoveryError(str(exc)) from None
+    try:
+        infos = await trio.socket.getaddrinfo(host, port, type=socket.SOCK_DGRAM)
+    except (OSError, UnicodeError) as exc:
+        raise StunUnreachableError(f"cannot resolve STUN server {host!r}: {exc}") from None
+    infos.sort(key=lambda info: info[0] != socket.AF_INET)
+    address = infos[0][4]
+    return str(ipaddress.ip_address(address[0])), int(address[1])
+
+
+def _expect(event: TransactionEvent, what: str, server: Endpoint) -> BindingSucceeded:
+    if isinstance(event, BindingSucceeded):
+        return event
+    if isinstance(event, BindingFailed):
+        raise NatDiscoveryError(f"{what}: {event.reason}")
+    raise StunNoResponseError(
+        f"no response from STUN server {format_endpoint(server)} after {event.attempts} "
+        "requests: UDP is blocked on this network, or the server is down"
+    )
+
+
+async def discover_nat(
+    server: Endpoint | str,
+    *,
+    probe_timeout: float = 3.0,
+    lifetime: float | None = None,
+    rto: float = RTO,
+) -> NatReport:
+    """Run the RFC 5780 tests against ``server`` (``(host, port)`` or ``"host:port"``).
+
+    ``probe_timeout`` (seconds, default 3) bounds each probe: a filtering test that gets no answer waits
+    this long, so the whole run takes a few timeouts at most. ``rto`` is the first retransmission
+    interval. With ``lifetime`` (minutes) the mapping lifetime is measured too, idling up to that
+    long in total. Raises :class:`StunUnreachableError`, :class:`StunNoResponseError`,
+    :class:`StunNoAlternateError`, :class:`StunAlternateNoResponseError` or
+    :class:`NatDiscoveryError`.
+    """
+    primary = await _resolve(server)
+    prober = _Prober(primary, probe_timeout, rto)
+
+    # Mapping (tests I-III) on one socket, connected so that ICMP errors surface as exceptions.
+    with trio.socket.socket(prober.family, socket.SOCK_DGRAM) as sock:
+        await prober._io(sock.connect(primary))
+        prober.local_ip = sock.getsockname()[0]
+        local = (str(ipaddress.ip_address(prober.local_ip)), sock.getsockname()[1])
+        test1 = _expect(
+            await prober.run(StunTransaction(primary, trio.current_time(), rto=rto), sock),
+            "mapping test I",
+            primary,
+        )
+        other = test1.other_address
+        if other is None:
+            raise StunNoAlternateError(
+                f"STUN server {format_endpoint(primary)} has no alternate address "
+                "(no OTHER-ADDRESS): it cannot test NAT behaviour"
+            )
+        mapped: list[Endpoint | None] = [test1.mapped, None, None]
+        if test1.mapped != local:
+            for index, target in ((1, (other[0], primary[1])), (2, other)):
+                await prober._io(sock.connect(target))
+                event = await prober.run(
+                    StunTransaction(target, trio.current_time(), rto=rto), sock
+                )
+                if not isinstance(event, BindingSucceeded):
+                    raise StunAlternateNoResponseError(
+                        f"the server's alternate address {format_endpoint(target)} did not answer"
+                    )
+                mapped[index] = event.mapped
+                if index == 1 and event.mapped == test1.mapped:
+                    break
+    mapping = classify_mapping(local, test1.mapped, mapped[1], mapped[2])
+
+    filtering = await _filtering(prober, primary, other)
+    hairpinning = None if mapping == "none" else await _hairpinning(prober, primary)
+    measured = None
+    if lifetime is not None:
+        measured = await _lifetime(prober, primary, lifetime * 60.0)
+    return NatReport(
+        server=primary,
+        other_address=other,
+        local_endpoint=local,
+        public_endpoint=test1.mapped,
+        mapping=mapping,
+        filtering=filtering,
+        hairpinning=hairpinning,
+        port_preservation=test1.mapped[1] == local[1],
+        mapping_lifetime=measured,
+    )
+
+
+async def _filtering(prober: _Prober, primary: Endpoint, other: Endpoint) -> str:
+    """Filtering tests on a fresh socket that only ever sends to the primary address."""
+    with await prober.open() as sock:
+        now = trio.current_time()
+        _expect(
+            await prober.run(StunTransaction(primary, now, rto=prober.rto), sock),
+            "filtering test I",
+            primary,
+        )
+        both = StunTransaction(
+            primary,
+            trio.current_time(),
+            change_ip=True,
+            change_port=True,
+            expected_source=other,
+            rto=prober.rto,
+        )
+        if isinstance(await prober.run(both, sock), BindingSucceeded):
+            return classify_filtering(True, False)
+        port_only = StunTransaction(
+            primary,
+            trio.current_time(),
+            change_port=True,
+            expected_source=(primary[0], other[1]),
+            rto=prober.rto,
+        )
+        answered = isinstance(await prober.run(port_only, sock), BindingSucceeded)
+        return classify_filtering(False, answered)
+
+
+async def _hairpinning(prober: _Prober, primary: Endpoint) -> bool:
+    """Send a Binding request from a fresh socket to its own mapped address; see if it comes back."""
+    with await prober.open() as sock:
+        event = _expect(
+            await prober.run(StunTransaction(primary, trio.current_time(), rto=prober.rto), sock),
+            "hairpinning test",
+            primary,
+        )
+        probe = StunTransaction(event.mapped, trio.current_time(), rto=prober.rto)
+        token = probe.request[8:20]
+        with trio.move_on_after(prober.timeout):
+            async with trio.open_nursery() as nursery:
+
+                async def resend() -> None:
+                    while True:
+                        for data, destination in probe.datagrams_to_send(trio.current_time()):
+                            await prober._io(sock.sendto(data, destination))
+                        await trio.sleep_until(probe.get_timer() or trio.current_time() + 1.0)
+
+                nursery.start_soon(resend)
+                while True:
+                    data, _ = await prober._io(sock.recvfrom(2048))
+                    if data[8:20] == token:
+                        nursery.cancel_scope.cancel()
+                        return True
+        return False
+
+
+async def _lifetime(
+    prober: _Prober, primary: Endpoint, budget: float
+) -> tuple[float, float | None] | None:
+    """Measure how long an idle mapping lives, using RESPONSE-PORT to reach it from the server.
+
+    Returns ``None`` if the server cannot send to the mapping at all (no RESPONSE-PORT support, or
+    a filter that blocks it).
+    """
+    with await prober.open() as measured, await prober.open() as helper:
+        event = _expect(
+            await prober.run(
+                StunTransaction(primary, trio.current_time(), rto=prober.rto), measured
+            ),
+            "lifetime test",
+            primary,
+        )
+        port = event.mapped[1]
+
+        async def alive() -> bool:
+            tx = StunTransaction(primary, trio.current_time(), response_port=port, rto=prober.rto)
+            return isinstance(await prober.run(tx, helper, measured), BindingSucceeded)
+
+        if not await alive():
+            return None
+        at_least = 0.0
+        spent = 0.0
+        for wait in LIFETIME_WAITS:
+            if spent + wait > budget:
+                break
+            await trio.sleep(wait)
+            spent += wait
+            if not await alive():
+                return at_least, wait
+            at_least = wait
+        return at_least, None

@@ -1,0 +1,313 @@
+"""The userspace tunnel: punchtrio's sans-IO WireGuard driven over a UDP socket and a TUN device.
+
+The shell owns three readable descriptors (the IPv4 and IPv6 UDP sockets and the TUN fd) and one
+timer. When a descriptor is readable it is drained in a tight non-blocking loop, every packet handed
+to the :class:`~punchtrio.wireguard.Device`, and the results written out, before one checkpoint per
+batch: no ``await`` per packet.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import os
+import socket
+from collections.abc import AsyncIterator, Callable, Mapping
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, Protocol
+
+import trio
+
+from ._netlink import configure_interface
+from ._tun import TunDevice, TunnelError
+from ._wgquick import PeerSection, WgQuickConfig
+
+if TYPE_CHECKING:
+    from ..wireguard import PeerConfig, PeerStats, Timers
+
+Address = tuple[str, int]
+
+BATCH = 256
+"""Most packets handled from one descriptor before the loop checkpoints (fairness between tasks)."""
+
+SOCKET_BUFFER = 4 << 20
+"""Send and receive buffer asked for on the UDP sockets (4 MiB); bursts of a fast flow fit."""
+
+_READ_SIZE = 65535
+
+
+class WireGuardDevice(Protocol):
+    """What the shell needs from a sans-IO WireGuard device (see :class:`punchtrio.wireguard.Device`)."""
+
+    under_load: bool
+
+    def receive_datagram(self, data: bytes, addr: Address, now: float) -> bytes | None: ...
+    def send_packet(self, packet: bytes, now: float) -> tuple[bytes, Address] | None: ...
+    def datagrams_to_send(self) -> list[tuple[bytes, Address]]: ...
+    def get_timer(self) -> float | None: ...
+    def handle_timer(self, now: float) -> None: ...
+    def next_event(self) -> Any: ...
+    def peer_stats(self) -> Mapping[bytes, Any]: ...
+
+
+@dataclass
+class TunnelCounters:
+    """Counts kept by the shell (the device keeps per-peer byte counts).
+
+    ``datagrams_received``/``datagrams_sent`` count UDP datagrams; ``packets_to_tun`` and
+    ``packets_from_tun`` count IP packets; ``sent_by_type`` counts sent WireGuard messages by type
+    (1 initiation, 2 response, 3 cookie reply, 4 transport); the ``*_errors`` count packets lost
+    because the kernel refused them (a full buffer, no route).
+    """
+
+    datagrams_received: int = 0
+    datagrams_sent: int = 0
+    packets_from_tun: int = 0
+    packets_to_tun: int = 0
+    send_errors: int = 0
+    tun_write_errors: int = 0
+    sent_by_type: dict[int, int] = field(default_factory=dict)
+
+
+class UserspaceTunnel:
+    """A running tunnel: ``device`` (sans-IO WireGuard) over UDP ``sockets`` and a TUN ``tun``.
+
+    Built by :func:`open_userspace_tunnel`; constructing it directly is for other shells (a shared
+    multiplexed socket) and tests. :meth:`serve` runs until cancelled; the caller owns closing the
+    descriptors. ``on_event`` is called with every event the device reports.
+    """
+
+    def __init__(
+        self,
+        device: WireGuardDevice,
+        tun: TunDevice | Any,
+        sockets: list[socket.socket],
+        *,
+        on_event: Callable[[object], None] | None = None,
+    ) -> None:
+        self.device = device
+        self.tun = tun
+        self.counters = TunnelCounters()
+        self.on_event = on_event
+        self._socket4 = next((s for s in sockets if s.family == socket.AF_INET), None)
+        self._socket6 = next((s for s in sockets if s.family == socket.AF_INET6), None)
+        self._sockets = sockets
+        self._timer_scope: trio.CancelScope | None = None
+        self._armed = math.inf
+
+    @property
+    def name(self) -> str:
+        """The TUN interface's name."""
+        return str(self.tun.name)
+
+    @property
+    def listen_port(self) -> int:
+        """The local UDP port WireGuard listens on."""
+        return int(self._sockets[0].getsockname()[1])
+
+    def peer_stats(self) -> Mapping[bytes, PeerStats]:
+        """Return per-peer statistics (endpoint, rx/tx bytes, last handshake), keyed by public key."""
+        return self.device.peer_stats()  # type: ignore[no-any-return]
+
+    async def serve(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        """Move packets until cancelled; reports started once every reader is waiting."""
+        async with trio.open_nursery() as nursery:
+            for sock in self._sockets:
+                nursery.start_soon(self._udp_reader, sock)
+            nursery.start_soon(self._tun_reader)
+            nursery.start_soon(self._timer_loop)
+            self._flush()
+            task_status.started()
+
+    async def _udp_reader(self, sock: socket.socket) -> None:
+        recvfrom = sock.recvfrom
+        receive = self.device.receive_datagram
+        write = os.write
+        tun_fd = self.tun.fileno()
+        counters = self.counters
+        while True:
+            await trio.lowlevel.wait_readable(sock)
+            drained = False
+            while not drained:
+                now = trio.current_time()
+                received = written = errors = 0
+                try:
+                    while received < BATCH:
+                        data, addr = recvfrom(_READ_SIZE)
+                        received += 1
+                        packet = receive(data, addr[:2], now)
+                        if packet is not None:
+                            try:
+                                write(tun_fd, packet)
+                                written += 1
+                            except OSError:
+                                errors += 1
+                except BlockingIOError:
+                    drained = True
+                except OSError:
+                    errors += 1  # an ICMP error queued on the socket; the next read goes on
+                counters.datagrams_received += received
+                counters.packets_to_tun += written
+                counters.tun_write_errors += errors
+                self._flush()
+                if not drained:
+                    await trio.lowlevel.checkpoint()
+
+    async def _tun_reader(self) -> None:
+        read = os.read
+        fd = self.tun.fileno()
+        send_packet = self.device.send_packet
+        sendto = self._sendto
+        counters = self.counters
+        while True:
+            await trio.lowlevel.wait_readable(fd)
+            drained = False
+            while not drained:
+                now = trio.current_time()
+                count = 0
+                try:
+                    while count < BATCH:
+                        packet = read(fd, _READ_SIZE)
+                        count += 1
+                        out = send_packet(packet, now)
+                        if out is not None:
+                            sendto(out[0], out[1])
+                except BlockingIOError:
+                    drained = True
+                counters.packets_from_tun += count
+                self._flush()
+                if not drained:
+                    await trio.lowlevel.checkpoint()
+
+    def _sendto(self, data: bytes, addr: Address) -> None:
+        sock = self._socket6 if ":" in addr[0] else self._socket4
+        try:
+            if sock is None:
+                raise OSError("no socket for this address family")
+            sock.sendto(data, addr)
+            self.counters.datagrams_sent += 1
+        except OSError:
+            self.counters.send_errors += 1
+
+    def _flush(self) -> None:
+        """Send what the device queued, hand its events out and re-arm the timer."""
+        device = self.device
+        for data, addr in device.datagrams_to_send():
+            if data:
+                by_type = self.counters.sent_by_type
+                by_type[data[0]] = by_type.get(data[0], 0) + 1
+            self._sendto(data, addr)
+        if self.on_event is not None:
+            while (event := device.next_event()) is not None:
+                self.on_event(event)
+        deadline = device.get_timer()
+        deadline = math.inf if deadline is None else deadline
+        if deadline != self._armed:
+            self._armed = deadline
+            if self._timer_scope is not None:
+                self._timer_scope.deadline = deadline
+
+    async def _timer_loop(self) -> None:
+        while True:
+            with trio.CancelScope(deadline=self._armed) as scope:
+                self._timer_scope = scope
+                await trio.sleep_forever()
+            self._timer_scope = None
+            self.device.handle_timer(trio.current_time())
+            self._armed = math.nan  # forces _flush to store the device's next deadline
+            self._flush()
+
+
+def peer_config(section: PeerSection) -> PeerConfig:
+    """Return the device's :class:`~punchtrio.wireguard.PeerConfig` for one ``[Peer]`` section."""
+    from ..wireguard import PeerConfig
+
+    return PeerConfig(
+        public_key=section.public_key,
+        preshared_key=section.preshared_key,
+        allowed_ips=section.allowed_ips,
+        endpoint=section.endpoint,
+        persistent_keepalive=(
+            float(section.persistent_keepalive) if section.persistent_keepalive else None
+        ),
+    )
+
+
+def bind_udp(port: int | None) -> list[socket.socket]:
+    """Return non-blocking UDP sockets bound to ``port`` on every IPv4 and IPv6 address.
+
+    ``None`` or 0 lets the kernel pick a port (the IPv6 socket takes the same one). IPv6 is skipped
+    when the host has it disabled. Raises :class:`TunnelError` if the port is taken.
+    """
+    sockets: list[socket.socket] = []
+    try:
+        v4 = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        sockets.append(v4)
+        v4.bind(("0.0.0.0", port or 0))
+        port = v4.getsockname()[1]
+        try:
+            v6 = socket.socket(socket.AF_INET6, socket.SOCK_DGRAM)
+        except OSError:
+            v6 = None
+        if v6 is not None:
+            sockets.append(v6)
+            v6.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+            try:
+                v6.bind(("::", port))
+            except OSError as exc:
+                if exc.errno != 99:  # EADDRNOTAVAIL: IPv6 disabled on this host
+                    raise
+                sockets.remove(v6)
+                v6.close()
+    except OSError as exc:
+        for sock in sockets:
+            sock.close()
+        raise TunnelError(f"cannot bind UDP port {port or 0}: {exc.strerror}") from None
+    for sock in sockets:
+        sock.setblocking(False)
+        for option in (socket.SO_SNDBUF, socket.SO_RCVBUF):
+            with contextlib.suppress(OSError):
+                sock.setsockopt(socket.SOL_SOCKET, option, SOCKET_BUFFER)
+    return sockets
+
+
+@contextlib.asynccontextmanager
+async def open_userspace_tunnel(
+    config: WgQuickConfig,
+    *,
+    name: str = "",
+    timers: Timers | None = None,
+    on_event: Callable[[object], None] | None = None,
+) -> AsyncIterator[UserspaceTunnel]:
+    """Bring up the tunnel ``config`` describes and yield it while it runs.
+
+    Creates the TUN device ``name`` (``""``: the kernel picks ``tunN``) with the config's addresses,
+    MTU and one route per allowed IP, binds the listen port and starts the data path. ``timers``
+    overrides the protocol's timers (tests shorten them). On exit, including cancellation, the
+    tasks stop and the device (with its addresses and routes) and the sockets are gone. Raises
+    :class:`TunnelError` if any part cannot be set up; nothing is left behind then either.
+    """
+    from ..wireguard import Device, Timers
+
+    interface = config.interface
+    device = Device(interface.private_key, timers=timers if timers is not None else Timers())
+    for section in config.peers:
+        device.add_peer(peer_config(section))
+    with contextlib.ExitStack() as stack:
+        sockets = bind_udp(interface.listen_port)
+        for sock in sockets:
+            stack.enter_context(sock)
+        tun = stack.enter_context(TunDevice(name))
+        configure_interface(
+            tun.name,
+            addresses=interface.addresses,
+            routes=[net for section in config.peers for net in section.allowed_ips],
+            mtu=interface.mtu,
+        )
+        tunnel = UserspaceTunnel(device, tun, sockets, on_event=on_event)
+        async with trio.open_nursery() as nursery:
+            await nursery.start(tunnel.serve)
+            try:
+                yield tunnel
+            finally:
+                nursery.cancel_scope.cancel()

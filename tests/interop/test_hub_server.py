@@ -1,0 +1,212 @@
+"""The real hub: ``punchtrio hub`` in a subprocess (Hypercorn's Trio worker) on loopback.
+
+What only a real server shows: signed requests over TCP, a long poll that wakes, headers sent a byte
+at a time and oversized headers being cut off, a 10 MiB body refused after 64 KiB, the embedded
+STUN server answering, and a clean exit on SIGTERM.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import secrets
+import signal
+import socket
+import struct
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+import pytest
+import trio
+
+from punchtrio import PrivateKey
+from punchtrio.rendezvous import (
+    Endpoint,
+    HubAuth,
+    HubInfo,
+    PeerRecord,
+    RegisterRequest,
+    RequestSigner,
+)
+
+pytestmark = pytest.mark.interop
+
+
+class RunningHub:
+    def __init__(self, process: subprocess.Popen[str], url: str, stun_port: int) -> None:
+        self.process = process
+        self.url = url
+        self.stun_port = stun_port
+        self.port = int(url.rsplit(":", 1)[1])
+
+
+@pytest.fixture
+def hub(tmp_path: Path) -> Iterator[RunningHub]:
+    key = tmp_path / "hub.key"
+    PrivateKey.generate().write(key)
+    command = [
+        sys.executable, "-m", "punchtrio.cli", "hub",
+        "--listen", "127.0.0.1:0", "--stun", "127.0.0.1:0",
+        "--key-file", str(key), "--rate", "0", "--max-wait", "20",
+    ]  # fmt: skip
+    process = subprocess.Popen(command, stderr=subprocess.PIPE, text=True)
+    try:
+        url, stun_port = None, None
+        assert process.stderr is not None
+        while url is None or stun_port is None:
+            line = process.stderr.readline()
+            assert line, f"the hub exited early with {process.wait(5)}"
+            if match := re.search(r"serving (http://\S+)", line):
+                url = match[1]
+            if match := re.search(r"STUN on \S+ port (\d+)", line):
+                stun_port = int(match[1])
+        yield RunningHub(process, url, stun_port)
+    finally:
+        if process.poll() is None:
+            process.send_signal(signal.SIGTERM)
+            try:
+                process.wait(10)
+            except subprocess.TimeoutExpired:
+                process.kill()
+                process.wait()
+
+
+def _registration(key: PrivateKey) -> dict[str, object]:
+    return RegisterRequest(key.public_key(), (Endpoint.parse("10.0.0.7:51820"),)).to_json()
+
+
+async def test_signed_register_lookup_and_long_poll(hub: RunningHub) -> None:
+    async with httpx.AsyncClient(base_url=hub.url, timeout=30) as http:
+        info = HubInfo.from_json((await http.get("/v1/hub")).json())
+        assert [s.port for s in info.stun] == [hub.stun_port]
+        alice_key, bob_key = PrivateKey.generate(), PrivateKey.generate()
+        alice = HubAuth(RequestSigner(alice_key, info.public_key))
+        bob = HubAuth(RequestSigner(bob_key, info.public_key))
+
+        replies: list[httpx.Response] = []
+
+        async def wait_for_bob() -> None:
+            replies.append(await http.get("/v1/peers/bob", params={"wait": 15}, auth=alice))
+
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(wait_for_bob)
+            while "punchtrio_hub_open_waits 1" not in (await http.get("/metrics")).text:
+                await trio.sleep(0.05)
+            created = await http.put("/v1/peers/bob", json=_registration(bob_key), auth=bob)
+            assert created.status_code == 201
+        assert replies[0].status_code == 200
+        assert PeerRecord.from_json(replies[0].json()).public_key == bob_key.public_key()
+
+        hijack = await http.put("/v1/peers/bob", json=_registration(alice_key), auth=alice)
+        assert (hijack.status_code, hijack.json()) == (
+            409,
+            {"error": "name is registered to another key"},
+        )
+        anonymous = await http.get("/v1/peers/bob")
+        assert anonymous.status_code == 401
+
+
+def _connect(hub: RunningHub) -> socket.socket:
+    sock = socket.create_connection(("127.0.0.1", hub.port), timeout=20)
+    return sock
+
+
+def _read_all(sock: socket.socket) -> bytes:
+    data = b""
+    try:
+        while chunk := sock.recv(65536):
+            data += chunk
+    except (ConnectionResetError, TimeoutError):
+        pass
+    return data
+
+
+def test_headers_sent_a_byte_at_a_time_are_cut_off(hub: RunningHub) -> None:
+    request = b"GET /healthz HTTP/1.1\r\nHost: hub\r\nUser-Agent: slowloris\r\nX-Pad: " + b"a" * 40
+    with _connect(hub) as sock:
+        sock.settimeout(0.25)
+        sent = 0
+        closed = False
+        for byte in request:
+            try:
+                sock.send(bytes([byte]))
+                sent += 1
+                if sock.recv(1024) == b"":
+                    closed = True
+                    break
+            except TimeoutError:
+                continue
+            except (BrokenPipeError, ConnectionResetError):
+                closed = True
+                break
+        assert closed, "the server kept waiting for slow headers"
+        assert sent < len(request)
+
+
+def test_oversized_headers_are_refused(hub: RunningHub) -> None:
+    with _connect(hub) as sock:
+        huge = b"X-Big: " + b"b" * (64 * 1024) + b"\r\n"
+        try:
+            sock.sendall(b"GET /healthz HTTP/1.1\r\nHost: hub\r\n" + huge + b"\r\n")
+        except (BrokenPipeError, ConnectionResetError):
+            pass
+        answer = _read_all(sock)
+    assert not answer.startswith(b"HTTP/1.1 200")
+    assert answer == b"" or re.match(rb"HTTP/1.1 4(00|31)", answer)
+
+
+def test_ten_mib_body_is_refused_after_64_kib(hub: RunningHub) -> None:
+    with _connect(hub) as sock:
+        head = (
+            b"PUT /v1/peers/alice HTTP/1.1\r\nHost: hub\r\nContent-Type: application/json\r\n"
+            b"Transfer-Encoding: chunked\r\n\r\n"
+        )
+        sock.sendall(head)
+        chunk = b"8000\r\n" + b" " * 0x8000 + b"\r\n"
+        for _ in range(4):  # 128 KiB of the announced 10 MiB, then stop and listen
+            sock.sendall(chunk)
+        answer = _read_all(sock)
+    assert answer.startswith(b"HTTP/1.1 413")
+    assert b'{"error": "body is larger than 65536 bytes"}' in answer
+
+    with _connect(hub) as sock:
+        sock.sendall(
+            b"PUT /v1/peers/alice HTTP/1.1\r\nHost: hub\r\nContent-Length: 10485760\r\n\r\n"
+        )
+        answer = _read_all(sock)
+    assert answer.startswith(b"HTTP/1.1 413")
+
+
+def test_embedded_stun_server_answers(hub: RunningHub) -> None:
+    transaction = secrets.token_bytes(12)
+    request = struct.pack("!HHI", 0x0001, 0, 0x2112A442) + transaction
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sock:
+        sock.settimeout(5)
+        sock.sendto(request, ("127.0.0.1", hub.stun_port))
+        reply, _ = sock.recvfrom(2048)
+    assert struct.unpack("!H", reply[:2])[0] == 0x0101
+    assert reply[8:20] == transaction
+
+
+def test_sigterm_stops_the_hub_cleanly(hub: RunningHub) -> None:
+    hub.process.send_signal(signal.SIGTERM)
+    assert hub.process.wait(10) == 0
+    assert hub.process.stderr is not None
+    assert "Traceback" not in hub.process.stderr.read()
+    with pytest.raises(OSError):
+        socket.create_connection(("127.0.0.1", hub.port), timeout=2).close()
+
+
+def test_hub_refuses_an_address_in_use(hub: RunningHub) -> None:
+    result = subprocess.run(
+        [sys.executable, "-m", "punchtrio.cli", "hub", "--listen", f"127.0.0.1:{hub.port}"],
+        capture_output=True,
+        text=True,
+        timeout=30,
+        env=os.environ,
+    )
+    assert result.returncode == 3
+    assert result.stderr.strip().startswith("punchtrio: error: cannot listen on 127.0.0.1:")

@@ -1,0 +1,114 @@
+"""The lab's NATs really behave as their kind: plain-UDP ground truth, coturn and the stun client."""
+
+from __future__ import annotations
+
+import pytest
+from labs import discovery
+from labs.topology import EXPECTED, KINDS
+
+from tests.conftest import require_root_and
+from tests.lab.conftest import COTURN_BINARIES, LAB_BINARIES, NatLab
+
+pytestmark = pytest.mark.lab
+
+
+def test_every_kind_behaves_as_its_table_row(nat_lab: NatLab, reflector: discovery.Server) -> None:
+    require_root_and(*LAB_BINARIES)
+    hosts = [nat_lab.by_kind[kind] for kind in KINDS]
+    reports = discovery.run_parallel(
+        [discovery.start_udpprobe_classify(host, reflector) for host in hosts]
+    )
+    for kind, host, report in zip(KINDS, hosts, reports, strict=True):
+        assert (report["mapping"], report["filtering"]) == EXPECTED[kind], kind
+        public_ip, _, port = str(report["public_endpoint"]).partition(":")
+        assert public_ip == host.nat.public_ip
+        assert int(port) > 0
+        # Masquerade keeps the host's port unless it clashes; fully-random never keeps it.
+        assert report["port_preservation"] is (kind != "sym"), kind
+
+
+def test_coturn_natdiscovery_agrees_with_the_table(
+    nat_lab: NatLab, coturn: discovery.Server
+) -> None:
+    require_root_and(*LAB_BINARIES, *COTURN_BINARIES)
+    reports = discovery.run_parallel(
+        [discovery.start_coturn_natdiscovery(nat_lab.by_kind[kind], coturn) for kind in KINDS]
+    )
+    table = {kind: (r["mapping"], r["filtering"]) for kind, r in zip(KINDS, reports, strict=True)}
+    assert table == EXPECTED
+
+
+def test_stun_client_against_coturn_agrees_with_the_table(
+    nat_lab: NatLab, coturn: discovery.Server
+) -> None:
+    require_root_and(*LAB_BINARIES, "turnserver", "stun")
+    reports = discovery.run_parallel(
+        [discovery.start_stun_client(nat_lab.by_kind[kind], coturn) for kind in KINDS]
+    )
+    by_kind = dict(zip(KINDS, reports, strict=True))
+    for kind in ("full", "addr", "port"):
+        assert by_kind[kind]["mapping"] == "endpoint-independent", by_kind[kind]
+        assert by_kind[kind]["filtering"] == EXPECTED[kind][1], by_kind[kind]
+        assert by_kind[kind]["port_preservation"] is True
+    # RFC 3489 only says "dependent" mapping, and reports no filtering for it.
+    assert by_kind["sym"]["mapping"] == "dependent", by_kind["sym"]
+    assert by_kind["sym"]["port_preservation"] is False
+
+
+def test_hairpinning_nat_forwards_to_the_peer_from_the_senders_mapping(
+    nat_lab: NatLab, reflector: discovery.Server
+) -> None:
+    require_root_and(*LAB_BINARIES)
+    sender, receiver = nat_lab.hairpin_nat.hosts
+    result = discovery.hairpin(sender, receiver, reflector)
+    assert result.receiver_mapping.startswith(nat_lab.hairpin_nat.public_ip + ":")
+    assert result.received_from == result.sender_mapping
+
+
+def test_nat_without_hairpinning_drops_datagrams_to_its_own_address(
+    nat_lab: NatLab, reflector: discovery.Server
+) -> None:
+    require_root_and(*LAB_BINARIES)
+    sender, receiver = nat_lab.plain_nat.hosts
+    result = discovery.hairpin(sender, receiver, reflector, timeout=1.0)
+    assert result.receiver_mapping.startswith(nat_lab.plain_nat.public_ip + ":")
+    assert result.received_from is None
+
+
+def test_two_hosts_on_one_local_port_keep_endpoint_independent_mappings(
+    nat_lab: NatLab, reflector: discovery.Server
+) -> None:
+    require_root_and(*LAB_BINARIES)
+    nats = [nat_lab.hairpin_nat, nat_lab.shared_full]
+    hosts = [host for nat in nats for host in nat.hosts]
+    # Same local port on both hosts: plain masquerade would give the second host a mapping that
+    # changes with the destination; the lab's binding table keeps it endpoint-independent.
+    reports = discovery.run_parallel(
+        [discovery.start_udpprobe_classify(host, reflector, port=40000) for host in hosts]
+    )
+    for host, report in zip(hosts, reports, strict=True):
+        assert (report["mapping"], report["filtering"]) == EXPECTED[host.nat.kind], report
+    for nat, pair in zip(nats, (reports[:2], reports[2:]), strict=True):
+        endpoints = {str(report["public_endpoint"]) for report in pair}
+        assert len(endpoints) == 2
+        assert f"{nat.public_ip}:40000" in endpoints
+        assert [report["port_preservation"] for report in pair].count(True) == 1
+
+
+def test_nat_behind_nat_shows_the_outer_address_and_the_stricter_behaviour(
+    nat_lab: NatLab, reflector: discovery.Server, coturn: discovery.Server
+) -> None:
+    require_root_and(*LAB_BINARIES, *COTURN_BINARIES)
+    host = nat_lab.nested
+    assert host.nat.outer is not None
+    truth, theirs = discovery.run_parallel(
+        [
+            discovery.start_udpprobe_classify(host, reflector),
+            discovery.start_coturn_natdiscovery(host, coturn),
+        ]
+    )
+    # A "port" NAT behind a "full" NAT: the inner NAT's filter is the stricter one.
+    assert (truth["mapping"], truth["filtering"]) == EXPECTED["port"]
+    assert (theirs["mapping"], theirs["filtering"]) == EXPECTED["port"]
+    assert str(truth["public_endpoint"]).startswith(host.nat.outer.public_ip + ":")
+    assert host.nat.internet_ip == host.nat.outer.public_ip

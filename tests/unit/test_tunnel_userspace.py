@@ -1,0 +1,225 @@
+"""The Trio shell's loops, with a stand-in device: real UDP sockets on loopback, a socketpair as TUN."""
+
+from __future__ import annotations
+
+import socket
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import Any
+
+import pytest
+import trio
+import trio.testing
+
+from punchtrio.tunnel import UserspaceTunnel
+
+Address = tuple[str, int]
+
+
+@dataclass(frozen=True)
+class Delivered:
+    """Stand-in event: one datagram became a packet."""
+
+    size: int
+
+
+class StandInDevice:
+    """A toy device: 'encrypts' by prefixing 0x04, keeps one timer that sends a keepalive."""
+
+    def __init__(self, peer: Address | None, keepalive_every: float | None = None) -> None:
+        self.peer = peer
+        self.under_load = False
+        self.queued: list[tuple[bytes, Address]] = []
+        self.events: list[object] = []
+        self.timer_calls: list[float] = []
+        self.keepalive_every = keepalive_every
+        self.deadline: float | None = None
+        self.rx = self.tx = 0
+
+    def receive_datagram(self, data: bytes, addr: Address, now: float) -> bytes | None:
+        if data[:1] != b"\x04":
+            return None
+        self.peer = addr
+        self.rx += len(data)
+        if len(data) > 1:
+            self.events.append(Delivered(len(data) - 1))
+            return data[1:]
+        return None
+
+    def send_packet(self, packet: bytes, now: float) -> tuple[bytes, Address] | None:
+        if self.peer is None:
+            return None
+        self.tx += len(packet) + 1
+        return b"\x04" + packet, self.peer
+
+    def datagrams_to_send(self) -> list[tuple[bytes, Address]]:
+        out, self.queued = self.queued, []
+        return out
+
+    def get_timer(self) -> float | None:
+        if self.deadline is None and self.keepalive_every is not None:
+            self.deadline = trio.current_time() + self.keepalive_every
+        return self.deadline
+
+    def handle_timer(self, now: float) -> None:
+        self.timer_calls.append(now)
+        if self.deadline is not None and now >= self.deadline:
+            self.deadline = None
+            if self.peer is not None:
+                self.queued.append((b"\x04", self.peer))
+
+    def next_event(self) -> object | None:
+        return self.events.pop(0) if self.events else None
+
+    def peer_stats(self) -> dict[bytes, Any]:
+        return {b"peer": (self.peer, self.rx, self.tx)}
+
+
+@dataclass
+class FakeTun:
+    """One end of a datagram socketpair stands in for the TUN fd; ``outside`` is the kernel's side."""
+
+    inside: socket.socket
+    outside: socket.socket
+    name: str = "faketun0"
+
+    def fileno(self) -> int:
+        return self.inside.fileno()
+
+
+@pytest.fixture
+def fake_tuns() -> Iterator[tuple[FakeTun, FakeTun]]:
+    pairs = [socket.socketpair(socket.AF_UNIX, socket.SOCK_DGRAM) for _ in range(2)]
+    for inside, outside in pairs:
+        inside.setblocking(False)
+        outside.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4 << 20)
+    yield FakeTun(*pairs[0]), FakeTun(*pairs[1])
+    for pair in pairs:
+        for s in pair:
+            s.close()
+
+
+def _udp() -> socket.socket:
+    sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    sock.bind(("127.0.0.1", 0))
+    sock.setblocking(False)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4 << 20)
+    return sock
+
+
+async def _receive(sock: socket.socket, count: int) -> list[bytes]:
+    got: list[bytes] = []
+    with trio.fail_after(10):
+        while len(got) < count:
+            await trio.lowlevel.wait_readable(sock)
+            while len(got) < count:
+                try:
+                    got.append(sock.recv(65535))
+                except BlockingIOError:
+                    break
+    return got
+
+
+class StepCounter(trio.abc.Instrument):
+    """Counts scheduler steps of tasks whose name contains ``needle``."""
+
+    def __init__(self, needle: str) -> None:
+        self.needle = needle
+        self.steps = 0
+
+    def before_task_step(self, task: trio.lowlevel.Task) -> None:
+        if self.needle in task.name:
+            self.steps += 1
+
+
+async def test_packets_cross_two_shells_in_batches(fake_tuns: tuple[FakeTun, FakeTun]) -> None:
+    tun_a, tun_b = fake_tuns
+    sock_a, sock_b = _udp(), _udp()
+    dev_a = StandInDevice(peer=sock_b.getsockname())
+    dev_b = StandInDevice(peer=None)
+    events: list[object] = []
+    a = UserspaceTunnel(dev_a, tun_a, [sock_a])
+    b = UserspaceTunnel(dev_b, tun_b, [sock_b], on_event=events.append)
+    counter = StepCounter("_udp_reader")
+    trio.lowlevel.add_instrument(counter)
+    packets = [i.to_bytes(4, "big") * 100 for i in range(2000)]
+    with sock_a, sock_b:
+        async with trio.open_nursery() as nursery:
+            await nursery.start(a.serve)
+            await nursery.start(b.serve)
+            for packet in packets:
+                tun_a.outside.send(packet)
+            assert await _receive(tun_b.outside, len(packets)) == packets
+            # and back: B learned A's address from the authenticated (prefixed) datagrams
+            tun_b.outside.send(b"reply")
+            assert await _receive(tun_a.outside, 1) == [b"reply"]
+            nursery.cancel_scope.cancel()
+    trio.lowlevel.remove_instrument(counter)
+    assert a.counters.packets_from_tun == len(packets)
+    assert a.counters.datagrams_sent == len(packets)
+    assert b.counters.datagrams_received == len(packets)
+    assert b.counters.packets_to_tun == len(packets)
+    assert events == [Delivered(len(p)) for p in packets]
+    assert b.peer_stats() == {b"peer": (sock_a.getsockname(), dev_b.rx, dev_b.tx)}
+    # Drained in batches: the readers stepped far fewer times than packets crossed.
+    assert counter.steps < len(packets) / 4
+
+
+async def test_timer_rearms_and_sends(
+    fake_tuns: tuple[FakeTun, FakeTun], autojump_clock: trio.testing.MockClock
+) -> None:
+    tun_a, _ = fake_tuns
+    peer = _udp()
+    sock = _udp()
+    device = StandInDevice(peer=peer.getsockname(), keepalive_every=10.0)
+    tunnel = UserspaceTunnel(device, tun_a, [sock])
+    with peer, sock:
+        async with trio.open_nursery() as nursery:
+            start = trio.current_time()
+            await nursery.start(tunnel.serve)
+            assert await _receive(peer, 3) == [b"\x04"] * 3
+            nursery.cancel_scope.cancel()
+    assert len(device.timer_calls) == 3
+    assert device.timer_calls[0] == pytest.approx(start + 10.0)
+    assert tunnel.counters.sent_by_type == {4: 3}
+
+
+async def test_earlier_deadline_from_the_data_path_wakes_the_timer(
+    fake_tuns: tuple[FakeTun, FakeTun], autojump_clock: trio.testing.MockClock
+) -> None:
+    tun_a, _ = fake_tuns
+    sock = _udp()
+    device = StandInDevice(peer=None, keepalive_every=1000.0)
+    tunnel = UserspaceTunnel(device, tun_a, [sock])
+    with sock:
+        async with trio.open_nursery() as nursery:
+            await nursery.start(tunnel.serve)
+            await trio.sleep(1)
+            device.deadline = trio.current_time() + 5
+            # a datagram makes the reader flush, which re-arms the timer at the earlier deadline
+            with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+                s.sendto(b"junk", sock.getsockname())
+            await trio.sleep(10)
+            nursery.cancel_scope.cancel()
+    assert len(device.timer_calls) == 1
+    assert tunnel.counters.datagrams_received == 1
+
+
+async def test_send_errors_are_counted_not_raised(fake_tuns: tuple[FakeTun, FakeTun]) -> None:
+    tun_a, _ = fake_tuns
+    sock = _udp()
+    # an IPv6 destination but only an IPv4 socket: the packet is lost and counted
+    device = StandInDevice(peer=("2001:db8::1", 9))
+    tunnel = UserspaceTunnel(device, tun_a, [sock])
+    with sock:
+        async with trio.open_nursery() as nursery:
+            await nursery.start(tunnel.serve)
+            tun_a.outside.send(b"x" * 40)
+            with trio.fail_after(5):
+                while tunnel.counters.send_errors == 0:
+                    await trio.sleep(0.01)
+            nursery.cancel_scope.cancel()
+    assert tunnel.counters.packets_from_tun == 1
+    assert tunnel.counters.datagrams_sent == 0
+    assert tunnel.listen_port == sock.getsockname()[1]
+    assert tunnel.name == "faketun0"
