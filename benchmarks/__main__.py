@@ -33,6 +33,8 @@ def main(argv: list[str]) -> int:
     """Run the named benchmarks (all by default) and rewrite their sections of the doc."""
     modules = {}
     for info in pkgutil.iter_modules(benchmarks.__path__):
+        if info.name.startswith("_"):
+            continue
         module = importlib.import_module(f"benchmarks.{info.name}")
         modules[module.NAME] = module
     chosen = argv or sorted(modules)

@@ -10,6 +10,7 @@ from types import ModuleType
 
 from . import scenarios
 from .netns import LabError
+from .topology import cleanup
 
 
 def _scenarios() -> dict[str, ModuleType]:
@@ -27,7 +28,19 @@ def main(argv: list[str] | None = None) -> int:
     sub.add_parser("list", help="list the scenarios")
     run = sub.add_parser("run", help="run one scenario")
     run.add_argument("name")
+    clean = sub.add_parser(
+        "cleanup", help="delete the namespaces (and their processes) a killed lab left behind"
+    )
+    clean.add_argument("prefix", help="the lab's namespace prefix, e.g. pt1a2b")
     args = parser.parse_args(argv)
+    if args.action == "cleanup":
+        try:
+            for name in cleanup(args.prefix):
+                print(f"deleted {name}")
+        except LabError as exc:
+            print(f"labs: error: {exc}", file=sys.stderr)
+            return 1
+        return 0
     found = _scenarios()
     if args.action == "list":
         for name, module in found.items():

@@ -207,7 +207,8 @@ def _start(
     return Probe(host, tool, proc, parse, timeout)
 
 
-def _parse_punchtrio(out: str, returncode: int) -> dict[str, object]:
+def parse_json_report(out: str, returncode: int) -> dict[str, object]:
+    """Parse the JSON object ``punchtrio nat --json`` or ``udpprobe classify`` printed."""
     if returncode != 0:
         raise LabError(f"exit status {returncode}")
     report = json.loads(out)
@@ -219,7 +220,7 @@ def _parse_punchtrio(out: str, returncode: int) -> dict[str, object]:
 def start_punchtrio_nat(host: Host, server: Server, timeout: float = 90.0) -> Probe:
     """Start ``punchtrio nat --stun SERVER --json`` on ``host``."""
     argv = [*PUNCHTRIO, "nat", "--stun", server.endpoint, "--json"]
-    return _start(host, "punchtrio nat", argv, _parse_punchtrio, timeout)
+    return _start(host, "punchtrio nat", argv, parse_json_report, timeout)
 
 
 _NATDISCOVERY = re.compile(r"NAT with (.+?) (Mapping|Filtering)!")
@@ -229,7 +230,8 @@ def _rfc4787_name(words: str) -> str:
     return words.strip().lower().replace(" ", "-")
 
 
-def _parse_natdiscovery(out: str, returncode: int) -> dict[str, object]:
+def parse_natdiscovery(out: str, returncode: int) -> dict[str, object]:
+    """Parse ``turnutils_natdiscovery -m -f`` output into ``mapping`` and ``filtering``."""
     found: dict[str, object] = {
         kind.lower(): _rfc4787_name(words) for words, kind in _NATDISCOVERY.findall(out)
     }
@@ -244,7 +246,7 @@ def start_coturn_natdiscovery(host: Host, server: Server, timeout: float = 30.0)
     """Start ``turnutils_natdiscovery -m -f`` against ``server`` on ``host``."""
     ip, port = server.primary
     argv = ["turnutils_natdiscovery", "-m", "-f", "-p", str(port), ip]
-    return _start(host, "turnutils_natdiscovery", argv, _parse_natdiscovery, timeout)
+    return _start(host, "turnutils_natdiscovery", argv, parse_natdiscovery, timeout)
 
 
 _STUN_MAPPING = {"Independent Mapping": "endpoint-independent", "Dependent Mapping": "dependent"}
@@ -255,7 +257,8 @@ _STUN_FILTER = {
 }
 
 
-def _parse_stun_client(out: str, returncode: int) -> dict[str, object]:
+def parse_stun_client(out: str, returncode: int) -> dict[str, object]:
+    """Parse the ``stun`` client's ``Primary:`` verdict; see the module docstring."""
     line = next((ln for ln in out.splitlines() if ln.startswith("Primary:")), None)
     if line is None:
         raise LabError(f"no 'Primary:' verdict (exit status {returncode})")
@@ -278,11 +281,7 @@ def _parse_stun_client(out: str, returncode: int) -> dict[str, object]:
 def start_stun_client(host: Host, server: Server, timeout: float = 30.0) -> Probe:
     """Start Debian's ``stun SERVER:PORT -v`` (RFC 3489 client) on ``host``."""
     argv = ["stun", server.endpoint, "-v"]
-    return _start(host, "stun", argv, _parse_stun_client, timeout)
-
-
-def _parse_udpprobe(out: str, returncode: int) -> dict[str, object]:
-    return _parse_punchtrio(out, returncode)
+    return _start(host, "stun", argv, parse_stun_client, timeout)
 
 
 def start_udpprobe_classify(
@@ -292,7 +291,7 @@ def start_udpprobe_classify(
     (a1, p1), (a2, p2) = reflector.primary, reflector.alternate
     argv = [sys.executable, "-m", "labs.udpprobe", "classify", a1, a2, str(p1), str(p2)]
     argv += ["--port", str(port)]
-    return _start(host, "udpprobe", argv, _parse_udpprobe, timeout)
+    return _start(host, "udpprobe", argv, parse_json_report, timeout)
 
 
 def run_parallel(probes: Sequence[Probe]) -> list[dict[str, object]]:

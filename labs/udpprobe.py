@@ -43,15 +43,31 @@ def serve(addresses: Sequence[str], ports: Sequence[int]) -> None:
         for fd in readable:
             sock = by_fd[fd]
             data, source = sock.recvfrom(2048)
-            try:
-                request = json.loads(data)
-                token = str(request["token"])
-                reply_from = request.get("reply_from")
-                out = sockets[(reply_from[0], int(reply_from[1]))] if reply_from else sock
-            except (ValueError, KeyError, TypeError, IndexError):
+            request = parse_request(data)
+            if request is None or (request[1] is not None and request[1] not in sockets):
                 continue
+            token, reply_from = request
+            out = sockets[reply_from] if reply_from is not None else sock
             answer = {"token": token, "seen": f"{source[0]}:{source[1]}"}
             out.sendto(json.dumps(answer).encode(), source)
+
+
+def parse_request(data: bytes) -> tuple[str, tuple[str, int] | None] | None:
+    """Return ``(token, reply_from)`` from a reflector request, or None if it is malformed."""
+    try:
+        request = json.loads(data)
+        token = request["token"]
+        reply_from = request.get("reply_from")
+        if not isinstance(token, str):
+            return None
+        if reply_from is None:
+            return token, None
+        address, port = reply_from
+        if not isinstance(address, str) or not isinstance(port, int):
+            return None
+        return token, (address, port)
+    except (ValueError, KeyError, TypeError, AttributeError, RecursionError):
+        return None
 
 
 def probe(
@@ -67,9 +83,12 @@ def probe(
             if not select.select([sock], [], [], left)[0]:
                 break
             data, _ = sock.recvfrom(2048)
-            answer = json.loads(data)
-            if answer.get("token") == token:
-                return str(answer["seen"])
+            try:
+                answer = json.loads(data)
+                if answer.get("token") == token:
+                    return str(answer["seen"])
+            except (ValueError, AttributeError, KeyError, RecursionError):
+                continue
     return None
 
 

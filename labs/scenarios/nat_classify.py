@@ -51,7 +51,7 @@ def run() -> int:
         ours = discovery.start_punchtrio_stun(net, 5478, 5479, log=Path(tmp) / "stun-server.log")
         coturn = discovery.start_coturn(net, Path(tmp) / "coturn")
         reflector = discovery.start_reflector(net)
-        columns = {
+        columns: dict[str, tuple[Callable[..., discovery.Probe], discovery.Server]] = {
             "punchtrio nat → punchtrio stun-server": (discovery.start_punchtrio_nat, ours),
             "punchtrio nat → coturn": (discovery.start_punchtrio_nat, coturn),
             "turnutils_natdiscovery → coturn": (discovery.start_coturn_natdiscovery, coturn),

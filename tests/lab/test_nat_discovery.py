@@ -77,3 +77,14 @@ def test_stun_client_sees_the_same_nat_through_our_server_and_coturn(
         assert mine.get("filtering") == reference.get("filtering"), (kind, mine, reference)
         assert mine["port_preservation"] == reference["port_preservation"], kind
     assert [r["mapping"] for r in theirs] == ["endpoint-independent"] * 3 + ["dependent"]
+
+
+def test_stun_client_sees_hairpinning_through_our_server_and_coturn(
+    nat_lab: NatLab, our_stun: discovery.Server, coturn: discovery.Server
+) -> None:
+    require_root_and(*LAB_BINARIES, "turnserver", "stun")
+    hosts = [nat_lab.hairpin_nat.hosts[0], nat_lab.plain_nat.hosts[0]]
+    for server in (our_stun, coturn):
+        # One server at a time: the stun client picks its ports from a small range.
+        reports = discovery.run_parallel([discovery.start_stun_client(h, server) for h in hosts])
+        assert [report["hairpinning"] for report in reports] == [True, False], (server, reports)

@@ -18,7 +18,7 @@ async def rendezvous(sock: netsim.UDPSocket) -> None:
         data, src = await sock.recvfrom(100)
         seen[data.decode()] = src
         if len(seen) == 2:
-            (a, a_addr), (b, b_addr) = seen.items()
+            a_addr, b_addr = seen.values()
             await sock.sendto(f"{b_addr[0]}:{b_addr[1]}".encode(), a_addr)
             await sock.sendto(f"{a_addr[0]}:{a_addr[1]}".encode(), b_addr)
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import errno
+import ipaddress
 import socket as stdlib_socket
 
 import pytest
@@ -76,13 +77,13 @@ async def test_bind_errors_match_the_kernel(autojump_clock: trio.testing.MockClo
     async with net:
         first = alice.udp_socket()
         await first.bind(("", 5000))
-        with pytest.raises(OSError) as info:
+        with pytest.raises(OSError, match="in use") as info:
             await alice.udp_socket().bind(("192.0.2.1", 5000))
         assert info.value.errno == errno.EADDRINUSE
-        with pytest.raises(OSError) as info:
+        with pytest.raises(OSError, match="assign") as info:
             await alice.udp_socket().bind(("192.0.2.99", 5001))
         assert info.value.errno == errno.EADDRNOTAVAIL
-        with pytest.raises(OSError) as info:
+        with pytest.raises(OSError, match="already bound") as info:
             await first.bind(("", 5002))
         assert info.value.errno == errno.EINVAL
         # One port on two specific addresses is fine (a STUN server with two IPs does this).
@@ -108,10 +109,10 @@ async def test_datagram_semantics(autojump_clock: trio.testing.MockClock) -> Non
         buffer = bytearray(8)
         assert await b.recvfrom_into(buffer) == (3, ("192.0.2.1", 49152))
         assert buffer[:3] == b"abc"
-        with pytest.raises(OSError) as info:
+        with pytest.raises(OSError, match="too long") as info:
             await a.sendto(bytes(netsim.MAX_DATAGRAM + 1), ("192.0.2.2", 4000))
         assert info.value.errno == errno.EMSGSIZE
-        with pytest.raises(OSError) as info:
+        with pytest.raises(OSError, match="Destination") as info:
             await alice.udp_socket().send(b"x")
         assert info.value.errno == errno.EDESTADDRREQ
         # A connected socket ignores other sources.
@@ -184,7 +185,7 @@ async def test_scope_exit_restores_the_factory_and_closes_sockets(
     sentinel = _Sentinel()
     tsocket.set_custom_socket_factory(sentinel)
     try:
-        net, alice, bob = two_hosts()
+        net, _, bob = two_hosts()
         async with trio.open_nursery() as outer:
             async with net:
                 waiting = bob.udp_socket()
@@ -203,7 +204,7 @@ async def test_scope_exit_restores_the_factory_and_closes_sockets(
         assert len(result) == 1
         assert waiting.closed
         assert bob.sockets == []
-        with pytest.raises(OSError) as info:
+        with pytest.raises(OSError, match="closed") as info:
             await waiting.sendto(b"x", ("192.0.2.1", 1))
         assert info.value.errno == errno.EBADF
         assert tsocket.set_custom_socket_factory(None) is sentinel
@@ -240,6 +241,10 @@ def test_topology_errors() -> None:
         net.add_host()
     with pytest.raises(netsim.NetsimError, match="CIDR"):
         net.add_nat("198.51.100.1", lan="10.0.0.0/99")
+    with pytest.raises(netsim.NetsimError, match="already exists"):
+        net.add_router("198.51.100.1", lan="203.0.113.0/24", name="a")
+    assert [node.name for node in net.nodes] == ["a"]  # refused nodes leave nothing behind
+    assert net.add_nat("198.51.100.1").name == "nat1"
     nat = net.add_nat("198.51.100.2", lan="10.9.0.0/30")
     nat.lan.add_host()
     with pytest.raises(netsim.NetsimError, match="no free address"):
@@ -278,3 +283,50 @@ def test_socket_address_parser_fails_only_with_socket_errors(
         return
     assert 0 <= port <= 65535
     assert ip is not None or wildcard
+
+
+async def test_errors_inside_the_scope_propagate_unwrapped(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    net, _, _ = two_hosts()
+    with pytest.raises(KeyError):
+        async with net:
+            raise KeyError("mine")
+    assert tsocket.set_custom_socket_factory(None) is None
+
+
+def test_public_names_are_documented() -> None:
+    for name in netsim.__all__:
+        obj = getattr(netsim, name)
+        if isinstance(obj, type):
+            assert obj.__doc__, name
+            assert obj.__module__.startswith("punchtrio.netsim"), name
+            for attr, member in vars(obj).items():
+                if not attr.startswith("_") and callable(member):
+                    assert member.__doc__, f"{name}.{attr}"
+
+
+@given(st.text(max_size=60) | st.ip_addresses().map(str))
+def test_node_addresses_are_literals_or_one_clear_error(text: str) -> None:
+    net = netsim.Internet()
+    try:
+        host = net.add_host(text)
+    except netsim.NetsimError:
+        assert net.nodes == []  # refused without a half-built node
+    else:
+        assert host.address == ipaddress.ip_address(text)
+        assert not host.address.is_loopback
+
+
+@given(
+    st.floats(allow_nan=True, allow_infinity=True),
+    st.floats(allow_nan=True, allow_infinity=True),
+    st.floats(min_value=-1, max_value=2),
+)
+def test_link_parameters_are_valid_or_refused(latency: float, jitter: float, loss: float) -> None:
+    try:
+        link = netsim.Link(latency=latency, jitter=jitter, loss=loss)
+    except netsim.NetsimError:
+        return
+    assert 0 <= link.jitter <= link.latency
+    assert 0 <= link.loss <= 1

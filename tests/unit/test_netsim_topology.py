@@ -24,7 +24,7 @@ async def test_nat_behind_nat_translates_twice(autojump_clock: trio.testing.Mock
         sock = laptop.udp_socket()
         await sock.bind(("", 5000))
         await sock.sendto(b"out", ("203.0.113.10", 3478))
-        data, seen = await srv.recvfrom(10)
+        _, seen = await srv.recvfrom(10)
         assert seen == ("198.51.100.1", 5000)
         await srv.sendto(b"back", seen)
         assert await sock.recvfrom(10) == (b"back", ("203.0.113.10", 3478))
@@ -63,7 +63,7 @@ async def test_router_forwards_public_addresses_without_translation(
         await inside.bind(("", 80))
         outside = client.udp_socket()
         await outside.sendto(b"direct", ("203.0.113.20", 80))
-        data, seen = await inside.recvfrom(10)
+        _, seen = await inside.recvfrom(10)
         assert seen == ("192.0.2.1", 49152)
         await inside.sendto(b"reply", seen)
         assert await outside.recv(10) == b"reply"
@@ -105,3 +105,58 @@ async def test_counters_and_trace_agree(autojump_clock: trio.testing.MockClock) 
     assert net.counters[Verdict.LOST] > 0
     assert net.counters[Verdict.DUPLICATED] > 0
     assert [r.time for r in trace] == sorted(r.time for r in trace)
+
+
+async def test_nat_reboot_and_link_cut_mid_run(autojump_clock: trio.testing.MockClock) -> None:
+    net = netsim.Internet()
+    server = net.add_host("203.0.113.10")
+    behavior = NatBehavior(
+        port_allocation=netsim.PortAllocation.SEQUENTIAL, port_range=(30000, 30100)
+    )
+    nat = net.add_nat("198.51.100.1", behavior=behavior)
+    client = nat.lan.add_host()
+    async with net:
+        srv = server.udp_socket()
+        await srv.bind(("", 1))
+        sock = client.udp_socket()
+        await sock.sendto(b"a", ("203.0.113.10", 1))
+        assert (await srv.recvfrom(1))[1] == ("198.51.100.1", 30000)
+        await sock.sendto(b"b", ("203.0.113.10", 1))
+        assert (await srv.recvfrom(1))[1] == ("198.51.100.1", 30000)
+        nat.reset()
+        assert nat.mappings() == []
+        await srv.sendto(b"stale", ("198.51.100.1", 30000))
+        await trio.sleep(1)
+        assert nat.counters[Verdict.NO_MAPPING] == 1
+        # After the reboot the next datagram opens a fresh mapping.
+        await sock.sendto(b"c", ("203.0.113.10", 1))
+        assert (await srv.recvfrom(1))[1] == ("198.51.100.1", 30000)
+
+        nat.outside.link = netsim.Link(loss=1.0)
+        await sock.sendto(b"d", ("203.0.113.10", 1))
+        await trio.sleep(1)
+        assert not srv.is_readable()
+        assert net.counters[Verdict.LOST] == 1
+        nat.outside.link = netsim.Link()
+        client.interface.link = netsim.Link(latency=0.25)
+        start = trio.current_time()
+        await sock.sendto(b"e", ("203.0.113.10", 1))
+        assert await srv.recv(1) == b"e"
+        assert trio.current_time() - start == 0.25
+
+
+async def test_current_host_follows_activate(autojump_clock: trio.testing.MockClock) -> None:
+    net = netsim.Internet()
+    alice = net.add_host("192.0.2.1")
+    assert netsim.current_host() is None
+    seen: list[netsim.Host | None] = []
+
+    async def task() -> None:
+        seen.append(netsim.current_host())
+
+    async with net, trio.open_nursery() as nursery:
+        with alice.activate():
+            assert netsim.current_host() is alice
+            nursery.start_soon(task)
+        assert netsim.current_host() is None
+    assert seen == [alice]

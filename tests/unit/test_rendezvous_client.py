@@ -314,6 +314,23 @@ async def test_idle_client_reregisters_after_restart(autojump_clock: trio.abc.Cl
         assert (await bob.lookup("alice")).public_key == alice.public_key
 
 
+async def test_name_taken_while_the_hub_was_empty(autojump_clock: trio.abc.Clock) -> None:
+    """Another key registers alice's name on the restarted, empty hub: alice's refresh is refused
+    for good, changes nothing, and her later calls report it."""
+    hub = RestartableHub(keep_key=True, ttl=60.0)
+    async with hub_client(hub, "alice") as alice:
+        await alice.register([EP_A])
+        hub.stop()
+        hub.start()
+        mallory = hub_client(hub, "alice")
+        await mallory.register([EP_B])
+        await trio.sleep(21)  # alice's refresh
+        with pytest.raises(RendezvousRefusedError, match="another key"):
+            await alice.lookup("bob")
+        assert (await mallory.lookup("alice")).public_key == mallory.public_key
+        await mallory.aclose()
+
+
 async def test_refresh_keeps_the_record_past_its_ttl(autojump_clock: trio.abc.Clock) -> None:
     hub = RestartableHub(ttl=30.0)
     async with hub_client(hub, "alice") as alice, hub_client(hub, "bob") as bob:
@@ -326,6 +343,22 @@ async def test_refresh_keeps_the_record_past_its_ttl(autojump_clock: trio.abc.Cl
     async with hub_client(hub, "carol") as carol:
         with pytest.raises(PeerNotFoundError):
             await carol.lookup("alice")
+
+
+async def test_errors_leave_the_context_unwrapped_and_still_unregister() -> None:
+    hub = RestartableHub()
+
+    async def session() -> None:
+        async with hub_client(hub, "alice") as alice:
+            await alice.register([EP_A])
+            await alice.lookup("nobody")
+
+    with pytest.raises(PeerNotFoundError):
+        await session()
+    bob = hub_client(hub, "bob")
+    with pytest.raises(PeerNotFoundError):
+        await bob.lookup("alice")
+    await bob.aclose()
 
 
 async def test_exit_without_unregister_keeps_the_record() -> None:

@@ -205,6 +205,27 @@ def test_no_amplification(body: list[tuple[int, bytes]], classic: bool, ipv6: bo
         parse_message(reply.data, classic=classic)
 
 
+@settings(max_examples=300, deadline=None)
+@given(data=st.binary(max_size=120), prefix=st.sampled_from([b"", b"\x00\x01", b"\x00\x01\x00"]))
+def test_responder_never_raises(data: bytes, prefix: bytes) -> None:
+    responder = StunResponder(P, A, rate=None)
+    datagram = prefix + data
+    if len(datagram) >= 20 and prefix:
+        body = datagram[20:]
+        datagram = struct.pack("!HHI", 1, len(body), 0x2112A442) + datagram[8:20] + body
+    reply = responder.handle(datagram, P, CLIENT, 0.0)
+    stats = responder.stats
+    assert stats.received == 1
+    assert (reply is None) == (stats.answered + stats.errors == 0)
+
+
+def test_link_local_ipv6_source_is_encoded_without_its_zone() -> None:
+    responder = StunResponder(("2001:db8::1", 3478), rate=None)
+    reply = responder.handle(_request(), ("2001:db8::1", 3478), ("fe80::1%lo", 5), 0.0)
+    assert reply is not None
+    assert parse_message(reply.data).get(XorMappedAddress).endpoint() == ("fe80::1", 5)
+
+
 def test_minimal_request_still_gets_the_mapped_address() -> None:
     responder = StunResponder(("2001:db8::1", 3478), ("2001:db8::2", 3479), rate=None)
     reply = responder.handle(_request(), ("2001:db8::1", 3478), ("2001:db8::99", 4), 0.0)

@@ -92,6 +92,7 @@ def fake_tuns() -> Iterator[tuple[FakeTun, FakeTun]]:
     pairs = [socket.socketpair(socket.AF_UNIX, socket.SOCK_DGRAM) for _ in range(2)]
     for inside, outside in pairs:
         inside.setblocking(False)
+        outside.setblocking(False)
         outside.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4 << 20)
     yield FakeTun(*pairs[0]), FakeTun(*pairs[1])
     for pair in pairs:
@@ -107,9 +108,21 @@ def _udp() -> socket.socket:
     return sock
 
 
-async def _receive(sock: socket.socket, count: int) -> list[bytes]:
-    got: list[bytes] = []
+async def _send_all(sock: socket.socket, packets: list[bytes]) -> None:
+    """Send on a non-blocking socket, waiting when the peer's queue is full."""
     with trio.fail_after(10):
+        for packet in packets:
+            while True:
+                try:
+                    sock.send(packet)
+                    break
+                except BlockingIOError:
+                    await trio.lowlevel.wait_writable(sock)
+
+
+async def _receive(sock: socket.socket, count: int, timeout: float = 10) -> list[bytes]:
+    got: list[bytes] = []
+    with trio.fail_after(timeout):
         while len(got) < count:
             await trio.lowlevel.wait_readable(sock)
             while len(got) < count:
@@ -135,6 +148,7 @@ class StepCounter(trio.abc.Instrument):
 async def test_packets_cross_two_shells_in_batches(fake_tuns: tuple[FakeTun, FakeTun]) -> None:
     tun_a, tun_b = fake_tuns
     sock_a, sock_b = _udp(), _udp()
+    address_a = sock_a.getsockname()
     dev_a = StandInDevice(peer=sock_b.getsockname())
     dev_b = StandInDevice(peer=None)
     events: list[object] = []
@@ -147,9 +161,9 @@ async def test_packets_cross_two_shells_in_batches(fake_tuns: tuple[FakeTun, Fak
         async with trio.open_nursery() as nursery:
             await nursery.start(a.serve)
             await nursery.start(b.serve)
-            for packet in packets:
-                tun_a.outside.send(packet)
-            assert await _receive(tun_b.outside, len(packets)) == packets
+            async with trio.open_nursery() as senders:
+                senders.start_soon(_send_all, tun_a.outside, packets)
+                assert await _receive(tun_b.outside, len(packets)) == packets
             # and back: B learned A's address from the authenticated (prefixed) datagrams
             tun_b.outside.send(b"reply")
             assert await _receive(tun_a.outside, 1) == [b"reply"]
@@ -160,7 +174,7 @@ async def test_packets_cross_two_shells_in_batches(fake_tuns: tuple[FakeTun, Fak
     assert b.counters.datagrams_received == len(packets)
     assert b.counters.packets_to_tun == len(packets)
     assert events == [Delivered(len(p)) for p in packets]
-    assert b.peer_stats() == {b"peer": (sock_a.getsockname(), dev_b.rx, dev_b.tx)}
+    assert b.peer_stats() == {b"peer": (address_a, dev_b.rx, dev_b.tx)}
     # Drained in batches: the readers stepped far fewer times than packets crossed.
     assert counter.steps < len(packets) / 4
 
@@ -177,7 +191,7 @@ async def test_timer_rearms_and_sends(
         async with trio.open_nursery() as nursery:
             start = trio.current_time()
             await nursery.start(tunnel.serve)
-            assert await _receive(peer, 3) == [b"\x04"] * 3
+            assert await _receive(peer, 3, timeout=1000) == [b"\x04"] * 3
             nursery.cancel_scope.cancel()
     assert len(device.timer_calls) == 3
     assert device.timer_calls[0] == pytest.approx(start + 10.0)
@@ -211,6 +225,7 @@ async def test_send_errors_are_counted_not_raised(fake_tuns: tuple[FakeTun, Fake
     # an IPv6 destination but only an IPv4 socket: the packet is lost and counted
     device = StandInDevice(peer=("2001:db8::1", 9))
     tunnel = UserspaceTunnel(device, tun_a, [sock])
+    port = sock.getsockname()[1]
     with sock:
         async with trio.open_nursery() as nursery:
             await nursery.start(tunnel.serve)
@@ -221,5 +236,5 @@ async def test_send_errors_are_counted_not_raised(fake_tuns: tuple[FakeTun, Fake
             nursery.cancel_scope.cancel()
     assert tunnel.counters.packets_from_tun == 1
     assert tunnel.counters.datagrams_sent == 0
-    assert tunnel.listen_port == sock.getsockname()[1]
+    assert tunnel.listen_port == port
     assert tunnel.name == "faketun0"

@@ -110,3 +110,31 @@ def test_mac1_failure_is_counted_and_unanswered() -> None:
 
 def test_fast_timers_refresh_cookies_sooner() -> None:
     assert Timers.fast(2.0).cookie_refresh_time == 2.0
+
+
+def test_under_load_each_source_is_rate_limited() -> None:
+    from punchtrio.wireguard._ratelimit import RateLimiter, source_key
+
+    limiter = RateLimiter(rate=20, burst=5)
+    assert [limiter.allow(ADDR_A, 0.0) for _ in range(7)] == [True] * 5 + [False] * 2
+    assert limiter.allow(("192.0.2.77", 1), 0.0)  # another source has its own bucket
+    assert not limiter.allow(ADDR_A, 0.01)
+    assert limiter.allow(ADDR_A, 0.06)  # 20 per second refill
+    assert source_key(("2001:db8::1", 1)) == source_key(("2001:db8::ffff", 2))  # one /64
+    assert source_key(("::ffff:192.0.2.1", 1)) == source_key(("192.0.2.1", 1))
+    small = RateLimiter(max_sources=2)
+    assert small.allow(("192.0.2.1", 1), 0.0)
+    assert small.allow(("192.0.2.2", 1), 0.0)
+    assert not small.allow(("192.0.2.3", 1), 0.1)  # table full of fresh entries
+    assert small.allow(("192.0.2.3", 1), 5.0)  # old entries expired
+
+
+def test_device_under_load_rate_limits_a_source_with_a_valid_cookie() -> None:
+    pair = Pair()
+    pair.b.under_load = True
+    pair.send("a", ipv4("10.0.0.1", "10.0.0.2"))  # initiation, cookie reply
+    pair.advance(5.4)  # retry with mac2: accepted
+    retry = pair.sent("a", INITIATION)[-1][1]
+    for _ in range(10):
+        pair.b.receive_datagram(retry, ADDR_A, pair.now)
+    assert pair.b.counters["rate_limited"] >= 5

@@ -286,7 +286,11 @@ def test_outbound_longest_prefix_match_and_no_route() -> None:
         (ipv6("fd00::1", "2001:db8:2::5"), ("192.0.2.8", 1)),
         (ipv6("fd00::1", "2001:4860::1"), ADDR_B),
     ]
-    by_endpoint = {device.peer_stats()[k].endpoint: k for k in peers}
+    by_endpoint: dict[tuple[str, int], bytes] = {}
+    for k in peers:
+        endpoint = device.peer_stats()[k].endpoint
+        assert endpoint is not None
+        by_endpoint[endpoint] = k
     for packet, endpoint in cases:
         assert device.send_packet(packet, 0.0) is None  # no session yet: queued, handshake started
         assert device._peers[by_endpoint[endpoint]].staged[-1] == packet
@@ -515,3 +519,47 @@ def test_public_api_is_documented() -> None:
             assert obj.__doc__, name
     for method in ("add_peer", "receive_datagram", "send_packet", "get_timer", "handle_timer"):
         assert getattr(Device, method).__doc__, method
+
+
+def test_initiations_carry_increasing_timestamps_even_if_the_wall_clock_stalls() -> None:
+    pair = Pair()
+    pair.wall_time = lambda: 1.7e9  # type: ignore[method-assign]
+    pair.drop = lambda data, sender: sender == "b"
+    pair.send("a", ipv4("10.0.0.1", "10.0.0.2"))
+    pair.advance(16)
+    initiations = pair.sent("a", 1)
+    assert len(initiations) >= 3
+    assert pair.b.counters["timestamp"] == 0
+    assert len(pair.sent("b", 2)) == len(initiations)  # every one was answered
+
+
+def test_bytearray_and_memoryview_datagrams_are_accepted() -> None:
+    pair = Pair()
+    pair.a.send_packet(ipv4("10.0.0.1", "10.0.0.2"), 0.0)
+    [(initiation, _)] = pair.a.datagrams_to_send()
+    assert pair.b.receive_datagram(bytearray(initiation), ADDR_A, 0.0) is None  # type: ignore[arg-type]
+    [(response, _)] = pair.b.datagrams_to_send()
+    assert pair.a.receive_datagram(memoryview(response), ADDR_B, 0.0) is None  # type: ignore[arg-type]
+    [(transport, _)] = pair.a.datagrams_to_send()
+    inner = pair.b.receive_datagram(bytearray(transport), ADDR_A, 0.0)  # type: ignore[arg-type]
+    assert inner == ipv4("10.0.0.1", "10.0.0.2")
+    assert isinstance(inner, bytes)
+
+
+def test_endpoints_are_validated() -> None:
+    for bad in (("example.com", 1), ("192.0.2.1", 0), ("192.0.2.1", "1"), ("192.0.2.1",), "x"):
+        with pytest.raises(ConfigError):
+            PeerConfig(KEY_B, endpoint=bad)  # type: ignore[arg-type]
+    PeerConfig(KEY_B, endpoint=("2001:db8::1", 51820, 0, 0))  # type: ignore[arg-type]
+    device = Device(KEY_A)
+    device.add_peer(PeerConfig(Device(KEY_B).public_key))
+    with pytest.raises(ConfigError):
+        device.set_endpoint(Device(KEY_B).public_key, ("not an address", 5))
+
+
+def test_docs_list_every_drop_reason() -> None:
+    from pathlib import Path
+
+    doc = (Path(__file__).resolve().parents[2] / "docs" / "wireguard.md").read_text()
+    for reason in DROP_REASONS:
+        assert f"`{reason}`" in doc, reason

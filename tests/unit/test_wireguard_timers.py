@@ -217,3 +217,19 @@ def test_fast_timers_test_setting_rekeys_every_two_seconds() -> None:
     assert pair.a.peer_stats()[pair.b.public_key].handshakes >= 4
     assert len(pair.received["b"]) == 101
     assert len(pair.received["a"]) == 100
+
+
+def test_initiator_receiving_on_an_old_session_rekeys_once() -> None:
+    pair = Pair()
+    pair.handshake()
+    age = T.reject_after_time - T.keepalive_timeout - T.rekey_timeout
+    pair.advance(age - 1)
+    pair.drop = lambda data, sender: data[0] == INITIATION
+    before = len(pair.sent("a", INITIATION))
+    pair.send("b", b_to_a(b"young enough"))
+    assert len(pair.sent("a", INITIATION)) == before
+    pair.advance(age + 0.5)
+    pair.send("b", b_to_a(b"old: A starts a handshake"))
+    pair.send("b", b_to_a(b"but only one"))
+    assert len(pair.sent("a", INITIATION)) == before + 1
+    assert pair.received["a"][-1] == b_to_a(b"but only one")

@@ -16,9 +16,9 @@ from nacl.bindings import (
     crypto_scalarmult,
     crypto_scalarmult_base,
 )
-from noise.connection import Keypair, NoiseConnection
+from noise.connection import Keypair, NoiseConnection  # type: ignore[import-untyped]
 
-from punchtrio.wireguard import Device, PeerConfig, _noise, _tai64n
+from punchtrio.wireguard import Device, PeerConfig, _aead, _noise, _tai64n
 from punchtrio.wireguard._noise import HandshakeError
 
 VECTORS: dict[str, Any] = json.loads(
@@ -227,3 +227,42 @@ def test_noise_oracle_initiator_against_our_responder(psk: bytes | None) -> None
     assert sent is not None
     assert struct.unpack_from("<IIQ", sent[0]) == (4, sender, 0)
     assert oracle.decrypt(sent[0][16:])[: len(back)] == back
+
+
+@pytest.mark.parametrize("size", [0, 1, 15, 16, 17, 1420, 1500])
+def test_transport_aead_backends_agree(size: int) -> None:
+    key, prefix, counter = bytes(range(32)), b"\x04\0\0\0\x10\x20\x30\x40", struct.pack("<Q", 77)
+    plaintext = bytes(range(256)) * 6
+    plaintext = plaintext[:size]
+    ours = _aead.seal(prefix, counter, plaintext, key)
+    reference = _aead._seal_bindings(prefix, counter, plaintext, key)
+    assert ours == reference
+    assert ours[:16] == prefix + counter
+    assert ours[16:] == crypto_aead_chacha20poly1305_ietf_encrypt(
+        plaintext, None, b"\0\0\0\0" + counter, key
+    )
+    for opener in (_aead.open_, _aead._open_bindings):
+        opened = opener(ours, key)
+        assert opened is not None
+        assert bytes(opened) == plaintext
+        assert opener(ours[:-1] + bytes([ours[-1] ^ 0x80]), key) is None
+        assert opener(ours, bytes(32)) is None
+
+
+def test_device_works_on_the_bindings_fallback(monkeypatch: pytest.MonkeyPatch) -> None:
+    from punchtrio.wireguard import _device
+
+    monkeypatch.setattr(_device, "_seal_message", _aead._seal_bindings)
+    monkeypatch.setattr(_device, "_open", _aead._open_bindings)
+    test_our_initiator_against_noise_oracle_responder(None)
+    test_noise_oracle_initiator_against_our_responder(None)
+
+
+def test_tai64n_after_is_the_next_whitened_step() -> None:
+    ts = _tai64n.encode(1.7e9 + 0.5)
+    nxt = _tai64n.after(ts)
+    assert nxt > ts
+    assert _tai64n.decode(nxt) - _tai64n.decode(ts) < 0.017
+    assert (
+        _tai64n.after(bytes.fromhex("400000006553f10a3b000000")).hex() == "400000006553f10b00000000"
+    )

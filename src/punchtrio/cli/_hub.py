@@ -16,8 +16,9 @@ from ..keys import InvalidKeyError, PrivateKey
 from ..rendezvous._auth import DEFAULT_WINDOW, NetworkSecret
 from ..rendezvous._hub import HubConfig
 from ..rendezvous._models import ValidationError, parse_address
+from ..rendezvous._redis_store import RedisStore
 from ..rendezvous._serve import HubListeners, HubServeError, serve_hub
-from ..rendezvous._store import MemoryStore, StoreLimits
+from ..rendezvous._store import MemoryStore, Store, StoreLimits
 from ._main import UsageError
 
 
@@ -74,6 +75,11 @@ def register(subparsers: Any) -> None:
     )
     hub.add_argument(
         "--max-messages", type=int, default=limits.max_queued, help="signalling messages in all"
+    )
+    hub.add_argument(
+        "--redis",
+        metavar="URL",
+        help="keep state in Redis (redis://host:port/db) so several hubs share it",
     )
     hub.add_argument("--stun", metavar="IP:PORT", help="also serve STUN on this address")
     hub.add_argument(
@@ -148,11 +154,21 @@ def _run(args: argparse.Namespace) -> int:
         None if args.stun_alternate is None else _address(args.stun_alternate, "--stun-alternate")
     )
 
+    store: Store = MemoryStore(limits)
+    if args.redis:
+        if not args.redis.startswith(("redis://", "rediss://", "unix://")):
+            raise UsageError("--redis must be a redis://, rediss:// or unix:// URL")
+        try:
+            store = RedisStore(args.redis, limits)
+        except ImportError:
+            raise UsageError(
+                "--redis needs the redis package: pip install 'punchtrio[redis]'"
+            ) from None
     serve = partial(
         serve_hub,
         config,
         listen,
-        store=MemoryStore(limits),
+        store=store,
         tls_cert=args.tls_cert,
         tls_key=args.tls_key,
         stun=stun,

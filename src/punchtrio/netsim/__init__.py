@@ -6,20 +6,26 @@ simulated hosts, in virtual time under ``trio.testing.MockClock``. See ``docs/ne
 """
 
 from ._addresses import NetsimError
+from ._internet import Internet, NoCurrentHostError
 from ._link import Link
 from ._nat import Filtering, Mapping, NatBehavior, NatBinding, NatTable, PortAllocation
-from ._socket import MAX_DATAGRAM, RECEIVE_QUEUE_LIMIT, UDPSocket, UnsupportedSocketError
+from ._socket import (
+    MAX_DATAGRAM,
+    RECEIVE_QUEUE_LIMIT,
+    NonBlockingSocket,
+    UDPSocket,
+    UnsupportedSocketError,
+)
 from ._topology import (
     FIRST_EPHEMERAL_PORT,
     INITIAL_TTL,
     NAT,
     Host,
     Interface,
-    Internet,
     Network,
-    NoCurrentHostError,
     Node,
     Router,
+    current_host,
 )
 from ._trace import TraceRecord, Verdict
 
@@ -42,10 +48,12 @@ __all__ = [
     "Network",
     "NoCurrentHostError",
     "Node",
+    "NonBlockingSocket",
     "PortAllocation",
     "Router",
     "TraceRecord",
     "UDPSocket",
     "UnsupportedSocketError",
     "Verdict",
+    "current_host",
 ]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import errno
+import functools
 import ipaddress
 import socket
 from collections.abc import Callable
@@ -83,10 +84,9 @@ def parse_sockaddr(
         ):
             raise OSError(errno.EAFNOSUPPORT, "address family mismatched")
         return None, port
-    try:
-        ip: IPAddress | None = ipaddress.ip_address(host.split("%", 1)[0])
-    except ValueError:
-        ip = resolve(host) if resolve is not None else None
+    ip = _literal(host)
+    if ip is None and resolve is not None:
+        ip = resolve(host)
     if ip is None:
         raise socket.gaierror(
             socket.EAI_NONAME, f"netsim resolves no names: {host!r} is not an IP literal"
@@ -94,3 +94,12 @@ def parse_sockaddr(
     if family_of(ip) != family:
         raise OSError(errno.EAFNOSUPPORT, f"{host!r} is not an address of this socket's family")
     return ip, port
+
+
+@functools.lru_cache(maxsize=4096)
+def _literal(host: str) -> IPAddress | None:
+    """Parse an IP literal (cached: the same few addresses are parsed for every packet)."""
+    try:
+        return ipaddress.ip_address(host.split("%", 1)[0])
+    except ValueError:
+        return None

@@ -53,6 +53,8 @@ class Link:
         An empty list means the packet was lost. The RNG is drawn only for non-zero parameters,
         so a perfect link consumes no randomness.
         """
+        if not (self.loss or self.duplicate or self.jitter):
+            return [float(self.latency)]
         if self.loss and rng.random() < self.loss:
             return []
         count = 2 if self.duplicate and rng.random() < self.duplicate else 1

@@ -234,6 +234,12 @@ class NatTable:
                 return port
         return None
 
+    def clear(self) -> None:
+        """Forget every mapping (a NAT reboot); port allocation starts over."""
+        self._by_key.clear()
+        self._by_port.clear()
+        self._next_port = self.behavior.port_range[0]
+
     def bindings(self, now: float) -> list[NatBinding]:
         """Return the live mappings, sorted by external port, dropping expired ones."""
         rows = []

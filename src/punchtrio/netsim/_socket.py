@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import errno
+import os
 import socket as _stdlib_socket
 from collections import deque
 from typing import TYPE_CHECKING, Any, overload
@@ -59,6 +60,7 @@ class UDPSocket(SocketType):
         self._lot = trio.lowlevel.ParkingLot()
         self._closed = False
         self._options: dict[tuple[int, int], int | bytes] = {}
+        self._signal: _ReadySignal | None = None
 
     # --- properties and simple methods -------------------------------------------------------
 
@@ -162,6 +164,8 @@ class UDPSocket(SocketType):
         self._queue.clear()
         self._host.unbind(self)
         self._lot.unpark_all()
+        if self._signal is not None:
+            self._signal.close()
 
     def is_readable(self) -> bool:
         """Return True if a datagram is queued (or the socket is closed, so a read would not block)."""
@@ -273,6 +277,8 @@ class UDPSocket(SocketType):
             return False
         self._queue.append((payload, src))
         self._lot.unpark()
+        if self._signal is not None:
+            self._signal.update(True)
         return True
 
     def accepts_from(self, src: tuple[IPAddress, int]) -> bool:
@@ -287,6 +293,8 @@ class UDPSocket(SocketType):
             if self._closed:
                 raise trio.ClosedResourceError("the netsim socket was closed while receiving")
         item = self._queue.popleft()
+        if self._signal is not None:
+            self._signal.update(bool(self._queue))
         await trio.lowlevel.cancel_shielded_checkpoint()
         return item
 
@@ -326,7 +334,16 @@ class UDPSocket(SocketType):
         self._check_open()
         if not self._queue:
             raise BlockingIOError(errno.EAGAIN, "Resource temporarily unavailable")
-        return self._queue.popleft()
+        item = self._queue.popleft()
+        if self._signal is not None:
+            self._signal.update(bool(self._queue))
+        return item
+
+    def _readiness_fd(self) -> int:
+        if self._signal is None:
+            self._signal = _ReadySignal()
+            self._signal.update(bool(self._queue))
+        return self._signal.read_fd
 
     # --- not simulated -----------------------------------------------------------------------
 
@@ -378,3 +395,137 @@ def _copy_into(buffer: Buffer, nbytes: int, payload: bytes) -> int:
     count = min(limit, len(payload))
     view[:count] = payload[:count]
     return count
+
+
+class _ReadySignal:
+    """A pipe that is readable exactly while a socket has queued datagrams (for ``wait_readable``)."""
+
+    def __init__(self) -> None:
+        self.read_fd, self._write_fd = os.pipe()
+        os.set_blocking(self.read_fd, False)
+        os.set_blocking(self._write_fd, False)
+        self._raised = False
+
+    def update(self, readable: bool) -> None:
+        if readable and not self._raised:
+            os.write(self._write_fd, b"\0")
+            self._raised = True
+        elif not readable and self._raised:
+            os.read(self.read_fd, 1)
+            self._raised = False
+
+    def close(self) -> None:
+        try:
+            trio.lowlevel.notify_closing(self.read_fd)
+        except RuntimeError:
+            pass  # outside a Trio run nobody can be waiting
+        os.close(self.read_fd)
+        os.close(self._write_fd)
+
+
+class NonBlockingSocket:
+    """A simulated UDP socket shaped like a non-blocking stdlib :class:`socket.socket`.
+
+    For fast paths written against raw sockets: ``await trio.lowlevel.wait_readable(sock)`` works
+    (``fileno()`` is a pipe that is readable exactly while datagrams are queued), then ``recvfrom``,
+    ``recvfrom_into``, ``recv`` and ``sendto`` are synchronous and raise :class:`BlockingIOError`
+    when nothing is queued, as a non-blocking socket does. ``bind`` and ``connect`` are
+    synchronous too. It shares its state with :attr:`trio_socket`, the :class:`UDPSocket` it
+    wraps, so Trio code and a raw fast path can share one port, as the multiplexed WireGuard socket
+    does. Each instance holds one pipe until :meth:`close` (or the end of the simulation).
+    """
+
+    def __init__(self, sock: UDPSocket) -> None:
+        self.trio_socket = sock
+        self._fd = sock._readiness_fd()
+
+    @property
+    def family(self) -> _stdlib_socket.AddressFamily:
+        """``AF_INET`` or ``AF_INET6``."""
+        return self.trio_socket.family
+
+    @property
+    def type(self) -> _stdlib_socket.SocketKind:
+        """Always ``SOCK_DGRAM``."""
+        return _stdlib_socket.SOCK_DGRAM
+
+    def fileno(self) -> int:
+        """Return a descriptor that polls readable while datagrams are queued."""
+        self.trio_socket._check_open()
+        return self._fd
+
+    def setblocking(self, flag: bool) -> None:
+        """Accept ``False``; raise ``OSError(EINVAL)`` for blocking mode, which is not simulated."""
+        if flag:
+            raise OSError(errno.EINVAL, "netsim raw sockets are always non-blocking")
+
+    def gettimeout(self) -> float:
+        """Return 0.0: the socket is non-blocking."""
+        return 0.0
+
+    def getsockname(self) -> Any:
+        """See :meth:`UDPSocket.getsockname`."""
+        return self.trio_socket.getsockname()
+
+    def getpeername(self) -> Any:
+        """See :meth:`UDPSocket.getpeername`."""
+        return self.trio_socket.getpeername()
+
+    def setsockopt(self, level: int, optname: int, value: int | bytes) -> None:
+        """Remember an option; the simulation ignores its meaning."""
+        self.trio_socket.setsockopt(level, optname, value)
+
+    def getsockopt(self, level: int, optname: int) -> int:
+        """Return a value set with :meth:`setsockopt` (0 otherwise)."""
+        return self.trio_socket.getsockopt(level, optname)
+
+    def bind(self, address: Any) -> None:
+        """Bind now; errors as :meth:`UDPSocket.bind`."""
+        self.trio_socket._bind_now(address)
+
+    def connect(self, address: Any) -> None:
+        """Set the default destination now; see :meth:`UDPSocket.connect`."""
+        sock = self.trio_socket
+        sock._check_open()
+        peer = sock._parse_destination(address)
+        sock._autobind()
+        sock._peer = peer
+
+    def sendto(self, data: Buffer, *args: Any) -> int:
+        """Send one datagram: ``sendto(data[, flags], address)``; returns its size."""
+        if len(args) not in (1, 2):
+            raise TypeError(f"sendto() takes 2 or 3 arguments ({len(args) + 1} given)")
+        return self.trio_socket.sendto_nowait(data, args[-1])
+
+    def send(self, data: Buffer, flags: int = 0) -> int:
+        """Send one datagram to the connected peer."""
+        sock = self.trio_socket
+        sock._check_open()
+        if sock._peer is None:
+            raise OSError(errno.EDESTADDRREQ, "Destination address required")
+        return sock._emit(bytes(data), sock._peer)
+
+    def recvfrom(self, bufsize: int, flags: int = 0) -> tuple[bytes, Any]:
+        """Pop one datagram (truncated to ``bufsize``) and its source; BlockingIOError if none."""
+        return self.trio_socket.recvfrom_nowait(bufsize)
+
+    def recvfrom_into(self, buffer: Buffer, nbytes: int = 0, flags: int = 0) -> tuple[int, Any]:
+        """Pop one datagram into ``buffer``; return its size and source; BlockingIOError if none."""
+        return self.trio_socket.recvfrom_into_nowait(buffer, nbytes)
+
+    def recv(self, bufsize: int, flags: int = 0) -> bytes:
+        """Pop one datagram, truncated to ``bufsize``; BlockingIOError if none."""
+        return self.trio_socket.recvfrom_nowait(bufsize)[0]
+
+    def close(self) -> None:
+        """Close the socket (both views) and its pipe. Idempotent."""
+        self.trio_socket.close()
+
+    def __enter__(self) -> NonBlockingSocket:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()
+
+    def __repr__(self) -> str:
+        return f"<netsim.NonBlockingSocket of {self.trio_socket!r}>"

@@ -1,4 +1,4 @@
-"""The virtual internet: networks, hosts, routers, NATs, and the simulation scope that runs them."""
+"""The topology of a simulation: networks, and the hosts, routers and NATs attached to them."""
 
 from __future__ import annotations
 
@@ -6,13 +6,11 @@ import contextlib
 import contextvars
 import errno
 import ipaddress
-import random
 import socket as _stdlib_socket
 from collections import Counter
-from collections.abc import Callable, Iterator
-from dataclasses import dataclass, replace
-from types import TracebackType
-from typing import Any
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import trio
 
@@ -25,11 +23,14 @@ from ._addresses import (
     format_endpoint,
     parse_ip,
 )
-from ._engine import Emission, Engine
+from ._engine import Emission
 from ._link import Link
 from ._nat import NatBehavior, NatBinding, NatTable
-from ._socket import UDPSocket, UnsupportedSocketError
-from ._trace import TraceRecord, Verdict
+from ._socket import NonBlockingSocket, UDPSocket, UnsupportedSocketError
+from ._trace import Verdict
+
+if TYPE_CHECKING:
+    from ._internet import Internet
 
 FIRST_EPHEMERAL_PORT = 49152
 """A host hands out ephemeral ports sequentially from here (to 65535), skipping ports in use."""
@@ -42,10 +43,6 @@ _current_host: contextvars.ContextVar[Host | None] = contextvars.ContextVar(
 )
 
 
-class NoCurrentHostError(NetsimError):
-    """``trio.socket.socket()`` was called in a simulation outside ``host.activate()``."""
-
-
 @dataclass(frozen=True)
 class _Packet:
     src: Endpoint
@@ -55,7 +52,11 @@ class _Packet:
 
 
 class Interface:
-    """A node's attachment to one network: its addresses there and the link to it."""
+    """A node's attachment to one network: its addresses there and the link to it.
+
+    ``link`` may be replaced at any time, for example ``nat.outside.link = Link(loss=1.0)`` to cut
+    a NAT off; packets already in flight keep the delay they were given.
+    """
 
     def __init__(
         self, node: Node, network: Network, addresses: tuple[IPAddress, ...], link: Link
@@ -107,7 +108,6 @@ class Network:
         self.gateway: Interface | None = None
         self._by_address: dict[IPAddress, Interface] = {}
         self._routes: list[tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, Interface]] = []
-        self._next_auto = 2
 
     def __repr__(self) -> str:
         return f"<netsim.Network {self.name} {self.prefix or 'public'}>"
@@ -130,7 +130,7 @@ class Network:
         duplicate or out-of-prefix address.
         """
         parsed = self._addresses(addresses)
-        host = Host(self.internet, name or self.internet._auto_name("host"))
+        host = Host(self.internet, self.internet._new_name(name, "host"))
         host._interface = self._attach(host, parsed, link)
         return host
 
@@ -147,19 +147,16 @@ class Network:
 
         The NAT takes the first address of ``lan`` as its inside address; hosts added to
         ``nat.lan`` sit behind it. ``behavior`` defaults to :class:`NatBehavior` ``()``. Raises
-        :class:`NetsimError` for an invalid address or prefix.
+        :class:`NetsimError` for an invalid address, prefix or name, and then changes nothing.
         """
         (external,) = self._addresses((address,) if address is not None else ())
-        nat = NAT(
-            self.internet,
-            name or self.internet._auto_name("nat"),
-            behavior or NatBehavior(),
-            external,
-        )
+        name = self.internet._new_name(name, "nat")
+        inside = _lan(self.internet, f"{name}-lan", lan)
+        nat = NAT(self.internet, name, behavior or NatBehavior(), external)
         nat.outside = self._attach(nat, (external,), link)
-        nat.lan = self.internet._lan(f"{nat.name}-lan", lan)
-        nat.inside = nat.lan._attach(nat, (nat.lan._gateway_address(),), None)
-        nat.lan.gateway = nat.inside
+        nat.lan = inside
+        nat.inside = inside._attach(nat, (inside._gateway_address(),), None)
+        inside.gateway = nat.inside
         return nat
 
     def add_router(
@@ -173,16 +170,19 @@ class Network:
         """Attach a new :class:`Router` at ``address`` that routes the prefix ``lan`` without NAT.
 
         This network gets a route to ``lan`` through the router; hosts added to ``router.lan`` are
-        reachable by their own addresses. Raises :class:`NetsimError` for an invalid address or
-        prefix.
+        reachable by their own addresses. Raises :class:`NetsimError` for an invalid address,
+        prefix or name, and then changes nothing.
         """
         (outside,) = self._addresses((address,) if address is not None else ())
-        router = Router(self.internet, name or self.internet._auto_name("router"))
+        name = self.internet._new_name(name, "router")
+        inside = _lan(self.internet, f"{name}-lan", lan)
+        assert inside.prefix is not None
+        router = Router(self.internet, name)
         router.outside = self._attach(router, (outside,), link)
-        router.lan = self.internet._lan(f"{router.name}-lan", lan)
-        router.inside = router.lan._attach(router, (router.lan._gateway_address(),), None)
-        router.lan.gateway = router.inside
-        self._routes.append((router.lan.prefix, router.outside))  # type: ignore[arg-type]
+        router.lan = inside
+        router.inside = inside._attach(router, (inside._gateway_address(),), None)
+        inside.gateway = router.inside
+        self._routes.append((inside.prefix, router.outside))
         self._routes.sort(key=lambda route: -route[0].prefixlen)
         return router
 
@@ -191,28 +191,29 @@ class Network:
         return self.prefix.network_address + 1
 
     def _addresses(self, given: tuple[str | IPAddress | None, ...]) -> tuple[IPAddress, ...]:
+        """Parse and check node addresses (or pick the next free one on a LAN); change nothing."""
         parsed = tuple(parse_ip(a) for a in given if a is not None)
-        if parsed:
-            return parsed
-        if self.prefix is None:
-            raise NetsimError(f"a node on {self.name} needs an explicit address")
-        for offset in range(self._next_auto, self.prefix.num_addresses - 1):
-            candidate = self.prefix.network_address + offset
-            if candidate not in self._by_address:
-                self._next_auto = offset + 1
-                return (candidate,)
-        raise NetsimError(f"no free address left in {self.prefix}")
-
-    def _attach(self, node: Node, addresses: tuple[IPAddress, ...], link: Link | None) -> Interface:
-        if not addresses:
-            raise NetsimError("a node needs at least one address")
-        for address in addresses:
-            if address in self._by_address:
+        if not parsed:
+            if self.prefix is None:
+                raise NetsimError(f"a node on {self.name} needs an explicit address")
+            free = (
+                self.prefix.network_address + offset
+                for offset in range(2, self.prefix.num_addresses - 1)
+            )
+            candidate = next((a for a in free if a not in self._by_address), None)
+            if candidate is None:
+                raise NetsimError(f"no free address left in {self.prefix}")
+            return (candidate,)
+        for address in parsed:
+            if address in self._by_address or parsed.count(address) > 1:
                 raise NetsimError(f"{address} is already used on {self.name}")
             if address.is_loopback or address.is_multicast or address.is_unspecified:
                 raise NetsimError(f"{address} cannot be a node address")
             if self.prefix is not None and address not in self.prefix:
                 raise NetsimError(f"{address} is outside {self.name}'s prefix {self.prefix}")
+        return parsed
+
+    def _attach(self, node: Node, addresses: tuple[IPAddress, ...], link: Link | None) -> Interface:
         interface = Interface(node, self, addresses, link or Link())
         for address in addresses:
             self._by_address[address] = interface
@@ -254,6 +255,15 @@ class Network:
             self.internet._engine.schedule(delay, target.node._receive, target, packet)
 
 
+def current_host() -> Host | None:
+    """Return the host chosen by the innermost ``host.activate()`` in this task, or None.
+
+    Library code can use it to learn that it runs in a simulation, and on which host (for
+    example, to list the host's addresses as candidates).
+    """
+    return _current_host.get()
+
+
 class Host(Node):
     """A simulated machine with one or more addresses on one network, and UDP sockets.
 
@@ -280,6 +290,11 @@ class Host(Node):
         return self._interface.network
 
     @property
+    def interface(self) -> Interface:
+        """The host's attachment to its network; assign ``interface.link`` to change the link."""
+        return self._interface
+
+    @property
     def sockets(self) -> list[UDPSocket]:
         """The open, bound sockets of this host, by family and port."""
         return sorted(self._sockets.values(), key=lambda sock: (int(sock.family), sock.port))
@@ -295,6 +310,31 @@ class Host(Node):
                 errno.EAFNOSUPPORT, f"netsim simulates AF_INET and AF_INET6, not family {family}"
             )
         return UDPSocket(self, family)
+
+    def nonblocking_socket(
+        self,
+        family: int = _stdlib_socket.AF_INET,
+        type: int = _stdlib_socket.SOCK_DGRAM,
+        proto: int = 0,
+    ) -> NonBlockingSocket:
+        """Return a new, unbound UDP socket on this host shaped like a non-blocking stdlib socket.
+
+        For fast paths that ``await trio.lowlevel.wait_readable(sock)`` and then drain with
+        synchronous ``recvfrom``; see :class:`NonBlockingSocket`. Its ``trio_socket`` is the same
+        socket with the Trio interface. The signature matches :class:`socket.socket`, so code that
+        takes a socket constructor can be given this method. Raises
+        :class:`UnsupportedSocketError` for anything but a UDP socket.
+        """
+        if type != _stdlib_socket.SOCK_DGRAM or proto not in (0, _stdlib_socket.IPPROTO_UDP):
+            raise UnsupportedSocketError(
+                errno.EPROTONOSUPPORT, "netsim simulates UDP sockets only (SOCK_DGRAM)"
+            )
+        return NonBlockingSocket(self.udp_socket(family))
+
+    @property
+    def address(self) -> IPAddress:
+        """The host's first address."""
+        return self._interface.addresses[0]
 
     @contextlib.contextmanager
     def activate(self) -> Iterator[Host]:
@@ -397,18 +437,21 @@ class Host(Node):
 
 
 class Router(Node):
-    """Forwards packets between its LAN (``lan``) and the network above it, without translation."""
+    """Forwards packets between its LAN and the network above it, without translation.
+
+    ``outside`` and ``inside`` are its two :class:`Interface` objects; ``lan`` is the
+    :class:`Network` behind it (add hosts with ``lan.add_host(...)``).
+    """
 
     outside: Interface
     inside: Interface
     lan: Network
-    """The network behind this node; add hosts with ``lan.add_host(...)``."""
 
     def _receive(self, interface: Interface, packet: _Packet) -> None:
         if packet.ttl <= 1:
             self._note(packet, Verdict.TTL_EXCEEDED)
             return
-        self._forward(interface, replace(packet, ttl=packet.ttl - 1))
+        self._forward(interface, _Packet(packet.src, packet.dst, packet.payload, packet.ttl - 1))
 
     def _forward(self, interface: Interface, packet: _Packet) -> None:
         if packet.dst[0] in self.outside.addresses or packet.dst[0] in self.inside.addresses:
@@ -445,6 +488,10 @@ class NAT(Router):
         """Return the live mappings (a snapshot), sorted by external port; expired ones are gone."""
         return self.table.bindings(trio.current_time())
 
+    def reset(self) -> None:
+        """Forget every mapping at once, as a NAT reboot does (peers see their mappings rebind)."""
+        self.table.clear()
+
     def _forward(self, interface: Interface, packet: _Packet) -> None:
         now = trio.current_time()
         if interface is self.outside:
@@ -463,21 +510,24 @@ class NAT(Router):
         if mapped is None:
             self._note(packet, Verdict.PORTS_EXHAUSTED)
             return
-        self._note(packet, Verdict.NAT_OUT, f"{_text(packet.src)} as {_text(mapped)}")
-        self.outside.network._transmit(self.outside, replace(packet, src=mapped))
+        tracing = self.internet.trace is not None
+        self._note(
+            packet, Verdict.NAT_OUT, f"{_text(packet.src)} as {_text(mapped)}" if tracing else ""
+        )
+        out = _Packet(mapped, packet.dst, packet.payload, packet.ttl)
+        self.outside.network._transmit(self.outside, out)
 
-    def _inbound(self, packet: _Packet, now: float) -> _Packet | None:
+    def _inbound(self, packet: _Packet, now: float) -> None:
         if packet.dst[0] != self.external_address:
             self._note(packet, Verdict.NO_ROUTE)
-            return None
+            return
         internal, reason = self.table.inbound(packet.src, packet.dst[1], now)
         if internal is None:
             self._note(packet, Verdict(reason))
-            return None
-        self._note(packet, Verdict.NAT_IN, f"to {_text(internal)}")
-        translated = replace(packet, dst=internal)
+            return
+        self._note(packet, Verdict.NAT_IN, f"to {_text(internal)}" if self.internet.trace else "")
+        translated = _Packet(packet.src, internal, packet.payload, packet.ttl)
         self.inside.network._transmit(self.inside, translated)
-        return translated
 
     def _hairpin(self, packet: _Packet, now: float) -> None:
         if not self.behavior.hairpinning:
@@ -488,265 +538,20 @@ class NAT(Router):
             self._note(packet, Verdict.PORTS_EXHAUSTED)
             return
         self._note(packet, Verdict.HAIRPINNED, f"{_text(packet.src)} as {_text(mapped)}")
-        self._inbound(replace(packet, src=mapped), now)
+        self._inbound(_Packet(mapped, packet.dst, packet.payload, packet.ttl), now)
 
 
 def _text(endpoint: Endpoint) -> str:
     return format_endpoint(endpoint)
 
 
-class _SocketFactory(trio.abc.SocketFactory):
-    def __init__(self, internet: Internet) -> None:
-        self._internet = internet
-
-    def socket(
-        self,
-        family: _stdlib_socket.AddressFamily | int = _stdlib_socket.AF_INET,
-        type: _stdlib_socket.SocketKind | int = _stdlib_socket.SOCK_STREAM,
-        proto: int = 0,
-    ) -> trio.socket.SocketType:
-        host = _current_host.get()
-        if host is None or host.internet is not self._internet:
-            raise NoCurrentHostError(
-                "trio.socket.socket() inside a netsim simulation needs a host: "
-                "run the code under `with host.activate():`"
-            )
-        kind = int(type) & ~(
-            getattr(_stdlib_socket, "SOCK_NONBLOCK", 0) | getattr(_stdlib_socket, "SOCK_CLOEXEC", 0)
-        )
-        if kind != _stdlib_socket.SOCK_DGRAM or proto not in (0, _stdlib_socket.IPPROTO_UDP):
-            raise UnsupportedSocketError(
-                errno.EPROTONOSUPPORT, "netsim simulates UDP sockets only (SOCK_DGRAM)"
-            )
-        return host.udp_socket(family)
-
-
-class _Resolver(trio.abc.HostnameResolver):
-    def __init__(self, internet: Internet) -> None:
-        self._internet = internet
-
-    async def getaddrinfo(
-        self,
-        host: bytes | None,
-        port: bytes | str | int | None,
-        family: int = 0,
-        type: int = 0,
-        proto: int = 0,
-        flags: int = 0,
-    ) -> list[Any]:
-        await trio.lowlevel.checkpoint()
-        name = host.decode("ascii") if host is not None else ""
-        address = self._internet.resolve(name)
-        if address is None or (family and family != family_of(address)):
-            raise _stdlib_socket.gaierror(
-                _stdlib_socket.EAI_NONAME, f"netsim has no name {name!r} (add it with add_name)"
-            )
-        port_number = int(port) if port is not None else 0
-        sockaddr: tuple[Any, ...] = (str(address), port_number)
-        if address.version == 6:
-            sockaddr = (*sockaddr, 0, 0)
-        kinds = [type] if type else [_stdlib_socket.SOCK_DGRAM]
-        return [(family_of(address), kind, proto, "", sockaddr) for kind in kinds]
-
-    async def getnameinfo(
-        self, sockaddr: tuple[str, int] | tuple[str, int, int, int], flags: int
-    ) -> tuple[str, str]:
-        await trio.lowlevel.checkpoint()
-        return sockaddr[0], str(sockaddr[1])
-
-
-class Internet:
-    """A simulated internet: the public network, everything attached to it, and the clock-driven engine.
-
-    Build the topology with :meth:`add_host`, :meth:`add_nat` and :meth:`add_router` (and the
-    same methods on ``nat.lan`` / ``router.lan``), then enter it: ``async with Internet(seed=1) as
-    net:`` starts the engine in a nursery; plain ``with`` starts it as a Trio system task. While
-    entered, ``trio.socket.socket()`` makes simulated sockets (on the host given by
-    ``host.activate()``) and ``trio.socket.getaddrinfo`` resolves only names added with
-    :meth:`add_name`; on exit every socket is closed and the previous socket factory and resolver
-    are restored. The simulation uses ``trio.current_time()``, so under ``trio.testing.MockClock``
-    it runs in virtual time and the same seed and program give the same trace.
-
-    - ``seed``: seeds the one :class:`random.Random` the simulation draws from (default 0).
-    - ``trace``: an optional callback given every :class:`TraceRecord` (default none).
-
-    ``counters`` counts every verdict across the simulation.
-    """
-
-    def __init__(
-        self, *, seed: int = 0, trace: Callable[[TraceRecord], None] | None = None
-    ) -> None:
-        self.rng = random.Random(seed)
-        """The simulation's only source of randomness."""
-        self.trace = trace
-        self.counters: Counter[Verdict] = Counter()
-        self._nodes: list[Node] = []
-        self._names: dict[str, IPAddress] = {}
-        self._engine = Engine()
-        self.network = Network(self, "internet", None)
-        """The public network; :meth:`add_host` and friends attach to it."""
-        self._lans: list[Network] = []
-        self._scope: trio.CancelScope | None = None
-        self._nursery_manager: Any = None
-        self._saved: tuple[Any, Any] | None = None
-
-    def __repr__(self) -> str:
-        return f"<netsim.Internet {len(self._nodes)} nodes>"
-
-    # --- building ----------------------------------------------------------------------------
-
-    def add_host(
-        self, *addresses: str | IPAddress, name: str | None = None, link: Link | None = None
-    ) -> Host:
-        """Attach a host to the public network; see :meth:`Network.add_host`."""
-        return self.network.add_host(*addresses, name=name, link=link)
-
-    def add_nat(
-        self,
-        address: str | IPAddress,
-        *,
-        behavior: NatBehavior | None = None,
-        lan: str = "10.0.0.0/24",
-        name: str | None = None,
-        link: Link | None = None,
-    ) -> NAT:
-        """Attach a NAT to the public network; see :meth:`Network.add_nat`."""
-        return self.network.add_nat(address, behavior=behavior, lan=lan, name=name, link=link)
-
-    def add_router(
-        self,
-        address: str | IPAddress,
-        *,
-        lan: str,
-        name: str | None = None,
-        link: Link | None = None,
-    ) -> Router:
-        """Attach a router to the public network; see :meth:`Network.add_router`."""
-        return self.network.add_router(address, lan=lan, name=name, link=link)
-
-    def add_name(self, name: str, address: str | IPAddress) -> None:
-        """Make ``trio.socket.getaddrinfo(name, ...)`` and ``sendto((name, port))`` give ``address``."""
-        self._names[name.lower().rstrip(".")] = parse_ip(address)
-
-    def resolve(self, name: str) -> IPAddress | None:
-        """Return the address added for ``name`` with :meth:`add_name`, or None."""
-        return self._names.get(name.lower().rstrip("."))
-
-    @property
-    def nodes(self) -> list[Node]:
-        """Every host, router and NAT, in the order they were created."""
-        return list(self._nodes)
-
-    def node(self, name: str) -> Node:
-        """Return the node called ``name``; raises :class:`NetsimError` if there is none."""
-        for node in self._nodes:
-            if node.name == name:
-                return node
-        raise NetsimError(f"no node named {name!r}")
-
-    def _auto_name(self, kind: str) -> str:
-        taken = {node.name for node in self._nodes}
-        number = 1
-        while f"{kind}{number}" in taken:
-            number += 1
-        return f"{kind}{number}"
-
-    def _register(self, node: Node) -> int:
-        if any(existing.name == node.name for existing in self._nodes):
-            raise NetsimError(f"a node named {node.name!r} already exists")
-        self._nodes.append(node)
-        return len(self._nodes)
-
-    def _lan(self, name: str, prefix: str) -> Network:
-        try:
-            network = ipaddress.ip_network(prefix)
-        except ValueError:
-            raise NetsimError(
-                f"LAN prefix must be a CIDR literal like 10.0.0.0/24, got {prefix!r}"
-            ) from None
-        if network.num_addresses < 4:
-            raise NetsimError(f"LAN prefix {prefix} is too small")
-        lan = Network(self, name, network)
-        self._lans.append(lan)
-        return lan
-
-    def _note(self, where: str, packet: _Packet, verdict: Verdict, detail: str = "") -> None:
-        self.counters[verdict] += 1
-        if self.trace is not None:
-            self.trace(
-                TraceRecord(
-                    time=trio.current_time(),
-                    where=where,
-                    src=format_endpoint(packet.src),
-                    dst=format_endpoint(packet.dst),
-                    size=len(packet.payload),
-                    verdict=verdict,
-                    detail=detail,
-                )
-            )
-
-    # --- the simulation scope ----------------------------------------------------------------
-
-    def _install(self) -> None:
-        if self._saved is not None:
-            raise NetsimError("this Internet is already running")
-        factory = trio.socket.set_custom_socket_factory(_SocketFactory(self))
-        resolver = trio.socket.set_custom_hostname_resolver(_Resolver(self))
-        self._saved = (factory, resolver)
-
-    def _uninstall(self) -> None:
-        for node in self._nodes:
-            if isinstance(node, Host):
-                node._close_sockets()
-        self._engine.clear()
-        if self._saved is not None:
-            factory, resolver = self._saved
-            trio.socket.set_custom_socket_factory(factory)
-            trio.socket.set_custom_hostname_resolver(resolver)
-            self._saved = None
-
-    async def __aenter__(self) -> Internet:
-        self._install()
-        self._scope = trio.CancelScope()
-        self._nursery_manager = trio.open_nursery()
-        nursery = await self._nursery_manager.__aenter__()
-        nursery.start_soon(self._run_engine, self._scope, name="netsim-engine")
-        return self
-
-    async def __aexit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> bool:
-        assert self._scope is not None
-        self._scope.cancel()
-        try:
-            await self._nursery_manager.__aexit__(exc_type, exc, tb)
-        except BaseException as error:
-            # The engine only ends by cancellation, so a group holding just the body's own
-            # exception is unwrapped: code inside the scope sees its errors as raised.
-            inner = getattr(error, "exceptions", None)
-            if exc is not None and inner is not None and len(inner) == 1 and inner[0] is exc:
-                return False
-            raise
-        finally:
-            self._scope = None
-            self._uninstall()
-        return False
-
-    async def _run_engine(self, scope: trio.CancelScope) -> None:
-        with scope:
-            await self._engine.run()
-
-    def __enter__(self) -> Internet:
-        self._install()
-        self._scope = trio.CancelScope()
-        trio.lowlevel.spawn_system_task(self._run_engine, self._scope, name="netsim-engine")
-        return self
-
-    def __exit__(self, *exc_info: object) -> None:
-        if self._scope is not None:
-            self._scope.cancel()
-            self._scope = None
-        self._uninstall()
+def _lan(internet: Internet, name: str, prefix: str) -> Network:
+    try:
+        network = ipaddress.ip_network(prefix)
+    except ValueError:
+        raise NetsimError(
+            f"LAN prefix must be a CIDR literal like 10.0.0.0/24, got {prefix!r}"
+        ) from None
+    if network.num_addresses < 4:
+        raise NetsimError(f"LAN prefix {prefix} is too small")
+    return Network(internet, name, network)

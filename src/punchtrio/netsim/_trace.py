@@ -60,3 +60,11 @@ class TraceRecord:
     size: int
     verdict: Verdict
     detail: str = ""
+
+    def __str__(self) -> str:
+        """One line: time in seconds, place, verdict, endpoints, size and detail."""
+        detail = f" ({self.detail})" if self.detail else ""
+        return (
+            f"{self.time:10.6f} {self.where:<16} {self.verdict.value:<17} "
+            f"{self.src} -> {self.dst} {self.size} B{detail}"
+        )

@@ -43,7 +43,6 @@ from ._models import (
 )
 from ._peerhub import PeerHubClient
 from ._protocol import (
-    AllowedIP,
     NotRegisteredError,
     PeerNotFoundError,
     Rendezvous,
@@ -53,6 +52,7 @@ from ._protocol import (
     RendezvousUnavailableError,
     SignallingNotSupportedError,
 )
+from ._redis_store import RedisStore
 from ._store import (
     AllowedIPsConflictError,
     MemoryStore,
@@ -79,7 +79,6 @@ __all__ = [
     "MAX_ENDPOINTS",
     "MAX_RESPONSE_BYTES",
     "MAX_SIGNAL_BYTES",
-    "AllowedIP",
     "AllowedIPsConflictError",
     "AuthenticationError",
     "Backoff",
@@ -100,6 +99,7 @@ __all__ = [
     "PeerNotFoundError",
     "PeerRecord",
     "QueueFullError",
+    "RedisStore",
     "RegisterRequest",
     "Rendezvous",
     "RendezvousError",

@@ -181,17 +181,18 @@ class RequestSigner:
     hub_public_key: PublicKey
     network: NetworkSecret | None = None
     clock_offset: float = 0.0
+    public_key: PublicKey = field(init=False, compare=False)
+    """The peer's public key, sent in :data:`HEADER_KEY`."""
     _mac_key: bytes = field(init=False, repr=False, compare=False)
+    _key_text: str = field(init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
+        public_key = self.private_key.public_key()
         shared = _shared_secret(self.private_key.raw, self.hub_public_key.raw)
-        key = _mac_key(shared, self.private_key.public_key(), self.hub_public_key, self.network)
+        key = _mac_key(shared, public_key, self.hub_public_key, self.network)
+        object.__setattr__(self, "public_key", public_key)
         object.__setattr__(self, "_mac_key", key)
-
-    @property
-    def public_key(self) -> PublicKey:
-        """The peer's public key, sent in :data:`HEADER_KEY`."""
-        return self.private_key.public_key()
+        object.__setattr__(self, "_key_text", public_key.to_base64())
 
     def sign(
         self,
@@ -219,7 +220,7 @@ class RequestSigner:
             method, target, body, timestamp, nonce_text, network_id, self.public_key
         )
         headers = {
-            HEADER_KEY: self.public_key.to_base64(),
+            HEADER_KEY: self._key_text,
             HEADER_TIME: str(timestamp),
             HEADER_NONCE: nonce_text,
             HEADER_MAC: base64.b64encode(_mac(self._mac_key, message)).decode("ascii"),

@@ -226,7 +226,9 @@ class HubClient:
         assert self._nursery is not None
         self._nursery.cancel_scope.cancel()
         try:
-            return bool(await self._nursery_manager.__aexit__(exc_type, exc, tb))
+            # The body's own exception is not handed to the nursery, so it propagates as it is
+            # rather than wrapped in an exception group; only the refresh task is reaped here.
+            await self._nursery_manager.__aexit__(None, None, None)
         finally:
             self._nursery = None
             if self._unregister_on_exit and self._registration is not None:
@@ -236,6 +238,7 @@ class HubClient:
                     except RendezvousError as error:
                         log.debug("could not delete %s on exit: %s", self._name, error)
             await self.aclose()
+        return False
 
     async def aclose(self) -> None:
         """Close the HTTP connections. The record stays on the hub until it expires."""
@@ -442,9 +445,11 @@ class HubClient:
             if failures == 0:
                 with trio.move_on_at(self._refresh_at):
                     await self._wake.wait()
-            self._wake = trio.Event()
-            due = self._lost or trio.current_time() >= self._refresh_at
-            if self._registration is None or not (due or failures):
+                self._wake = trio.Event()
+            if self._registration is None:
+                failures = 0
+                continue
+            if not (failures or self._lost or trio.current_time() >= self._refresh_at):
                 continue
             try:
                 async with self._register_lock:

@@ -130,17 +130,20 @@ class _TokenBuckets:
 
 
 def _source_of(scope: Scope) -> str:
+    """The rate-limit key of a request: its client IP, or the /64 of an IPv6 client."""
     client = scope.get("client")
     if not client:
         return "unknown"
     host = str(client[0])
+    if ":" not in host:
+        return host
     try:
-        address = ipaddress.ip_address(host)
+        address = ipaddress.IPv6Address(host)
     except ValueError:
         return host
-    if address.version == 6 and address.ipv4_mapped is None:
-        return str(ipaddress.ip_network(f"{address}/64", strict=False))
-    return str(address.ipv4_mapped or address) if address.version == 6 else str(address)
+    if address.ipv4_mapped is not None:
+        return str(address.ipv4_mapped)
+    return str(ipaddress.IPv6Network(f"{address}/64", strict=False))
 
 
 _ROUTES = (

@@ -200,7 +200,7 @@ def check_disjoint(networks: Iterable[IPNetwork], *, what: str = "allowed_ips") 
             raise ValidationError(f"{what}: {before} and {after} overlap")
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class Endpoint:
     """One candidate endpoint of a peer: a literal unicast IP address, a UDP port and its kind.
 
@@ -273,7 +273,7 @@ def _allowed_ips_from_json(value: object) -> tuple[IPNetwork, ...]:
     return networks
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class RegisterRequest:
     """Body of ``PUT /v1/peers/{name}``: what a peer registers (or refreshes) under its name.
 
@@ -309,7 +309,7 @@ class RegisterRequest:
         )
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class PeerRecord:
     """A peer as the hub stores and returns it (responses of register and lookup).
 
@@ -366,7 +366,7 @@ class PeerRecord:
         )
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class SignalMessage:
     """A short signalling message between two peers of the same network.
 
@@ -415,7 +415,7 @@ def messages_from_json(obj: object) -> tuple[SignalMessage, ...]:
     return tuple(SignalMessage.from_json(item) for item in items)
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class StunAddress:
     """A STUN server the hub runs, as published in ``GET /v1/hub``.
 
@@ -450,7 +450,7 @@ class StunAddress:
         return cls(None if ip is None else parse_ip(ip, what="stun ip"), fields["port"])  # type: ignore[arg-type]
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class HubInfo:
     """Body of ``GET /v1/hub``: what a client needs before its first signed request.
 

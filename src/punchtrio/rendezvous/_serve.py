@@ -59,6 +59,7 @@ def hypercorn_config(
     config.certfile = tls_cert
     config.keyfile = tls_key
     config.h11_max_incomplete_size = MAX_HEADER_BYTES
+    config.h2_max_header_list_size = MAX_HEADER_BYTES
     config.keep_alive_timeout = HEADER_TIMEOUT
     config.read_timeout = int(max_wait + 30)
     config.graceful_timeout = 1.0
@@ -102,17 +103,35 @@ async def serve_hub(
                 what = f"serve STUN on {_text(stun)}"
                 stun_bound = list(await nursery.start(StunServer(stun, stun_alternate).serve))
                 config = replace(config, stun=_published(stun_bound))
+            listener = getattr(store, "run", None)
+            if listener is not None:  # a shared store's wake-up listener (RedisStore)
+                what = "start the store"
+                await nursery.start(listener)
             app = create_app(config, store, clock=clock)
             what = f"listen on {_text(listen)}"
             asgi: Any = app  # Starlette is an ASGI app; Hypercorn's stubs want its own types
             binds = await nursery.start(partial(hypercorn_serve, asgi, hyper))
-        except OSError as exc:
-            failure = HubServeError(f"cannot {what}: {exc.strerror or exc}")
+        except Exception as exc:
+            os_error = _find_os_error(exc)
+            if os_error is None:
+                raise
+            failure = HubServeError(f"cannot {what}: {os_error.strerror or os_error}")
             nursery.cancel_scope.cancel()
         else:
             task_status.started(HubListeners(tuple(binds), tuple(stun_bound)))
     if failure is not None:
         raise failure
+
+
+def _find_os_error(exc: BaseException) -> OSError | None:
+    """The OSError in ``exc`` or in the exception groups Hypercorn's nurseries wrap it in."""
+    if isinstance(exc, OSError):
+        return exc
+    for inner in getattr(exc, "exceptions", ()):
+        found = _find_os_error(inner)
+        if found is not None:
+            return found
+    return None
 
 
 def _text(address: tuple[str, int]) -> str:

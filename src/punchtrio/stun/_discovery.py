@@ -1,10 +1,10 @@
 """RFC 5780 NAT behaviour discovery: a thin Trio shell over :class:`StunTransaction`.
 
 The decisions are pure functions (:func:`classify_mapping`, :func:`classify_filtering`); the shell
-only sequences the probes. Each behaviour is measured on its own socket, so that no probe opens the
-filter another test measures: the mapping tests (which talk to the alternate address) use one socket,
-the filtering tests a fresh socket that only ever sends to the primary address, hairpinning a third,
-and the optional lifetime test a fourth and fifth.
+only sequences the probes. No probe may open the filter a later test measures, so the filtering
+tests run on a fresh socket that only ever sends to the primary address, and they run before the
+mapping tests II and III send anything to the alternate address. Hairpinning uses a third socket,
+the optional lifetime test a fourth and fifth.
 """
 
 from __future__ import annotations
@@ -277,7 +277,7 @@ async def discover_nat(
     primary = await _resolve(server)
     prober = _Prober(primary, probe_timeout, rto)
 
-    # Mapping (tests I-III) on one socket, connected so that ICMP errors surface as exceptions.
+    # Mapping test I on socket M, connected so that ICMP errors surface as "unreachable".
     with trio.socket.socket(prober.family, socket.SOCK_DGRAM) as sock:
         await prober._io(sock.connect(primary))
         prober.local_ip = sock.getsockname()[0]
@@ -293,6 +293,9 @@ async def discover_nat(
                 f"STUN server {format_endpoint(primary)} has no alternate address "
                 "(no OTHER-ADDRESS): it cannot test NAT behaviour"
             )
+        # Filtering before anything is sent to the alternate address: some NATs open their
+        # filter to an address for every mapping once any host behind them has sent to it.
+        filtering = await _filtering(prober, primary, other)
         mapped: list[Endpoint | None] = [test1.mapped, None, None]
         if test1.mapped != local:
             for index, target in ((1, (other[0], primary[1])), (2, other)):
@@ -308,8 +311,6 @@ async def discover_nat(
                 if index == 1 and event.mapped == test1.mapped:
                     break
     mapping = classify_mapping(local, test1.mapped, mapped[1], mapped[2])
-
-    filtering = await _filtering(prober, primary, other)
     hairpinning = None if mapping == "none" else await _hairpinning(prober, primary)
     measured = None
     if lifetime is not None:
@@ -371,10 +372,12 @@ async def _hairpinning(prober: _Prober, primary: Endpoint) -> bool:
             async with trio.open_nursery() as nursery:
 
                 async def resend() -> None:
-                    while True:
-                        for data, destination in probe.datagrams_to_send(trio.current_time()):
+                    while not probe.done:
+                        now = trio.current_time()
+                        probe.handle_timer(now)
+                        for data, destination in probe.datagrams_to_send(now):
                             await prober._io(sock.sendto(data, destination))
-                        await trio.sleep_until(probe.get_timer() or trio.current_time() + 1.0)
+                        await trio.sleep_until(probe.get_timer() or now)
 
                 nursery.start_soon(resend)
                 while True:

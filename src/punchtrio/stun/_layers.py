@@ -17,8 +17,15 @@ import hmac
 import ipaddress
 import os
 import struct
+import warnings
 import zlib
 from typing import Any
+
+with warnings.catch_warnings():
+    # Scapy's first import can warn (deprecations in its dependencies, missing interfaces): not
+    # something punchtrio's users can act on, and fatal under ``-W error``.
+    warnings.simplefilter("ignore")
+    import scapy.contrib.stun  # noqa: F401
 
 from scapy.config import conf
 from scapy.contrib.stun import MAGIC_COOKIE

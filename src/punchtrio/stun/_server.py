@@ -125,18 +125,21 @@ class _RateLimiter:
             self.buckets.clear()
 
 
+def _pack_ip(ip: str) -> bytes:
+    if ":" in ip:
+        # Link-local sources come as "fe80::1%eth0"; the zone is not part of the address.
+        return socket.inet_pton(socket.AF_INET6, ip.partition("%")[0])
+    return socket.inet_pton(socket.AF_INET, ip)
+
+
 def _address_attr(atype: int, endpoint: Endpoint) -> bytes:
-    packed = socket.inet_pton(
-        socket.AF_INET6 if ":" in endpoint[0] else socket.AF_INET, endpoint[0]
-    )
+    packed = _pack_ip(endpoint[0])
     family = 1 if len(packed) == 4 else 2
     return struct.pack("!HHBBH", atype, 4 + len(packed), 0, family, endpoint[1]) + packed
 
 
 def _xor_address_attr(endpoint: Endpoint, transaction_id: bytes) -> bytes:
-    packed = socket.inet_pton(
-        socket.AF_INET6 if ":" in endpoint[0] else socket.AF_INET, endpoint[0]
-    )
+    packed = _pack_ip(endpoint[0])
     key = struct.pack("!I", MAGIC_COOKIE) + transaction_id
     xored = bytes(a ^ b for a, b in zip(packed, key, strict=False))
     family = 1 if len(packed) == 4 else 2
@@ -428,7 +431,12 @@ class StunServer:
                     break
                 except OSError:
                     continue
-                reply = handle(data, local, remote[:2], trio.current_time())
+                try:
+                    reply = handle(data, local, remote[:2], trio.current_time())
+                except (OSError, ValueError, struct.error):
+                    # An address the responder cannot encode; never let one datagram stop us.
+                    self.stats.malformed += 1
+                    continue
                 if reply is not None:
                     try:
                         sockets[reply.source].sendto(reply.data, reply.destination)

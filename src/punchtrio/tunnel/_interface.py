@@ -3,10 +3,9 @@
 from __future__ import annotations
 
 from collections.abc import Mapping
-from typing import TYPE_CHECKING, Protocol
+from typing import Protocol
 
-if TYPE_CHECKING:
-    from ..wireguard import PeerStats
+from ..wireguard import PeerStats
 
 
 class Tunnel(Protocol):

@@ -14,16 +14,14 @@ import os
 import socket
 from collections.abc import AsyncIterator, Callable, Mapping
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Protocol
+from typing import Any, Protocol
 
 import trio
 
+from ..wireguard import Device, PeerConfig, PeerStats, Timers
 from ._netlink import configure_interface
 from ._tun import TunDevice, TunnelError
 from ._wgquick import PeerSection, WgQuickConfig
-
-if TYPE_CHECKING:
-    from ..wireguard import PeerConfig, PeerStats, Timers
 
 Address = tuple[str, int]
 
@@ -92,6 +90,7 @@ class UserspaceTunnel:
         self._socket4 = next((s for s in sockets if s.family == socket.AF_INET), None)
         self._socket6 = next((s for s in sockets if s.family == socket.AF_INET6), None)
         self._sockets = sockets
+        self._listen_port = int(sockets[0].getsockname()[1]) if sockets else 0
         self._timer_scope: trio.CancelScope | None = None
         self._armed = math.inf
 
@@ -103,11 +102,11 @@ class UserspaceTunnel:
     @property
     def listen_port(self) -> int:
         """The local UDP port WireGuard listens on."""
-        return int(self._sockets[0].getsockname()[1])
+        return self._listen_port
 
     def peer_stats(self) -> Mapping[bytes, PeerStats]:
         """Return per-peer statistics (endpoint, rx/tx bytes, last handshake), keyed by public key."""
-        return self.device.peer_stats()  # type: ignore[no-any-return]
+        return self.device.peer_stats()
 
     async def serve(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         """Move packets until cancelled; reports started once every reader is waiting."""
@@ -220,8 +219,6 @@ class UserspaceTunnel:
 
 def peer_config(section: PeerSection) -> PeerConfig:
     """Return the device's :class:`~punchtrio.wireguard.PeerConfig` for one ``[Peer]`` section."""
-    from ..wireguard import PeerConfig
-
     return PeerConfig(
         public_key=section.public_key,
         preshared_key=section.preshared_key,
@@ -265,10 +262,19 @@ def bind_udp(port: int | None) -> list[socket.socket]:
         raise TunnelError(f"cannot bind UDP port {port or 0}: {exc.strerror}") from None
     for sock in sockets:
         sock.setblocking(False)
-        for option in (socket.SO_SNDBUF, socket.SO_RCVBUF):
-            with contextlib.suppress(OSError):
-                sock.setsockopt(socket.SOL_SOCKET, option, SOCKET_BUFFER)
+        for forced, plain in _BUFFER_OPTIONS:
+            try:  # the FORCE variants pass net.core.*mem_max but need CAP_NET_ADMIN
+                sock.setsockopt(socket.SOL_SOCKET, forced, SOCKET_BUFFER)
+            except OSError:
+                with contextlib.suppress(OSError):
+                    sock.setsockopt(socket.SOL_SOCKET, plain, SOCKET_BUFFER)
     return sockets
+
+
+_BUFFER_OPTIONS = (
+    (getattr(socket, "SO_SNDBUFFORCE", 32), socket.SO_SNDBUF),
+    (getattr(socket, "SO_RCVBUFFORCE", 33), socket.SO_RCVBUF),
+)
 
 
 @contextlib.asynccontextmanager
@@ -287,10 +293,12 @@ async def open_userspace_tunnel(
     tasks stop and the device (with its addresses and routes) and the sockets are gone. Raises
     :class:`TunnelError` if any part cannot be set up; nothing is left behind then either.
     """
-    from ..wireguard import Device, Timers
-
     interface = config.interface
-    device = Device(interface.private_key, timers=timers if timers is not None else Timers())
+    device = Device(
+        interface.private_key,
+        timers=timers if timers is not None else Timers(),
+        mtu=interface.mtu,
+    )
     for section in config.peers:
         device.add_peer(peer_config(section))
     with contextlib.ExitStack() as stack:

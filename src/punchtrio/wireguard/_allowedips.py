@@ -10,7 +10,6 @@ from ._config import ConfigError, IPNetwork
 T = TypeVar("T")
 
 _CACHE_LIMIT = 8192
-_MISS = object()
 
 
 class AllowedIPs(Generic[T]):
@@ -24,7 +23,10 @@ class AllowedIPs(Generic[T]):
     def __init__(self) -> None:
         self._tables: dict[int, dict[int, dict[int, T]]] = {32: {}, 128: {}}
         self._lengths: dict[int, list[int]] = {32: [], 128: []}
-        self._cache: dict[bytes, object] = {}
+        self.cache: dict[bytes, T | None] = {}
+        """Lookups already answered, by packed address; hot paths may probe it before
+        :meth:`lookup`. The same dict object lives as long as the table (it is cleared, never
+        replaced)."""
 
     def insert(self, network: IPNetwork, value: T) -> None:
         """Route ``network`` to ``value``. Raises :class:`ConfigError` if another value has it."""
@@ -37,7 +39,7 @@ class AllowedIPs(Generic[T]):
             raise ConfigError(f"allowed IP {network} already belongs to another peer")
         table[key] = value
         self._lengths[bits] = sorted((n for n, t in self._tables[bits].items() if t), reverse=True)
-        self._cache.clear()
+        self.cache.clear()
 
     def remove(self, network: IPNetwork) -> None:
         """Forget ``network`` (no error if absent)."""
@@ -49,13 +51,12 @@ class AllowedIPs(Generic[T]):
             self._lengths[bits] = sorted(
                 (n for n, t in self._tables[bits].items() if t), reverse=True
             )
-        self._cache.clear()
+        self.cache.clear()
 
     def lookup(self, address: bytes) -> T | None:
         """Return the value for a packed 4- or 16-byte address, or ``None`` if nothing matches."""
-        hit = self._cache.get(address, _MISS)
-        if hit is not _MISS:
-            return hit  # type: ignore[return-value]
+        if address in self.cache:
+            return self.cache[address]
         bits = len(address) * 8
         value: T | None = None
         if bits in self._tables:
@@ -65,9 +66,9 @@ class AllowedIPs(Generic[T]):
                 value = tables[plen].get(number >> (bits - plen))
                 if value is not None:
                     break
-        if len(self._cache) >= _CACHE_LIMIT:
-            self._cache.clear()
-        self._cache[address] = value
+        if len(self.cache) >= _CACHE_LIMIT:
+            self.cache.clear()
+        self.cache[address] = value
         return value
 
     def networks(self) -> list[tuple[IPNetwork, T]]:

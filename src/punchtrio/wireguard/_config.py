@@ -87,6 +87,23 @@ class Timers:
         )
 
 
+def check_endpoint(endpoint: object) -> None:
+    """Raise :class:`ConfigError` unless ``endpoint`` is ``(IP address literal, port 1-65535)``
+    (an IPv6 socket's 4-tuple is accepted too)."""
+    if not (
+        isinstance(endpoint, tuple)
+        and len(endpoint) in (2, 4)
+        and isinstance(endpoint[0], str)
+        and isinstance(endpoint[1], int)
+        and 0 < endpoint[1] < 65536
+    ):
+        raise ConfigError(f"endpoint {endpoint!r} is not (address, port)")
+    try:
+        ipaddress.ip_address(endpoint[0].split("%", 1)[0])
+    except ValueError:
+        raise ConfigError(f"endpoint address {endpoint[0]!r} is not an IP address") from None
+
+
 @dataclass(frozen=True)
 class PeerConfig:
     """One peer of a :class:`~punchtrio.wireguard.Device`.
@@ -113,10 +130,8 @@ class PeerConfig:
         for net in self.allowed_ips:
             if not isinstance(net, (ipaddress.IPv4Network, ipaddress.IPv6Network)):
                 raise ConfigError(f"allowed IP {net!r} is not an IPv4Network or IPv6Network")
-        if self.endpoint is not None and (
-            len(self.endpoint) < 2 or not 0 < int(self.endpoint[1]) < 65536
-        ):
-            raise ConfigError(f"endpoint {self.endpoint!r} is not (address, port)")
+        if self.endpoint is not None:
+            check_endpoint(self.endpoint)
         if self.persistent_keepalive is not None and not (
             math.isfinite(self.persistent_keepalive) and 0 < self.persistent_keepalive <= 65535
         ):

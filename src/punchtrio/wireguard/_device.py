@@ -8,7 +8,8 @@ an immediate answer (handshake messages, queued packets, keepalives) is collecte
 
 The transport paths (:meth:`Device.send_packet`, type-4 datagrams in
 :meth:`Device.receive_datagram`) are written for speed: one dict probe for the session, one
-``nacl.bindings`` call, plain attribute updates for the timers, no allocation beyond the packet.
+libsodium call (see ``_aead``), plain attribute updates for the timers, no exceptions, no objects
+built beyond the packet itself.
 """
 
 from __future__ import annotations
@@ -20,15 +21,11 @@ from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from nacl.bindings import (
-    crypto_aead_chacha20poly1305_ietf_decrypt,
-    crypto_aead_chacha20poly1305_ietf_encrypt,
-)
-from nacl.exceptions import CryptoError
-
 from . import _tai64n
+from ._aead import open_ as _open
+from ._aead import seal as _seal_message
 from ._allowedips import AllowedIPs
-from ._config import Address, ConfigError, PeerConfig, Timers
+from ._config import Address, ConfigError, PeerConfig, Timers, check_endpoint
 from ._cookie import CookieChecker, CookieGenerator
 from ._events import EndpointChanged, Event, HandshakeCompleted, HandshakeFailed, KeysZeroed
 from ._messages import (
@@ -55,12 +52,14 @@ from ._noise import (
     dh,
     public_key,
 )
+from ._ratelimit import RateLimiter
 from ._replay import ReplayWindow
 
 DROP_REASONS = (
     "malformed",
     "mac",
     "under_load",
+    "rate_limited",
     "cookie",
     "decrypt",
     "low_order",
@@ -89,7 +88,6 @@ DEFAULT_LOAD_THRESHOLD = 128
 _HEADER = struct.Struct("<IIQ")
 _unpack_header = _HEADER.unpack_from
 _pack_counter = struct.Struct("<Q").pack
-_NONCE_PAD = b"\x00\x00\x00\x00"
 _PADDING = [bytes(n) for n in range(16)]
 _INF = float("inf")
 _CONTROL_SIZES = {
@@ -153,6 +151,7 @@ class _Peer:
         "last_handshake",
         "last_initiation_consumed",
         "last_sent_initiation",
+        "last_sent_timestamp",
         "last_timestamp",
         "need_another_keepalive",
         "next",
@@ -185,6 +184,7 @@ class _Peer:
         self.last_sent_initiation = _NEVER
         self.last_initiation_consumed = _NEVER
         self.last_timestamp = bytes(12)
+        self.last_sent_timestamp = bytes(12)
         self.previous: _Keypair | None = None
         self.current: _Keypair | None = None
         self.next: _Keypair | None = None
@@ -264,7 +264,9 @@ class Device:
         self._keypairs: dict[int, _Keypair] = {}
         self._handshakes: dict[int, _Peer] = {}
         self._routes: AllowedIPs[_Peer] = AllowedIPs()
+        self._route_cache = self._routes.cache
         self._checker = CookieChecker(self.public_key, random, timers.cookie_refresh_time)
+        self._limiter = RateLimiter()
         self._out: list[tuple[bytes, Address]] = []
         self._events: deque[Event] = deque()
         self._deadline = _INF
@@ -324,10 +326,15 @@ class Device:
         peer.staged.clear()
 
     def set_endpoint(self, public_key: bytes, endpoint: Address) -> None:
-        """Send to ``endpoint`` from now on (no event). Raises :class:`ConfigError` if the peer is unknown."""
+        """Send to ``endpoint`` from now on (no event).
+
+        Raises :class:`ConfigError` if the peer is unknown or ``endpoint`` is not
+        ``(IP address, port)``.
+        """
         peer = self._peers.get(public_key)
         if peer is None:
             raise ConfigError("no such peer")
+        check_endpoint(endpoint)
         had = peer.endpoint
         peer.endpoint = endpoint
         if had is None and peer.persistent_keepalive:
@@ -453,7 +460,7 @@ class Device:
         else:
             self.counters["malformed"] += 1
             return None
-        peer = self._routes.lookup(dst)
+        peer = self._route_cache.get(dst) or self._routes.lookup(dst)
         if peer is None:
             self.counters["no_route"] += 1
             return None
@@ -478,15 +485,8 @@ class Device:
             if n + pad > self._mtu:
                 pad = max(0, self._mtu - n)
             if pad:
-                packet += _PADDING[pad]
-        counter_bytes = _pack_counter(counter)
-        datagram = (
-            kp.header
-            + counter_bytes
-            + crypto_aead_chacha20poly1305_ietf_encrypt(
-                packet, None, _NONCE_PAD + counter_bytes, kp.send_key
-            )
-        )
+                packet = packet + _PADDING[pad]
+        datagram = _seal_message(kp.header, _pack_counter(counter), packet, kp.send_key)
         peer.tx_bytes += len(datagram)
         # Timers: any authenticated packet sent, data sent, traversal.
         peer.t_keepalive = None
@@ -563,11 +563,8 @@ class Device:
                 ):
                     self.counters["expired"] += 1
                     return None
-                try:
-                    plain = crypto_aead_chacha20poly1305_ietf_decrypt(
-                        data[16:], None, _NONCE_PAD + data[8:16], kp.recv_key
-                    )
-                except CryptoError:
+                plain = _open(data, kp.recv_key)
+                if plain is None:
                     self.counters["decrypt"] += 1
                     return None
                 if not kp.replay.accept(counter):
@@ -586,10 +583,12 @@ class Device:
                     peer.t_persistent = d
                     if d < self._deadline:
                         self._deadline = d
+                current = peer.current
                 if (
-                    kp.is_initiator
+                    current is not None
+                    and current.is_initiator
                     and not peer.sent_last_minute_handshake
-                    and now - kp.created >= self._receive_rekey_age
+                    and now - current.created >= self._receive_rekey_age
                 ):
                     peer.sent_last_minute_handshake = True
                     self._initiate(peer, now, retry=False)
@@ -608,19 +607,19 @@ class Device:
                 version = plain[0] >> 4
                 if version == 4 and size >= 20:
                     length = (plain[2] << 8) | plain[3]
-                    src = plain[12:16]
+                    src = bytes(plain[12:16])
                 elif version == 6 and size >= 40:
                     length = ((plain[4] << 8) | plain[5]) + 40
-                    src = plain[8:24]
+                    src = bytes(plain[8:24])
                 else:
                     length = 0
                 if length < 20 or length > size:
                     self.counters["malformed"] += 1
                     return None
-                if self._routes.lookup(src) is not peer:
+                if self._route_cache.get(src) is not peer and self._routes.lookup(src) is not peer:
                     self.counters["allowed_ips"] += 1
                     return None
-                return plain if length == size else plain[:length]
+                return bytes(plain) if length == size else bytes(memoryview(plain)[:length])
         self._receive_control(data, addr, now)
         return None
 
@@ -645,6 +644,7 @@ class Device:
     # ------------------------------------------------------------------ handshakes
 
     def _receive_control(self, data: bytes, addr: Address, now: float) -> None:
+        data = bytes(data)  # the shell may hand in a bytearray or memoryview
         n = len(data)
         kind = _CONTROL_SIZES.get((data[:4], n), 0)
         if kind == 0:
@@ -656,11 +656,15 @@ class Device:
         if not self._checker.check_mac1(data):
             self.counters["mac"] += 1
             return
-        if self._is_under_load(now) and not self._checker.check_mac2(data, addr, now):
-            sender = int.from_bytes(data[4:8], "little")
-            self._out.append((self._checker.create_reply(data, sender, addr, now), addr))
-            self.counters["under_load"] += 1
-            return
+        if self._is_under_load(now):
+            if not self._checker.check_mac2(data, addr, now):
+                sender = int.from_bytes(data[4:8], "little")
+                self._out.append((self._checker.create_reply(data, sender, addr, now), addr))
+                self.counters["under_load"] += 1
+                return
+            if not self._limiter.allow(addr, now):
+                self.counters["rate_limited"] += 1
+                return
         try:
             if kind == MESSAGE_INITIATION:
                 self._receive_initiation(data, addr, now)
@@ -802,13 +806,17 @@ class Device:
                 peer.attempt_started = now
         peer.last_sent_initiation = now
         self._clear_handshake(peer)
+        timestamp = _tai64n.encode(self._wall_clock())
+        if timestamp <= peer.last_sent_timestamp:
+            timestamp = _tai64n.after(peer.last_sent_timestamp)
+        peer.last_sent_timestamp = timestamp
         local_index = self._new_index()
         state, msg = create_initiation(
             local_static_public=self.public_key,
             remote_static=peer.public_key,
             static_static=peer.static_static,
             local_index=local_index,
-            timestamp=_tai64n.encode(self._wall_clock()),
+            timestamp=timestamp,
             random=self._random,
         )
         peer.handshake = state

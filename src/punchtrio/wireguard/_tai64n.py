@@ -38,3 +38,19 @@ def decode(data: bytes) -> float:
     if nanos >= 1_000_000_000:
         raise MessageError("TAI64N nanoseconds out of range")
     return float(label - TAI64_BASE) + nanos / 1e9
+
+
+def after(timestamp: bytes) -> bytes:
+    """Return the smallest whitened TAI64N timestamp greater than ``timestamp`` (12 bytes).
+
+    An initiator uses it when its wall clock has not moved past the last timestamp it sent (a
+    clock step backwards, or two initiations within one whitening step), since the responder only
+    accepts strictly newer ones. Raises :class:`MessageError` if ``timestamp`` is malformed.
+    """
+    if len(timestamp) != 12:
+        raise MessageError(f"a TAI64N timestamp is 12 bytes, got {len(timestamp)}")
+    label, nanos = _TAI64N.unpack(timestamp)
+    nanos = (nanos | WHITENER_MASK) + 1
+    if nanos >= 1_000_000_000:
+        label, nanos = label + 1, 0
+    return _TAI64N.pack(label, nanos)

@@ -1,0 +1,276 @@
+"""The simulation scope: the :class:`Internet`, its socket factory and its name resolver."""
+
+from __future__ import annotations
+
+import errno
+import random
+import socket as _stdlib_socket
+from collections import Counter
+from collections.abc import Callable
+from types import TracebackType
+from typing import Any
+
+import trio
+
+from ._addresses import IPAddress, NetsimError, family_of, format_endpoint, parse_ip
+from ._engine import Engine
+from ._link import Link
+from ._nat import NatBehavior
+from ._socket import UnsupportedSocketError
+from ._topology import NAT, Host, Network, Node, Router, _current_host, _Packet
+from ._trace import TraceRecord, Verdict
+
+
+class NoCurrentHostError(NetsimError):
+    """``trio.socket.socket()`` was called in a simulation outside ``host.activate()``."""
+
+
+class _SocketFactory(trio.abc.SocketFactory):
+    def __init__(self, internet: Internet) -> None:
+        self._internet = internet
+
+    def socket(
+        self,
+        family: _stdlib_socket.AddressFamily | int = _stdlib_socket.AF_INET,
+        type: _stdlib_socket.SocketKind | int = _stdlib_socket.SOCK_STREAM,
+        proto: int = 0,
+    ) -> trio.socket.SocketType:
+        host = _current_host.get()
+        if host is None or host.internet is not self._internet:
+            raise NoCurrentHostError(
+                "trio.socket.socket() inside a netsim simulation needs a host: "
+                "run the code under `with host.activate():`"
+            )
+        kind = int(type) & ~(
+            getattr(_stdlib_socket, "SOCK_NONBLOCK", 0) | getattr(_stdlib_socket, "SOCK_CLOEXEC", 0)
+        )
+        if kind != _stdlib_socket.SOCK_DGRAM or proto not in (0, _stdlib_socket.IPPROTO_UDP):
+            raise UnsupportedSocketError(
+                errno.EPROTONOSUPPORT, "netsim simulates UDP sockets only (SOCK_DGRAM)"
+            )
+        return host.udp_socket(family)
+
+
+class _Resolver(trio.abc.HostnameResolver):
+    def __init__(self, internet: Internet) -> None:
+        self._internet = internet
+
+    async def getaddrinfo(
+        self,
+        host: bytes | None,
+        port: bytes | str | int | None,
+        family: int = 0,
+        type: int = 0,
+        proto: int = 0,
+        flags: int = 0,
+    ) -> list[Any]:
+        await trio.lowlevel.checkpoint()
+        name = host.decode("ascii") if host is not None else ""
+        address = self._internet.resolve(name)
+        if address is None or (family and family != family_of(address)):
+            raise _stdlib_socket.gaierror(
+                _stdlib_socket.EAI_NONAME, f"netsim has no name {name!r} (add it with add_name)"
+            )
+        port_number = int(port) if port is not None else 0
+        sockaddr: tuple[Any, ...] = (str(address), port_number)
+        if address.version == 6:
+            sockaddr = (*sockaddr, 0, 0)
+        kinds = [type] if type else [_stdlib_socket.SOCK_DGRAM]
+        return [(family_of(address), kind, proto, "", sockaddr) for kind in kinds]
+
+    async def getnameinfo(
+        self, sockaddr: tuple[str, int] | tuple[str, int, int, int], flags: int
+    ) -> tuple[str, str]:
+        await trio.lowlevel.checkpoint()
+        return sockaddr[0], str(sockaddr[1])
+
+
+class Internet:
+    """A simulated internet: the public network, everything attached to it, and the clock-driven engine.
+
+    Build the topology with :meth:`add_host`, :meth:`add_nat` and :meth:`add_router` (and the
+    same methods on ``nat.lan`` / ``router.lan``), then enter it: ``async with Internet(seed=1) as
+    net:`` starts the engine in a nursery; plain ``with`` starts it as a Trio system task. While
+    entered, ``trio.socket.socket()`` makes simulated sockets (on the host given by
+    ``host.activate()``) and ``trio.socket.getaddrinfo`` resolves only names added with
+    :meth:`add_name`; on exit every socket is closed and the previous socket factory and resolver
+    are restored. The simulation uses ``trio.current_time()``, so under ``trio.testing.MockClock``
+    it runs in virtual time and the same seed and program give the same trace.
+
+    - ``seed``: seeds the one :class:`random.Random` the simulation draws from (default 0).
+    - ``trace``: an optional callback given every :class:`TraceRecord` (default none).
+
+    ``counters`` counts every verdict across the simulation. Entering an ``Internet`` that is
+    already running raises :class:`NetsimError`. The engine acts only when every other task is
+    blocked (that is what makes it deterministic), so a task that busy-loops on
+    ``trio.sleep(0)`` stalls the simulation.
+    """
+
+    def __init__(
+        self, *, seed: int = 0, trace: Callable[[TraceRecord], None] | None = None
+    ) -> None:
+        self.rng = random.Random(seed)
+        """The simulation's only source of randomness."""
+        self.trace = trace
+        self.counters: Counter[Verdict] = Counter()
+        self._nodes: list[Node] = []
+        self._names: dict[str, IPAddress] = {}
+        self._engine = Engine()
+        self.network = Network(self, "internet", None)
+        """The public network; :meth:`add_host` and friends attach to it."""
+        self._scope: trio.CancelScope | None = None
+        self._nursery_manager: Any = None
+        self._saved: tuple[Any, Any] | None = None
+
+    def __repr__(self) -> str:
+        return f"<netsim.Internet {len(self._nodes)} nodes>"
+
+    # --- building ----------------------------------------------------------------------------
+
+    def add_host(
+        self, *addresses: str | IPAddress, name: str | None = None, link: Link | None = None
+    ) -> Host:
+        """Attach a host to the public network; see :meth:`Network.add_host`."""
+        return self.network.add_host(*addresses, name=name, link=link)
+
+    def add_nat(
+        self,
+        address: str | IPAddress,
+        *,
+        behavior: NatBehavior | None = None,
+        lan: str = "10.0.0.0/24",
+        name: str | None = None,
+        link: Link | None = None,
+    ) -> NAT:
+        """Attach a NAT to the public network; see :meth:`Network.add_nat`."""
+        return self.network.add_nat(address, behavior=behavior, lan=lan, name=name, link=link)
+
+    def add_router(
+        self,
+        address: str | IPAddress,
+        *,
+        lan: str,
+        name: str | None = None,
+        link: Link | None = None,
+    ) -> Router:
+        """Attach a router to the public network; see :meth:`Network.add_router`."""
+        return self.network.add_router(address, lan=lan, name=name, link=link)
+
+    def add_name(self, name: str, address: str | IPAddress) -> None:
+        """Make ``trio.socket.getaddrinfo(name, ...)`` and ``sendto((name, port))`` give ``address``."""
+        self._names[name.lower().rstrip(".")] = parse_ip(address)
+
+    def resolve(self, name: str) -> IPAddress | None:
+        """Return the address added for ``name`` with :meth:`add_name`, or None."""
+        return self._names.get(name.lower().rstrip("."))
+
+    @property
+    def nodes(self) -> list[Node]:
+        """Every host, router and NAT, in the order they were created."""
+        return list(self._nodes)
+
+    def node(self, name: str) -> Node:
+        """Return the node called ``name``; raises :class:`NetsimError` if there is none."""
+        for node in self._nodes:
+            if node.name == name:
+                return node
+        raise NetsimError(f"no node named {name!r}")
+
+    def _new_name(self, name: str | None, kind: str) -> str:
+        """Return ``name`` if it is free (else raise), or the first free ``<kind><N>``."""
+        taken = {node.name for node in self._nodes}
+        if name is not None:
+            if name in taken:
+                raise NetsimError(f"a node named {name!r} already exists")
+            return name
+        number = 1
+        while f"{kind}{number}" in taken:
+            number += 1
+        return f"{kind}{number}"
+
+    def _register(self, node: Node) -> int:
+        if any(existing.name == node.name for existing in self._nodes):
+            raise NetsimError(f"a node named {node.name!r} already exists")
+        self._nodes.append(node)
+        return len(self._nodes)
+
+    def _note(self, where: str, packet: _Packet, verdict: Verdict, detail: str = "") -> None:
+        self.counters[verdict] += 1
+        if self.trace is not None:
+            self.trace(
+                TraceRecord(
+                    time=trio.current_time(),
+                    where=where,
+                    src=format_endpoint(packet.src),
+                    dst=format_endpoint(packet.dst),
+                    size=len(packet.payload),
+                    verdict=verdict,
+                    detail=detail,
+                )
+            )
+
+    # --- the simulation scope ----------------------------------------------------------------
+
+    def _install(self) -> None:
+        if self._saved is not None:
+            raise NetsimError("this Internet is already running")
+        factory = trio.socket.set_custom_socket_factory(_SocketFactory(self))
+        resolver = trio.socket.set_custom_hostname_resolver(_Resolver(self))
+        self._saved = (factory, resolver)
+
+    def _uninstall(self) -> None:
+        for node in self._nodes:
+            if isinstance(node, Host):
+                node._close_sockets()
+        self._engine.clear()
+        if self._saved is not None:
+            factory, resolver = self._saved
+            trio.socket.set_custom_socket_factory(factory)
+            trio.socket.set_custom_hostname_resolver(resolver)
+            self._saved = None
+
+    async def __aenter__(self) -> Internet:
+        self._install()
+        self._scope = trio.CancelScope()
+        self._nursery_manager = trio.open_nursery()
+        nursery = await self._nursery_manager.__aenter__()
+        nursery.start_soon(self._run_engine, self._scope, name="netsim-engine")
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> bool:
+        assert self._scope is not None
+        self._scope.cancel()
+        try:
+            await self._nursery_manager.__aexit__(exc_type, exc, tb)
+        except BaseException as error:
+            # The engine only ends by cancellation, so a group holding just the body's own
+            # exception is unwrapped: code inside the scope sees its errors as raised.
+            inner = getattr(error, "exceptions", None)
+            if exc is not None and inner is not None and len(inner) == 1 and inner[0] is exc:
+                return False
+            raise
+        finally:
+            self._scope = None
+            self._uninstall()
+        return False
+
+    async def _run_engine(self, scope: trio.CancelScope) -> None:
+        with scope:
+            await self._engine.run()
+
+    def __enter__(self) -> Internet:
+        self._install()
+        self._scope = trio.CancelScope()
+        trio.lowlevel.spawn_system_task(self._run_engine, self._scope, name="netsim-engine")
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        if self._scope is not None:
+            self._scope.cancel()
+            self._scope = None
+        self._uninstall()

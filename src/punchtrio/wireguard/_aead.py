@@ -1,0 +1,111 @@
+"""ChaCha20-Poly1305 for transport messages, with as little Python around libsodium as possible.
+
+``nacl.bindings`` validates every argument in Python and formats its error messages eagerly, which
+costs about as much as encrypting a small packet. Transport messages have fixed shapes that the
+device has already checked, so when PyNaCl's compiled libsodium module (``nacl._sodium``) is
+importable and passes a known-answer test at import, the same libsodium functions are called on it
+directly, writing the ciphertext straight after the message header. Otherwise the
+``nacl.bindings`` functions are used. :data:`BACKEND` names the one in use.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+from nacl.bindings import (
+    crypto_aead_chacha20poly1305_ietf_decrypt,
+    crypto_aead_chacha20poly1305_ietf_encrypt,
+)
+from nacl.exceptions import CryptoError
+
+_NONCE_PAD = b"\x00\x00\x00\x00"
+
+
+def _seal_bindings(prefix: bytes, counter: bytes, plaintext: bytes, key: bytes) -> bytes:
+    return (
+        prefix
+        + counter
+        + crypto_aead_chacha20poly1305_ietf_encrypt(plaintext, None, _NONCE_PAD + counter, key)
+    )
+
+
+def _open_bindings(data: bytes, key: bytes) -> bytes | bytearray | None:
+    try:
+        return crypto_aead_chacha20poly1305_ietf_decrypt(
+            bytes(data[16:]), None, _NONCE_PAD + data[8:16], key
+        )
+    except CryptoError:
+        return None
+
+
+def _load_sodium() -> tuple[Callable[..., bytes], Callable[..., bytes | bytearray | None]] | None:
+    try:
+        from nacl._sodium import ffi, lib
+
+        encrypt = lib.crypto_aead_chacha20poly1305_ietf_encrypt
+        decrypt = lib.crypto_aead_chacha20poly1305_ietf_decrypt
+    except (ImportError, AttributeError):
+        return None
+    from_buffer = ffi.from_buffer
+    null = ffi.NULL
+
+    def seal(prefix: bytes, counter: bytes, plaintext: bytes, key: bytes) -> bytes:
+        n = len(plaintext)
+        out = bytearray(n + 32)
+        out[:8] = prefix
+        out[8:16] = counter
+        encrypt(from_buffer(out) + 16, null, plaintext, n, null, 0, null, _NONCE_PAD + counter, key)
+        return bytes(out)
+
+    def open_(data: bytes, key: bytes) -> bytearray | None:
+        n = len(data) - 16
+        out = bytearray(n - 16 or 1)
+        if decrypt(
+            from_buffer(out),
+            null,
+            null,
+            from_buffer(data) + 16,
+            n,
+            null,
+            0,
+            _NONCE_PAD + data[8:16],
+            key,
+        ):
+            return None
+        return out if n > 16 else bytearray()
+
+    # Known-answer test against the bindings before trusting the direct calls.
+    key = bytes(range(32))
+    counter = b"\x07\x00\x00\x00\x00\x00\x00\x01"
+    for plaintext in (b"", b"x" * 1500):
+        try:
+            sealed = seal(b"\x04\x00\x00\x00\x01\x02\x03\x04", counter, plaintext, key)
+            opened = open_(sealed, key)
+            tampered = open_(sealed[:-1] + bytes([sealed[-1] ^ 1]), key)
+        except Exception:
+            return None
+        reference = _seal_bindings(b"\x04\x00\x00\x00\x01\x02\x03\x04", counter, plaintext, key)
+        if sealed != reference or opened is None or bytes(opened) != plaintext:
+            return None
+        if tampered is not None:
+            return None
+    return seal, open_
+
+
+_sodium = _load_sodium()
+
+BACKEND = "libsodium (direct)" if _sodium is not None else "nacl.bindings"
+"""Which implementation :func:`seal` and :func:`open_` use."""
+
+seal: Callable[[bytes, bytes, bytes, bytes], bytes]
+"""``seal(prefix8, counter8, plaintext, key)``: a transport message: ``prefix8`` (type and receiver
+index), the little-endian counter, then ChaCha20-Poly1305 of ``plaintext`` under the nonce
+``0000 || counter``."""
+open_: Callable[[bytes, bytes], bytes | bytearray | None]
+"""``open_(message, key)``: the plaintext of a whole transport message, or ``None`` if it does not
+authenticate. The message must be at least 32 bytes."""
+
+if _sodium is not None:
+    seal, open_ = _sodium
+else:
+    seal, open_ = _seal_bindings, _open_bindings

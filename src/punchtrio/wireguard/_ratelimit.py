@@ -1,0 +1,68 @@
+"""Per-source rate limiting of handshake messages while the device is under load."""
+
+from __future__ import annotations
+
+import ipaddress
+
+from ._config import Address
+
+PACKETS_PER_SECOND = 20
+"""Handshake messages per second accepted from one source while under load (as the reference)."""
+PACKETS_BURSTABLE = 5
+"""Messages one source may send at once before the rate applies."""
+MAX_SOURCES = 8192
+"""Sources tracked at most; beyond this, new sources are refused until old entries expire."""
+
+
+def source_key(addr: Address) -> bytes:
+    """Return what a source is limited by: its IPv4 address, or the /64 of its IPv6 address."""
+    try:
+        ip = ipaddress.ip_address(addr[0].split("%", 1)[0])
+    except ValueError:
+        return addr[0].encode("utf-8", "replace")
+    if isinstance(ip, ipaddress.IPv6Address):
+        mapped = ip.ipv4_mapped
+        return mapped.packed if mapped is not None else ip.packed[:8]
+    return ip.packed
+
+
+class RateLimiter:
+    """A token bucket per source: ``rate`` messages per second, bursts of ``burst``."""
+
+    def __init__(
+        self,
+        rate: float = PACKETS_PER_SECOND,
+        burst: int = PACKETS_BURSTABLE,
+        max_sources: int = MAX_SOURCES,
+    ) -> None:
+        self._rate = rate
+        self._burst = float(burst)
+        self._max = max_sources
+        self._buckets: dict[bytes, list[float]] = {}
+        self._last_gc = float("-inf")
+
+    def allow(self, addr: Address, now: float) -> bool:
+        """Take one token for ``addr`` at ``now``; return whether there was one."""
+        key = source_key(addr)
+        bucket = self._buckets.get(key)
+        if bucket is None:
+            if len(self._buckets) >= self._max or now - self._last_gc >= 1.0:
+                self._collect(now)
+            if len(self._buckets) >= self._max:
+                return False
+            self._buckets[key] = [now, self._burst - 1.0]
+            return True
+        last, tokens = bucket
+        tokens = min(self._burst, tokens + (now - last) * self._rate)
+        bucket[0] = now
+        if tokens < 1.0:
+            bucket[1] = tokens
+            return False
+        bucket[1] = tokens - 1.0
+        return True
+
+    def _collect(self, now: float) -> None:
+        # A bucket untouched for burst/rate seconds is full again: forgetting it changes nothing.
+        horizon = self._burst / self._rate
+        self._buckets = {k: b for k, b in self._buckets.items() if now - b[0] < horizon}
+        self._last_gc = now
