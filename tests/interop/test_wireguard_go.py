@@ -7,6 +7,7 @@ Our side runs as ``tests/interop/tunnel_peer.py`` (``punchtrio up`` plus test se
 from __future__ import annotations
 
 import contextlib
+import ipaddress
 import os
 import random
 import secrets
@@ -219,7 +220,13 @@ def _bad_datagrams(our_public: bytes) -> list[bytes]:
         out += [header + rng.randbytes(n) for n in range(0, 1997, 3)]
     # A well-formed initiation to us (valid mac1) from a stranger, then mutated copies of it.
     stranger = Device(secrets.token_bytes(32))
-    stranger.add_peer(PeerConfig(public_key=our_public, endpoint=(UNDERLAY[0], UDP_PORT)))
+    stranger.add_peer(
+        PeerConfig(
+            public_key=our_public,
+            allowed_ips=(ipaddress.ip_network("10.9.0.0/24"),),
+            endpoint=(UNDERLAY[0], UDP_PORT),
+        )
+    )
     stranger.handle_timer(0.0)
     stranger.send_packet(bytes([0x45]) + bytes(15) + bytes([10, 9, 0, 1]), 0.0)
     (initiation, _), *_ = stranger.datagrams_to_send()
