@@ -9,7 +9,7 @@
   ``lan0`` (``10.N.0.1/24``), an nftables table implementing its kind, and host namespaces on that LAN
   (``10.N.0.11``, ``.12``, ...) whose default route is the NAT.
 
-NAT kinds, by RFC 4787 behaviour (all of them endpoint-independent mapping except ``sym``):
+NAT kinds, by RFC 4787 behaviour (the first four are the classic "cone" and symmetric NATs):
 
 ======  ==========================  ==========================  ====================================
 kind    mapping                     filtering                   nftables
@@ -20,11 +20,13 @@ addr    endpoint-independent        address-dependent           as ``full``, onl
                                                                 addresses the mapping has sent to
 port    endpoint-independent        address-and-port-dependent  plain masquerade (conntrack filters)
 sym     address-and-port-dependent  address-and-port-dependent  masquerade fully-random
+addr-   address-dependent           address-dependent           as ``addr``, a new external port per
+map                                                             remote address
 ======  ==========================  ==========================  ====================================
 
 Every table records, after source NAT, which internal endpoint owns each external UDP port (the
 dynamic map ``@mapping``) and which remote addresses each external port has sent to (``@contacted``).
-``full`` and ``addr`` forward inbound datagrams through that map; ``hairpin=True`` forwards datagrams
+``full``, ``addr`` and ``addr-map`` forward inbound datagrams through that map; ``hairpin=True`` forwards datagrams
 that hosts send to the NAT's own public address the same way, with the sender's public mapping as
 source. Without hairpinning such datagrams are dropped. Unsolicited inbound UDP is always dropped
 silently (no ICMP), like a consumer NAT.
@@ -42,7 +44,7 @@ from dataclasses import dataclass, field
 
 from .netns import Lab, LabError, Namespace, require_binaries, run
 
-KINDS = ("full", "addr", "port", "sym")
+KINDS = ("full", "addr", "port", "sym", "addr-map")
 """The NAT kinds :func:`build` knows, in the order of the table above."""
 
 EXPECTED = {
@@ -50,6 +52,7 @@ EXPECTED = {
     "addr": ("endpoint-independent", "address-dependent"),
     "port": ("endpoint-independent", "address-and-port-dependent"),
     "sym": ("address-and-port-dependent", "address-and-port-dependent"),
+    "addr-map": ("address-dependent", "address-dependent"),
 }
 """For each kind, its RFC 4787 (mapping, filtering) behaviour, spelled as ``punchtrio nat --json``."""
 
@@ -287,17 +290,21 @@ def nft_ruleset(nat: Nat) -> str:
     """
     to_wan = 'oifname "wan0" meta l4proto udp'
     hairpinned = f'oifname "lan0" ip saddr {nat.lan_net} ct status dnat'
-    owned = "ip saddr . udp sport @owned snat ip to ip saddr . udp sport map @owned"
+    # The binding's owner: the internal endpoint, plus the remote address for "addr-map".
+    per_address = nat.kind == "addr-map"
+    owner = "ip saddr . udp sport" + (" . ip daddr" if per_address else "")
+    owned = f"{owner} @owned snat ip to {owner} map @owned"
     dnat = "udp dport @mapping dnat ip to udp dport map @mapping"
     prerouting = {
         "full": [f'iifname "wan0" {dnat}'],
         "addr": [f'iifname "wan0" ip saddr . udp dport @contacted {dnat}'],
+        "addr-map": [f'iifname "wan0" ip saddr . udp dport @contacted {dnat}'],
     }.get(nat.kind, [])
     if nat.kind == "sym":
         postrouting = ['oifname "wan0" masquerade fully-random']
     else:
-        # Endpoint-independent mapping even when ports clash: an internal endpoint keeps its
-        # external endpoint for every destination, and nobody else gets that external port.
+        # An owner keeps its external endpoint, even when ports clash, and nobody else gets that
+        # external port: endpoint-independent (or, for addr-map, address-dependent) mapping.
         postrouting = [
             f"{to_wan} {owned}",
             f"{to_wan} udp sport @mapping masquerade random",
@@ -305,7 +312,7 @@ def nft_ruleset(nat: Nat) -> str:
         ]
     if nat.hairpin:
         prerouting.append(f'iifname "lan0" ip daddr {nat.public_ip} {dnat}')
-        if nat.kind != "sym":
+        if nat.kind in ("full", "addr", "port"):
             postrouting.append(f"{hairpinned} {owned}")
         random = " fully-random" if nat.kind == "sym" else ""
         postrouting.append(f"{hairpinned} snat ip to {nat.public_ip}{random}")
@@ -313,7 +320,7 @@ def nft_ruleset(nat: Nat) -> str:
     internal = "ct original ip saddr . ct original proto-src"
     record = [
         f"{original} update @mapping {{ udp sport : {internal} }}",
-        f"{original} update @owned {{ {internal} : ip saddr . udp sport }}",
+        f"{original} update @owned {{ {internal}{' . ip daddr' if per_address else ''} : ip saddr . udp sport }}",
         f"{to_wan} update @contacted {{ ip daddr . udp sport }}",
     ]
     lines = "\n    ".join
@@ -323,7 +330,7 @@ def nft_ruleset(nat: Nat) -> str:
     return f"""\
 table ip ptnat {{
   map mapping {{ type inet_service : {endpoint}; {timeout} }}
-  map owned {{ type {endpoint} : {endpoint}; {timeout} }}
+  map owned {{ type {endpoint}{" . ipv4_addr" if per_address else ""} : {endpoint}; {timeout} }}
   set contacted {{ type {endpoint}; {timeout} }}
   chain prerouting {{
     type nat hook prerouting priority dstnat; policy accept;

@@ -6,7 +6,6 @@ run as ``punchtrio up --json``) are shared by the interop tests and the ``wiregu
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import queue
@@ -80,7 +79,9 @@ def start_wireguard_go(
     ``ifname`` must be unique on the machine: wireguard-go's control socket lives in
     ``/var/run/wireguard``, which namespaces share.
     """
-    lab.spawn(ns, "wireguard-go", "-f", ifname, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    lab.spawn(
+        ns, "wireguard-go", "-f", ifname, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+    )
     sock = Path("/var/run/wireguard") / f"{ifname}.sock"
     deadline = time.monotonic() + 10
     while not sock.exists():

@@ -12,6 +12,7 @@ import re
 import secrets
 import signal
 import socket
+import ssl
 import struct
 import subprocess
 import sys
@@ -32,6 +33,7 @@ from punchtrio.rendezvous import (
     RegisterRequest,
     RequestSigner,
 )
+from tests.conftest import require_root_and
 
 pytestmark = pytest.mark.interop
 
@@ -218,3 +220,62 @@ def test_hub_refuses_an_address_in_use(hub: RunningHub) -> None:
     )
     assert result.returncode == 3
     assert result.stderr.strip().startswith("punchtrio: error: cannot listen on 127.0.0.1:")
+
+
+async def test_an_abandoned_long_poll_releases_its_wait(hub: RunningHub) -> None:
+    async with httpx.AsyncClient(base_url=hub.url, timeout=30) as http:
+        info = HubInfo.from_json((await http.get("/v1/hub")).json())
+        signer = RequestSigner(PrivateKey.generate(), info.public_key)
+        target = "/v1/peers/ghost?wait=20"
+        headers = "".join(f"{k}: {v}\r\n" for k, v in signer.sign("GET", target).items())
+        stream = await trio.open_tcp_stream("127.0.0.1", hub.port)
+        await stream.send_all(f"GET {target} HTTP/1.1\r\nHost: hub\r\n{headers}\r\n".encode())
+        gauges = []
+        for _ in range(100):
+            gauges.append((await http.get("/metrics")).text)
+            if "punchtrio_hub_open_waits 1\n" in gauges[-1]:
+                break
+            await trio.sleep(0.05)
+        assert "punchtrio_hub_open_waits 1\n" in gauges[-1]
+        await stream.aclose()
+        for _ in range(100):
+            gauges.append((await http.get("/metrics")).text)
+            if "punchtrio_hub_open_waits 0\n" in gauges[-1]:
+                break
+            await trio.sleep(0.05)
+        assert "punchtrio_hub_open_waits 0\n" in gauges[-1]
+
+
+def test_tls_hub_serves_https(tmp_path: Path) -> None:
+    require_root_and("openssl")
+    cert, key = tmp_path / "cert.pem", tmp_path / "key.pem"
+    openssl = [
+        "openssl", "req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:P-256",
+        "-nodes", "-days", "1", "-subj", "/CN=127.0.0.1", "-addext",
+        "subjectAltName=IP:127.0.0.1", "-keyout", str(key), "-out", str(cert),
+    ]  # fmt: skip
+    subprocess.run(openssl, check=True, capture_output=True)
+    log = tmp_path / "hub.log"
+    command = [
+        sys.executable, "-m", "punchtrio.cli", "hub", "--listen", "127.0.0.1:0",
+        "--tls-cert", str(cert), "--tls-key", str(key),
+    ]  # fmt: skip
+    with log.open("w") as sink:
+        process = subprocess.Popen(command, stderr=sink, text=True)
+    try:
+        url = None
+        for _ in range(300):
+            if match := re.search(r"serving (https://\S+)", log.read_text()):
+                url = match[1]
+                break
+            assert process.poll() is None, log.read_text()
+            time.sleep(0.05)
+        assert url is not None
+        trusted = ssl.create_default_context(cafile=str(cert))
+        reply = httpx.get(f"{url}/v1/hub", verify=trusted)
+        assert HubInfo.from_json(reply.json()).api == 1
+        with pytest.raises(httpx.TransportError):
+            httpx.get(url.replace("https://", "http://") + "/healthz")
+    finally:
+        process.terminate()
+        process.wait(10)

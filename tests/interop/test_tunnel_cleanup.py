@@ -9,9 +9,9 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-
 from labs.netns import Lab, Namespace
 from labs.scenarios.tunnel_ping import PYTHON, ROOT, PunchtrioPeer, genkey, start_punchtrio
+
 from tests.conftest import require_root_and
 
 pytestmark = pytest.mark.root
@@ -20,10 +20,15 @@ PORT = 51999
 
 
 @pytest.fixture
-def ns() -> Iterator[Namespace]:
+def lab() -> Iterator[Lab]:
     require_root_and("ip", "ss")
-    with Lab() as lab:
-        yield lab.namespace("up")
+    with Lab() as built:
+        yield built
+
+
+@pytest.fixture
+def ns(lab: Lab) -> Namespace:
+    return lab.namespace("up")
 
 
 def _config(path: Path, extra_interface: str = "") -> Path:
@@ -65,10 +70,9 @@ def _up(ns: Namespace, config: Path) -> subprocess.CompletedProcess[str]:
 
 @pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM])
 def test_up_configures_the_interface_and_a_signal_removes_it(
-    ns: Namespace, tmp_path: Path, signum: signal.Signals
+    lab: Lab, ns: Namespace, tmp_path: Path, signum: signal.Signals
 ) -> None:
     config = _config(tmp_path / "pt7.conf")
-    lab = Lab(prefix="unused")  # only to spawn; the fixture's lab owns the namespace
     peer: PunchtrioPeer = start_punchtrio(lab, ns, config, "pt7")
     try:
         (link,) = json.loads(ns.run("ip", "-j", "addr", "show", "dev", "pt7"))
@@ -98,7 +102,9 @@ def test_bad_config_is_one_line_exit_2_and_creates_nothing(ns: Namespace, tmp_pa
     config = _config(tmp_path / "pt8.conf", extra_interface="SaveConfig = true\n")
     result = _up(ns, config)
     assert result.returncode == 2
-    assert result.stderr == f"punchtrio: error: {config}:6: SaveConfig is not supported by punchtrio\n"
+    assert (
+        result.stderr == f"punchtrio: error: {config}:6: SaveConfig is not supported by punchtrio\n"
+    )
     assert _links(ns) == ["lo"]
     assert str(PORT) not in _udp_ports(ns)
 
@@ -130,10 +136,10 @@ def test_port_in_use_is_an_error_and_leaves_no_device(ns: Namespace, tmp_path: P
 def test_interface_name_taken_is_an_error_and_closes_the_socket(
     ns: Namespace, tmp_path: Path
 ) -> None:
-    ns.run("ip", "link", "add", "pt9", "type", "dummy")
+    ns.run("ip", "link", "add", "pt9", "type", "veth", "peer", "name", "pt9peer")
     result = _up(ns, _config(tmp_path / "pt9.conf"))
     assert result.returncode == 1
     assert result.stderr.startswith("punchtrio: error: cannot create TUN device pt9")
     assert result.stderr.count("\n") == 1
-    assert sorted(_links(ns)) == ["lo", "pt9"]
+    assert sorted(_links(ns)) == ["lo", "pt9", "pt9peer"]
     assert str(PORT) not in _udp_ports(ns)

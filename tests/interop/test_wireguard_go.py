@@ -20,7 +20,6 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-
 from labs.netns import Lab
 from labs.scenarios.tunnel_ping import (
     OVERLAY,
@@ -37,6 +36,7 @@ from labs.scenarios.tunnel_ping import (
     transfer,
     wg_show,
 )
+
 from punchtrio import PublicKey
 from punchtrio.wireguard import Device, PeerConfig
 from tests.conftest import require_root_and

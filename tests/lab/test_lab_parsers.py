@@ -101,6 +101,7 @@ def test_rulesets_differ_only_as_the_kind_says(kind: str) -> None:
     rules = nft_ruleset(nat)
     assert ("fully-random" in rules) is (kind == "sym")
     assert ('iifname "wan0" udp dport @mapping dnat' in rules) is (kind == "full")
-    assert ("ip saddr . udp dport @contacted" in rules) is (kind == "addr")
+    assert ("ip saddr . udp dport @contacted" in rules) is (kind in ("addr", "addr-map"))
+    assert ("udp sport . ip daddr @owned" in rules) is (kind == "addr-map")
     assert "@owned snat" in rules or kind == "sym"
     assert 'iifname "lan0"' not in rules  # no hairpinning unless asked

@@ -53,6 +53,7 @@ def test_stun_client_against_coturn_agrees_with_the_table(
     # RFC 3489 only says "dependent" mapping, and reports no filtering for it.
     assert by_kind["sym"]["mapping"] == "dependent", by_kind["sym"]
     assert by_kind["sym"]["port_preservation"] is False
+    assert by_kind["addr-map"]["mapping"] == "dependent", by_kind["addr-map"]
 
 
 def test_hairpinning_nat_forwards_to_the_peer_from_the_senders_mapping(

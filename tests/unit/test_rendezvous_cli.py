@@ -56,6 +56,8 @@ def test_bad_hub_url_key_file_and_secret(
 ) -> None:
     assert main(["lookup", "--hub", "ftp://hub", "--name", "bob", "--key-file", key]) == 2
     assert "http" in capsys.readouterr().err
+    assert main(["lookup", "--hub", "http://[::1", "--name", "bob", "--key-file", key]) == 2
+    assert "invalid hub URL" in capsys.readouterr().err
     missing = str(tmp_path / "missing.key")
     assert main(["lookup", "--hub", HUB, "--name", "bob", "--key-file", missing]) == 2
     assert "cannot read key file" in capsys.readouterr().err

@@ -70,7 +70,9 @@ def test_full_file() -> None:
 
 
 def test_defaults_and_secrets_hidden() -> None:
-    config = parse_wgquick(f"[Interface]\nPrivateKey={PRIV}\n[Peer]\nPublicKey={PUB1}\nPresharedKey={PSK}")
+    config = parse_wgquick(
+        f"[Interface]\nPrivateKey={PRIV}\n[Peer]\nPublicKey={PUB1}\nPresharedKey={PSK}"
+    )
     assert config.interface.mtu == DEFAULT_MTU == 1420
     assert config.interface.listen_port is None
     assert config.interface.addresses == ()
@@ -115,7 +117,11 @@ def test_defaults_and_secrets_hidden() -> None:
         (f"[Interface]\nPrivateKey={PRIV}\n[Peer]\nEndpoint = 192.0.2.1\n", 4, "IPv4:port"),
         (f"[Interface]\nPrivateKey={PRIV}\n[Peer]\nEndpoint = [2001:db8::1]\n", 4, "[IPv6]:port"),
         (f"[Interface]\nPrivateKey={PRIV}\n[Peer]\nEndpoint = 0.0.0.0:1\n", 4, "not a unicast"),
-        (f"[Interface]\nPrivateKey={PRIV}\n[Peer]\nEndpoint=[::ffff:1.2.3.4]:1\n", 4, "IPv4-mapped"),
+        (
+            f"[Interface]\nPrivateKey={PRIV}\n[Peer]\nEndpoint=[::ffff:1.2.3.4]:1\n",
+            4,
+            "IPv4-mapped",
+        ),
         (f"[Interface]\nPrivateKey={PRIV}\n[Peer]\nAllowedIPs = 10.0.0.0/40\n", 4, "not an IP"),
         (f"[Interface]\nPrivateKey={PRIV}\n[Peer]\nPersistentKeepalive = x\n", 4, "Persistent"),
         (f"[Interface]\nPrivateKey={PRIV}\n[Peer]\nPersistentKeepalive=70000\n", 4, "Persistent"),
@@ -208,7 +214,8 @@ _nets = st.one_of(
             _keys,
             st.none() | _keys,
             st.lists(_nets, max_size=4),
-            st.none() | st.tuples(st.sampled_from(["192.0.2.1", "2001:db8::5"]), st.integers(1, 65535)),
+            st.none()
+            | st.tuples(st.sampled_from(["192.0.2.1", "2001:db8::5"]), st.integers(1, 65535)),
             st.none() | st.integers(1, 65535),
         ),
         max_size=3,

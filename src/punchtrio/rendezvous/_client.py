@@ -147,7 +147,10 @@ class HubClient:
         clock: Callable[[], float] = time.time,
         rng: random.Random | None = None,
     ) -> None:
-        base = httpx.URL(url)
+        try:
+            base = httpx.URL(url)
+        except httpx.InvalidURL as exc:
+            raise ValueError(f"invalid hub URL {url!r}: {exc}") from None
         if base.scheme not in ("http", "https") or not base.host:
             raise ValueError(f"hub URL must be http:// or https:// with a host, got {url!r}")
         if attempts < 1 or not (timeout > 0 and wait >= 1):

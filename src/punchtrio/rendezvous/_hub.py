@@ -54,6 +54,7 @@ from ._store import (
     NameTakenError,
     QueueFullError,
     Store,
+    StoreError,
     StoreFullError,
 )
 
@@ -237,7 +238,8 @@ class _Hub:
     async def authenticate(self, request: Request) -> tuple[bytes, VerifiedRequest]:
         """Read the body and check the signature and nonce; return ``(body, verified)``."""
         body = await self.read_body(request)
-        target = request.scope["raw_path"].decode("latin-1")
+        raw_path = request.scope.get("raw_path") or request.scope["path"].encode("utf-8")
+        target = raw_path.decode("latin-1")
         query = request.scope.get("query_string", b"")
         if query:
             target += "?" + query.decode("latin-1")
@@ -407,6 +409,8 @@ def _wrap(
             return _error(429, str(exc), _RETRY_AFTER)
         except StoreFullError as exc:
             return _error(503, str(exc), _RETRY_AFTER)
+        except StoreError:
+            return _error(503, "the hub's store is unavailable", _RETRY_AFTER)
 
     return endpoint
 

@@ -185,18 +185,29 @@ def parse_allowed_ip(text: object, *, what: str = "allowed_ips") -> IPNetwork:
     if network.prefixlen == 0:
         raise ValidationError(f"{what} must not include a default route")
     for forbidden in _FORBIDDEN_ALLOWED:
-        if network.version == forbidden.version and network.overlaps(forbidden):
+        if network.version != forbidden.version:
+            continue
+        (first, last), (low, high) = address_span(network), address_span(forbidden)
+        if first <= high and low <= last:
             raise ValidationError(f"{what}: {text} overlaps reserved range {forbidden}")
     return network
+
+
+def address_span(network: IPNetwork) -> tuple[int, int]:
+    """Return the first and last address of ``network`` as integers.
+
+    Computed arithmetically: ``network.broadcast_address`` would cache a property on every stored
+    network, which costs a few hundred bytes each.
+    """
+    first = int(network.network_address)
+    return first, first + (1 << (network.max_prefixlen - network.prefixlen)) - 1
 
 
 def check_disjoint(networks: Iterable[IPNetwork], *, what: str = "allowed_ips") -> None:
     """Raise :class:`ValidationError` if two of ``networks`` are equal or overlap."""
     ordered = sorted(networks, key=lambda n: (n.version, int(n.network_address)))
     for before, after in itertools.pairwise(ordered):
-        if before.version == after.version and int(before.broadcast_address) >= int(
-            after.network_address
-        ):
+        if before.version == after.version and address_span(before)[1] >= address_span(after)[0]:
             raise ValidationError(f"{what}: {before} and {after} overlap")
 
 

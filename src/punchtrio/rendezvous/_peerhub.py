@@ -75,7 +75,10 @@ class PeerHubClient:
         poll: Backoff | None = None,
         rng: random.Random | None = None,
     ) -> None:
-        base = httpx.URL(url)
+        try:
+            base = httpx.URL(url)
+        except httpx.InvalidURL as exc:
+            raise ValueError(f"invalid peer-hub URL {url!r}: {exc}") from None
         if base.scheme not in ("http", "https") or not base.host:
             raise ValueError(f"peer-hub URL must be http:// or https:// with a host, got {url!r}")
         if attempts < 1:

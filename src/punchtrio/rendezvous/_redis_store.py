@@ -27,6 +27,7 @@ from ._models import (
     IPNetwork,
     RegisterRequest,
     SignalMessage,
+    address_span,
     parse_allowed_ip,
 )
 from ._store import (
@@ -185,8 +186,8 @@ return result
 
 def _range_text(network: IPNetwork) -> str:
     width = 8 if network.version == 4 else 32
-    first = format(int(network.network_address), f"0{width}x")
-    last = format(int(network.broadcast_address), f"0{width}x")
+    start, end = address_span(network)
+    first, last = format(start, f"0{width}x"), format(end, f"0{width}x")
     return f"{network.version}|{first}|{last}"
 
 

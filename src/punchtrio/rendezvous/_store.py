@@ -19,7 +19,14 @@ import trio
 
 from .._exceptions import PunchtrioError
 from ..keys import PublicKey
-from ._models import Endpoint, IPNetwork, PeerRecord, RegisterRequest, SignalMessage
+from ._models import (
+    Endpoint,
+    IPNetwork,
+    PeerRecord,
+    RegisterRequest,
+    SignalMessage,
+    address_span,
+)
 
 Clock = Callable[[], float]
 """A wall clock returning Unix seconds (``time.time`` by default)."""
@@ -168,7 +175,7 @@ class _PrefixIndex:
         self.entries: list[tuple[int, int, str]] = []
 
     def conflicts(self, network: IPNetwork, owner: str) -> bool:
-        first, last = int(network.network_address), int(network.broadcast_address)
+        first, last = address_span(network)
         index = bisect.bisect_right(self.starts, last) - 1
         while index >= 0 and self.entries[index][1] >= first:
             if self.entries[index][2] != owner:
@@ -177,10 +184,10 @@ class _PrefixIndex:
         return False
 
     def add(self, network: IPNetwork, owner: str) -> None:
-        start = int(network.network_address)
+        start, last = address_span(network)
         index = bisect.bisect_left(self.starts, start)
         self.starts.insert(index, start)
-        self.entries.insert(index, (start, int(network.broadcast_address), owner))
+        self.entries.insert(index, (start, last, owner))
 
     def remove(self, network: IPNetwork) -> None:
         start = int(network.network_address)

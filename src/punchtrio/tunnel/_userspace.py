@@ -156,24 +156,32 @@ class UserspaceTunnel:
         read = os.read
         fd = self.tun.fileno()
         send_packet = self.device.send_packet
-        sendto = self._sendto
+        sendto4 = self._socket4.sendto if self._socket4 is not None else _no_socket
+        sendto6 = self._socket6.sendto if self._socket6 is not None else _no_socket
         counters = self.counters
         while True:
             await trio.lowlevel.wait_readable(fd)
             drained = False
             while not drained:
                 now = trio.current_time()
-                count = 0
+                count = sent = errors = 0
                 try:
                     while count < BATCH:
                         packet = read(fd, _READ_SIZE)
                         count += 1
                         out = send_packet(packet, now)
                         if out is not None:
-                            sendto(out[0], out[1])
+                            addr = out[1]
+                            try:
+                                (sendto6 if ":" in addr[0] else sendto4)(out[0], addr)
+                                sent += 1
+                            except OSError:
+                                errors += 1
                 except BlockingIOError:
                     drained = True
                 counters.packets_from_tun += count
+                counters.datagrams_sent += sent
+                counters.send_errors += errors
                 self._flush()
                 if not drained:
                     await trio.lowlevel.checkpoint()
@@ -181,9 +189,7 @@ class UserspaceTunnel:
     def _sendto(self, data: bytes, addr: Address) -> None:
         sock = self._socket6 if ":" in addr[0] else self._socket4
         try:
-            if sock is None:
-                raise OSError("no socket for this address family")
-            sock.sendto(data, addr)
+            (sock.sendto if sock is not None else _no_socket)(data, addr)
             self.counters.datagrams_sent += 1
         except OSError:
             self.counters.send_errors += 1
@@ -215,6 +221,10 @@ class UserspaceTunnel:
             self.device.handle_timer(trio.current_time())
             self._armed = math.nan  # forces _flush to store the device's next deadline
             self._flush()
+
+
+def _no_socket(data: bytes, addr: Address) -> int:
+    raise OSError(f"no UDP socket for the address family of {addr[0]}")
 
 
 def peer_config(section: PeerSection) -> PeerConfig:

@@ -10,7 +10,6 @@ import ipaddress
 import os
 import re
 from dataclasses import dataclass, field
-from pathlib import Path
 
 from .._exceptions import PunchtrioError
 from ..keys import InvalidKeyError, decode_key
@@ -87,10 +86,25 @@ _UNSUPPORTED = {
 }
 _CANONICAL = {
     k.lower(): k
-    for k in (
-        "PrivateKey Address ListenPort MTU PublicKey PresharedKey AllowedIPs Endpoint "
-        "PersistentKeepalive DNS Table PreUp PostUp PreDown PostDown SaveConfig FwMark"
-    ).split()
+    for k in [
+        "PrivateKey",
+        "Address",
+        "ListenPort",
+        "MTU",
+        "PublicKey",
+        "PresharedKey",
+        "AllowedIPs",
+        "Endpoint",
+        "PersistentKeepalive",
+        "DNS",
+        "Table",
+        "PreUp",
+        "PostUp",
+        "PreDown",
+        "PostDown",
+        "SaveConfig",
+        "FwMark",
+    ]
 }
 _INTEGER = re.compile(r"[0-9]{1,6}")
 

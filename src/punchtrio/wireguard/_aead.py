@@ -29,16 +29,18 @@ def _seal_bindings(prefix: bytes, counter: bytes, plaintext: bytes, key: bytes) 
     )
 
 
-def _open_bindings(data: bytes, key: bytes) -> bytes | bytearray | None:
+def _open_bindings(data: bytes, key: bytes) -> bytearray | None:
     try:
-        return crypto_aead_chacha20poly1305_ietf_decrypt(
-            bytes(data[16:]), None, _NONCE_PAD + data[8:16], key
+        return bytearray(
+            crypto_aead_chacha20poly1305_ietf_decrypt(
+                bytes(data[16:]), None, _NONCE_PAD + data[8:16], key
+            )
         )
     except CryptoError:
         return None
 
 
-def _load_sodium() -> tuple[Callable[..., bytes], Callable[..., bytes | bytearray | None]] | None:
+def _load_sodium() -> tuple[Callable[..., bytes], Callable[..., bytearray | None]] | None:
     try:
         from nacl._sodium import ffi, lib
 
@@ -101,9 +103,9 @@ seal: Callable[[bytes, bytes, bytes, bytes], bytes]
 """``seal(prefix8, counter8, plaintext, key)``: a transport message: ``prefix8`` (type and receiver
 index), the little-endian counter, then ChaCha20-Poly1305 of ``plaintext`` under the nonce
 ``0000 || counter``."""
-open_: Callable[[bytes, bytes], bytes | bytearray | None]
-"""``open_(message, key)``: the plaintext of a whole transport message, or ``None`` if it does not
-authenticate. The message must be at least 32 bytes."""
+open_: Callable[[bytes, bytes], bytearray | None]
+"""``open_(message, key)``: the plaintext of a whole transport message (a new bytearray the caller
+owns), or ``None`` if it does not authenticate. The message must be at least 32 bytes."""
 
 if _sodium is not None:
     seal, open_ = _sodium

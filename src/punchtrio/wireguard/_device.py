@@ -88,6 +88,8 @@ DEFAULT_LOAD_THRESHOLD = 128
 _HEADER = struct.Struct("<IIQ")
 _unpack_header = _HEADER.unpack_from
 _pack_counter = struct.Struct("<Q").pack
+_source4 = struct.Struct("4s").unpack_from
+_source6 = struct.Struct("16s").unpack_from
 _PADDING = [bytes(n) for n in range(16)]
 _INF = float("inf")
 _CONTROL_SIZES = {
@@ -607,10 +609,10 @@ class Device:
                 version = plain[0] >> 4
                 if version == 4 and size >= 20:
                     length = (plain[2] << 8) | plain[3]
-                    src = bytes(plain[12:16])
+                    src = _source4(plain, 12)[0]
                 elif version == 6 and size >= 40:
                     length = ((plain[4] << 8) | plain[5]) + 40
-                    src = bytes(plain[8:24])
+                    src = _source6(plain, 8)[0]
                 else:
                     length = 0
                 if length < 20 or length > size:
@@ -619,7 +621,9 @@ class Device:
                 if self._route_cache.get(src) is not peer and self._routes.lookup(src) is not peer:
                     self.counters["allowed_ips"] += 1
                     return None
-                return bytes(plain) if length == size else bytes(memoryview(plain)[:length])
+                if length != size:
+                    del plain[length:]
+                return bytes(plain)
         self._receive_control(data, addr, now)
         return None
 

@@ -26,20 +26,23 @@ class ReplayWindow:
     def accept(self, counter: int) -> bool:
         """Record ``counter`` and return ``True``, or return ``False`` if it is a replay or too old."""
         ring = self._ring
-        block = counter >> 6
         highest = self.highest
         if counter > highest:
+            # A new highest counter cannot have been seen: bits above the old highest are clear.
+            block = counter >> 6
             current = highest >> 6
-            gap = block - current
-            if gap:
+            if block != current:
+                gap = block - current
                 if gap > _RING_BLOCKS:
                     gap = _RING_BLOCKS
                 for i in range(current + 1, current + 1 + gap):
                     ring[i & _RING_MASK] = 0
             self.highest = counter
-        elif highest - counter > WINDOW_SIZE:
+            ring[block & _RING_MASK] |= 1 << (counter & 63)
+            return True
+        if highest - counter > WINDOW_SIZE:
             return False
-        i = block & _RING_MASK
+        i = (counter >> 6) & _RING_MASK
         bit = 1 << (counter & 63)
         word = ring[i]
         if word & bit:

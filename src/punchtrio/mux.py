@@ -1,0 +1,292 @@
+"""One UDP socket shared by WireGuard, STUN, punch probes and TURN: demultiplexing by first bytes.
+
+The NAT mapping a hole punch opens belongs to one local port, so everything punchtrio says to the
+outside world leaves from, and arrives at, the WireGuard listen socket. Three pieces share it:
+
+- :func:`classify`, a pure function of the datagram's first bytes, returning a :class:`Kind`;
+- :class:`Mux`, the sans-IO dispatcher: :meth:`Mux.receive_datagram` has the signature of
+  :meth:`punchtrio.wireguard.Device.receive_datagram`, so a shell's drain loop calls it in place of
+  the device's. WireGuard datagrams go straight to the device (one extra call, no copy, no await);
+  the rest go to the handler routed for their kind, or into a bounded queue (:meth:`Mux.open_queue`);
+- two ways to run it: :class:`MuxedDevice` puts the mux into the userspace tunnel's own drain loop,
+  and :func:`serve_mux` drains a socket when no tunnel runs yet (or in tests).
+
+See ``docs/punch.md`` for why the four kinds can never be confused with one another.
+"""
+
+from __future__ import annotations
+
+import enum
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from typing import Any, NamedTuple
+
+import trio
+
+from ._exceptions import PunchtrioError
+
+__all__ = [
+    "CHANNEL_DATA_MIN_SIZE",
+    "PROBE_MAGIC",
+    "STUN_MAGIC_COOKIE",
+    "WIREGUARD_MIN_SIZE",
+    "Datagram",
+    "Kind",
+    "Mux",
+    "MuxCounters",
+    "MuxError",
+    "MuxedDevice",
+    "classify",
+    "serve_mux",
+]
+
+Address = tuple[str, int]
+Handler = Callable[[bytes, Address, float], object]
+"""A receiver of one demultiplexed datagram: ``handler(data, source, now)``; its result is ignored."""
+
+STUN_MAGIC_COOKIE = b"\x21\x12\xa4\x42"
+"""RFC 8489's magic cookie, bytes 4 to 8 of every STUN message."""
+
+PROBE_MAGIC = b"\xf0pun"
+"""The first four bytes of every punch probe (:mod:`punchtrio.punch`).
+
+0xF0 is outside every range RFC 7983 assigns (STUN 0-3, DTLS 20-63, TURN channels 64-79, RTP
+128-191) and outside WireGuard's message types 1-4.
+"""
+
+WIREGUARD_MIN_SIZE = 32
+"""The smallest WireGuard message: a transport header (16 bytes) and an empty AEAD tag (16)."""
+
+CHANNEL_DATA_MIN_SIZE = 4
+"""A TURN ChannelData header: channel number and length (RFC 8656 section 12.4)."""
+
+_MAX_DATAGRAM = 65535
+_WG_ZEROS = b"\x00\x00\x00"
+
+
+class Kind(enum.IntEnum):
+    """What a datagram on the shared socket is, by its first bytes."""
+
+    UNKNOWN = 0
+    """None of the others: dropped and counted."""
+    STUN = 1
+    """A STUN message (RFC 8489)."""
+    PROBE = 2
+    """A punchtrio punch probe."""
+    WIREGUARD = 3
+    """A WireGuard message of type 1 to 4."""
+    CHANNEL_DATA = 4
+    """TURN ChannelData (RFC 8656), first byte 0x40-0x7F."""
+
+
+def classify(data: bytes) -> Kind:
+    """Return the :class:`Kind` of ``data``, testing in the order STUN, probe, WireGuard, TURN.
+
+    - STUN: at least 20 bytes, first two bits 00, the magic cookie at bytes 4-8, and a length field
+      (bytes 2-4) equal to the datagram's length minus the 20-byte header (a multiple of 4);
+    - probe: starts with :data:`PROBE_MAGIC`;
+    - WireGuard: first byte 1-4, then three zero bytes, at least :data:`WIREGUARD_MIN_SIZE` bytes;
+    - ChannelData: first byte 0x40-0x7F, at least :data:`CHANNEL_DATA_MIN_SIZE` bytes;
+    - anything else, including the empty datagram: :attr:`Kind.UNKNOWN`.
+
+    The four sets are disjoint (a WireGuard message has a zero STUN length field, so it could only
+    pass the STUN test at 20 bytes, below its minimum size), so the order never changes a result.
+    Total: never raises for any ``bytes``, and copies nothing.
+    """
+    n = len(data)
+    if not n:
+        return Kind.UNKNOWN
+    first = data[0]
+    if (
+        first < 0x40
+        and n >= 20
+        and not n & 3
+        and data.startswith(STUN_MAGIC_COOKIE, 4)
+        and ((data[2] << 8) | data[3]) == n - 20
+    ):
+        return Kind.STUN
+    if data.startswith(PROBE_MAGIC):
+        return Kind.PROBE
+    if 0 < first < 5 and n >= WIREGUARD_MIN_SIZE and data.startswith(_WG_ZEROS, 1):
+        return Kind.WIREGUARD
+    if 0x40 <= first < 0x80 and n >= CHANNEL_DATA_MIN_SIZE:
+        return Kind.CHANNEL_DATA
+    return Kind.UNKNOWN
+
+
+class MuxError(PunchtrioError):
+    """A route cannot be set: the kind is :attr:`Kind.UNKNOWN` or already has a handler."""
+
+
+@dataclass
+class MuxCounters:
+    """What the mux saw. ``received`` counts datagrams by :class:`Kind` (unknown ones included);
+    ``unknown`` those dropped as no known kind; ``unrouted`` those of a known kind with no handler;
+    ``queue_full`` those dropped because a queue from :meth:`Mux.open_queue` was full or closed."""
+
+    received: dict[Kind, int] = field(default_factory=lambda: dict.fromkeys(Kind, 0))
+    unknown: int = 0
+    unrouted: int = 0
+    queue_full: int = 0
+
+
+class Datagram(NamedTuple):
+    """One datagram taken off the shared socket: payload, source ``(ip, port)``, arrival time."""
+
+    data: bytes
+    source: Address
+    time: float
+
+
+class Mux:
+    """Dispatch the datagrams of one shared UDP socket to WireGuard, STUN, probes and TURN.
+
+    ``wireguard`` is the WireGuard receiver, normally ``Device.receive_datagram``: it may be set
+    later (:meth:`route` with :attr:`Kind.WIREGUARD`); until then WireGuard datagrams are dropped
+    and counted as unrouted. Never raises for any input datagram.
+    """
+
+    def __init__(
+        self, wireguard: Callable[[bytes, Address, float], bytes | None] | None = None
+    ) -> None:
+        self.counters = MuxCounters()
+        """Datagrams seen and dropped (see :class:`MuxCounters`)."""
+        self._wireguard = wireguard
+        self._handlers: dict[Kind, Handler] = {}
+
+    def route(self, kind: Kind, handler: Handler) -> None:
+        """Send every datagram of ``kind`` to ``handler(data, source, now)`` from now on.
+
+        For :attr:`Kind.WIREGUARD` the handler's result, an IP packet or ``None``, is what
+        :meth:`receive_datagram` returns. Raises :class:`MuxError` if ``kind`` is
+        :attr:`Kind.UNKNOWN` or already routed (call :meth:`unroute` first).
+        """
+        if kind is Kind.UNKNOWN:
+            raise MuxError("unknown datagrams are always dropped; they cannot be routed")
+        if kind in self._handlers or (kind is Kind.WIREGUARD and self._wireguard is not None):
+            raise MuxError(f"{kind.name} datagrams already have a handler")
+        if kind is Kind.WIREGUARD:
+            self._wireguard = handler  # type: ignore[assignment]
+        else:
+            self._handlers[kind] = handler
+
+    def unroute(self, kind: Kind) -> None:
+        """Stop delivering ``kind``; its datagrams are then dropped and counted. No error if unset."""
+        if kind is Kind.WIREGUARD:
+            self._wireguard = None
+        self._handlers.pop(kind, None)
+
+    def open_queue(self, kind: Kind, max_size: int = 64) -> trio.MemoryReceiveChannel[Datagram]:
+        """Route ``kind`` into a new bounded queue and return its receiving end.
+
+        The dispatcher never waits: beyond ``max_size`` queued datagrams (default 64), or once the
+        receiving end is closed, new ones are dropped and counted in ``queue_full``. Raises
+        :class:`MuxError` like :meth:`route`; closing the channel does not unroute the kind.
+        """
+        send, receive = trio.open_memory_channel[Datagram](max_size)
+        counters = self.counters
+
+        def enqueue(data: bytes, source: Address, now: float) -> None:
+            try:
+                send.send_nowait(Datagram(data, source, now))
+            except (trio.WouldBlock, trio.BrokenResourceError, trio.ClosedResourceError):
+                counters.queue_full += 1
+
+        self.route(kind, enqueue)
+        return receive
+
+    def receive_datagram(self, data: bytes, addr: Address, now: float) -> bytes | None:
+        """Dispatch one datagram from ``addr`` received at ``now``.
+
+        Returns what the WireGuard receiver returns for WireGuard datagrams (the inner IP packet
+        for the TUN device, or ``None``), and ``None`` for every other kind.
+        """
+        received = self.counters.received
+        # The WireGuard test comes first here for speed; the kinds are disjoint (see classify).
+        if data.startswith(_WG_ZEROS, 1) and 0 < data[0] < 5 and len(data) >= WIREGUARD_MIN_SIZE:
+            received[Kind.WIREGUARD] += 1
+            wireguard = self._wireguard
+            if wireguard is None:
+                self.counters.unrouted += 1
+                return None
+            return wireguard(data, addr, now)
+        kind = classify(data)
+        received[kind] += 1
+        if kind is Kind.UNKNOWN:
+            self.counters.unknown += 1
+            return None
+        handler = self._handlers.get(kind)
+        if handler is None:
+            self.counters.unrouted += 1
+            return None
+        handler(data, addr, now)
+        return None
+
+
+class MuxedDevice:
+    """A WireGuard device whose receive path goes through a :class:`Mux` first.
+
+    It offers what :class:`punchtrio.tunnel.UserspaceTunnel` needs from a device, so the tunnel's
+    tight drain loop demultiplexes the shared socket: WireGuard datagrams reach ``device``, the
+    others the handlers routed on ``mux``. The mux's WireGuard route is set to ``device`` here
+    (raises :class:`MuxError` if it already has one). Everything else is the device's own method.
+    """
+
+    def __init__(self, device: Any, mux: Mux) -> None:
+        mux.route(Kind.WIREGUARD, device.receive_datagram)
+        self.device = device
+        self.mux = mux
+        self.receive_datagram: Callable[[bytes, Address, float], bytes | None] = (
+            mux.receive_datagram
+        )
+        self.send_packet: Callable[[bytes, float], tuple[bytes, Address] | None] = (
+            device.send_packet
+        )
+        self.datagrams_to_send: Callable[[], list[tuple[bytes, Address]]] = (
+            device.datagrams_to_send
+        )
+        self.get_timer: Callable[[], float | None] = device.get_timer
+        self.handle_timer: Callable[[float], None] = device.handle_timer
+        self.next_event: Callable[[], Any] = device.next_event
+        self.peer_stats: Callable[[], Mapping[bytes, Any]] = device.peer_stats
+
+    @property
+    def under_load(self) -> bool:
+        """The device's ``under_load`` flag (set by the shell)."""
+        return bool(self.device.under_load)
+
+    @under_load.setter
+    def under_load(self, value: bool) -> None:
+        self.device.under_load = value
+
+
+async def serve_mux(
+    sock: Any, mux: Mux, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED
+) -> None:
+    """Read ``sock`` until cancelled and hand every datagram to ``mux``; results are discarded.
+
+    Use it while no tunnel drains the socket (before WireGuard starts, or in tests). ``sock`` is a
+    Trio UDP socket (one ``await`` per datagram), or a non-blocking stdlib-like socket
+    (:class:`socket.socket`, :class:`punchtrio.netsim.NonBlockingSocket`), drained in a tight loop
+    with one checkpoint per batch. The caller owns closing the socket. Reports started once reading.
+    """
+    receive = mux.receive_datagram
+    if isinstance(sock, trio.socket.SocketType):
+        task_status.started()
+        while True:
+            data, source = await sock.recvfrom(_MAX_DATAGRAM)
+            receive(data, source[:2], trio.current_time())
+    task_status.started()
+    recvfrom = sock.recvfrom
+    while True:
+        await trio.lowlevel.wait_readable(sock)
+        for _ in range(256):
+            try:
+                data, source = recvfrom(_MAX_DATAGRAM)
+            except BlockingIOError:
+                break
+            except OSError:
+                continue  # a queued ICMP error; the next read goes on
+            receive(data, source[:2], trio.current_time())
+        await trio.lowlevel.checkpoint()
+
