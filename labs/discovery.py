@@ -355,3 +355,34 @@ def hairpin(sender: Host, receiver: Host, reflector: Server, timeout: float = 2.
         listen.kill()
         listen.communicate()
     return HairpinResult(json.loads(sent)["mapping"], receiver_mapping, received)
+
+
+def punch(
+    a: Host, b: Host, reflector: Server, duration: float = 1.5
+) -> tuple[str | None, str | None]:
+    """Plain-UDP hole punching between ``a`` and ``b``, each sending to the other's STUN-like mapping.
+
+    Both learn their mapping from ``reflector``, then send to each other for ``duration`` seconds.
+    Returns the source each side received the other's datagrams from (None: nothing got through).
+    """
+    argv = [sys.executable, "-m", "labs.udpprobe", "punch", reflector.endpoint]
+    argv += ["--duration", str(duration)]
+    sides = [
+        subprocess.Popen(
+            host.ns.exec(*argv), cwd=REPO, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True
+        )
+        for host in (a, b)
+    ]
+    try:
+        mappings = [json.loads(side.stdout.readline())["mapping"] for side in sides]  # type: ignore[union-attr]
+        for side, peer_mapping in zip(sides, reversed(mappings), strict=True):
+            side.stdin.write(peer_mapping + "\n")  # type: ignore[union-attr]
+            side.stdin.flush()  # type: ignore[union-attr]
+        outs = [side.communicate(timeout=duration + 10)[0] for side in sides]
+    finally:
+        for side in sides:
+            if side.poll() is None:
+                side.kill()
+                side.communicate()
+    a_got, b_got = (json.loads(out)["received_from"] for out in outs)
+    return a_got, b_got

@@ -61,9 +61,8 @@ HUB_PRIMARY = "203.0.113.1"
 HUB_ALTERNATE = "203.0.113.2"
 _FIRST_NAT_WAN_HOST = 11
 _FIRST_LAN_HOST = 11
-_MAPPING_TIMEOUT_S = (
-    180  # at least conntrack's UDP stream timeout (120 s), so no mapping outlives it
-)
+# Longer than conntrack's UDP stream timeout (120 s): a binding outlives the flows that use it.
+_MAPPING_TIMEOUT_S = 180
 
 
 @dataclass(frozen=True)
@@ -123,9 +122,8 @@ class Nat:
     def flush_conntrack(self) -> None:
         """Forget every UDP mapping (conntrack entries and the nftables sets), as after a reboot."""
         self.ns.run("conntrack", "-F", check=False)
-        self.ns.run(
-            "nft", "-f", "-", input="flush map ip ptnat mapping\nflush set ip ptnat contacted\n"
-        )
+        sets = ("map ip ptnat mapping", "map ip ptnat owned", "set ip ptnat contacted")
+        self.ns.run("nft", "-f", "-", input="".join(f"flush {name}\n" for name in sets))
 
 
 @dataclass

@@ -9,8 +9,8 @@ source address the request arrived from, i.e. the NAT mapping.
 ``classify`` runs RFC 5780's mapping tests (one local port to A1:P1, A2:P1, A2:P2) and filtering
 tests (on a fresh port: a reply from A2:P2, then one from A1:P2) and prints one JSON object with
 ``mapping``, ``filtering``, ``public_endpoint`` and ``port_preservation`` spelled as ``punchtrio nat
---json`` does. ``hairpin`` checks whether a datagram sent to another host's public mapping arrives,
-and from which source. Run it as ``python -m labs.udpprobe ...`` inside a namespace.
+--json`` does. ``hairpin-listen``/``hairpin-send`` check whether a datagram sent to another host's
+public mapping arrives, and from which source; ``punch`` is the simplest possible UDP hole punch. Run it as ``python -m labs.udpprobe ...`` inside a namespace.
 """
 
 from __future__ import annotations
@@ -153,6 +153,27 @@ def hairpin_send(server: tuple[str, int], target: str, count: int) -> None:
             time.sleep(0.05)
 
 
+def punch(server: tuple[str, int], duration: float) -> None:
+    """Plain UDP hole punching: print our mapping, read the peer's from stdin, then send to it.
+
+    Sends a datagram every 50 ms for ``duration`` seconds and prints (one JSON line) the source of
+    the first datagram received from anyone but the reflector, or null.
+    """
+    with _udp_socket() as sock:
+        print(json.dumps({"mapping": probe(sock, server)}), flush=True)
+        host, port = sys.stdin.readline().strip().rsplit(":", 1)
+        peer = (host, int(port))
+        received: str | None = None
+        deadline = time.monotonic() + duration
+        while time.monotonic() < deadline:
+            sock.sendto(b"punch", peer)
+            if select.select([sock], [], [], 0.05)[0]:
+                data, source = sock.recvfrom(2048)
+                if data == b"punch" and received is None:
+                    received = f"{source[0]}:{source[1]}"
+        print(json.dumps({"received_from": received}), flush=True)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Command line: ``serve``, ``classify``, ``hairpin-listen`` or ``hairpin-send``."""
     parser = argparse.ArgumentParser(prog="python -m labs.udpprobe", description=__doc__)
@@ -172,6 +193,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     send.add_argument("server")
     send.add_argument("target")
     send.add_argument("--count", type=int, default=10)
+    punch_cmd = sub.add_parser("punch")
+    punch_cmd.add_argument("server")
+    punch_cmd.add_argument("--duration", type=float, default=1.5)
     args = parser.parse_args(argv)
     if args.action == "serve":
         serve([args.a1, args.a2], [args.p1, args.p2])
@@ -181,6 +205,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         host, port = args.server.rsplit(":", 1)
         if args.action == "hairpin-listen":
             hairpin_listen((host, int(port)), args.port, args.timeout)
+        elif args.action == "punch":
+            punch((host, int(port)), args.duration)
         else:
             hairpin_send((host, int(port)), args.target, args.count)
     return 0

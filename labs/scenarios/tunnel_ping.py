@@ -312,6 +312,29 @@ def transfer(
     return sent_hash, received.strip(), elapsed
 
 
+def _traffic_checks(pair: Pair, wg_if: str, results: list[tuple[str, bool, str]]) -> None:
+    got, rtt = ping(pair.a, OVERLAY[1], count=5)
+    results.append(("ping punchtrio -> wireguard-go (IPv4)", got == 5, f"{got}/5, {rtt} ms"))
+    got, rtt = ping(pair.b, OVERLAY[0], count=5)
+    results.append(("ping wireguard-go -> punchtrio (IPv4)", got == 5, f"{got}/5, {rtt} ms"))
+    got, rtt = ping(pair.a, OVERLAY6[1], count=3)
+    results.append(("ping punchtrio -> wireguard-go (IPv6)", got == 3, f"{got}/3, {rtt} ms"))
+    size = 20 << 20
+    for sender, receiver, address, label in (
+        (pair.b, pair.a, OVERLAY[0], "wireguard-go -> punchtrio"),
+        (pair.a, pair.b, OVERLAY[1], "punchtrio -> wireguard-go"),
+    ):
+        sent_hash, received, seconds = transfer(sender, receiver, address, size)
+        ok = received == f"{size} {sent_hash}"
+        rate = size * 8 / seconds / 1e6
+        detail = f"sha256 {'matches' if ok else 'DIFFERS'}, {rate:.0f} Mbit/s"
+        results.append((f"TCP 20 MiB {label}", ok, detail))
+    handshakes = wg_show(pair.b, wg_if, "latest-handshakes").split()
+    results.append(
+        ("wireguard-go saw a handshake", len(handshakes) == 2 and handshakes[1] != "0", "")
+    )
+
+
 def run() -> int:
     """Build the pair, run the checks, print a short report; 0 if everything passed."""
     require_binaries("wireguard-go", "wg", "ping", "ip")
@@ -342,39 +365,16 @@ def run() -> int:
         )
         peer = start_punchtrio(lab, pair.a, config, "pt0")
         print(f"lab: namespaces {pair.a.name} (punchtrio, pt0) and {pair.b.name} (wireguard-go)")
-        got, rtt = ping(pair.a, OVERLAY[1], count=5)
-        results.append(("ping punchtrio -> wireguard-go (IPv4)", got == 5, f"{got}/5, {rtt} ms"))
-        got, rtt = ping(pair.b, OVERLAY[0], count=5)
-        results.append(("ping wireguard-go -> punchtrio (IPv4)", got == 5, f"{got}/5, {rtt} ms"))
-        got, rtt = ping(pair.a, OVERLAY6[1], count=3)
-        results.append(("ping punchtrio -> wireguard-go (IPv6)", got == 3, f"{got}/3, {rtt} ms"))
-        size = 20 << 20
-        sent_hash, received, seconds = transfer(pair.b, pair.a, OVERLAY[0], size)
-        ok = received == f"{size} {sent_hash}"
-        rate = size * 8 / seconds / 1e6
-        results.append(
-            ("TCP 20 MiB wireguard-go -> punchtrio", ok, f"sha256 match, {rate:.0f} Mbit/s")
-        )
-        sent_hash, received, seconds = transfer(pair.a, pair.b, OVERLAY[1], size)
-        ok = received == f"{size} {sent_hash}"
-        rate = size * 8 / seconds / 1e6
-        results.append(
-            ("TCP 20 MiB punchtrio -> wireguard-go", ok, f"sha256 match, {rate:.0f} Mbit/s")
-        )
-        handshakes = wg_show(pair.b, wg_if, "latest-handshakes").split()
-        results.append(
-            ("wireguard-go saw a handshake", len(handshakes) == 2 and handshakes[1] != "0", "")
-        )
-        status = peer.stop()
-        down = next((e for e in peer.seen if e["event"] == "down"), None) or peer.wait_for("down")
-        stats = down["peers"][0]
-        results.append(
-            (
-                "punchtrio stopped cleanly on SIGTERM",
-                status == 0,
-                f"rx {stats['rx_bytes']} B, tx {stats['tx_bytes']} B",
-            )
-        )
+        try:
+            _traffic_checks(pair, wg_if, results)
+        finally:
+            status = peer.stop()
+        down = next((e for e in peer.seen if e["event"] == "down"), None)
+        detail = ""
+        if down is not None and down["peers"]:
+            stats = down["peers"][0]
+            detail = f"rx {stats['rx_bytes']} B, tx {stats['tx_bytes']} B"
+        results.append(("punchtrio stopped cleanly on SIGTERM", status == 0 and bool(down), detail))
         gone = pair.a.run("ip", "link", "show", "pt0", check=False) == ""
         results.append(("TUN device pt0 removed", gone, ""))
     for name, ok, detail in results:

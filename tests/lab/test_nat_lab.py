@@ -94,6 +94,13 @@ def test_two_hosts_on_one_local_port_keep_endpoint_independent_mappings(
         assert len(endpoints) == 2
         assert f"{nat.public_ip}:40000" in endpoints
         assert [report["port_preservation"] for report in pair].count(True) == 1
+    # Forgetting the mappings empties the binding table and conntrack.
+    for nat in nats:
+        assert "elements" in nat.ns.run("nft", "list", "map", "ip", "ptnat", "owned")
+        nat.flush_conntrack()
+        for name in ("map ip ptnat owned", "map ip ptnat mapping", "set ip ptnat contacted"):
+            assert "elements" not in nat.ns.run("nft", "list", *name.split())
+        assert nat.conntrack().strip() == ""
 
 
 def test_nat_behind_nat_shows_the_outer_address_and_the_stricter_behaviour(
@@ -113,3 +120,22 @@ def test_nat_behind_nat_shows_the_outer_address_and_the_stricter_behaviour(
     assert (theirs["mapping"], theirs["filtering"]) == EXPECTED["port"]
     assert str(truth["public_endpoint"]).startswith(host.nat.outer.public_ip + ":")
     assert host.nat.internet_ip == host.nat.outer.public_ip
+
+
+def test_plain_udp_hole_punching_works_where_the_kinds_allow_it(
+    nat_lab: NatLab, reflector: discovery.Server
+) -> None:
+    require_root_and(*LAB_BINARIES)
+    port_a, port_b = nat_lab.by_kind["port"], nat_lab.plain_nat.hosts[0]
+    full, sym = nat_lab.by_kind["full"], nat_lab.by_kind["sym"]
+    # Two port-restricted cones: each side's first datagram opens its own filter for the other.
+    a_got, b_got = discovery.punch(port_a, port_b, reflector)
+    assert str(a_got).startswith(port_b.nat.public_ip + ":"), a_got
+    assert str(b_got).startswith(port_a.nat.public_ip + ":"), b_got
+    # A symmetric NAT uses a new port towards the peer, which a port-restricted filter rejects,
+    # and the peer aims at the port it used towards the reflector.
+    assert discovery.punch(port_a, sym, reflector) == (None, None)
+    # A full cone lets the symmetric side in; nothing reaches the symmetric side.
+    full_got, sym_got = discovery.punch(full, sym, reflector)
+    assert str(full_got).startswith(sym.nat.public_ip + ":"), full_got
+    assert sym_got is None

@@ -458,3 +458,18 @@ async def test_1000_concurrent_registrations_distinct_and_contested() -> None:
         record = PeerRecord.from_json((await peers[0].get("contested")).json())
         assert record.public_key == peers[winners[0]].key.public_key()
         assert hub.store.stats().peers == 1001
+
+
+def test_rate_limit_table_is_bounded_and_ipv6_is_keyed_per_64() -> None:
+    from punchtrio.rendezvous._hub import _source_of, _TokenBuckets
+
+    buckets = _TokenBuckets(rate=1.0, burst=1.0, max_sources=2)
+    assert buckets.allow("192.0.2.1", 0.0)
+    assert not buckets.allow("192.0.2.1", 0.5)
+    assert buckets.allow("192.0.2.2", 0.5)
+    assert buckets.allow("192.0.2.3", 0.5)
+    assert len(buckets._buckets) == 2
+    assert _source_of({"client": ("2001:db8:1:2:aaaa::1", 5)}) == "2001:db8:1:2::/64"
+    assert _source_of({"client": ("2001:db8:1:2:bbbb::9", 5)}) == "2001:db8:1:2::/64"
+    assert _source_of({"client": ("::ffff:192.0.2.7", 5)}) == "192.0.2.7"
+    assert _source_of({"client": ("198.51.100.4", 5)}) == "198.51.100.4"

@@ -57,6 +57,7 @@ def test_options_reach_the_config(tmp_path: Path) -> None:
         (["--stun-alternate", "192.0.2.1:3479"], "--stun-alternate needs --stun"),
         (["--key-file", "/nonexistent/hub.key"], "cannot read key file"),
         (["--tls-cert", "cert.pem"], "give both --tls-cert and --tls-key"),
+        (["--redis", "http://localhost:6379"], "--redis must be a redis://"),
     ],
 )
 def test_bad_options_exit_with_one_line(

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import socket
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -120,9 +120,9 @@ async def _send_all(sock: socket.socket, packets: list[bytes]) -> None:
                     await trio.lowlevel.wait_writable(sock)
 
 
-async def _receive(sock: socket.socket, count: int, timeout: float = 10) -> list[bytes]:
+async def _receive(sock: socket.socket, count: int, limit: float = 10) -> list[bytes]:
     got: list[bytes] = []
-    with trio.fail_after(timeout):
+    with trio.fail_after(limit):
         while len(got) < count:
             await trio.lowlevel.wait_readable(sock)
             while len(got) < count:
@@ -131,6 +131,11 @@ async def _receive(sock: socket.socket, count: int, timeout: float = 10) -> list
                 except BlockingIOError:
                     break
     return got
+
+
+async def _until(condition: Callable[[], bool]) -> None:
+    while not condition():  # noqa: ASYNC110 - polling a plain counter, there is no event to wait on
+        await trio.sleep(0.01)
 
 
 class StepCounter(trio.abc.Instrument):
@@ -191,7 +196,7 @@ async def test_timer_rearms_and_sends(
         async with trio.open_nursery() as nursery:
             start = trio.current_time()
             await nursery.start(tunnel.serve)
-            assert await _receive(peer, 3, timeout=1000) == [b"\x04"] * 3
+            assert await _receive(peer, 3, limit=1000) == [b"\x04"] * 3
             nursery.cancel_scope.cancel()
     assert len(device.timer_calls) == 3
     assert device.timer_calls[0] == pytest.approx(start + 10.0)
@@ -231,10 +236,19 @@ async def test_send_errors_are_counted_not_raised(fake_tuns: tuple[FakeTun, Fake
             await nursery.start(tunnel.serve)
             tun_a.outside.send(b"x" * 40)
             with trio.fail_after(5):
-                while tunnel.counters.send_errors == 0:
-                    await trio.sleep(0.01)
+                await _until(lambda: tunnel.counters.send_errors > 0)
             nursery.cancel_scope.cancel()
     assert tunnel.counters.packets_from_tun == 1
     assert tunnel.counters.datagrams_sent == 0
     assert tunnel.listen_port == port
     assert tunnel.name == "faketun0"
+
+
+def test_public_names_are_documented() -> None:
+    import punchtrio.tunnel
+
+    for name in punchtrio.tunnel.__all__:
+        obj = getattr(punchtrio.tunnel, name)
+        if not isinstance(obj, int):
+            assert obj.__doc__, name
+            assert obj.__module__.startswith("punchtrio.tunnel"), name

@@ -178,7 +178,10 @@ def test_parser_raises_only_config_error(lines: list[str]) -> None:
     try:
         parse_wgquick("\n".join(lines))
     except ConfigError as exc:
-        assert "\n" not in str(exc)
+        message = str(exc)
+    else:
+        message = ""
+    assert "\n" not in message
 
 
 @settings(max_examples=300)
@@ -249,7 +252,7 @@ def test_rendered_configs_parse_back(
     assert config.interface.listen_port == port
     assert config.interface.mtu == mtu
     assert [p.public_key for p in config.peers] == [p[0] for p in peers]
-    for parsed, (_, psk, nets, endpoint, keepalive) in zip(config.peers, peers):
+    for parsed, (_, psk, nets, endpoint, keepalive) in zip(config.peers, peers, strict=True):
         assert parsed.preshared_key == psk
         assert list(parsed.allowed_ips) == nets
         assert parsed.endpoint == endpoint

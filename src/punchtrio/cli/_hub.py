@@ -52,29 +52,53 @@ def register(subparsers: Any) -> None:
     )
     hub.add_argument("--tls-cert", metavar="FILE", help="TLS certificate chain (PEM)")
     hub.add_argument("--tls-key", metavar="FILE", help="TLS private key (PEM)")
-    hub.add_argument("--ttl", type=float, default=300.0, help="record lifetime, s (300)")
-    hub.add_argument("--max-wait", type=float, default=60.0, help="longest long poll, s (60)")
+    hub.add_argument(
+        "--ttl", type=float, default=300.0, metavar="SECONDS", help="record lifetime (300)"
+    )
+    hub.add_argument(
+        "--max-wait", type=float, default=60.0, metavar="SECONDS", help="longest long poll (60)"
+    )
     hub.add_argument(
         "--auth-window",
         type=float,
         default=DEFAULT_WINDOW,
-        help="accepted clock difference of signed requests, s (60)",
+        metavar="SECONDS",
+        help="accepted clock difference of signed requests (60)",
     )
     hub.add_argument(
-        "--rate", type=float, default=50.0, help="requests/s per client IP (50; 0 disables)"
+        "--rate",
+        type=float,
+        default=50.0,
+        metavar="PER_SECOND",
+        help="requests/s per client IP (50; 0 disables)",
     )
-    hub.add_argument("--burst", type=float, default=100.0, help="rate-limit burst (100)")
+    hub.add_argument(
+        "--burst", type=float, default=100.0, metavar="N", help="rate-limit burst (100)"
+    )
     limits = StoreLimits()
-    hub.add_argument("--max-peers", type=int, default=limits.max_peers, help="records in all")
-    hub.add_argument("--max-waiters", type=int, default=limits.max_waiters, help="open long polls")
+    hub.add_argument(
+        "--max-peers", type=int, metavar="N", default=limits.max_peers, help="records (200000)"
+    )
+    hub.add_argument(
+        "--max-waiters",
+        type=int,
+        metavar="N",
+        default=limits.max_waiters,
+        help="long polls (10000)",
+    )
     hub.add_argument(
         "--max-queued",
         type=int,
         default=limits.max_queued_per_peer,
-        help="signalling messages queued per peer",
+        metavar="N",
+        help="signalling messages queued per peer (32)",
     )
     hub.add_argument(
-        "--max-messages", type=int, default=limits.max_queued, help="signalling messages in all"
+        "--max-messages",
+        type=int,
+        metavar="N",
+        default=limits.max_queued,
+        help="signalling messages queued in all (100000)",
     )
     hub.add_argument(
         "--redis",

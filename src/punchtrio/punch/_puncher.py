@@ -1,0 +1,510 @@
+"""The puncher, sans-IO: authenticated probes to every candidate, path choice, heartbeat.
+
+One :class:`Puncher` serves every peer on one shared socket. The caller adds a peer (its static
+public key), then calls :meth:`Puncher.start` with the peer's candidates and the time both sides
+agreed to begin (the rendezvous "punch now" signal). From then on it is driven like every punchtrio
+core: :meth:`~Puncher.receive_datagram` with probe datagrams the mux routes here,
+:meth:`~Puncher.datagrams_to_send`, :meth:`~Puncher.get_timer` / :meth:`~Puncher.handle_timer`,
+and :meth:`~Puncher.next_event` for :class:`PathChosen`, :class:`PathLost` and
+:class:`PunchFailed`.
+
+Each remote address is one *pair* (we have one local socket), in one of these states:
+
+=========  ============================================================  =======================
+state      what happens                                                  leaves for
+=========  ============================================================  =======================
+waiting    nothing is sent until the start time                          probing
+probing    a ping every ``fast_interval`` for ``fast_period``, then the   succeeded, failed
+           interval doubles up to ``backoff_max``
+succeeded  answered; silent unless chosen, then a heartbeat every         probing (after a loss)
+           ``heartbeat_interval`` (retries every ``heartbeat_retry``)
+failed     ``max_unanswered`` pings went unanswered; never probed again   probing (an
+           in this attempt                                               authenticated ping
+                                                                         came from it)
+=========  ============================================================  =======================
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import os
+import time
+from collections import deque
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+from typing import Literal
+
+from .._exceptions import PunchtrioError
+from ._candidates import Candidate, CandidateType
+from ._probe import (
+    PING,
+    PONG,
+    PROBE_WINDOW,
+    ProbeGuard,
+    ProbeKeyError,
+    ProbeRejected,
+    build_probe,
+    derive_probe_key,
+    key_id,
+    probe_sender,
+)
+
+Address = tuple[str, int]
+PathKind = Literal["lan", "direct", "relay"]
+
+DROP_REASONS = (
+    "malformed",
+    "unknown_key",
+    "self",
+    "mac",
+    "stale",
+    "replay",
+    "unexpected_pong",
+    "wrong_source",
+    "pair_limit",
+)
+"""Names of the counters in :attr:`Puncher.counters`, one per reason a probe is dropped."""
+
+_KIND_OF = {
+    CandidateType.HOST: "lan",
+    CandidateType.SRFLX: "direct",
+    CandidateType.PRFLX: "direct",
+    CandidateType.RELAY: "relay",
+}
+_RANK: dict[str, int] = {"lan": 0, "direct": 1, "relay": 2}
+_WAITING, _PROBING, _SUCCEEDED, _FAILED = "waiting", "probing", "succeeded", "failed"
+_OUTSTANDING_LIMIT = 64
+
+
+class PunchError(PunchtrioError):
+    """A puncher call was wrong: an unknown or duplicate peer, our own key, or an unusable key."""
+
+
+@dataclass(frozen=True)
+class PunchSettings:
+    """The puncher's pace and bounds (seconds and counts; the defaults are the documented choice).
+
+    - ``fast_interval`` 0.05: a ping to every pair every 50 ms ...
+    - ``fast_period`` 1.0: ... for the first second after the start (20 pings per pair);
+    - ``backoff_max`` 1.0: then the interval doubles from ``2 * fast_interval`` up to this;
+    - ``max_unanswered`` 30: pings to an address that has not answered before it counts as failed
+      (so a failed pair has cost at most 30 probes, about 9.5 s after the start);
+    - ``heartbeat_interval`` 5.0: a ping on the chosen path, to hold the NAT mapping and notice loss;
+    - ``heartbeat_retry`` 1.0 and ``lost_after`` 4: an unanswered heartbeat is repeated every second,
+      and after 4 unanswered the path is lost (found within about 9 s);
+    - ``upgrade_ratio`` 0.5: a working path of the same kind replaces the chosen one only if its
+      round trip is below half the chosen one's;
+    - ``max_pairs`` 16: remote addresses per peer, candidates and peer-reflexive ones together;
+    - ``window`` :data:`~punchtrio.punch.PROBE_WINDOW`: allowed clock difference between peers.
+    """
+
+    fast_interval: float = 0.05
+    fast_period: float = 1.0
+    backoff_max: float = 1.0
+    max_unanswered: int = 30
+    heartbeat_interval: float = 5.0
+    heartbeat_retry: float = 1.0
+    lost_after: int = 4
+    upgrade_ratio: float = 0.5
+    max_pairs: int = 16
+    window: float = PROBE_WINDOW
+
+    def __post_init__(self) -> None:
+        if min(self.fast_interval, self.backoff_max, self.heartbeat_interval) <= 0:
+            raise PunchError("intervals must be positive")
+        if self.heartbeat_retry <= 0 or self.fast_period < 0 or self.window <= 0:
+            raise PunchError("heartbeat_retry and window must be positive, fast_period >= 0")
+        if min(self.max_unanswered, self.lost_after, self.max_pairs) < 1:
+            raise PunchError("max_unanswered, lost_after and max_pairs must be at least 1")
+
+
+@dataclass(frozen=True)
+class PathChosen:
+    """The best working path to ``peer`` (its static public key) is now ``endpoint``.
+
+    ``kind`` is ``"lan"`` (a host candidate answered: no NAT between us), ``"direct"`` (through
+    NATs, a server- or peer-reflexive address) or ``"relay"``; ``rtt`` is the measured round trip
+    in seconds. Emitted again when a better path starts working (an upgrade).
+    """
+
+    peer: bytes
+    endpoint: Address
+    kind: PathKind
+    rtt: float
+
+
+@dataclass(frozen=True)
+class PathLost:
+    """The chosen path to ``peer`` stopped answering heartbeats; the puncher probes again."""
+
+    peer: bytes
+    endpoint: Address
+    kind: PathKind
+
+
+@dataclass(frozen=True)
+class PunchFailed:
+    """No address of ``peer`` answered: every pair used its probe budget. ``probes_sent`` counts
+    the pings sent in this attempt. The caller may :meth:`Puncher.start` again (or relay)."""
+
+    peer: bytes
+    probes_sent: int
+
+
+PunchEvent = PathChosen | PathLost | PunchFailed
+
+
+class _Pair:
+    __slots__ = (
+        "kind",
+        "last_ping",
+        "next_send",
+        "priority",
+        "remote",
+        "rtt",
+        "started",
+        "state",
+        "unanswered",
+    )
+
+    def __init__(self, remote: Address, kind: str, priority: int) -> None:
+        self.remote = remote
+        self.kind = kind
+        self.priority = priority
+        self.state = _WAITING
+        self.unanswered = 0
+        self.next_send: float | None = None
+        self.started = 0.0
+        self.last_ping = 0.0
+        self.rtt: float | None = None
+
+    def begin(self, now: float) -> None:
+        self.state = _PROBING
+        self.unanswered = 0
+        self.started = now
+        self.next_send = now
+
+    def rank(self) -> tuple[int, float]:
+        return _RANK[self.kind], self.rtt if self.rtt is not None else float("inf")
+
+
+class _Peer:
+    __slots__ = (
+        "chosen",
+        "failed_reported",
+        "guard",
+        "key",
+        "key_id",
+        "outstanding",
+        "pairs",
+        "probes_sent",
+        "public_key",
+        "started",
+    )
+
+    def __init__(self, public_key: bytes, key: bytes, window: float) -> None:
+        self.public_key = public_key
+        self.key = key
+        self.key_id = key_id(public_key)
+        self.guard = ProbeGuard(key, self.key_id, window=window)
+        self.pairs: dict[Address, _Pair] = {}
+        self.outstanding: dict[bytes, tuple[_Pair, float]] = {}
+        self.chosen: _Pair | None = None
+        self.started = False
+        self.failed_reported = False
+        self.probes_sent = 0
+
+
+def _normalize(addr: Address) -> Address | None:
+    try:
+        return str(ipaddress.ip_address(addr[0])), int(addr[1])
+    except (ValueError, TypeError, IndexError):
+        return None
+
+
+class Puncher:
+    """Hole punching for every peer of one socket, without I/O (see the module docs).
+
+    ``private_key`` is our 32-byte WireGuard static private key; probe keys are derived from it
+    and each peer's public key. ``settings`` sets the pace and bounds (:class:`PunchSettings`).
+    ``families`` are the IP versions the socket can reach (candidates of others are ignored).
+    ``wall_clock`` gives the Unix time for probe timestamps (default ``time.time``), ``random``
+    transaction ids (default ``os.urandom``). Raises :class:`PunchError` for a bad key.
+    """
+
+    def __init__(
+        self,
+        private_key: bytes,
+        *,
+        settings: PunchSettings | None = None,
+        families: Iterable[int] = (4, 6),
+        wall_clock: Callable[[], float] = time.time,
+        random: Callable[[int], bytes] = os.urandom,
+    ) -> None:
+        from nacl.bindings import crypto_scalarmult_base
+
+        if not isinstance(private_key, bytes) or len(private_key) != 32:
+            raise PunchError("a private key is 32 bytes")
+        self._private = private_key
+        self.public_key: bytes = crypto_scalarmult_base(private_key)
+        """Our static public key."""
+        self.key_id = key_id(self.public_key)
+        """Our 8-byte key id, carried in every probe we send."""
+        self.settings = settings if settings is not None else PunchSettings()
+        self.families = frozenset(families)
+        self._wall = wall_clock
+        self._random = random
+        self._peers: dict[bytes, _Peer] = {}
+        self._by_key_id: dict[bytes, _Peer] = {}
+        self._out: list[tuple[bytes, Address]] = []
+        self._events: deque[PunchEvent] = deque()
+        self.counters: dict[str, int] = dict.fromkeys(DROP_REASONS, 0)
+        """Dropped probes by reason (see :data:`DROP_REASONS`)."""
+        self.probes_sent = 0
+        """Pings and pongs sent, all peers together."""
+
+    # ------------------------------------------------------------------ peers
+
+    def add_peer(self, public_key: bytes) -> None:
+        """Accept probes from the peer with this static public key and answer its pings.
+
+        Raises :class:`PunchError` if the key is ours, already added, or unusable (low order).
+        """
+        if public_key == self.public_key:
+            raise PunchError("a puncher cannot punch to itself")
+        if public_key in self._peers:
+            raise PunchError("this peer was already added")
+        try:
+            key = derive_probe_key(self._private, public_key)
+        except ProbeKeyError as exc:
+            raise PunchError(str(exc)) from None
+        peer = _Peer(public_key, key, self.settings.window)
+        if peer.key_id in self._by_key_id:
+            raise PunchError("two peers share a key id")
+        self._peers[public_key] = peer
+        self._by_key_id[peer.key_id] = peer
+
+    def remove_peer(self, public_key: bytes) -> None:
+        """Forget a peer: no more probes to or from it. Raises :class:`PunchError` if unknown."""
+        peer = self._peers.pop(public_key, None)
+        if peer is None:
+            raise PunchError("no such peer")
+        del self._by_key_id[peer.key_id]
+
+    def start(self, public_key: bytes, candidates: Iterable[Candidate], at: float) -> None:
+        """Probe the peer's ``candidates`` from time ``at`` on (the caller's clock).
+
+        Candidates of families the socket cannot reach are ignored; beyond ``max_pairs`` the lowest
+        priorities are. Calling it again starts a new attempt: fresh probe budgets, the chosen path
+        kept until a better one works or it is lost. Raises :class:`PunchError` if the peer is
+        unknown.
+        """
+        peer = self._peer(public_key)
+        ordered = sorted(candidates, key=lambda c: -c.priority)
+        pairs: dict[Address, _Pair] = {}
+        for cand in ordered:
+            if cand.version not in self.families or cand.endpoint in pairs:
+                continue
+            if len(pairs) >= self.settings.max_pairs:
+                break
+            old = peer.pairs.get(cand.endpoint)
+            pair = old if old is not None else _Pair(cand.endpoint, _KIND_OF[cand.type], 0)
+            pair.priority = cand.priority
+            pairs[cand.endpoint] = pair
+        if peer.chosen is not None:
+            pairs.setdefault(peer.chosen.remote, peer.chosen)
+        peer.pairs = pairs
+        peer.started = True
+        peer.failed_reported = False
+        peer.probes_sent = 0
+        for pair in pairs.values():
+            if pair is not peer.chosen:
+                pair.begin(at)
+
+    def path(self, public_key: bytes) -> PathChosen | None:
+        """Return the chosen path to a peer, or ``None``. Raises :class:`PunchError` if unknown."""
+        pair = self._peer(public_key).chosen
+        if pair is None or pair.rtt is None:
+            return None
+        return PathChosen(public_key, pair.remote, pair.kind, pair.rtt)  # type: ignore[arg-type]
+
+    def _peer(self, public_key: bytes) -> _Peer:
+        peer = self._peers.get(public_key)
+        if peer is None:
+            raise PunchError("no such peer")
+        return peer
+
+    # ------------------------------------------------------------------ shell interface
+
+    def datagrams_to_send(self) -> list[tuple[bytes, Address]]:
+        """Return and forget the probes to send, as ``(datagram, address)``."""
+        out, self._out = self._out, []
+        return out
+
+    def next_event(self) -> PunchEvent | None:
+        """Return the oldest unread event, or ``None``."""
+        return self._events.popleft() if self._events else None
+
+    def get_timer(self) -> float | None:
+        """Return when :meth:`handle_timer` should run next (the caller's clock), or ``None``."""
+        deadline: float | None = None
+        for peer in self._peers.values():
+            for pair in peer.pairs.values():
+                due = pair.next_send
+                if due is not None and (deadline is None or due < deadline):
+                    deadline = due
+        return deadline
+
+    def handle_timer(self, now: float) -> None:
+        """Send the probes due at ``now`` and notice unanswered pairs and lost paths."""
+        for peer in self._peers.values():
+            for pair in list(peer.pairs.values()):
+                if pair.next_send is not None and pair.next_send <= now:
+                    self._due(peer, pair, now)
+            self._check_failed(peer)
+
+    def receive_datagram(self, data: bytes, addr: Address, now: float) -> None:
+        """Process one probe datagram from ``addr`` received at ``now``.
+
+        Probes that fail a check are dropped and counted in :attr:`counters`; never raises.
+        """
+        sender = probe_sender(data)
+        source = _normalize(addr)
+        if sender is None or source is None:
+            self.counters["malformed"] += 1
+            return
+        peer = self._by_key_id.get(sender)
+        if peer is None:
+            self.counters["self" if sender == self.key_id else "unknown_key"] += 1
+            return
+        try:
+            probe = peer.guard.check(data, self._wall())
+        except ProbeRejected as exc:
+            self.counters[exc.reason] += 1
+            return
+        txid = bytes(probe.txid)
+        if probe.kind == PING:
+            self._on_ping(peer, txid, source, now)
+        else:
+            self._on_pong(peer, txid, source, now)
+
+    # ------------------------------------------------------------------ internals
+
+    def _send(self, peer: _Peer, kind: int, txid: bytes, to: Address, observed: Address | None) -> None:
+        self._out.append((build_probe(kind, txid, self.key_id, self._wall(), peer.key, observed), to))
+        self.probes_sent += 1
+
+    def _ping(self, peer: _Peer, pair: _Pair, now: float) -> None:
+        txid = self._random(12)
+        peer.outstanding[txid] = (pair, now)
+        if len(peer.outstanding) > _OUTSTANDING_LIMIT:
+            del peer.outstanding[next(iter(peer.outstanding))]
+        pair.unanswered += 1
+        pair.last_ping = now
+        peer.probes_sent += 1
+        self._send(peer, PING, txid, pair.remote, None)
+
+    def _due(self, peer: _Peer, pair: _Pair, now: float) -> None:
+        s = self.settings
+        if pair is peer.chosen:
+            if pair.unanswered >= s.lost_after:
+                self._lose(peer, pair, now)
+                return
+            self._ping(peer, pair, now)
+            pair.next_send = now + s.heartbeat_retry
+            return
+        if pair.state != _PROBING:
+            pair.next_send = None
+            return
+        if pair.unanswered >= s.max_unanswered:
+            pair.state = _FAILED
+            pair.next_send = None
+            return
+        self._ping(peer, pair, now)
+        if now - pair.started < s.fast_period - 1e-9:
+            interval = s.fast_interval
+        else:
+            interval = min(s.backoff_max, s.fast_interval * 2 ** (pair.unanswered - s.fast_period / s.fast_interval + 1))
+        pair.next_send = now + max(interval, s.fast_interval)
+
+    def _lose(self, peer: _Peer, pair: _Pair, now: float) -> None:
+        peer.chosen = None
+        pair.state = _FAILED
+        pair.next_send = None
+        pair.rtt = None
+        self._events.append(PathLost(peer.public_key, pair.remote, pair.kind))  # type: ignore[arg-type]
+        # Addresses that answered before get a fresh attempt; the lost one too, as a last resort.
+        for other in peer.pairs.values():
+            if other.state == _SUCCEEDED or other is pair:
+                other.rtt = None
+                other.begin(now)
+        peer.failed_reported = False
+        peer.probes_sent = 0
+
+    def _check_failed(self, peer: _Peer) -> None:
+        if not peer.started or peer.failed_reported or peer.chosen is not None:
+            return
+        if peer.pairs and all(p.state == _FAILED for p in peer.pairs.values()):
+            peer.failed_reported = True
+            self._events.append(PunchFailed(peer.public_key, peer.probes_sent))
+
+    def _on_ping(self, peer: _Peer, txid: bytes, source: Address, now: float) -> None:
+        self._send(peer, PONG, txid, source, source)
+        pair = peer.pairs.get(source)
+        if pair is None:
+            if len(peer.pairs) >= self.settings.max_pairs:
+                self.counters["pair_limit"] += 1
+                return
+            kind = CandidateType.PRFLX
+            pair = _Pair(source, _KIND_OF[kind], Candidate(kind, source[0], source[1]).priority)
+            peer.pairs[source] = pair
+        if not peer.started:
+            peer.started = True  # the peer began first: start with it
+        if pair.state in (_WAITING, _FAILED) or (
+            pair.state == _PROBING and (pair.next_send is None or pair.next_send > now)
+        ):
+            # A triggered check: the peer is at ``source`` now, so ping it back at once. An
+            # authenticated ping counts as an answer for the probe budget.
+            if pair.state != _PROBING:
+                pair.begin(now)
+            pair.unanswered = 0
+            self._ping(peer, pair, now)
+            pair.next_send = now + self.settings.fast_interval
+
+    def _on_pong(self, peer: _Peer, txid: bytes, source: Address, now: float) -> None:
+        entry = peer.outstanding.get(txid)
+        if entry is None:
+            self.counters["unexpected_pong"] += 1
+            return
+        pair, sent = entry
+        if source != pair.remote:
+            self.counters["wrong_source"] += 1
+            return
+        del peer.outstanding[txid]
+        sample = max(0.0, now - sent)
+        pair.rtt = sample if pair.rtt is None else 0.875 * pair.rtt + 0.125 * sample
+        pair.unanswered = 0
+        if pair is peer.chosen:
+            pair.next_send = pair.last_ping + self.settings.heartbeat_interval
+            return
+        if pair.state == _SUCCEEDED:
+            return
+        pair.state = _SUCCEEDED
+        pair.next_send = None
+        chosen = peer.chosen
+        if chosen is None or self._better(pair, chosen):
+            if chosen is not None:
+                chosen.next_send = None
+            peer.chosen = pair
+            pair.next_send = now + self.settings.heartbeat_interval
+            self._events.append(
+                PathChosen(peer.public_key, pair.remote, pair.kind, pair.rtt)  # type: ignore[arg-type]
+            )
+
+    def _better(self, new: _Pair, old: _Pair) -> bool:
+        new_rank, old_rank = _RANK[new.kind], _RANK[old.kind]
+        if new_rank != old_rank:
+            return new_rank < old_rank
+        if new.rtt is None or old.rtt is None:
+            return False
+        return new.rtt < old.rtt * self.settings.upgrade_ratio
