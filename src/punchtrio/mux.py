@@ -242,9 +242,7 @@ class MuxedDevice:
         self.send_packet: Callable[[bytes, float], tuple[bytes, Address] | None] = (
             device.send_packet
         )
-        self.datagrams_to_send: Callable[[], list[tuple[bytes, Address]]] = (
-            device.datagrams_to_send
-        )
+        self.datagrams_to_send: Callable[[], list[tuple[bytes, Address]]] = device.datagrams_to_send
         self.get_timer: Callable[[], float | None] = device.get_timer
         self.handle_timer: Callable[[float], None] = device.handle_timer
         self.next_event: Callable[[], Any] = device.next_event
@@ -289,4 +287,3 @@ async def serve_mux(
                 continue  # a queued ICMP error; the next read goes on
             receive(data, source[:2], trio.current_time())
         await trio.lowlevel.checkpoint()
-

@@ -66,7 +66,7 @@ async def _run(config: Any, name: str, emit: Callable[[str, dict[str, Any]], Non
             async for _ in signals:
                 break
             stats = _stats(tunnel)
-    emit("down", {"interface": tunnel.name, "peers": stats})
+    emit("down", {"interface": tunnel.name, "peers": stats, "shell": _fields(tunnel.counters)})
 
 
 def _stats(tunnel: UserspaceTunnel) -> list[dict[str, Any]]:

@@ -21,6 +21,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from .._exceptions import PunchtrioError
+from ..netsim import current_host
 from ..stun import BindingSucceeded, StunTransaction
 
 if TYPE_CHECKING:
@@ -171,8 +172,6 @@ def local_addresses(exclude_interfaces: Iterable[str] = ()) -> list[IPAddress]:
     Inside a :mod:`punchtrio.netsim` simulation (``host.activate()``), the simulated host's
     addresses. Needs no root: an unprivileged netlink dump. Returns ``[]`` if netlink is refused.
     """
-    from ..netsim import current_host
-
     host = current_host()
     if host is not None:
         return [ip for ip in host.addresses if usable_host_address(ip)]
@@ -199,7 +198,9 @@ def local_addresses(exclude_interfaces: Iterable[str] = ()) -> list[IPAddress]:
     return [ip for _, _, ip in sorted(found, key=lambda row: (row[0], row[1]))]
 
 
-def host_candidates(port: int, addresses: Iterable[IPAddress | str] | None = None) -> list[Candidate]:
+def host_candidates(
+    port: int, addresses: Iterable[IPAddress | str] | None = None
+) -> list[Candidate]:
     """Return one host candidate per usable address (default :func:`local_addresses`) at ``port``.
 
     Earlier addresses get a higher local preference, so they are tried first. Addresses that
@@ -213,7 +214,10 @@ def host_candidates(port: int, addresses: Iterable[IPAddress | str] | None = Non
         preference = max(0, 65535 - rank)
         out.append(
             Candidate(
-                CandidateType.HOST, str(ip), port, candidate_priority(CandidateType.HOST, preference)
+                CandidateType.HOST,
+                str(ip),
+                port,
+                candidate_priority(CandidateType.HOST, preference),
             )
         )
     return out
@@ -299,9 +303,7 @@ class ReflexiveGatherer:
         other = event.other_address
         if self._follow_other and other is not None and other[0] != transaction.destination[0]:
             self._follow_other = False
-            self._transactions.append(
-                StunTransaction(other, now, rto=self._rto, rc=self._rc, rm=4)
-            )
+            self._transactions.append(StunTransaction(other, now, rto=self._rto, rc=self._rc, rm=4))
 
     def result(self) -> ReflexiveResult:
         """Return what was learnt so far (call it once :attr:`done`)."""

@@ -65,7 +65,7 @@ DROP_REASONS = (
 )
 """Names of the counters in :attr:`Puncher.counters`, one per reason a probe is dropped."""
 
-_KIND_OF = {
+_KIND_OF: dict[CandidateType, PathKind] = {
     CandidateType.HOST: "lan",
     CandidateType.SRFLX: "direct",
     CandidateType.PRFLX: "direct",
@@ -74,6 +74,7 @@ _KIND_OF = {
 _RANK: dict[str, int] = {"lan": 0, "direct": 1, "relay": 2}
 _WAITING, _PROBING, _SUCCEEDED, _FAILED = "waiting", "probing", "succeeded", "failed"
 _OUTSTANDING_LIMIT = 64
+_INF = float("inf")
 
 
 class PunchError(PunchtrioError):
@@ -88,7 +89,7 @@ class PunchSettings:
     - ``fast_period`` 1.0: ... for the first second after the start (20 pings per pair);
     - ``backoff_max`` 1.0: then the interval doubles from ``2 * fast_interval`` up to this;
     - ``max_unanswered`` 30: pings to an address that has not answered before it counts as failed
-      (so a failed pair has cost at most 30 probes, about 9.5 s after the start);
+      (so a failed pair has cost at most 30 probes, about 8.5 s after the start);
     - ``heartbeat_interval`` 5.0: a ping on the chosen path, to hold the NAT mapping and notice loss;
     - ``heartbeat_retry`` 1.0 and ``lost_after`` 4: an unanswered heartbeat is repeated every second,
       and after 4 unanswered the path is lost (found within about 9 s);
@@ -156,6 +157,7 @@ PunchEvent = PathChosen | PathLost | PunchFailed
 
 class _Pair:
     __slots__ = (
+        "interval",
         "kind",
         "last_ping",
         "next_send",
@@ -167,25 +169,27 @@ class _Pair:
         "unanswered",
     )
 
-    def __init__(self, remote: Address, kind: str, priority: int) -> None:
+    def __init__(self, remote: Address, kind: PathKind, priority: int) -> None:
         self.remote = remote
-        self.kind = kind
+        self.kind: PathKind = kind
         self.priority = priority
         self.state = _WAITING
         self.unanswered = 0
         self.next_send: float | None = None
         self.started = 0.0
-        self.last_ping = 0.0
+        self.last_ping = -_INF
+        self.interval = 0.0
         self.rtt: float | None = None
 
-    def begin(self, now: float) -> None:
+    def begin(self, now: float, interval: float) -> None:
         self.state = _PROBING
         self.unanswered = 0
         self.started = now
         self.next_send = now
+        self.interval = interval
 
     def rank(self) -> tuple[int, float]:
-        return _RANK[self.kind], self.rtt if self.rtt is not None else float("inf")
+        return _RANK[self.kind], self.rtt if self.rtt is not None else _INF
 
 
 class _Peer:
@@ -313,20 +317,24 @@ class Puncher:
             pairs[cand.endpoint] = pair
         if peer.chosen is not None:
             pairs.setdefault(peer.chosen.remote, peer.chosen)
+        for remote, old in peer.pairs.items():  # peer-reflexive addresses learnt so far
+            if len(pairs) >= self.settings.max_pairs:
+                break
+            pairs.setdefault(remote, old)
         peer.pairs = pairs
         peer.started = True
         peer.failed_reported = False
         peer.probes_sent = 0
         for pair in pairs.values():
             if pair is not peer.chosen:
-                pair.begin(at)
+                pair.begin(at, self.settings.fast_interval)
 
     def path(self, public_key: bytes) -> PathChosen | None:
         """Return the chosen path to a peer, or ``None``. Raises :class:`PunchError` if unknown."""
         pair = self._peer(public_key).chosen
         if pair is None or pair.rtt is None:
             return None
-        return PathChosen(public_key, pair.remote, pair.kind, pair.rtt)  # type: ignore[arg-type]
+        return PathChosen(public_key, pair.remote, pair.kind, pair.rtt)
 
     def _peer(self, public_key: bytes) -> _Peer:
         peer = self._peers.get(public_key)
@@ -390,8 +398,12 @@ class Puncher:
 
     # ------------------------------------------------------------------ internals
 
-    def _send(self, peer: _Peer, kind: int, txid: bytes, to: Address, observed: Address | None) -> None:
-        self._out.append((build_probe(kind, txid, self.key_id, self._wall(), peer.key, observed), to))
+    def _send(
+        self, peer: _Peer, kind: int, txid: bytes, to: Address, observed: Address | None
+    ) -> None:
+        self._out.append(
+            (build_probe(kind, txid, self.key_id, self._wall(), peer.key, observed), to)
+        )
         self.probes_sent += 1
 
     def _ping(self, peer: _Peer, pair: _Pair, now: float) -> None:
@@ -421,23 +433,21 @@ class Puncher:
             pair.next_send = None
             return
         self._ping(peer, pair, now)
-        if now - pair.started < s.fast_period - 1e-9:
-            interval = s.fast_interval
-        else:
-            interval = min(s.backoff_max, s.fast_interval * 2 ** (pair.unanswered - s.fast_period / s.fast_interval + 1))
-        pair.next_send = now + max(interval, s.fast_interval)
+        if now - pair.started >= s.fast_period - 1e-9:
+            pair.interval = min(s.backoff_max, pair.interval * 2)
+        pair.next_send = now + pair.interval
 
     def _lose(self, peer: _Peer, pair: _Pair, now: float) -> None:
         peer.chosen = None
         pair.state = _FAILED
         pair.next_send = None
         pair.rtt = None
-        self._events.append(PathLost(peer.public_key, pair.remote, pair.kind))  # type: ignore[arg-type]
+        self._events.append(PathLost(peer.public_key, pair.remote, pair.kind))
         # Addresses that answered before get a fresh attempt; the lost one too, as a last resort.
         for other in peer.pairs.values():
             if other.state == _SUCCEEDED or other is pair:
                 other.rtt = None
-                other.begin(now)
+                other.begin(now, self.settings.fast_interval)
         peer.failed_reported = False
         peer.probes_sent = 0
 
@@ -458,18 +468,17 @@ class Puncher:
             kind = CandidateType.PRFLX
             pair = _Pair(source, _KIND_OF[kind], Candidate(kind, source[0], source[1]).priority)
             peer.pairs[source] = pair
-        if not peer.started:
-            peer.started = True  # the peer began first: start with it
-        if pair.state in (_WAITING, _FAILED) or (
-            pair.state == _PROBING and (pair.next_send is None or pair.next_send > now)
-        ):
+        peer.started = True  # if the peer began first, start with it
+        fast = self.settings.fast_interval
+        if pair.state in (_WAITING, _FAILED):
+            pair.begin(now, fast)
+        if pair.state == _PROBING:
             # A triggered check: the peer is at ``source`` now, so ping it back at once. An
-            # authenticated ping counts as an answer for the probe budget.
-            if pair.state != _PROBING:
-                pair.begin(now)
+            # authenticated ping from an address counts as an answer for its probe budget.
             pair.unanswered = 0
-            self._ping(peer, pair, now)
-            pair.next_send = now + self.settings.fast_interval
+            if now - pair.last_ping >= fast:
+                self._ping(peer, pair, now)
+                pair.next_send = now + pair.interval
 
     def _on_pong(self, peer: _Peer, txid: bytes, source: Address, now: float) -> None:
         entry = peer.outstanding.get(txid)
@@ -497,9 +506,7 @@ class Puncher:
                 chosen.next_send = None
             peer.chosen = pair
             pair.next_send = now + self.settings.heartbeat_interval
-            self._events.append(
-                PathChosen(peer.public_key, pair.remote, pair.kind, pair.rtt)  # type: ignore[arg-type]
-            )
+            self._events.append(PathChosen(peer.public_key, pair.remote, pair.kind, sample))
 
     def _better(self, new: _Pair, old: _Pair) -> bool:
         new_rank, old_rank = _RANK[new.kind], _RANK[old.kind]

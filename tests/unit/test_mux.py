@@ -1,0 +1,387 @@
+"""The shared-socket demultiplexer: the classifier, the dispatcher and the two ways to run it."""
+
+from __future__ import annotations
+
+import ipaddress
+import socket
+import struct
+
+import pytest
+import trio
+from hypothesis import given
+from hypothesis import strategies as st
+
+from punchtrio import netsim
+from punchtrio.mux import (
+    PROBE_MAGIC,
+    Datagram,
+    Kind,
+    Mux,
+    MuxedDevice,
+    MuxError,
+    classify,
+    serve_mux,
+)
+from punchtrio.punch import PING, PONG, build_probe
+from punchtrio.stun import (
+    Fingerprint,
+    MessageIntegrity,
+    Software,
+    StunMessage,
+    StunTransaction,
+    XorMappedAddress,
+    encode_message,
+)
+from punchtrio.tunnel._userspace import UserspaceTunnel
+from punchtrio.wireguard import (
+    CookieReply,
+    Device,
+    Initiation,
+    PeerConfig,
+    Response,
+    Transport,
+)
+
+KEY_A = bytes(range(1, 33))
+KEY_B = bytes(range(101, 133))
+ADDR_A = ("192.0.2.1", 51820)
+ADDR_B = ("192.0.2.2", 51820)
+
+
+def ipv4(src: str, dst: str, payload: bytes = b"ping") -> bytes:
+    """A minimal IPv4 packet (UDP protocol number, no checksum: the devices do not look)."""
+    total = 20 + len(payload)
+    header = struct.pack(
+        "!BBHHHBBH4s4s",
+        0x45,
+        0,
+        total,
+        0,
+        0,
+        64,
+        17,
+        0,
+        ipaddress.IPv4Address(src).packed,
+        ipaddress.IPv4Address(dst).packed,
+    )
+    return header + payload
+
+
+def wireguard_datagrams() -> list[bytes]:
+    """One real message of each WireGuard type, from two devices' handshake and a cookie reply."""
+    a, b = Device(KEY_A), Device(KEY_B)
+    a.add_peer(
+        PeerConfig(
+            b.public_key, allowed_ips=(ipaddress.ip_network("10.0.0.2/32"),), endpoint=ADDR_B
+        )
+    )
+    b.add_peer(PeerConfig(a.public_key, allowed_ips=(ipaddress.ip_network("10.0.0.1/32"),)))
+    assert a.send_packet(ipv4("10.0.0.1", "10.0.0.2"), 0.0) is None
+    [(initiation, _)] = a.datagrams_to_send()
+    b.receive_datagram(initiation, ADDR_A, 0.0)
+    [(response, _)] = b.datagrams_to_send()
+    a.receive_datagram(response, ADDR_B, 0.0)
+    transports = [d for d, _ in a.datagrams_to_send()]
+    busy = Device(KEY_B)
+    busy.under_load = True
+    busy.add_peer(PeerConfig(a.public_key))
+    busy.receive_datagram(initiation, ADDR_A, 0.0)
+    [(cookie, _)] = busy.datagrams_to_send()
+    return [initiation, response, cookie, *transports]
+
+
+WG_REAL = wireguard_datagrams()
+
+
+def test_real_wireguard_messages_of_every_type_are_wireguard() -> None:
+    assert sorted({d[0] for d in WG_REAL}) == [1, 2, 3, 4]
+    assert all(classify(d) is Kind.WIREGUARD for d in WG_REAL)
+
+
+@pytest.mark.parametrize(
+    ("data", "kind"),
+    [
+        (b"", Kind.UNKNOWN),
+        (b"\x00", Kind.UNKNOWN),
+        (StunTransaction(("203.0.113.1", 3478), 0.0).request, Kind.STUN),
+        # STUN header with a length that does not match the datagram: not STUN.
+        (b"\x00\x01\x00\x04\x21\x12\xa4\x42" + bytes(12), Kind.UNKNOWN),
+        # First two bits 01: not STUN even with the cookie (it is TURN ChannelData).
+        (b"\x40\x01\x00\x00\x21\x12\xa4\x42" + bytes(12), Kind.CHANNEL_DATA),
+        # A WireGuard-shaped 20-byte datagram with the cookie: STUN wins, as the order says.
+        (b"\x01\x00\x00\x00\x21\x12\xa4\x42" + bytes(12), Kind.STUN),
+        (b"\x04\x00\x00\x00" + bytes(28), Kind.WIREGUARD),
+        (b"\x04\x00\x00\x00" + bytes(27), Kind.UNKNOWN),  # below the smallest WireGuard message
+        (b"\x05\x00\x00\x00" + bytes(60), Kind.UNKNOWN),
+        (b"\x01\x00\x00\x01" + bytes(144), Kind.UNKNOWN),
+        (PROBE_MAGIC, Kind.PROBE),
+        (b"\x7f\xff\x00\x00", Kind.CHANNEL_DATA),
+        (b"\x7f\xff\x00", Kind.UNKNOWN),
+        (b"\x80" + bytes(40), Kind.UNKNOWN),
+        (b"\xff" * 100, Kind.UNKNOWN),
+    ],
+)
+def test_classify_examples(data: bytes, kind: Kind) -> None:
+    assert classify(data) is kind
+
+
+class Recorder:
+    """A mux with a recording handler for every kind; WireGuard's returns a marker packet."""
+
+    def __init__(self) -> None:
+        self.mux = Mux()
+        self.got: list[tuple[Kind, bytes]] = []
+        for kind in (Kind.STUN, Kind.PROBE, Kind.CHANNEL_DATA):
+            self.mux.route(kind, self._recorder(kind))
+        self.mux.route(Kind.WIREGUARD, self._wireguard)
+
+    def _recorder(self, kind: Kind):  # type: ignore[no-untyped-def]
+        def handler(data: bytes, addr: tuple[str, int], now: float) -> None:
+            self.got.append((kind, data))
+
+        return handler
+
+    def _wireguard(self, data: bytes, addr: tuple[str, int], now: float) -> bytes:
+        self.got.append((Kind.WIREGUARD, data))
+        return b"inner"
+
+
+@given(st.binary(max_size=200))
+def test_classifier_is_total_and_the_dispatcher_agrees_with_it(data: bytes) -> None:
+    kind = classify(data)
+    assert isinstance(kind, Kind)
+    rec = Recorder()
+    result = rec.mux.receive_datagram(data, ADDR_A, 1.0)
+    if kind is Kind.UNKNOWN:
+        assert rec.got == []
+        assert rec.mux.counters.unknown == 1
+    else:
+        assert rec.got == [(kind, data)]
+    assert result == (b"inner" if kind is Kind.WIREGUARD else None)
+    assert rec.mux.counters.received[kind] == 1
+
+
+@given(st.sampled_from([b"\x00", b"\x01", b"\x02", b"\x03", b"\x04"]), st.binary(max_size=200))
+def test_classifier_on_cookie_prefixed_noise(first: bytes, rest: bytes) -> None:
+    """Datagrams that carry the STUN cookie but are not STUN never reach the STUN handler."""
+    data = first + rest[:3] + b"\x21\x12\xa4\x42" + rest[3:]
+    kind = classify(data)
+    length = int.from_bytes(data[2:4], "big")
+    assert (kind is Kind.STUN) == (len(data) >= 20 and length == len(data) - 20 and not length % 4)
+
+
+_ip4 = st.ip_addresses(v=4).map(str)
+_ip6 = st.ip_addresses(v=6).map(str)
+
+
+@given(
+    st.sampled_from([0x0001, 0x0011, 0x0101, 0x0111, 0x0003, 0x0103]),
+    st.one_of(_ip4, _ip6),
+    st.integers(1, 65535),
+    st.text(max_size=40),
+    st.booleans(),
+    st.booleans(),
+)
+def test_every_stun_message_is_stun(
+    msg_type: int, ip: str, port: int, software: str, integrity: bool, fingerprint: bool
+) -> None:
+    family = 2 if ":" in ip else 1
+    attrs = [XorMappedAddress(family=family, ip=ip, port=port), Software(value=software.encode())]
+    if integrity:
+        attrs.append(MessageIntegrity())
+    if fingerprint:
+        attrs.append(Fingerprint())
+    data = encode_message(StunMessage(msg_type=msg_type, attributes=attrs), key=b"secret")
+    assert classify(data) is Kind.STUN
+
+
+@given(
+    st.sampled_from(["v4", "v6"]),
+    st.booleans(),
+    st.booleans(),
+    st.one_of(st.none(), st.integers(1, 65535)),
+)
+def test_every_stun_request_is_stun(
+    family: str, change_ip: bool, change_port: bool, rp: int | None
+) -> None:
+    dest = ("203.0.113.1", 3478) if family == "v4" else ("2001:db8::1", 3478)
+    t = StunTransaction(dest, 0.0, change_ip=change_ip, change_port=change_port, response_port=rp)
+    assert classify(t.request) is Kind.STUN
+
+
+_u32 = st.integers(0, 2**32 - 1)
+
+
+@given(
+    st.one_of(
+        st.builds(
+            Initiation,
+            _u32,
+            st.binary(min_size=32, max_size=32),
+            st.binary(min_size=48, max_size=48),
+            st.binary(min_size=28, max_size=28),
+            st.binary(min_size=16, max_size=16),
+            st.binary(min_size=16, max_size=16),
+        ),
+        st.builds(
+            Response,
+            _u32,
+            _u32,
+            st.binary(min_size=32, max_size=32),
+            st.binary(min_size=16, max_size=16),
+            st.binary(min_size=16, max_size=16),
+            st.binary(min_size=16, max_size=16),
+        ),
+        st.builds(
+            CookieReply,
+            _u32,
+            st.binary(min_size=24, max_size=24),
+            st.binary(min_size=32, max_size=32),
+        ),
+        st.builds(
+            Transport, _u32, st.integers(0, 2**64 - 1), st.binary(min_size=16, max_size=1500)
+        ),
+    )
+)
+def test_every_wireguard_message_is_wireguard(
+    message: Initiation | Response | CookieReply | Transport,
+) -> None:
+    assert classify(message.encode()) is Kind.WIREGUARD
+
+
+@given(
+    st.sampled_from([PING, PONG]),
+    st.binary(min_size=12, max_size=12),
+    st.binary(min_size=8, max_size=8),
+    st.floats(0, 4e9),
+    st.one_of(st.none(), st.tuples(st.one_of(_ip4, _ip6), st.integers(1, 65535))),
+)
+def test_every_probe_is_a_probe(
+    kind: int, txid: bytes, sender: bytes, wall: float, observed: tuple[str, int] | None
+) -> None:
+    data = build_probe(kind, txid, sender, wall, bytes(32), observed if kind == PONG else None)
+    assert classify(data) is Kind.PROBE
+
+
+@given(st.integers(0x4000, 0x7FFF), st.binary(max_size=100))
+def test_every_channel_data_message_is_channel_data(channel: int, payload: bytes) -> None:
+    data = struct.pack("!HH", channel, len(payload)) + payload
+    assert classify(data) is Kind.CHANNEL_DATA
+
+
+def test_routes_are_exclusive_and_unknown_cannot_be_routed() -> None:
+    mux = Mux()
+    with pytest.raises(MuxError):
+        mux.route(Kind.UNKNOWN, lambda d, a, n: None)
+    mux.route(Kind.STUN, lambda d, a, n: None)
+    with pytest.raises(MuxError):
+        mux.route(Kind.STUN, lambda d, a, n: None)
+    mux.unroute(Kind.STUN)
+    mux.route(Kind.STUN, lambda d, a, n: None)
+    mux.route(Kind.WIREGUARD, lambda d, a, n: None)
+    with pytest.raises(MuxError):
+        mux.route(Kind.WIREGUARD, lambda d, a, n: None)
+
+
+def test_unrouted_and_unknown_datagrams_are_dropped_and_counted() -> None:
+    mux = Mux()
+    assert mux.receive_datagram(WG_REAL[-1], ADDR_A, 0.0) is None
+    assert mux.receive_datagram(PROBE_MAGIC, ADDR_A, 0.0) is None
+    assert mux.receive_datagram(b"\x99 junk", ADDR_A, 0.0) is None
+    assert mux.counters.unrouted == 2
+    assert mux.counters.unknown == 1
+    assert mux.counters.received[Kind.WIREGUARD] == 1
+
+
+async def test_a_full_or_closed_queue_drops_and_counts() -> None:
+    mux = Mux()
+    queue = mux.open_queue(Kind.PROBE, max_size=2)
+    for i in range(5):
+        mux.receive_datagram(PROBE_MAGIC + bytes([i]), ADDR_A, float(i))
+    assert mux.counters.queue_full == 3
+    first = queue.receive_nowait()
+    assert first == Datagram(PROBE_MAGIC + b"\x00", ADDR_A, 0.0)
+    await queue.aclose()
+    mux.receive_datagram(PROBE_MAGIC, ADDR_A, 9.0)
+    assert mux.counters.queue_full == 4
+
+
+@pytest.mark.parametrize("raw", [False, True])
+async def test_serve_mux_on_netsim_sockets(
+    autojump_clock: trio.testing.MockClock, raw: bool
+) -> None:
+    net = netsim.Internet()
+    alice, bob = net.add_host(ADDR_A[0]), net.add_host(ADDR_B[0])
+    mux = Mux()
+    stun = mux.open_queue(Kind.STUN)
+    probes = mux.open_queue(Kind.PROBE)
+    wireguard: list[bytes] = []
+    mux.route(Kind.WIREGUARD, lambda d, a, n: wireguard.append(d))
+    request = StunTransaction(ADDR_B, 0.0).request
+    async with net, trio.open_nursery() as nursery:
+        if raw:
+            sock = bob.nonblocking_socket()
+            sock.bind(("", ADDR_B[1]))
+        else:
+            sock = bob.udp_socket()
+            await sock.bind(("", ADDR_B[1]))
+        await nursery.start(serve_mux, sock, mux)
+        sender = alice.udp_socket()
+        await sender.bind(("", ADDR_A[1]))
+        for data in (request, PROBE_MAGIC + b"x", b"\xee junk", *WG_REAL):
+            await sender.sendto(data, ADDR_B)
+        got = await stun.receive()
+        assert (got.data, got.source) == (request, ADDR_A)
+        assert (await probes.receive()).data == PROBE_MAGIC + b"x"
+        await trio.sleep(1)
+        assert wireguard == WG_REAL
+        assert mux.counters.unknown == 1
+        nursery.cancel_scope.cancel()
+        if raw:
+            sock.close()
+
+
+async def test_the_tunnel_drains_the_shared_socket_through_the_mux(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    """Two real WireGuard devices in userspace tunnels; STUN on the same port reaches its queue."""
+    net = netsim.Internet()
+    hosts = {"a": net.add_host(ADDR_A[0]), "b": net.add_host(ADDR_B[0])}
+    dev_a, dev_b = Device(KEY_A), Device(KEY_B)
+    dev_a.add_peer(
+        PeerConfig(
+            dev_b.public_key, allowed_ips=(ipaddress.ip_network("10.0.0.2/32"),), endpoint=ADDR_B
+        )
+    )
+    dev_b.add_peer(PeerConfig(dev_a.public_key, allowed_ips=(ipaddress.ip_network("10.0.0.1/32"),)))
+    mux_b = Mux()
+    stun_b = mux_b.open_queue(Kind.STUN)
+    tuns = {name: socket.socketpair(socket.AF_UNIX, socket.SOCK_DGRAM) for name in hosts}
+    for inside, _ in tuns.values():
+        inside.setblocking(False)
+    apps = {name: trio.socket.from_stdlib_socket(outside) for name, (_, outside) in tuns.items()}
+    try:
+        async with net, trio.open_nursery() as nursery:
+            socks = {}
+            for name, host in hosts.items():
+                socks[name] = host.nonblocking_socket()
+                socks[name].bind(("", 51820))
+            tunnel_a = UserspaceTunnel(dev_a, tuns["a"][0], [socks["a"]])  # type: ignore[list-item]
+            tunnel_b = UserspaceTunnel(MuxedDevice(dev_b, mux_b), tuns["b"][0], [socks["b"]])  # type: ignore[list-item]
+            await nursery.start(tunnel_a.serve)
+            await nursery.start(tunnel_b.serve)
+            packet = ipv4("10.0.0.1", "10.0.0.2", b"through the mux")
+            await apps["a"].send(packet)
+            assert await apps["b"].recv(2048) == packet
+            stun_client = hosts["a"].udp_socket()
+            request = StunTransaction(ADDR_B, 0.0).request
+            await stun_client.sendto(request, ADDR_B)
+            got = await stun_b.receive()
+            assert got.data == request
+            assert mux_b.counters.received[Kind.WIREGUARD] >= 2  # initiation and the data
+            assert dev_b.peer_stats()[dev_a.public_key].has_session
+            nursery.cancel_scope.cancel()
+    finally:
+        for name, (inside, _) in tuns.items():
+            apps[name].close()
+            inside.close()
