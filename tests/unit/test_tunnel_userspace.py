@@ -150,14 +150,17 @@ class StepCounter(trio.abc.Instrument):
             self.steps += 1
 
 
-async def test_packets_cross_two_shells_in_batches(fake_tuns: tuple[FakeTun, FakeTun]) -> None:
+@pytest.mark.parametrize("gso", [True, False])
+async def test_packets_cross_two_shells_in_batches(
+    fake_tuns: tuple[FakeTun, FakeTun], gso: bool
+) -> None:
     tun_a, tun_b = fake_tuns
     sock_a, sock_b = _udp(), _udp()
     address_a = sock_a.getsockname()
     dev_a = StandInDevice(peer=sock_b.getsockname())
     dev_b = StandInDevice(peer=None)
     events: list[object] = []
-    a = UserspaceTunnel(dev_a, tun_a, [sock_a])
+    a = UserspaceTunnel(dev_a, tun_a, [sock_a], gso=gso)
     b = UserspaceTunnel(dev_b, tun_b, [sock_b], on_event=events.append)
     counter = StepCounter("_udp_reader")
     trio.lowlevel.add_instrument(counter)

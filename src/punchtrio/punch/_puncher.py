@@ -18,9 +18,8 @@ probing    a ping every ``fast_interval`` for ``fast_period``, then the   succee
            interval doubles up to ``backoff_max``
 succeeded  answered; silent unless chosen, then a heartbeat every         probing (after a loss)
            ``heartbeat_interval`` (retries every ``heartbeat_retry``)
-failed     ``max_unanswered`` pings went unanswered; never probed again   probing (an
-           in this attempt                                               authenticated ping
-                                                                         came from it)
+failed     ``max_unanswered`` pings went unanswered; never probed again   probing (the next
+           in this attempt                                               :meth:`Puncher.start`)
 =========  ============================================================  =======================
 """
 
@@ -470,15 +469,17 @@ class Puncher:
             peer.pairs[source] = pair
         peer.started = True  # if the peer began first, start with it
         fast = self.settings.fast_interval
-        if pair.state in (_WAITING, _FAILED):
+        if pair.state == _WAITING:
             pair.begin(now, fast)
-        if pair.state == _PROBING:
-            # A triggered check: the peer is at ``source`` now, so ping it back at once. An
-            # authenticated ping from an address counts as an answer for its probe budget.
-            pair.unanswered = 0
-            if now - pair.last_ping >= fast:
-                self._ping(peer, pair, now)
-                pair.next_send = now + pair.interval
+        if (
+            pair.state == _PROBING
+            and pair.unanswered < self.settings.max_unanswered
+            and now - pair.last_ping >= fast
+        ):
+            # A triggered check: the peer is at ``source`` now, so ping it back at once (within
+            # the pair's probe budget: only a pong from an address refills it).
+            self._ping(peer, pair, now)
+            pair.next_send = now + pair.interval
 
     def _on_pong(self, peer: _Peer, txid: bytes, source: Address, now: float) -> None:
         entry = peer.outstanding.get(txid)
