@@ -2,54 +2,132 @@
 ``punchtrio hub`` process on loopback, beside ``GET /healthz`` (the floor cost of the HTTP stack) in
 the same run, and the hub's resident memory with 100,000 registered peers.
 
-The load generator speaks HTTP/1.1 itself over Trio sockets (keep-alive, one request in flight per
-connection, many connections) so that it costs far less per request than the hub, and signs every
-request just in time exactly as ``HubClient`` does.
+The load comes from ``wrk`` (a C load generator, Debian package ``wrk``) so that the measure is the
+hub's and not a Python client's. Signed requests cannot be made up inside wrk: this module signs
+them in Python just before each wrk run (every one with its own nonce and a fresh timestamp, well
+inside the hub's 60 s window) and a small Lua script hands them to wrk's connections in order. The
+hub is pinned to one core and wrk to the other (``taskset``) so "one hub process" is measured alike
+on every run; the hub's CPU time per request (``/proc/PID/stat``) is reported too, because other
+load on a shared machine inflates wall time but hardly CPU time. Every answer's status is checked
+from the hub's own ``/metrics`` counters.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import re
+import shutil
+import signal
 import socket
+import statistics
 import subprocess
 import sys
+import tempfile
 import time
-from collections.abc import Callable
+from collections import Counter
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import httpx
-import trio
 
 from punchtrio import PrivateKey, PublicKey
 from punchtrio.rendezvous import RequestSigner
 
 NAME = "hub"
 
-CONCURRENCY = 128
-"""Connections, each with one request in flight."""
-REQUESTS = 24_000
-"""Requests of each kind (register + lookup, and baseline) in the timed phases."""
+CONNECTIONS = 128
+"""wrk connections (keep-alive, one request in flight each): the concurrent clients."""
 ROUNDS = 4
-"""The timed phases alternate in this many rounds."""
+"""The timed phases (baseline, register + lookup) alternate in this many rounds."""
+ROUND_SECONDS = 8
+"""Length of one timed phase."""
+POOL_RATE = 8000
+"""Signed requests prepared per second of a timed phase: more than one hub process can serve."""
+LOOKUP_TARGETS = 2000
+"""Peers registered (untimed) before the timed phases, for the lookups to find."""
 PEERS = 100_000
 """Registered peers for the memory measurement."""
+FILL_SECONDS = 20.0
+"""Planned length of one wrk run of the memory fill (its requests must stay inside the window)."""
 TARGET_RPS = 3000.0
 TARGET_RSS_MB = 300.0
 
-Request = tuple[bytes, int]  # wire bytes, expected status
+# Hands out the requests of the pool file in order (one wrk thread). Once they are used up it
+# stops its thread (answering the call that found the pool empty with a harmless /healthz) and
+# says so, for wrk's main thread sleeps out the whole -d unless interrupted (SIGINT). wrk calls
+# request() once before the run to check the script and never sends that one: the pool's first
+# entry is a /healthz for it. done() prints the summary as one JSON line.
+_LUA = r"""
+local pool, count, index = {}, 0, 0
+local threads = {}
+
+function setup(thread)
+  table.insert(threads, thread)
+end
+
+function init(args)
+  local file = assert(io.open(os.getenv("PUNCHTRIO_WRK_POOL"), "rb"))
+  local data = file:read("*a")
+  file:close()
+  local start = 1
+  while true do
+    local stop = string.find(data, "\0", start, true)
+    if not stop then break end
+    count = count + 1
+    pool[count] = string.sub(data, start, stop - 1)
+    start = stop + 1
+  end
+  exhausted = 0
+end
+
+function request()
+  index = index + 1
+  if index > count then
+    if exhausted == 0 then
+      exhausted = 1
+      io.write("PTBENCH-EXHAUSTED\n")
+      io.flush()
+    end
+    wrk.thread:stop()
+    return pool[1]
+  end
+  return pool[index]
+end
+
+function done(summary, latency, requests)
+  local e = summary.errors
+  io.write(string.format(
+    'PTBENCH {"requests":%d,"duration_us":%d,"non2xx":%d,"socket_errors":%d,' ..
+    '"timeouts":%d,"p50_us":%d,"p90_us":%d,"p99_us":%d,"max_us":%d,"exhausted":%d}\n',
+    summary.requests, summary.duration, e.status, e.connect + e.read + e.write, e.timeout,
+    latency:percentile(50), latency:percentile(90), latency:percentile(99), latency.max,
+    threads[1]:get("exhausted") or 0))
+end
+"""
+
+_COUNTER = re.compile(
+    r'punchtrio_hub_requests_total\{route="([^"]*)",method="([^"]*)",status="([0-9]+)"\} '
+    r"([0-9.e+]+)"
+)
 
 
 @dataclass
-class Phase:
-    """What one load phase measured."""
+class Run:
+    """What one wrk run measured (sums over several runs with :meth:`add`)."""
 
     requests: int = 0
-    errors: dict[int, int] = field(default_factory=dict)
-    latencies: list[float] = field(default_factory=list)
     seconds: float = 0.0
     hub_cpu: float = 0.0
+    hub_requests: int = 0
+    wrk_errors: int = 0
+    exhausted: bool = False
+    statuses: Counter[tuple[str, str, int]] = field(default_factory=Counter)
+    p50: list[float] = field(default_factory=list)
+    p90: list[float] = field(default_factory=list)
+    p99: list[float] = field(default_factory=list)
+    rates: list[float] = field(default_factory=list)
 
     @property
     def rate(self) -> float:
@@ -57,24 +135,33 @@ class Phase:
 
     @property
     def cpu_per_request(self) -> float:
-        """Hub CPU time (user + system) per request, in microseconds."""
-        return self.hub_cpu / self.requests * 1e6 if self.requests else 0.0
+        """Hub CPU time (user + system) per request the hub answered, in microseconds."""
+        return self.hub_cpu / self.hub_requests * 1e6 if self.hub_requests else 0.0
 
-    def add(self, other: Phase) -> None:
+    def add(self, other: Run) -> None:
         self.requests += other.requests
-        for status, count in other.errors.items():
-            self.errors[status] = self.errors.get(status, 0) + count
-        self.latencies += other.latencies
         self.seconds += other.seconds
         self.hub_cpu += other.hub_cpu
+        self.hub_requests += other.hub_requests
+        self.wrk_errors += other.wrk_errors
+        self.exhausted |= other.exhausted
+        self.statuses.update(other.statuses)
+        self.p50 += other.p50
+        self.p90 += other.p90
+        self.p99 += other.p99
+        self.rates += other.rates
 
-    def percentile(self, q: float) -> float:
-        ordered = sorted(self.latencies)
-        return ordered[min(len(ordered) - 1, int(q * len(ordered)))] * 1000 if ordered else 0.0
+    def latency(self) -> str:
+        """Median over runs of each run's p50 / p90 / p99, in milliseconds."""
+        p50, p90, p99 = (statistics.median(p) / 1000 for p in (self.p50, self.p90, self.p99))
+        return f"p50 {p50:.0f} ms, p90 {p90:.0f} ms, p99 {p99:.0f} ms"
+
+    def spread(self) -> str:
+        return f"{min(self.rates):,.0f}-{max(self.rates):,.0f}"
 
 
 class Peer:
-    """One simulated client: its key, its signer and its record's content."""
+    """One simulated client: a fresh key, its signer and its record's content."""
 
     def __init__(self, index: int, hub_key: PublicKey) -> None:
         self.name = f"peer-{index}"
@@ -94,76 +181,174 @@ class Peer:
         ).encode()
 
 
-def _request(
-    host: str, method: str, target: str, body: bytes, signer: RequestSigner | None
-) -> bytes:
-    lines = [f"{method} {target} HTTP/1.1", f"Host: {host}"]
-    if body:
-        lines += ["Content-Type: application/json", f"Content-Length: {len(body)}"]
-    if signer is not None:
-        headers = signer.sign(method, target, body, now=time.time())
-        lines += [f"{k}: {v}" for k, v in headers.items()]
-    return ("\r\n".join(lines) + "\r\n\r\n").encode() + body
+class Bench:
+    """A running hub, pinned to one core, and wrk on another."""
+
+    def __init__(self, workdir: Path) -> None:
+        for tool in ("wrk", "taskset"):
+            if shutil.which(tool) is None:
+                raise SystemExit(
+                    f"benchmarks hub: `{tool}` is not installed; the hub benchmark drives load "
+                    "with wrk (Debian: apt-get install wrk taskset, or run scripts/bootstrap)"
+                )
+        cpus = sorted(os.sched_getaffinity(0))
+        self.pinned = len(cpus) >= 2
+        self.hub_cpu, self.load_cpu = (cpus[0], cpus[1]) if self.pinned else (cpus[0], cpus[0])
+        self.workdir = workdir
+        self.script = workdir / "pool.lua"
+        self.script.write_text(_LUA)
+        self.pool = workdir / "pool.bin"
+        self.port = _free_port()
+        self.host = f"127.0.0.1:{self.port}"
+        self.next_peer = 0
+        argv = [
+            sys.executable, "-m", "punchtrio.cli", "hub", "--listen", self.host,
+            "--rate", "0", "--max-peers", str(2 * PEERS), "--ttl", "3600",
+        ]  # fmt: skip
+        if self.pinned:
+            argv = ["taskset", "-c", str(self.hub_cpu), *argv]
+        self.hub = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        self.http = httpx.Client(base_url=f"http://{self.host}", timeout=10)
+        self._wait_ready()
+        info = self.http.get("/v1/hub").json()
+        self.hub_key = PublicKey.from_base64(info["public_key"])
+
+    def close(self) -> None:
+        self.http.close()
+        self.hub.terminate()
+        try:
+            self.hub.wait(10)
+        except subprocess.TimeoutExpired:
+            self.hub.kill()
+            self.hub.wait()
+
+    def _wait_ready(self) -> None:
+        for _ in range(200):
+            if self.hub.poll() is not None:
+                raise RuntimeError(f"punchtrio hub exited with {self.hub.returncode}")
+            try:
+                if self.http.get("/healthz").status_code == 200:
+                    return
+            except httpx.TransportError:
+                time.sleep(0.05)
+        raise RuntimeError("punchtrio hub did not start")
+
+    # requests
+
+    def _wire(self, method: str, target: str, body: bytes = b"", peer: Peer | None = None) -> bytes:
+        lines = [f"{method} {target} HTTP/1.1", f"Host: {self.host}"]
+        if body:
+            lines += ["Content-Type: application/json", f"Content-Length: {len(body)}"]
+        if peer is not None:
+            headers = peer.signer.sign(method, target, body, now=time.time())
+            lines += [f"{k}: {v}" for k, v in headers.items()]
+        return ("\r\n".join(lines) + "\r\n\r\n").encode() + body
+
+    def healthz(self, count: int) -> Iterator[bytes]:
+        wire = self._wire("GET", "/healthz")
+        for _ in range(count):
+            yield wire
+
+    def registrations(self, count: int) -> Iterator[bytes]:
+        """First registrations of ``count`` new peers (new names, each its own key)."""
+        for _ in range(count):
+            peer = Peer(self.next_peer, self.hub_key)
+            self.next_peer += 1
+            yield self._wire("PUT", f"/v1/peers/{peer.name}", peer.body, peer)
+
+    def register_and_lookup(self, pairs: int, known: int) -> Iterator[bytes]:
+        """``pairs`` times: a new peer registers, then looks up one of the first ``known`` peers."""
+        for i in range(pairs):
+            peer = Peer(self.next_peer, self.hub_key)
+            self.next_peer += 1
+            other = f"peer-{(self.next_peer * 7919) % known}"
+            yield self._wire("PUT", f"/v1/peers/{peer.name}", peer.body, peer)
+            yield self._wire("GET", f"/v1/peers/{other}", b"", peer)
+
+    # measuring
+
+    def run(self, requests: Iterator[bytes], seconds: float) -> Run:
+        """Serve ``requests`` with wrk for at most ``seconds`` (less if they run out)."""
+        with self.pool.open("wb") as pool:
+            pool.write(self._wire("GET", "/healthz") + b"\0")
+            for wire in requests:
+                pool.write(wire + b"\0")
+        argv = [
+            "wrk", "-t1", f"-c{CONNECTIONS}", f"-d{seconds:.0f}s", "--timeout", "10s",
+            "-s", str(self.script), f"http://{self.host}/",
+        ]  # fmt: skip
+        if self.pinned:
+            argv = ["taskset", "-c", str(self.load_cpu), *argv]
+        before, cpu = self.counters(), _cpu_seconds(self.hub.pid)
+        # taskset execs wrk, so the pid is wrk's.
+        wrk = subprocess.Popen(
+            argv,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+            env={**os.environ, "PUNCHTRIO_WRK_POOL": str(self.pool)},
+        )
+        summary = None
+        assert wrk.stdout is not None and wrk.stderr is not None
+        for line in wrk.stdout:
+            if line.startswith("PTBENCH-EXHAUSTED"):
+                wrk.send_signal(signal.SIGINT)
+            elif line.startswith("PTBENCH "):
+                summary = line
+        stderr = wrk.stderr.read()
+        wrk.wait()
+        cpu = _cpu_seconds(self.hub.pid) - cpu
+        after = self.counters()
+        if wrk.returncode != 0 or summary is None:
+            raise RuntimeError(f"wrk failed ({wrk.returncode}): {stderr.strip()[-500:]}")
+        report = json.loads(summary.split(" ", 1)[1])
+        statuses = after - before
+        # The counters of /metrics itself (one scrape) are not the load's.
+        statuses = Counter({k: n for k, n in statuses.items() if k[0] != "/metrics"})
+        seconds_run = report["duration_us"] / 1e6
+        return Run(
+            requests=report["requests"],
+            seconds=seconds_run,
+            hub_cpu=cpu,
+            hub_requests=sum(statuses.values()),
+            wrk_errors=report["socket_errors"] + report["timeouts"],
+            exhausted=bool(report["exhausted"]),
+            statuses=statuses,
+            p50=[report["p50_us"]],
+            p90=[report["p90_us"]],
+            p99=[report["p99_us"]],
+            rates=[report["requests"] / seconds_run if seconds_run else 0.0],
+        )
+
+    def counters(self) -> Counter[tuple[str, str, int]]:
+        counts: Counter[tuple[str, str, int]] = Counter()
+        for route, method, status, value in _COUNTER.findall(self.http.get("/metrics").text):
+            counts[route, method, int(status)] = int(float(value))
+        return counts
+
+    def peers(self) -> int:
+        for line in self.http.get("/metrics").text.splitlines():
+            if line.startswith("punchtrio_hub_peers "):
+                return int(float(line.split()[1]))
+        raise RuntimeError("no punchtrio_hub_peers in /metrics")
 
 
-async def _read_response(stream: trio.SocketStream, buffer: bytearray) -> int:
-    """Read one response (Content-Length framed) and return its status."""
-    while True:
-        end = buffer.find(b"\r\n\r\n")
-        if end >= 0:
-            break
-        chunk = await stream.receive_some(65536)
-        if not chunk:
-            raise ConnectionError("the hub closed the connection")
-        buffer += chunk
-    head = bytes(buffer[:end]).decode("latin-1").split("\r\n")
-    status = int(head[0].split(" ", 2)[1])
-    length = 0
-    for line in head[1:]:
-        key, _, value = line.partition(":")
-        if key.strip().lower() == "content-length":
-            length = int(value)
-    total = end + 4 + length
-    while len(buffer) < total:
-        chunk = await stream.receive_some(65536)
-        if not chunk:
-            raise ConnectionError("the hub closed the connection")
-        buffer += chunk
-    del buffer[:total]
-    return status
+_EXPECTED = {
+    ("/healthz", "GET"): 200,
+    ("/v1/peers/{name}", "PUT"): 201,
+    ("/v1/peers/{name}", "GET"): 200,
+}
 
 
-async def _load(port: int, pid: int, count: int, make: Callable[[int], Request]) -> Phase:
-    """Send ``count`` requests made by ``make(i)`` over :data:`CONCURRENCY` connections; also
-    account the CPU time the hub process ``pid`` spent meanwhile."""
-    phase = Phase()
-    next_index = 0
-
-    async def connection() -> None:
-        nonlocal next_index
-        stream = await trio.open_tcp_stream("127.0.0.1", port)
-        stream.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        buffer = bytearray()
-        async with stream:
-            while next_index < count:
-                index = next_index
-                next_index += 1
-                wire, expected = make(index)
-                started = time.perf_counter()
-                await stream.send_all(wire)
-                status = await _read_response(stream, buffer)
-                phase.latencies.append(time.perf_counter() - started)
-                phase.requests += 1
-                if status != expected:
-                    phase.errors[status] = phase.errors.get(status, 0) + 1
-
-    cpu, started = _cpu_seconds(pid), time.perf_counter()
-    async with trio.open_nursery() as nursery:
-        for _ in range(min(CONCURRENCY, count)):
-            nursery.start_soon(connection)
-    phase.seconds = time.perf_counter() - started
-    phase.hub_cpu = _cpu_seconds(pid) - cpu
-    return phase
+def _unexpected(*runs: Run) -> dict[str, int]:
+    wrong: Counter[str] = Counter()
+    for run in runs:
+        for (route, method, status), n in run.statuses.items():
+            if _EXPECTED.get((route, method)) != status:
+                wrong[f"{method} {route} {status}"] += n
+        if run.wrk_errors:
+            wrong["socket errors and timeouts"] += run.wrk_errors
+    return dict(wrong)
 
 
 def _cpu_seconds(pid: int) -> float:
@@ -184,135 +369,106 @@ def _free_port() -> int:
         return int(probe.getsockname()[1])
 
 
-def _start_hub(port: int) -> subprocess.Popen[bytes]:
-    argv = [
-        sys.executable, "-m", "punchtrio.cli", "hub", "--listen", f"127.0.0.1:{port}",
-        "--rate", "0", "--max-peers", str(2 * PEERS), "--ttl", "3600",
-    ]  # fmt: skip
-    hub = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    for _ in range(200):
-        if hub.poll() is not None:
-            raise RuntimeError(f"punchtrio hub exited with {hub.returncode}")
-        try:
-            if httpx.get(f"http://127.0.0.1:{port}/healthz", timeout=1).status_code == 200:
-                return hub
-        except httpx.TransportError:
-            time.sleep(0.05)
-    hub.kill()
-    raise RuntimeError("punchtrio hub did not start")
+def _measure(bench: Bench) -> str:
+    rss_idle = _rss_mb(bench.hub.pid)
+    # Untimed: the peers the lookups will find (this also warms the hub up).
+    warmup = bench.run(bench.registrations(LOOKUP_TARGETS), 60)
+    if bench.peers() < LOOKUP_TARGETS - 1:
+        raise RuntimeError(f"warm-up registered only {bench.peers()} peers")
+    known = bench.next_peer
 
-
-async def _measure(port: int, pid: int) -> str:
-    host = f"127.0.0.1:{port}"
-    async with httpx.AsyncClient(base_url=f"http://{host}", timeout=5) as http:
-        hub_key = PublicKey.from_base64((await http.get("/v1/hub")).json()["public_key"])
-    rss_idle = _rss_mb(pid)
-
-    def healthz(index: int) -> Request:
-        return _request(host, "GET", "/healthz", b"", None), 200
-
-    # A population of CONCURRENCY * 2 clients; each registers once (untimed), then the timed phase
-    # alternates refreshes of their own record (PUT) and lookups of another one (GET).
-    clients = [Peer(i, hub_key) for i in range(CONCURRENCY * 2)]
-
-    def first_register(index: int) -> Request:
-        peer = clients[index]
-        return _request(host, "PUT", f"/v1/peers/{peer.name}", peer.body, peer.signer), 201
-
-    await _load(port, pid, len(clients), first_register)
-
-    def register_or_lookup(index: int) -> Request:
-        peer = clients[index % len(clients)]
-        if index % 2:
-            other = clients[(index * 7 + 3) % len(clients)].name
-            return _request(host, "GET", f"/v1/peers/{other}", b"", peer.signer), 200
-        return _request(host, "PUT", f"/v1/peers/{peer.name}", peer.body, peer.signer), 200
-
-    # Subject and baseline alternate in rounds, so that load from other processes on this shared
-    # machine falls on both alike.
-    baseline, mixed = Phase(), Phase()
+    # Baseline and subject alternate in rounds, so that other load on this shared machine falls
+    # on both alike.
+    pool = POOL_RATE * ROUND_SECONDS
+    baseline, mixed = Run(), Run()
     for _ in range(ROUNDS):
-        baseline.add(await _load(port, pid, REQUESTS // ROUNDS, healthz))
-        mixed.add(await _load(port, pid, REQUESTS // ROUNDS, register_or_lookup))
+        baseline.add(bench.run(bench.healthz(pool), ROUND_SECONDS))
+        mixed.add(bench.run(bench.register_and_lookup(pool // 2, known), ROUND_SECONDS))
 
-    # Memory: fill the hub to PEERS records through the API, each with its own key.
-    start = len(clients)
+    # Memory: fill the hub to PEERS records through the API, each with its own key, in wrk runs
+    # short enough for every request's timestamp to stay inside the hub's window.
+    fill = Run()
+    rate = max(mixed.rate, 200.0)
+    while (missing := PEERS - bench.peers()) > 0:
+        chunk = min(missing, int(rate * FILL_SECONDS))
+        part = bench.run(bench.registrations(chunk), 3 * FILL_SECONDS)
+        fill.add(part)
+        rate = max(part.rate, 200.0)
+    peers = bench.peers()
+    rss_full = _rss_mb(bench.hub.pid)
 
-    def register(index: int) -> Request:
-        peer = Peer(start + index, hub_key)
-        return _request(host, "PUT", f"/v1/peers/{peer.name}", peer.body, peer.signer), 201
-
-    fill = await _load(port, pid, PEERS - start, register)
-    async with httpx.AsyncClient(base_url=f"http://{host}", timeout=5) as http:
-        metrics = (await http.get("/metrics")).text
-    peers = next(
-        int(float(line.split()[1]))
-        for line in metrics.splitlines()
-        if line.startswith("punchtrio_hub_peers ")
-    )
-    rss_full = _rss_mb(pid)
-
-    errors = {**baseline.errors}
-    for phase in (mixed, fill):
-        for status, n in phase.errors.items():
-            errors[status] = errors.get(status, 0) + n
+    errors = _unexpected(warmup, baseline, mixed, fill)
     ratio = mixed.rate / baseline.rate if baseline.rate else 0.0
     cpu_ratio = mixed.cpu_per_request / baseline.cpu_per_request if baseline.hub_cpu else 0.0
     per_peer = (rss_full - rss_idle) * 1024 * 1024 / max(1, peers)
     verdict_rps = "meets" if mixed.rate >= TARGET_RPS else "misses"
     verdict_rss = "meets" if rss_full <= TARGET_RSS_MB else "misses"
+    pinning = (
+        f"the hub pinned to CPU {bench.hub_cpu} and wrk to CPU {bench.load_cpu} (`taskset`)"
+        if bench.pinned
+        else "hub and wrk unpinned (this machine has one usable CPU)"
+    )
+    exhausted = (
+        " A timed phase used up its prepared requests and ended early."
+        if mixed.exhausted or baseline.exhausted
+        else ""
+    )
     return "\n".join(
         [
             "## Rendezvous hub (`benchmarks/hub.py`)",
             "",
-            f"One `punchtrio hub` process on loopback (`--rate 0`), {CONCURRENCY} keep-alive "
-            f"connections with one request in flight each, {REQUESTS:,} requests of each kind "
-            f"in {ROUNDS} alternating rounds. Register + lookup alternates signed "
-            "`PUT /v1/peers/{self}` (refresh) and signed `GET /v1/peers/{other}` (lookup) from "
-            "256 peers; the baseline is unsigned `GET /healthz` under the same load (Hypercorn + "
-            "Starlette and nothing else). Hub CPU is the hub process's user + system time from "
-            "`/proc`, which other load on the machine does not inflate the way it does wall time.",
+            f"One `punchtrio hub` process on loopback (`--rate 0`) loaded by `wrk -t1 "
+            f"-c{CONNECTIONS}` ({CONNECTIONS} keep-alive connections, one request in flight "
+            f"each), {pinning}; {ROUNDS} alternating rounds of {ROUND_SECONDS} s per kind. "
+            "Register + lookup alternates a new peer's first signed `PUT /v1/peers/{self}` "
+            "(a new name and a new key: an X25519 on the hub) and its signed "
+            f"`GET /v1/peers/{{other}}` of one of {LOOKUP_TARGETS:,} peers registered before. "
+            "Every request is signed in Python just before its wrk run (own nonce, fresh "
+            "timestamp) and replayed in order by a Lua script. The baseline is unsigned "
+            "`GET /healthz` served the same way: Hypercorn + Starlette and nothing else. "
+            "Statuses are checked from the hub's `/metrics`; hub CPU is its user + system time "
+            "from `/proc`, which other load on the machine inflates less than wall time."
+            + exhausted,
             "",
             "| measure | value | target |",
             "|---|---|---|",
-            f"| `/healthz` baseline | {baseline.rate:,.0f} req/s "
-            f"(p50 {baseline.percentile(0.5):.1f} ms, p99 {baseline.percentile(0.99):.1f} ms) | |",
-            f"| register + lookup | {mixed.rate:,.0f} req/s "
-            f"(p50 {mixed.percentile(0.5):.1f} ms, p99 {mixed.percentile(0.99):.1f} ms) "
-            f"| ≥ {TARGET_RPS:,.0f} req/s: {verdict_rps} |",
+            f"| `/healthz` baseline | {baseline.rate:,.0f} req/s (rounds {baseline.spread()}; "
+            f"{baseline.latency()}) | |",
+            f"| register + lookup | {mixed.rate:,.0f} req/s (rounds {mixed.spread()}; "
+            f"{mixed.latency()}) | ≥ {TARGET_RPS:,.0f} req/s: {verdict_rps} |",
             f"| register + lookup / baseline, requests/s | {ratio:.2f} | |",
             f"| hub CPU per request: baseline / register + lookup "
             f"| {baseline.cpu_per_request:,.0f} µs / {mixed.cpu_per_request:,.0f} µs "
-            f"(x {cpu_ratio:.2f}; one full core would serve "
-            f"{1e6 / max(mixed.cpu_per_request, 1):,.0f} register + lookup req/s) | |",
-            f"| registering {fill.requests:,} new peers (each a new key: an X25519 on the hub) "
-            f"| {fill.rate:,.0f} req/s ({fill.seconds:.0f} s) | |",
+            f"(x {cpu_ratio:.2f}; a whole core would serve "
+            f"{1e6 / max(baseline.cpu_per_request, 1):,.0f} / "
+            f"{1e6 / max(mixed.cpu_per_request, 1):,.0f} req/s) | |",
+            f"| registering {fill.requests:,} more new peers (each a new key) "
+            f"| {fill.rate:,.0f} req/s ({fill.seconds:.0f} s, "
+            f"{fill.cpu_per_request:,.0f} µs hub CPU each) | |",
             f"| hub RSS, idle | {rss_idle:.0f} MB | |",
             f"| hub RSS with {peers:,} peers | {rss_full:.0f} MB "
             f"({per_peer:,.0f} bytes per peer over idle) | ≤ {TARGET_RSS_MB:.0f} MB: {verdict_rss} |",
             f"| unexpected statuses | {errors or 'none'} | none |",
             "",
-            "Run: `.venv/bin/python -m benchmarks hub` (or `nox -s bench -- hub`). The load "
-            "generator shares the machine's cores with the hub, so the absolute rates are a floor.",
+            "Run: `.venv/bin/python -m benchmarks hub` (or `nox -s bench -- hub`); needs `wrk` "
+            "(`scripts/bootstrap` installs it).",
         ]
     )
 
 
 def run() -> str:
-    """Start a hub, measure it, stop it; return the Markdown section."""
-    port = _free_port()
-    hub = _start_hub(port)
-    try:
-        return trio.run(_measure, port, hub.pid)
-    finally:
-        hub.terminate()
+    """Start a hub, measure it with wrk, stop it; return the Markdown section."""
+    affinity = os.sched_getaffinity(0)
+    with tempfile.TemporaryDirectory(prefix="punchtrio-bench-hub-") as workdir:
+        bench = Bench(Path(workdir))
         try:
-            hub.wait(10)
-        except subprocess.TimeoutExpired:
-            hub.kill()
-            hub.wait()
+            # Preparing requests stays off the hub's core too.
+            os.sched_setaffinity(0, {bench.load_cpu})
+            return _measure(bench)
+        finally:
+            os.sched_setaffinity(0, affinity)
+            bench.close()
 
 
 if __name__ == "__main__":
-    os.environ.setdefault("PYTHONUNBUFFERED", "1")
     print(run())

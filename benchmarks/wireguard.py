@@ -12,6 +12,8 @@ from __future__ import annotations
 
 import json
 import os
+import re
+import statistics
 import subprocess
 import tempfile
 import time
@@ -36,6 +38,8 @@ from labs.scenarios.tunnel_ping import (
 NAME = "wireguard"
 SECONDS = int(os.environ.get("PUNCHTRIO_BENCH_SECONDS", "10"))
 """Length of each iperf3 run (override with ``PUNCHTRIO_BENCH_SECONDS``)."""
+ROUNDS = int(os.environ.get("PUNCHTRIO_BENCH_ROUNDS", "2"))
+"""Interleaved rounds over the three tunnels (override with ``PUNCHTRIO_BENCH_ROUNDS``)."""
 
 
 @contextmanager
@@ -111,38 +115,67 @@ def _iperf(pair: Pair, *, reverse: bool = False) -> float:
             server.wait()
 
 
-def _measure(a_kind: str, b_kind: str) -> tuple[float, float, float]:
-    """Return (Mbit/s a->b, Mbit/s b->a, average ping RTT in ms)."""
+def _measure(a_kind: str, b_kind: str) -> tuple[float, float, float, float]:
+    """Return (Mbit/s a->b, Mbit/s b->a, RTT ms at 20 pings/s, RTT ms at 500 pings/s)."""
     with _tunnel(a_kind, b_kind) as pair:
         forward = _iperf(pair)
         backward = _iperf(pair, reverse=True)
-        _, rtt = ping(pair.a, OVERLAY[1], count=20)
-    return forward, backward, rtt
+        sparse = _rtt(pair, interval=0.05, count=100)
+        dense = _rtt(pair, interval=0.002, count=1000)
+    return forward, backward, sparse, dense
+
+
+def _rtt(pair: Pair, *, interval: float, count: int) -> float:
+    """Return the median ping RTT a -> b in ms (the median: the machine may be shared)."""
+    argv = ["ping", "-c", str(count), "-i", str(interval), "-W", "2", OVERLAY[1]]
+    out = pair.a.run(*argv, check=False)
+    times = [float(t) for t in re.findall(r"time=([\d.]+) ms", out)]
+    if len(times) < count // 2:
+        raise RuntimeError(f"only {len(times)} of {count} pings answered")
+    return statistics.median(times)
 
 
 def run() -> str:
     """Measure the three tunnels and return the Markdown section with the ratios."""
     require_binaries("wireguard-go", "wg", "iperf3", "ping", "ip")
-    rows = {
-        "wireguard-go <-> wireguard-go (baseline)": _measure("wg-go", "wg-go"),
-        "punchtrio <-> punchtrio": _measure("punchtrio", "punchtrio"),
-        "punchtrio -> wireguard-go": _measure("punchtrio", "wg-go"),
+    tunnels = {
+        "wireguard-go <-> wireguard-go (baseline)": ("wg-go", "wg-go"),
+        "punchtrio <-> punchtrio": ("punchtrio", "punchtrio"),
+        "punchtrio (a) <-> wireguard-go (b)": ("punchtrio", "wg-go"),
     }
-    base_fwd, base_back, base_rtt = rows["wireguard-go <-> wireguard-go (baseline)"]
+    # Rounds are interleaved, and each tunnel keeps its best throughput and lowest RTT, so a
+    # burst of load from elsewhere on a shared machine hits one sample, not one tunnel.
+    samples: dict[str, list[tuple[float, float, float, float]]] = {name: [] for name in tunnels}
+    for _ in range(ROUNDS):
+        for name, kinds in tunnels.items():
+            samples[name].append(_measure(*kinds))
+    rows = {
+        name: (
+            max(s[0] for s in runs),
+            max(s[1] for s in runs),
+            min(s[2] for s in runs),
+            min(s[3] for s in runs),
+        )
+        for name, runs in samples.items()
+    }
+    base_fwd, base_back, base_sparse, base_dense = rows["wireguard-go <-> wireguard-go (baseline)"]
     lines = [
         "## WireGuard data path: punchtrio vs wireguard-go",
         "",
         f"Two namespaces joined by a veth; single-stream TCP (`iperf3 -t {SECONDS}`, each way) "
-        "and 20 pings through the tunnel; ratios against wireguard-go on both ends, same run. "
+        "and median ping RTTs at 20 and 500 pings per second through the tunnel, best of "
+        f"{ROUNDS} interleaved rounds; ratios against wireguard-go on both ends, same run. "
         "Command: `nox -s bench -- wireguard` (or `.venv/bin/python -m benchmarks wireguard`).",
         "",
-        "| tunnel | TCP a->b Mbit/s | TCP b->a Mbit/s | ping RTT ms | throughput ratio | RTT ratio |",
-        "|---|---:|---:|---:|---:|---:|",
+        "| tunnel | TCP a->b Mbit/s | TCP b->a Mbit/s | throughput ratio "
+        "| RTT ms, 20 pings/s | ratio | RTT ms, 500 pings/s | ratio |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|",
     ]
-    for name, (fwd, back, rtt) in rows.items():
+    for name, (fwd, back, sparse, dense) in rows.items():
         ratio = (fwd + back) / (base_fwd + base_back)
         lines.append(
-            f"| {name} | {fwd:.0f} | {back:.0f} | {rtt:.3f} | {ratio:.2f}x | {rtt / base_rtt:.2f}x |"
+            f"| {name} | {fwd:.0f} | {back:.0f} | {ratio:.2f}x "
+            f"| {sparse:.3f} | {sparse / base_sparse:.2f}x | {dense:.3f} | {dense / base_dense:.2f}x |"
         )
     lines += [
         "",

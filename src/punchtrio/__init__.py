@@ -6,15 +6,33 @@ documented subpackages (``punchtrio.wireguard``, ``punchtrio.stun``, ``punchtrio
 
 from ._exceptions import PunchtrioError
 from .keys import InvalidKeyError, PrivateKey, PublicKey
+from .mux import Mux
+from .punch import (
+    Candidate,
+    CandidateType,
+    PathChosen,
+    PathLost,
+    Puncher,
+    PunchFailed,
+    PunchSession,
+)
 from .stun import NatReport, StunError, StunServer, discover_nat
 
 __version__ = "0.1.0.dev0"
 
 __all__ = [
+    "Candidate",
+    "CandidateType",
     "InvalidKeyError",
+    "Mux",
     "NatReport",
+    "PathChosen",
+    "PathLost",
     "PrivateKey",
     "PublicKey",
+    "PunchFailed",
+    "PunchSession",
+    "Puncher",
     "PunchtrioError",
     "StunError",
     "StunServer",

@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import enum
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, NamedTuple
 
 import trio
@@ -95,7 +95,7 @@ def classify(data: bytes) -> Kind:
     """
     n = len(data)
     if not n:
-        return Kind.UNKNOWN
+        return _UNKNOWN
     first = data[0]
     if (
         first < 0x40
@@ -104,14 +104,25 @@ def classify(data: bytes) -> Kind:
         and data.startswith(STUN_MAGIC_COOKIE, 4)
         and ((data[2] << 8) | data[3]) == n - 20
     ):
-        return Kind.STUN
-    if data.startswith(PROBE_MAGIC):
-        return Kind.PROBE
+        return _STUN
+    if first == 0xF0 and data.startswith(PROBE_MAGIC):
+        return _PROBE
     if 0 < first < 5 and n >= WIREGUARD_MIN_SIZE and data.startswith(_WG_ZEROS, 1):
-        return Kind.WIREGUARD
+        return _WIREGUARD
     if 0x40 <= first < 0x80 and n >= CHANNEL_DATA_MIN_SIZE:
-        return Kind.CHANNEL_DATA
-    return Kind.UNKNOWN
+        return _CHANNEL_DATA
+    return _UNKNOWN
+
+
+# Module-level aliases: a global lookup is cheaper than an attribute of the enum class.
+_UNKNOWN, _STUN, _PROBE, _WIREGUARD, _CHANNEL_DATA = (
+    Kind.UNKNOWN,
+    Kind.STUN,
+    Kind.PROBE,
+    Kind.WIREGUARD,
+    Kind.CHANNEL_DATA,
+)
+_COUNTER = {kind: kind.name.lower() for kind in Kind}
 
 
 class MuxError(PunchtrioError):
@@ -120,14 +131,22 @@ class MuxError(PunchtrioError):
 
 @dataclass
 class MuxCounters:
-    """What the mux saw. ``received`` counts datagrams by :class:`Kind` (unknown ones included);
-    ``unknown`` those dropped as no known kind; ``unrouted`` those of a known kind with no handler;
-    ``queue_full`` those dropped because a queue from :meth:`Mux.open_queue` was full or closed."""
+    """What the mux saw: datagrams received of each kind (``wireguard``, ``stun``, ``probe``,
+    ``channel_data``, and ``unknown`` ones, which are dropped); ``unrouted`` those of a known kind
+    with no handler; ``queue_full`` those dropped because a queue from :meth:`Mux.open_queue` was
+    full or closed."""
 
-    received: dict[Kind, int] = field(default_factory=lambda: dict.fromkeys(Kind, 0))
+    wireguard: int = 0
+    stun: int = 0
+    probe: int = 0
+    channel_data: int = 0
     unknown: int = 0
     unrouted: int = 0
     queue_full: int = 0
+
+    def received(self, kind: Kind) -> int:
+        """Return the number of datagrams of ``kind`` received."""
+        return int(getattr(self, kind.name.lower()))
 
 
 class Datagram(NamedTuple):
@@ -201,23 +220,24 @@ class Mux:
         Returns what the WireGuard receiver returns for WireGuard datagrams (the inner IP packet
         for the TUN device, or ``None``), and ``None`` for every other kind.
         """
-        received = self.counters.received
+        counters = self.counters
         # The WireGuard test comes first here for speed; the kinds are disjoint (see classify).
         if data.startswith(_WG_ZEROS, 1) and 0 < data[0] < 5 and len(data) >= WIREGUARD_MIN_SIZE:
-            received[Kind.WIREGUARD] += 1
+            counters.wireguard += 1
             wireguard = self._wireguard
             if wireguard is None:
-                self.counters.unrouted += 1
+                counters.unrouted += 1
                 return None
             return wireguard(data, addr, now)
         kind = classify(data)
-        received[kind] += 1
-        if kind is Kind.UNKNOWN:
-            self.counters.unknown += 1
+        if kind is _UNKNOWN:
+            counters.unknown += 1
             return None
+        name = _COUNTER[kind]
+        setattr(counters, name, getattr(counters, name) + 1)
         handler = self._handlers.get(kind)
         if handler is None:
-            self.counters.unrouted += 1
+            counters.unrouted += 1
             return None
         handler(data, addr, now)
         return None

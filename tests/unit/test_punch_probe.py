@@ -210,7 +210,7 @@ def test_stale_probes_are_refused_both_ways() -> None:
 
 
 def test_an_evicted_transaction_id_cannot_be_replayed() -> None:
-    g = guard(cache_size=2)  # type: ignore[arg-type]
+    g = guard(cache_size=2)
     probes = [build_probe(PING, bytes([i]) * 12, ID_A, WALL + i, KEY) for i in range(3)]
     for p in probes:
         g.check(p, WALL + 3)

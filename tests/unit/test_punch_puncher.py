@@ -7,10 +7,13 @@ import random
 from collections.abc import Callable
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from nacl.bindings import crypto_scalarmult_base
 
 from punchtrio.punch import (
     PING,
+    PONG,
     Candidate,
     CandidateType,
     PathChosen,
@@ -139,6 +142,8 @@ def test_two_peers_behind_nats_find_the_direct_path() -> None:
     assert (b.peer, b.endpoint, b.kind) == (PUB["a"], PUBLIC["a"], "direct")
     assert a.rtt == pytest.approx(0.04)
     assert w.punchers["a"].path(PUB["b"]) == a
+    # B's pongs tell A where its probes came from: A's public mapping.
+    assert w.punchers["a"].seen_as(PUB["b"]) == PUBLIC["a"]
 
 
 def test_the_lan_path_wins_over_the_direct_one() -> None:
@@ -340,3 +345,49 @@ def test_candidates_of_an_unreachable_family_are_skipped() -> None:
     )
     p.handle_timer(0.0)
     assert [dst for _, dst in p.datagrams_to_send()] == [PUBLIC["b"]]
+
+
+def _genuine_probe(draw: st.DrawFn) -> bytes:
+    kind = draw(st.sampled_from([PING, PONG]))
+    observed = PUBLIC["a"] if kind == PONG else None
+    key = derive_probe_key(PRIV["b"], PUB["a"])
+    wall = WALL + draw(st.floats(-60, 60))
+    data = bytearray(
+        build_probe(
+            kind, draw(st.binary(min_size=12, max_size=12)), key_id(PUB["b"]), wall, key, observed
+        )
+    )
+    for index, flip in draw(
+        st.lists(st.tuples(st.integers(0, 71), st.integers(0, 255)), max_size=3)
+    ):
+        data[index] ^= flip
+    return bytes(data)
+
+
+@settings(max_examples=50)
+@given(
+    st.lists(
+        st.tuples(
+            st.one_of(st.binary(max_size=100), st.composite(_genuine_probe)()),
+            st.sampled_from([PUBLIC["b"], PUBLIC["x"], LAN["b"]]),
+        ),
+        max_size=20,
+    )
+)
+def test_no_input_makes_the_puncher_raise_or_choose_a_path(
+    datagrams: list[tuple[bytes, Address]],
+) -> None:
+    """Without a pong to a ping it sent, nothing (garbage, forged or genuine pings) chooses a path."""
+    p = Puncher(PRIV["a"], wall_clock=lambda: WALL)
+    p.add_peer(PUB["b"])
+    p.start(PUB["b"], candidates("b"), 0.0)
+    for i, (data, source) in enumerate(datagrams):
+        p.receive_datagram(data, source, i * 0.01)
+        p.handle_timer(i * 0.01)
+    events = []
+    while (event := p.next_event()) is not None:
+        events.append(event)
+    assert not [e for e in events if isinstance(e, PathChosen)]
+    assert p.path(PUB["b"]) is None
+    sent = p.datagrams_to_send()
+    assert all(len(data) == 72 for data, _ in sent)

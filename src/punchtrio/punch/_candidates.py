@@ -182,7 +182,7 @@ def local_addresses(exclude_interfaces: Iterable[str] = ()) -> list[IPAddress]:
 
         with IPRoute() as ipr:
             messages: list[Any] = list(ipr.get_addr())
-    except (OSError, ImportError):
+    except Exception:  # pyroute2's NetlinkError is not an OSError; no netlink, no host candidates
         return []
     for msg in messages:
         text = msg.get_attr("IFA_ADDRESS")

@@ -33,6 +33,8 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import Literal
 
+from nacl.bindings import crypto_scalarmult_base
+
 from .._exceptions import PunchtrioError
 from ._candidates import Candidate, CandidateType
 from ._probe import (
@@ -91,7 +93,7 @@ class PunchSettings:
       (so a failed pair has cost at most 30 probes, about 8.5 s after the start);
     - ``heartbeat_interval`` 5.0: a ping on the chosen path, to hold the NAT mapping and notice loss;
     - ``heartbeat_retry`` 1.0 and ``lost_after`` 4: an unanswered heartbeat is repeated every second,
-      and after 4 unanswered the path is lost (found within about 9 s);
+      and after 4 unanswered the path is lost (4 to 9 s after it broke);
     - ``upgrade_ratio`` 0.5: a working path of the same kind replaces the chosen one only if its
       round trip is below half the chosen one's;
     - ``max_pairs`` 16: remote addresses per peer, candidates and peer-reflexive ones together;
@@ -202,6 +204,7 @@ class _Peer:
         "pairs",
         "probes_sent",
         "public_key",
+        "seen_as",
         "started",
     )
 
@@ -216,6 +219,7 @@ class _Peer:
         self.started = False
         self.failed_reported = False
         self.probes_sent = 0
+        self.seen_as: Address | None = None
 
 
 def _normalize(addr: Address) -> Address | None:
@@ -244,8 +248,6 @@ class Puncher:
         wall_clock: Callable[[], float] = time.time,
         random: Callable[[int], bytes] = os.urandom,
     ) -> None:
-        from nacl.bindings import crypto_scalarmult_base
-
         if not isinstance(private_key, bytes) or len(private_key) != 32:
             raise PunchError("a private key is 32 bytes")
         self._private = private_key
@@ -335,6 +337,11 @@ class Puncher:
             return None
         return PathChosen(public_key, pair.remote, pair.kind, pair.rtt)
 
+    def seen_as(self, public_key: bytes) -> Address | None:
+        """Return where the peer last saw our probes come from (the address in its latest
+        authenticated pong), or ``None``. Raises :class:`PunchError` if the peer is unknown."""
+        return self._peer(public_key).seen_as
+
     def _peer(self, public_key: bytes) -> _Peer:
         peer = self._peers.get(public_key)
         if peer is None:
@@ -393,7 +400,7 @@ class Puncher:
         if probe.kind == PING:
             self._on_ping(peer, txid, source, now)
         else:
-            self._on_pong(peer, txid, source, now)
+            self._on_pong(peer, txid, source, probe.observed, now)
 
     # ------------------------------------------------------------------ internals
 
@@ -481,7 +488,9 @@ class Puncher:
             self._ping(peer, pair, now)
             pair.next_send = now + pair.interval
 
-    def _on_pong(self, peer: _Peer, txid: bytes, source: Address, now: float) -> None:
+    def _on_pong(
+        self, peer: _Peer, txid: bytes, source: Address, observed: Address | None, now: float
+    ) -> None:
         entry = peer.outstanding.get(txid)
         if entry is None:
             self.counters["unexpected_pong"] += 1
@@ -491,6 +500,8 @@ class Puncher:
             self.counters["wrong_source"] += 1
             return
         del peer.outstanding[txid]
+        if observed is not None:
+            peer.seen_as = observed
         sample = max(0.0, now - sent)
         pair.rtt = sample if pair.rtt is None else 0.875 * pair.rtt + 0.125 * sample
         pair.unanswered = 0
