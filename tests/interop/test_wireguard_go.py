@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from labs.netns import Lab
+from labs.netns import Lab, Namespace
 from labs.scenarios.tunnel_ping import (
     OVERLAY,
     PYTHON,
@@ -160,11 +160,9 @@ def test_rekey_during_transfer(tmp_path: Path) -> None:
     size = 6 << 20
     with tunnel_pair(tmp_path, we_know_them=True, they_know_us=True, rekey_after=2.0) as s:
         assert ping(s.pair.a, OVERLAY[1], count=1)[0] == 1
-        first = time.monotonic()
-        # ~96 writes of 64 KiB, 0.07 s apart: about 7 s, so at least three rekeys happen meanwhile.
-        sent, received, _ = transfer(s.pair.a, s.pair.b, OVERLAY[1], size, pause=0.07)
+        # 96 writes of 64 KiB, 0.1 s apart: at least 9.6 s, so our side rekeys four times or more.
+        sent, received, _ = transfer(s.pair.a, s.pair.b, OVERLAY[1], size, pause=0.1)
         assert received == f"{size} {sent}"
-        assert time.monotonic() - first > 6
         stats = s.stats()
         assert stats["peers"][0]["handshakes"] >= 4
         assert len(s.events("HandshakeCompleted")) >= 4
@@ -251,6 +249,13 @@ _SENDER = (
 )
 
 
+def _udp_rcvbuf_errors(ns: Namespace) -> int:
+    """Return the namespace's count of UDP datagrams dropped for a full receive buffer."""
+    lines = [line.split() for line in ns.run("cat", "/proc/net/snmp").splitlines()]
+    names, values = [line for line in lines if line[0] == "Udp:"][:2]
+    return int(values[names.index("RcvbufErrors")])
+
+
 def test_bad_input_is_dropped_counted_and_the_tunnel_keeps_serving(tmp_path: Path) -> None:
     with tunnel_pair(tmp_path, we_know_them=True, they_know_us=True) as s:
         assert ping(s.pair.a, OVERLAY[1], count=1)[0] == 1
@@ -258,6 +263,7 @@ def test_bad_input_is_dropped_counted_and_the_tunnel_keeps_serving(tmp_path: Pat
         blob = tmp_path / "bad.bin"
         blob.write_bytes(b"".join(len(d).to_bytes(2, "big") + d for d in datagrams))
         before = s.stats()
+        lost_before = _udp_rcvbuf_errors(s.pair.a)
         out = subprocess.run(
             s.pair.b.exec(PYTHON, "-c", _SENDER, str(blob), UNDERLAY[0], str(UDP_PORT)),
             capture_output=True,
@@ -265,16 +271,20 @@ def test_bad_input_is_dropped_counted_and_the_tunnel_keeps_serving(tmp_path: Pat
             check=True,
         ).stdout
         assert int(out) == len(datagrams)
+        # Whatever the kernel dropped for a full socket buffer (a stalled CI machine) is counted
+        # there; everything else reached the shell and must be counted as dropped by the device.
+        lost = _udp_rcvbuf_errors(s.pair.a) - lost_before
         deadline = time.monotonic() + 20
         while True:
             after = s.stats()
             received = after["shell"]["datagrams_received"] - before["shell"]["datagrams_received"]
-            if received >= len(datagrams) or time.monotonic() > deadline:
+            if received + lost >= len(datagrams) or time.monotonic() > deadline:
                 break
             time.sleep(0.2)
         dropped = sum(after["drops"].values()) - sum(before["drops"].values())
-        assert received == len(datagrams)
-        assert dropped == len(datagrams)
+        assert received + lost == len(datagrams)
+        assert received > len(datagrams) // 2
+        assert dropped == received
         assert after["shell"]["packets_to_tun"] == before["shell"]["packets_to_tun"]
         assert s.ours.proc.poll() is None
         assert ping(s.pair.a, OVERLAY[1], count=3)[0] == 3

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import socket
+import sys
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
@@ -255,3 +256,35 @@ def test_public_names_are_documented() -> None:
         if not isinstance(obj, int):
             assert obj.__doc__, name
             assert obj.__module__.startswith("punchtrio.tunnel"), name
+
+
+class CoalescingSocket(socket.socket):
+    """A real UDP socket whose reads return what UDP GRO would: one buffer, a segment size."""
+
+    coalesced: bytes = b""
+    segment: int = 0
+
+    def recvmsg(self, bufsize: int, ancbufsize: int = 0, flags: int = 0) -> Any:
+        super().recvfrom(bufsize)  # consume the datagram that made the fd readable
+        cmsg = [(socket.SOL_UDP, 104, self.segment.to_bytes(4, sys.byteorder))]
+        return self.coalesced, cmsg, 0, ("192.0.2.9", 4242)
+
+
+async def test_gro_coalesced_datagrams_are_split(fake_tuns: tuple[FakeTun, FakeTun]) -> None:
+    tun, _ = fake_tuns
+    sock = CoalescingSocket(socket.AF_INET, socket.SOCK_DGRAM)
+    sock.bind(("127.0.0.1", 0))
+    sock.setblocking(False)
+    segments = [b"\x04" + bytes([i]) * 99 for i in range(5)] + [b"\x04short"]
+    sock.coalesced, sock.segment = b"".join(segments), 100
+    device = StandInDevice(peer=None)
+    tunnel = UserspaceTunnel(device, tun, [sock])
+    with sock, socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as poke:
+        async with trio.open_nursery() as nursery:
+            await nursery.start(tunnel.serve)
+            poke.sendto(b"wake", sock.getsockname())
+            assert await _receive(tun.outside, 6) == [s[1:] for s in segments]
+            nursery.cancel_scope.cancel()
+    assert tunnel.counters.datagrams_received == 6
+    assert tunnel.counters.udp_reads == 1
+    assert device.peer == ("192.0.2.9", 4242)

@@ -153,7 +153,7 @@ def test_load_errors(tmp_path: Path) -> None:
         load_wgquick(big)
     good = tmp_path / "wg0.conf"
     good.write_text(FULL)
-    assert load_wgquick(good) == parse_wgquick(FULL)
+    assert load_wgquick(good) == parse_wgquick(FULL, source=str(good))
 
 
 def test_cli_up_rejects_bad_file_with_one_line(
@@ -167,6 +167,21 @@ def test_cli_up_rejects_bad_file_with_one_line(
     assert main(["up"]) == 2
     assert "--config" in capsys.readouterr().err
     assert main(["up", "--config", str(bad), "--interface", "x" * 16]) == 2
+
+
+def test_cli_up_names_the_peer_the_device_refuses(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    clash = tmp_path / "wg5.conf"
+    clash.write_text(
+        f"[Interface]\nPrivateKey = {PRIV}\n\n[Peer]\nPublicKey = {PUB1}\nAllowedIPs = 10.0.0.0/24\n"
+        f"\n[Peer]\nPublicKey = {PUB2}\nAllowedIPs = 10.0.0.0/24\n"
+    )
+    # refused before any socket or device exists, so this needs no root
+    assert main(["up", "--config", str(clash)]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"punchtrio: error: {clash}:8: ")
+    assert err.count("\n") == 1
 
 
 _line = st.text(alphabet=st.sampled_from("[]=#,:./ \tabcdefPrivateKeyAddressPeerInterface019+"))

@@ -7,7 +7,6 @@ status codes and its limits are specified in ``docs/rendezvous.md``.
 from __future__ import annotations
 
 import collections
-import contextlib
 import ipaddress
 import math
 import re
@@ -21,7 +20,7 @@ import trio
 from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
 from starlette.middleware import Middleware
-from starlette.requests import Request
+from starlette.requests import ClientDisconnect, Request
 from starlette.responses import Response
 from starlette.routing import Route
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
@@ -29,6 +28,11 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from ..keys import PrivateKey
 from ._auth import (
     DEFAULT_WINDOW,
+    HEADER_KEY,
+    HEADER_MAC,
+    HEADER_NETWORK,
+    HEADER_NONCE,
+    HEADER_TIME,
     AuthenticationError,
     NetworkSecret,
     RequestVerifier,
@@ -63,6 +67,16 @@ _T = TypeVar("_T")
 _RETRY_AFTER = {"Retry-After": "1"}
 _NUMBER = re.compile(r"[0-9]{1,6}(\.[0-9]{1,6})?")
 _INTEGER = re.compile(r"[0-9]{1,18}")
+# The request headers a signed request is read with: ASGI's lower-case name -> the name the
+# verifier looks up. Only the first of repeated headers counts, as with Starlette's ``Headers``.
+_AUTH_HEADERS = {
+    name.lower().encode("ascii"): name
+    for name in (HEADER_KEY, HEADER_TIME, HEADER_NONCE, HEADER_NETWORK, HEADER_MAC)
+}
+_CONTENT_LENGTH = b"content-length"
+_TRANSFER_ENCODING = b"transfer-encoding"
+_READ_HEADERS = frozenset({*_AUTH_HEADERS, _CONTENT_LENGTH, _TRANSFER_ENCODING})
+_HTTP1 = frozenset({"1.0", "1.1"})
 
 
 @dataclass(frozen=True)
@@ -147,21 +161,22 @@ def _source_of(scope: Scope) -> str:
     return str(ipaddress.IPv6Network(f"{address}/64", strict=False))
 
 
-_ROUTES = (
-    (re.compile(r"/v1/peers/[^/]+"), "/v1/peers/{name}"),
-    (re.compile(r"/v1/peers/[^/]+/messages"), "/v1/peers/{name}/messages"),
-    (re.compile(r"/v1/hub"), "/v1/hub"),
-    (re.compile(r"/healthz"), "/healthz"),
-    (re.compile(r"/metrics"), "/metrics"),
-)
+_FIXED_ROUTES = {path: path for path in ("/v1/hub", "/healthz", "/metrics")}
+_PEERS = "/v1/peers/"
+_MESSAGES = "/messages"
 _METHODS = frozenset({"GET", "PUT", "POST", "DELETE", "HEAD"})
 
 
 def _route_label(path: str) -> str:
-    for pattern, label in _ROUTES:
-        if pattern.fullmatch(path):
-            return label
-    return "other"
+    """The route of ``path`` for ``/metrics`` (names replaced by ``{name}``), or ``"other"``."""
+    if not path.startswith(_PEERS):
+        return _FIXED_ROUTES.get(path, "other")
+    name, slash, rest = path[len(_PEERS) :].partition("/")
+    if not name:
+        return "other"
+    if not slash:
+        return "/v1/peers/{name}"
+    return "/v1/peers/{name}/messages" if slash + rest == _MESSAGES else "other"
 
 
 class _Metrics:
@@ -192,8 +207,9 @@ class _Gate:
                 status = message["status"]
             await send(message)
 
+        buckets = self.hub.buckets
         try:
-            if not self.hub.buckets.allow(_source_of(scope), trio.current_time()):
+            if buckets.rate > 0 and not buckets.allow(_source_of(scope), trio.current_time()):
                 response = _error(429, "rate limit exceeded", _RETRY_AFTER)
                 await response(scope, receive, counting_send)
             else:
@@ -215,38 +231,60 @@ class _Hub:
 
     # plumbing
 
-    async def read_body(self, request: Request) -> bytes:
-        length = request.headers.get("content-length")
+    async def read_body(self, request: Request, headers: Mapping[bytes, bytes]) -> bytes:
+        """Return the request body, within the size limit and the body timeout.
+
+        ``headers`` holds at least the request's first Content-Length and Transfer-Encoding.
+        """
+        length = headers.get(_CONTENT_LENGTH)
         if length is not None:
-            if not _INTEGER.fullmatch(length):
+            text = length.decode("latin-1")
+            if not _INTEGER.fullmatch(text):
                 raise _Refusal(400, "invalid Content-Length")
-            if int(length) > MAX_BODY_BYTES:
+            if int(text) > MAX_BODY_BYTES:
                 raise _Refusal(413, f"body is larger than {MAX_BODY_BYTES} bytes")
+        elif _TRANSFER_ENCODING not in headers and request.scope.get("http_version") in _HTTP1:
+            return b""  # HTTP/1 framing: without either header a request has no body
         chunks: list[bytes] = []
         size = 0
         with trio.move_on_after(self.config.body_timeout) as scope:
-            async with contextlib.aclosing(request.stream()) as stream:
-                async for chunk in stream:
-                    size += len(chunk)
-                    if size > MAX_BODY_BYTES:
-                        raise _Refusal(413, f"body is larger than {MAX_BODY_BYTES} bytes")
-                    chunks.append(chunk)
+            while True:
+                message = await request.receive()
+                if message["type"] == "http.disconnect":
+                    raise ClientDisconnect()
+                if message["type"] != "http.request":
+                    continue
+                chunk = message.get("body", b"")
+                size += len(chunk)
+                if size > MAX_BODY_BYTES:
+                    raise _Refusal(413, f"body is larger than {MAX_BODY_BYTES} bytes")
+                chunks.append(chunk)
+                if not message.get("more_body", False):
+                    break
         if scope.cancelled_caught:
             raise _Refusal(408, "request body was not received in time")
         return b"".join(chunks)
 
     async def authenticate(self, request: Request) -> tuple[bytes, VerifiedRequest]:
         """Read the body and check the signature and nonce; return ``(body, verified)``."""
-        body = await self.read_body(request)
-        raw_path = request.scope.get("raw_path") or request.scope["path"].encode("utf-8")
+        scope = request.scope
+        headers: dict[bytes, bytes] = {}
+        for name, value in scope["headers"]:
+            if name in _READ_HEADERS and name not in headers:
+                headers[name] = value
+        body = await self.read_body(request, headers)
+        raw_path = scope.get("raw_path") or scope["path"].encode("utf-8")
         target = raw_path.decode("latin-1")
-        query = request.scope.get("query_string", b"")
+        query = scope.get("query_string", b"")
         if query:
             target += "?" + query.decode("latin-1")
+        signature = {
+            _AUTH_HEADERS[name]: value.decode("latin-1")
+            for name, value in headers.items()
+            if name in _AUTH_HEADERS
+        }
         try:
-            verified = self.verifier.verify(
-                request.method, target, body, request.headers, self.clock()
-            )
+            verified = self.verifier.verify(scope["method"], target, body, signature, self.clock())
         except AuthenticationError as exc:
             raise _Refusal(401, str(exc)) from None
         if not await self.store.remember_nonce(verified.nonce, 2 * self.config.auth_window):
@@ -254,6 +292,8 @@ class _Hub:
         return body, verified
 
     def wait_seconds(self, request: Request) -> float:
+        if not request.scope.get("query_string"):
+            return 0.0
         text = request.query_params.get("wait", "0")
         if not _NUMBER.fullmatch(text) or float(text) > 3600:
             raise _Refusal(400, "wait must be a number of seconds from 0 to 3600")
@@ -299,6 +339,18 @@ class _Hub:
         )
         return _json(info.to_json())
 
+    async def peer(self, request: Request) -> Response:
+        if request.method == "PUT":
+            return await self.put_peer(request)
+        if request.method == "DELETE":
+            return await self.delete_peer(request)
+        return await self.get_peer(request)
+
+    async def messages(self, request: Request) -> Response:
+        if request.method == "POST":
+            return await self.post_message(request)
+        return await self.get_messages(request)
+
     async def put_peer(self, request: Request) -> Response:
         body, verified = await self.authenticate(request)
         name = validate_name(request.path_params["name"])
@@ -314,7 +366,8 @@ class _Hub:
         _, verified = await self.authenticate(request)
         name = validate_name(request.path_params["name"])
         wait = self.wait_seconds(request)
-        since_text = request.query_params.get("since", "0")
+        query = request.scope.get("query_string")
+        since_text = request.query_params.get("since", "0") if query else "0"
         if not _INTEGER.fullmatch(since_text):
             raise _Refusal(400, "since must be a non-negative integer")
         since = int(since_text)
@@ -433,15 +486,13 @@ def create_app(
     if not (math.isfinite(config.ttl) and config.ttl > 0):
         raise ValueError("ttl must be a positive number of seconds")
     hub = _Hub(config, store if store is not None else MemoryStore(clock=clock), clock)
+    # The busiest route first; one route per path, dispatching on the method (GET includes HEAD).
     routes = [
+        Route("/v1/peers/{name}", _wrap(hub.peer), methods=["GET", "PUT", "DELETE"]),
+        Route("/v1/peers/{name}/messages", _wrap(hub.messages), methods=["GET", "POST"]),
         Route("/healthz", _wrap(hub.healthz), methods=["GET"]),
         Route("/metrics", _wrap(hub.metrics), methods=["GET"]),
         Route("/v1/hub", _wrap(hub.hub_info), methods=["GET"]),
-        Route("/v1/peers/{name}", _wrap(hub.put_peer), methods=["PUT"]),
-        Route("/v1/peers/{name}", _wrap(hub.get_peer), methods=["GET"]),
-        Route("/v1/peers/{name}", _wrap(hub.delete_peer), methods=["DELETE"]),
-        Route("/v1/peers/{name}/messages", _wrap(hub.post_message), methods=["POST"]),
-        Route("/v1/peers/{name}/messages", _wrap(hub.get_messages), methods=["GET"]),
     ]
     app = Starlette(
         routes=routes,

@@ -26,6 +26,7 @@ from ._models import (
     RegisterRequest,
     SignalMessage,
     address_span,
+    trusted,
 )
 
 Clock = Callable[[], float]
@@ -87,8 +88,13 @@ class StoredPeer:
     expires_at: float
 
     def to_record(self, now: float) -> PeerRecord:
-        """Return the wire record as of ``now`` (Unix seconds)."""
-        return PeerRecord(
+        """Return the wire record as of ``now`` (Unix seconds).
+
+        The fields are not checked again: a store holds only records built from validated
+        registrations (and a shared store parses what it reads back).
+        """
+        return trusted(
+            PeerRecord,
             self.name,
             self.public_key,
             self.endpoints,

@@ -14,16 +14,18 @@ import math
 import os
 import socket
 import struct
+import sys
 from collections.abc import AsyncIterator, Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 import trio
 
+from ..wireguard import ConfigError as WireGuardConfigError
 from ..wireguard import Device, PeerConfig, PeerStats, Timers
 from ._netlink import configure_interface
 from ._tun import TunDevice, TunnelError
-from ._wgquick import PeerSection, WgQuickConfig
+from ._wgquick import ConfigError, PeerSection, WgQuickConfig
 
 Address = tuple[str, int]
 
@@ -40,6 +42,8 @@ GSO_MAX_BYTES = 65000
 """Most payload bytes in one UDP GSO ``sendmsg`` (below the 65507-byte UDP limit)."""
 
 UDP_SEGMENT = getattr(socket, "UDP_SEGMENT", 103)
+UDP_GRO = getattr(socket, "UDP_GRO", 104)
+_GRO_CMSG_SPACE = socket.CMSG_SPACE(4)
 _GSO_SIZE = struct.Struct("=H")
 _NO_GSO = {errno.EINVAL, errno.EIO, errno.ENOPROTOOPT, errno.EOPNOTSUPP}
 _READ_SIZE = 65535
@@ -66,6 +70,7 @@ class TunnelCounters:
     ``datagrams_received``/``datagrams_sent`` count UDP datagrams; ``packets_to_tun`` and
     ``packets_from_tun`` count IP packets; ``udp_batches``/``tun_batches`` count the drain loops
     that moved them (packets per batch is what the shell amortises its checkpoint over);
+    ``udp_reads`` counts socket reads (fewer than datagrams when UDP GRO coalesced them);
     ``sent_by_type`` counts sent WireGuard messages by type (1 initiation, 2 response, 3 cookie
     reply, 4 transport); the ``*_errors`` count packets lost because the kernel refused them (a full
     buffer, no route).
@@ -76,6 +81,7 @@ class TunnelCounters:
     packets_from_tun: int = 0
     packets_to_tun: int = 0
     udp_batches: int = 0
+    udp_reads: int = 0
     tun_batches: int = 0
     send_errors: int = 0
     tun_write_errors: int = 0
@@ -89,7 +95,8 @@ class UserspaceTunnel:
     multiplexed socket) and tests. :meth:`serve` runs until cancelled; the caller owns closing the
     descriptors. ``on_event`` is called with every event the device reports. ``gso`` lets the
     shell send runs of equal-sized datagrams to one peer as one UDP GSO ``sendmsg`` (Linux >= 4.18;
-    it falls back to one ``sendto`` per datagram by itself when the kernel refuses).
+    it falls back to one ``sendto`` per datagram by itself when the kernel refuses). ``gro`` asks
+    the kernel to hand over such runs in one read (UDP GRO, Linux >= 5.0), split by the shell.
     """
 
     def __init__(
@@ -100,6 +107,7 @@ class UserspaceTunnel:
         *,
         on_event: Callable[[object], None] | None = None,
         gso: bool = True,
+        gro: bool = True,
     ) -> None:
         self.device = device
         self.tun = tun
@@ -111,6 +119,7 @@ class UserspaceTunnel:
         self._listen_port = int(sockets[0].getsockname()[1]) if sockets else 0
         self._timer_scope: trio.CancelScope | None = None
         self._gso = gso
+        self._gro = gro
         self._armed = math.inf
 
     @property
@@ -138,33 +147,54 @@ class UserspaceTunnel:
             task_status.started()
 
     async def _udp_reader(self, sock: socket.socket) -> None:
-        recvfrom = sock.recvfrom
         receive = self.device.receive_datagram
         write = os.write
         tun_fd = self.tun.fileno()
         counters = self.counters
+        gro = self._gro and _enable_gro(sock)
+        recvmsg = sock.recvmsg
+        recvfrom = sock.recvfrom
         while True:
             await trio.lowlevel.wait_readable(sock)
             drained = False
             while not drained:
                 now = trio.current_time()
-                received = written = errors = 0
+                reads = received = written = errors = 0
                 try:
-                    while received < BATCH:
-                        data, addr = recvfrom(_READ_SIZE)
-                        received += 1
-                        packet = receive(data, addr[:2], now)
-                        if packet is not None:
-                            try:
-                                write(tun_fd, packet)
-                                written += 1
-                            except OSError:
+                    while reads < BATCH:
+                        if gro:
+                            # With UDP GRO one read may hold many datagrams of one size from one
+                            # sender, back to back; the control message gives that size.
+                            data, ancdata, flags, addr = recvmsg(_READ_SIZE, _GRO_CMSG_SPACE)
+                            reads += 1
+                            size = _gro_size(ancdata) if ancdata else 0
+                            if flags & socket.MSG_TRUNC:
                                 errors += 1
+                                continue
+                        else:
+                            data, addr = recvfrom(_READ_SIZE)
+                            reads += 1
+                            size = 0
+                        addr = addr[:2]
+                        if size and len(data) > size:
+                            chunks = [data[i : i + size] for i in range(0, len(data), size)]
+                        else:
+                            chunks = [data]
+                        for chunk in chunks:
+                            received += 1
+                            packet = receive(chunk, addr, now)
+                            if packet is not None:
+                                try:
+                                    write(tun_fd, packet)
+                                    written += 1
+                                except OSError:
+                                    errors += 1
                 except BlockingIOError:
                     drained = True
                 except OSError:
                     errors += 1  # an ICMP error queued on the socket; the next read goes on
                 counters.udp_batches += 1
+                counters.udp_reads += reads
                 counters.datagrams_received += received
                 counters.packets_to_tun += written
                 counters.tun_write_errors += errors
@@ -236,22 +266,16 @@ class UserspaceTunnel:
                 counters.send_errors += j - i
             i = j
 
-    def _sendto(self, data: bytes, addr: Address) -> None:
-        sock = self._socket6 if ":" in addr[0] else self._socket4
-        try:
-            (sock.sendto if sock is not None else _no_socket)(data, addr)
-            self.counters.datagrams_sent += 1
-        except OSError:
-            self.counters.send_errors += 1
-
     def _flush(self) -> None:
         """Send what the device queued, hand its events out and re-arm the timer."""
         device = self.device
-        for data, addr in device.datagrams_to_send():
-            if data:
-                by_type = self.counters.sent_by_type
-                by_type[data[0]] = by_type.get(data[0], 0) + 1
-            self._sendto(data, addr)
+        queued = device.datagrams_to_send()
+        if queued:
+            by_type = self.counters.sent_by_type
+            for data, _ in queued:
+                if data:
+                    by_type[data[0]] = by_type.get(data[0], 0) + 1
+            self._send_batch(queued)
         if self.on_event is not None:
             while (event := device.next_event()) is not None:
                 self.on_event(event)
@@ -274,8 +298,20 @@ class UserspaceTunnel:
             self._flush()
 
 
-def _no_socket(data: bytes, addr: Address) -> int:
-    raise OSError(f"no UDP socket for the address family of {addr[0]}")
+def _enable_gro(sock: socket.socket) -> bool:
+    """Turn on UDP GRO for ``sock``; return whether the kernel accepted it."""
+    try:
+        sock.setsockopt(socket.SOL_UDP, UDP_GRO, 1)
+    except OSError:
+        return False
+    return True
+
+
+def _gro_size(ancdata: list[tuple[int, int, bytes]]) -> int:
+    for level, kind, value in ancdata:
+        if level == socket.SOL_UDP and kind == UDP_GRO and len(value) >= 4:
+            return int.from_bytes(value[:4], sys.byteorder)
+    return 0
 
 
 def peer_config(section: PeerSection) -> PeerConfig:
@@ -313,7 +349,7 @@ def bind_udp(port: int | None) -> list[socket.socket]:
             try:
                 v6.bind(("::", port))
             except OSError as exc:
-                if exc.errno != 99:  # EADDRNOTAVAIL: IPv6 disabled on this host
+                if exc.errno != errno.EADDRNOTAVAIL:  # IPv6 disabled on this host
                     raise
                 sockets.remove(v6)
                 v6.close()
@@ -352,7 +388,9 @@ async def open_userspace_tunnel(
     MTU and one route per allowed IP, binds the listen port and starts the data path. ``timers``
     overrides the protocol's timers (tests shorten them). On exit, including cancellation, the
     tasks stop and the device (with its addresses and routes) and the sockets are gone. Raises
-    :class:`TunnelError` if any part cannot be set up; nothing is left behind then either.
+    :class:`ConfigError` (naming the ``[Peer]`` line) if the device refuses a peer (our own key, a
+    low-order key, an allowed IP another peer has), and :class:`TunnelError` if any part cannot be
+    set up; nothing is left behind in either case.
     """
     interface = config.interface
     device = Device(
@@ -361,7 +399,10 @@ async def open_userspace_tunnel(
         mtu=interface.mtu,
     )
     for section in config.peers:
-        device.add_peer(peer_config(section))
+        try:
+            device.add_peer(peer_config(section))
+        except WireGuardConfigError as exc:
+            raise ConfigError(f"{config.source}:{section.line}: {exc}") from None
     with contextlib.ExitStack() as stack:
         sockets = bind_udp(interface.listen_port)
         for sock in sockets:

@@ -65,10 +65,11 @@ class PeerSection:
 
 @dataclass(frozen=True)
 class WgQuickConfig:
-    """A whole wg-quick file: one interface and its peers."""
+    """A whole wg-quick file: one interface and its peers; ``source`` names it in error messages."""
 
     interface: InterfaceConfig
     peers: tuple[PeerSection, ...] = ()
+    source: str = "<config>"
 
 
 _INTERFACE_KEYS = {"privatekey", "address", "listenport", "mtu"}
@@ -177,7 +178,7 @@ def parse_wgquick(text: str, *, source: str = "<config>") -> WgQuickConfig:
                 raise _LineError(f"{_name(key)} outside a section")
             _apply(section, key, value, in_interface=section is iface)
         lineno = 0
-        return _build(iface, iface_line, peers)
+        return _build(iface, iface_line, peers, source)
     except _LineError as exc:
         lineno = exc.line or lineno
         where = f"{source}:{lineno}" if lineno else source
@@ -299,7 +300,7 @@ def parse_endpoint(value: str) -> tuple[str, int]:
 
 
 def _build(
-    iface: dict[str, object] | None, iface_line: int, peers: list[dict[str, object]]
+    iface: dict[str, object] | None, iface_line: int, peers: list[dict[str, object]], source: str
 ) -> WgQuickConfig:
     if iface is None:
         raise _LineError("no [Interface] section")
@@ -339,4 +340,4 @@ def _build(
                 line=line,
             )
         )
-    return WgQuickConfig(interface=interface, peers=tuple(sections))
+    return WgQuickConfig(interface=interface, peers=tuple(sections), source=source)

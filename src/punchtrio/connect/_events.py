@@ -1,0 +1,123 @@
+"""What a :class:`~punchtrio.connect.Connector` reports: one frozen dataclass per fact."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal
+
+from ..keys import PublicKey
+from ..punch import Candidate
+from ..rendezvous import PeerRecord
+
+Stage = Literal["stun", "register", "wait", "punch", "handshake", "established"]
+"""The pipeline's stages, in order. ``PeerFailed.stage`` and ``ConnectError.stage`` name one."""
+
+STAGES: tuple[Stage, ...] = ("stun", "register", "wait", "punch", "handshake", "established")
+
+PathKind = Literal["lan", "direct", "relay"]
+
+
+@dataclass(frozen=True)
+class StageStarted:
+    """A stage began; ``peer`` is ``None`` for the connector-wide stages (stun, register)."""
+
+    stage: Stage
+    peer: str | None = None
+
+
+@dataclass(frozen=True)
+class CandidatesGathered:
+    """Our candidates are known. ``mapping_varies`` is ``True`` when our NAT maps per destination
+    (None: fewer than two STUN answers); ``stun_error`` says why no server-reflexive candidate
+    was found, if none was."""
+
+    candidates: tuple[Candidate, ...]
+    mapping_varies: bool | None
+    stun_error: str | None = None
+
+
+@dataclass(frozen=True)
+class Registered:
+    """The rendezvous stored our record (candidates, public key, allowed IPs)."""
+
+    record: PeerRecord
+
+
+@dataclass(frozen=True)
+class PeerFound:
+    """The rendezvous gave us ``peer``'s record, and the peer signalled it is ready to punch."""
+
+    peer: str
+    public_key: PublicKey
+    record: PeerRecord
+
+
+@dataclass(frozen=True)
+class PunchStarted:
+    """Probing every candidate of ``peer`` began."""
+
+    peer: str
+    candidates: tuple[Candidate, ...]
+
+
+@dataclass(frozen=True)
+class PathChosen:
+    """WireGuard now sends to ``endpoint`` (``"ip:port"``) for ``peer``; ``rtt_ms`` is the probe
+    round trip. ``upgrade`` is ``True`` when it replaced an earlier working path."""
+
+    peer: str
+    path: PathKind
+    endpoint: str
+    rtt_ms: float
+    upgrade: bool = False
+
+
+@dataclass(frozen=True)
+class PathLost:
+    """The chosen path to ``peer`` stopped answering heartbeats; probing starts again."""
+
+    peer: str
+    endpoint: str
+
+
+@dataclass(frozen=True)
+class HandshakeCompleted:
+    """A WireGuard session with ``peer`` is up (also after each rekey)."""
+
+    peer: str
+    endpoint: str
+
+
+@dataclass(frozen=True)
+class PeerConnected:
+    """``peer`` is reachable through the tunnel: ``path`` is ``"lan"``, ``"direct"`` or ``"relay"``,
+    ``endpoint`` is ``"ip:port"``, ``elapsed_ms`` counts from the connector's start."""
+
+    peer: str
+    path: PathKind
+    endpoint: str
+    elapsed_ms: float
+
+
+@dataclass(frozen=True)
+class PeerFailed:
+    """Connecting to ``peer`` failed at ``stage``; ``reason`` is one line for a human."""
+
+    peer: str
+    stage: Stage
+    reason: str
+
+
+ConnectEvent = (
+    StageStarted
+    | CandidatesGathered
+    | Registered
+    | PeerFound
+    | PunchStarted
+    | PathChosen
+    | PathLost
+    | HandshakeCompleted
+    | PeerConnected
+    | PeerFailed
+)
+"""Every event type a connector emits."""

@@ -1,0 +1,344 @@
+"""The connector end to end in netsim: STUN, rendezvous, signal, punch, WireGuard, data.
+
+The helpers here (``World``, ``serve_stun``, ``ipv4``) are shared by the other
+``test_connect_*`` modules.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import struct
+from dataclasses import dataclass, field
+
+import pytest
+import trio
+
+from punchtrio import PrivateKey, netsim
+from punchtrio.connect import (
+    STAGES,
+    CandidatesGathered,
+    ConnectError,
+    Connector,
+    HandshakeCompleted,
+    MemoryInterface,
+    PathChosen,
+    PeerConnected,
+    PeerFailed,
+    PeerFound,
+    PunchStarted,
+    Registered,
+    StageStarted,
+    TunnelConfig,
+    open_connector,
+)
+from punchtrio.netsim import NatBehavior
+from punchtrio.rendezvous import MemoryHub
+from punchtrio.stun import StunResponder
+
+PRIMARY = ("203.0.113.10", 3478)
+ALTERNATE = ("203.0.113.11", 3479)
+WALL = 1.7e9
+WAN = netsim.Link(latency=0.01)
+KEYS = {
+    "alice": PrivateKey(bytes(range(1, 33))),
+    "bob": PrivateKey(bytes(range(101, 133))),
+}
+INNER = {"alice": "10.99.0.1", "bob": "10.99.0.2"}
+
+
+def wall_clock() -> float:
+    """Virtual Unix time: probe timestamps and TAI64N follow the mock clock."""
+    return WALL + trio.current_time()
+
+
+async def serve_stun(
+    host: netsim.Host, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED
+) -> None:
+    """punchtrio's sans-IO STUN responder on the server host's two addresses."""
+    responder = StunResponder(PRIMARY, ALTERNATE, rate=None)
+    sockets: dict[tuple[str, int], netsim.UDPSocket] = {}
+    for endpoint in responder.local_endpoints:
+        sockets[endpoint] = host.udp_socket()
+        await sockets[endpoint].bind(endpoint)
+
+    async def answer(local: tuple[str, int], sock: netsim.UDPSocket) -> None:
+        while True:
+            data, remote = await sock.recvfrom(2048)
+            reply = responder.handle(data, local, remote[:2], trio.current_time())
+            if reply is not None:
+                sockets[reply.source].sendto_nowait(reply.data, reply.destination)
+
+    async with trio.open_nursery() as nursery:
+        for endpoint, sock in sockets.items():
+            nursery.start_soon(answer, endpoint, sock)
+        task_status.started()
+
+
+@dataclass
+class World:
+    """A STUN server on the internet, a memory hub, and alice and bob behind their NATs."""
+
+    net: netsim.Internet
+    hub: MemoryHub
+    hosts: dict[str, netsim.Host]
+    stun: netsim.Host
+    nats: list[netsim.NAT] = field(default_factory=list)
+
+
+def build_world(
+    a: NatBehavior,
+    b: NatBehavior | None,
+    *,
+    seed: int = 1,
+    link: netsim.Link = WAN,
+    stun_link: netsim.Link | None = None,
+) -> World:
+    """Alice behind a NAT that behaves like ``a``; bob behind his own ``b``, or behind alice's NAT
+    when ``b`` is None."""
+    net = netsim.Internet(seed=seed)
+    stun = net.add_host(PRIMARY[0], ALTERNATE[0], name="stun", link=stun_link)
+    nat_a = net.add_nat("198.51.100.1", behavior=a, link=link, name="nat-a")
+    nats = [nat_a]
+    if b is None:
+        nat_b = nat_a
+    else:
+        nat_b = net.add_nat("192.0.2.1", behavior=b, link=link, name="nat-b")
+        nats.append(nat_b)
+    hosts = {"alice": nat_a.lan.add_host(name="alice"), "bob": nat_b.lan.add_host(name="bob")}
+    return World(net, MemoryHub(), hosts, stun, nats)
+
+
+def connector_for(world: World, name: str, interface: MemoryInterface, **options: object) -> Connector:
+    """A connector for ``name`` with the test settings (virtual wall clock, short timeouts)."""
+    other = "bob" if name == "alice" else "alice"
+    settings: dict[str, object] = {
+        "peers": [other],
+        "interface": interface,
+        "stun_servers": [PRIMARY],
+        "wall_clock": wall_clock,
+        "wait_timeout": 30.0,
+    }
+    settings.update(options)
+    key = KEYS[name]
+    return Connector(
+        name,
+        key,
+        world.hub.peer(name, key.public_key()),
+        TunnelConfig(f"{INNER[name]}/24"),
+        **settings,  # type: ignore[arg-type]
+    )
+
+
+def ipv4(src: str, dst: str, payload: bytes) -> bytes:
+    """A minimal IPv4/UDP-shaped packet (WireGuard reads only version, length and addresses)."""
+    header = struct.pack(
+        "!BBHHHBBH4s4s",
+        0x45,
+        0,
+        20 + len(payload),
+        0,
+        0,
+        64,
+        17,
+        0,
+        ipaddress.IPv4Address(src).packed,
+        ipaddress.IPv4Address(dst).packed,
+    )
+    return header + payload
+
+
+async def run_pair(
+    world: World, times: dict[str, float] | None = None, **options: object
+) -> dict[str, list[object]]:
+    """Run both connectors until each reports PeerConnected or PeerFailed; ping alice -> bob when
+    both connected. Returns each side's events (the ping's arrival as the string "ping"); the
+    virtual time of each side's last event goes into ``times``."""
+    events: dict[str, list[object]] = {"alice": [], "bob": []}
+    times = {} if times is None else times
+    ifaces = {name: MemoryInterface(name) for name in events}
+    connectors = {name: connector_for(world, name, ifaces[name], **options) for name in events}
+    try:
+        async with world.net, trio.open_nursery() as nursery:
+            await nursery.start(serve_stun, world.stun)
+            for name, connector in connectors.items():
+                with world.hosts[name].activate():
+                    await nursery.start(connector.run)
+
+            async def collect(name: str) -> None:
+                async for event in connectors[name].events:
+                    events[name].append(event)
+                    if isinstance(event, (PeerConnected, PeerFailed)):
+                        times[name] = trio.current_time()
+                        return
+
+            async with trio.open_nursery() as inner:
+                for name in events:
+                    inner.start_soon(collect, name)
+            if all(isinstance(e[-1], PeerConnected) for e in events.values()):
+                packet = ipv4(INNER["alice"], INNER["bob"], b"ping through the tunnel")
+                await ifaces["alice"].send(packet)
+                with trio.fail_after(10):
+                    if await ifaces["bob"].receive() == packet:
+                        events["bob"].append("ping")
+            nursery.cancel_scope.cancel()
+    finally:
+        for iface in ifaces.values():
+            iface.close()
+    return events
+
+
+async def test_two_peers_behind_cone_nats_connect_and_carry_a_packet(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    cone = NatBehavior.port_restricted_cone()
+    world = build_world(cone, cone)
+    events = await run_pair(world)
+    alice, bob = events["alice"], events["bob"]
+    assert bob[-1] == "ping"
+    connected = alice[-1]
+    assert isinstance(connected, PeerConnected)
+    assert (connected.peer, connected.path, connected.endpoint) == ("bob", "direct", "192.0.2.1:51820")
+    assert connected.elapsed_ms > 0
+    # Every stage was announced, in order, and every fact reported once.
+    stages = [e.stage for e in alice if isinstance(e, StageStarted)]
+    assert stages == [s for s in STAGES if s != "established"]
+    kinds = [type(e) for e in alice if not isinstance(e, StageStarted)]
+    assert kinds == [
+        CandidatesGathered,
+        Registered,
+        PeerFound,
+        PunchStarted,
+        PathChosen,
+        HandshakeCompleted,
+        PeerConnected,
+    ]
+    gathered = alice[1]
+    assert isinstance(gathered, CandidatesGathered)
+    assert gathered.mapping_varies is False
+    assert [c.endpoint for c in gathered.candidates] == [("10.0.0.2", 51820), ("198.51.100.1", 51820)]
+    # One mapping per NAT: STUN, probes and WireGuard shared the one socket.
+    for nat in world.nats:
+        assert [m.external.rsplit(":", 1)[1] for m in nat.mappings()] == ["51820"]
+
+
+async def test_connect_returns_the_event_and_peer_state(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    cone = NatBehavior.full_cone()
+    world = build_world(cone, cone, seed=2)
+    results: dict[str, PeerConnected] = {}
+    with MemoryInterface() as ia, MemoryInterface() as ib:
+        async with world.net, trio.open_nursery() as nursery:
+            await nursery.start(serve_stun, world.stun)
+
+            async def side(name: str, iface: MemoryInterface) -> None:
+                other = "bob" if name == "alice" else "alice"
+                with world.hosts[name].activate():
+                    async with open_connector(
+                        name,
+                        KEYS[name],
+                        world.hub.peer(name, KEYS[name].public_key()),
+                        f"{INNER[name]}/24",
+                        interface=iface,
+                        stun_servers=[PRIMARY],
+                        wall_clock=wall_clock,
+                    ) as connector:
+                        results[name] = await connector.connect(other)
+                        state = connector.peers[other]
+                        assert state.connected
+                        assert state.public_key == KEYS[other].public_key()
+                        assert connector.tunnel is not None
+
+            async with trio.open_nursery() as both:
+                both.start_soon(side, "alice", ia)
+                both.start_soon(side, "bob", ib)
+            nursery.cancel_scope.cancel()
+    assert results["alice"].endpoint == "192.0.2.1:51820"
+    assert results["bob"].endpoint == "198.51.100.1:51820"
+    # Both left their scopes: nothing is registered any more.
+    assert world.hub.records() == ()
+
+
+async def test_a_peer_that_never_appears_fails_at_the_wait_stage(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    world = build_world(NatBehavior.full_cone(), NatBehavior.full_cone(), seed=3)
+    with MemoryInterface() as iface:
+        async with world.net, trio.open_nursery() as nursery:
+            await nursery.start(serve_stun, world.stun)
+            with world.hosts["alice"].activate():
+                async with open_connector(
+                    "alice",
+                    KEYS["alice"],
+                    world.hub.peer("alice", KEYS["alice"].public_key()),
+                    "10.99.0.1/24",
+                    interface=iface,
+                    stun_servers=[PRIMARY],
+                    wait_timeout=20,
+                ) as connector:
+                    with pytest.raises(ConnectError) as caught:
+                        await connector.connect("carol")
+            nursery.cancel_scope.cancel()
+    assert caught.value.stage == "wait"
+    assert str(caught.value) == "wait: carol did not appear at the rendezvous within 20 s"
+
+
+async def test_through_the_hub_app_with_the_stun_server_it_advertises(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    """HubClient against the real hub application (in process: netsim has no TCP); no
+    ``stun_servers`` given, so the connector uses the one ``GET /v1/hub`` advertises."""
+    import httpx
+
+    from punchtrio.rendezvous import (
+        HubClient,
+        HubConfig,
+        PeerNotFoundError,
+        StunAddress,
+        create_app,
+    )
+
+    app = create_app(
+        HubConfig(
+            key=PrivateKey(bytes(range(7, 39))),
+            rate=0,
+            stun=(StunAddress(ipaddress.ip_address(PRIMARY[0]), PRIMARY[1]),),
+        )
+    )
+
+    def client(name: str) -> HubClient:
+        return HubClient("http://hub.test", KEYS[name], name, transport=httpx.ASGITransport(app))
+
+    world = build_world(NatBehavior.restricted_cone(), NatBehavior.symmetric(), seed=4)
+    connected: dict[str, PeerConnected] = {}
+    gathered: dict[str, CandidatesGathered] = {}
+    with MemoryInterface() as ia, MemoryInterface() as ib:
+        async with world.net, trio.open_nursery() as nursery:
+            await nursery.start(serve_stun, world.stun)
+
+            async def side(name: str, iface: MemoryInterface) -> None:
+                other = "bob" if name == "alice" else "alice"
+                async with client(name) as hub:
+                    with world.hosts[name].activate():
+                        async with open_connector(
+                            name, KEYS[name], hub, f"{INNER[name]}/24", interface=iface
+                        ) as connector:
+                            connected[name] = await connector.connect(other)
+                            async for event in connector.events:
+                                if isinstance(event, CandidatesGathered):
+                                    gathered[name] = event
+                                    break
+
+            async with trio.open_nursery() as both:
+                both.start_soon(side, "alice", ia)
+                both.start_soon(side, "bob", ib)
+            async with client("alice") as check:
+                with pytest.raises(PeerNotFoundError):
+                    await check.lookup("bob")  # bob's connector unregistered as it ended
+            nursery.cancel_scope.cancel()
+    # One advertised server; its OTHER-ADDRESS gives the second destination to compare.
+    assert gathered["alice"].mapping_varies is False
+    assert gathered["bob"].mapping_varies is True
+    assert ("198.51.100.1", 51820) in [c.endpoint for c in gathered["alice"].candidates]
+    assert connected["alice"].path == "direct"
+    assert connected["bob"].endpoint == "198.51.100.1:51820"
