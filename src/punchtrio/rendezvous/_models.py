@@ -7,13 +7,14 @@ Nothing here resolves names: endpoints and STUN servers are literal IP addresses
 
 from __future__ import annotations
 
+import dataclasses
 import enum
 import ipaddress
 import itertools
 import json
 import re
 from collections.abc import Iterable, Mapping
-from dataclasses import dataclass, fields
+from dataclasses import dataclass
 from typing import Any, TypeVar
 
 from .._exceptions import PunchtrioError
@@ -258,10 +259,13 @@ class Endpoint:
     def from_json(cls, obj: object) -> Endpoint:
         """Parse a JSON endpoint object. Raises :class:`ValidationError`."""
         fields = _exact_keys(obj, "endpoint", required=("type", "address"))
-        kind = fields["type"]
-        if not isinstance(kind, str) or kind not in {t.value for t in EndpointType}:
+        kind = _ENDPOINT_TYPES.get(fields["type"]) if isinstance(fields["type"], str) else None
+        if kind is None:
             raise ValidationError("endpoint type must be host, srflx or relay")
-        return cls.parse(fields["address"], EndpointType(kind))  # type: ignore[arg-type]
+        return cls.parse(fields["address"], kind)  # type: ignore[arg-type]
+
+
+_ENDPOINT_TYPES = {kind.value: kind for kind in EndpointType}
 
 
 def _endpoints_from_json(value: object) -> tuple[Endpoint, ...]:
@@ -544,7 +548,7 @@ _FIELD_NAMES: dict[type, tuple[str, ...]] = {}
 def _field_names(cls: type) -> tuple[str, ...]:
     names = _FIELD_NAMES.get(cls)
     if names is None:
-        names = _FIELD_NAMES[cls] = tuple(item.name for item in fields(cls))
+        names = _FIELD_NAMES[cls] = tuple(item.name for item in dataclasses.fields(cls))
     return names
 
 

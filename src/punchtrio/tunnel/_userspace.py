@@ -12,6 +12,8 @@ import contextlib
 import errno
 import math
 import os
+import queue
+import select
 import socket
 import struct
 import sys
@@ -48,6 +50,12 @@ _GSO_SIZE = struct.Struct("=H")
 _NO_GSO = {errno.EINVAL, errno.EIO, errno.ENOPROTOOPT, errno.EOPNOTSUPP}
 _READ_SIZE = 65535
 
+TUN_WRITE_BACKLOG = 8
+"""Batches of decrypted packets that may wait for the TUN writer thread."""
+
+INLINE_TUN_WRITES = 4
+"""Batches this small are written by the reader itself when the writer thread is idle."""
+
 
 class WireGuardDevice(Protocol):
     """What the shell needs from a sans-IO WireGuard device (see :class:`punchtrio.wireguard.Device`)."""
@@ -73,7 +81,7 @@ class TunnelCounters:
     ``udp_reads`` counts socket reads (fewer than datagrams when UDP GRO coalesced them);
     ``sent_by_type`` counts sent WireGuard messages by type (1 initiation, 2 response, 3 cookie
     reply, 4 transport); the ``*_errors`` count packets lost because the kernel refused them (a full
-    buffer, no route).
+    buffer, no route) or a read failed (an ICMP error queued on the socket, a truncated read).
     """
 
     datagrams_received: int = 0
@@ -83,6 +91,7 @@ class TunnelCounters:
     udp_batches: int = 0
     udp_reads: int = 0
     tun_batches: int = 0
+    receive_errors: int = 0
     send_errors: int = 0
     tun_write_errors: int = 0
     sent_by_type: dict[int, int] = field(default_factory=dict)
@@ -120,6 +129,7 @@ class UserspaceTunnel:
         self._timer_scope: trio.CancelScope | None = None
         self._gso = gso
         self._gro = gro
+        self._tun_writer = _TunWriter(tun.fileno(), self.counters)
         self._armed = math.inf
 
     @property
@@ -143,26 +153,27 @@ class UserspaceTunnel:
                 nursery.start_soon(self._udp_reader, sock)
             nursery.start_soon(self._tun_reader)
             nursery.start_soon(self._timer_loop)
+            nursery.start_soon(self._tun_writer.run)
             self._flush()
             task_status.started()
 
     async def _udp_reader(self, sock: socket.socket) -> None:
         receive = self.device.receive_datagram
-        write = os.write
-        tun_fd = self.tun.fileno()
         counters = self.counters
         gro = self._gro and _enable_gro(sock)
-        recvmsg = sock.recvmsg
+        recvmsg = sock.recvmsg if gro else None
         recvfrom = sock.recvfrom
         while True:
             await trio.lowlevel.wait_readable(sock)
             drained = False
             while not drained:
                 now = trio.current_time()
-                reads = received = written = errors = 0
+                reads = received = errors = 0
+                packets: list[bytes] = []
+                keep = packets.append
                 try:
                     while reads < BATCH:
-                        if gro:
+                        if recvmsg is not None:
                             # With UDP GRO one read may hold many datagrams of one size from one
                             # sender, back to back; the control message gives that size.
                             data, ancdata, flags, addr = recvmsg(_READ_SIZE, _GRO_CMSG_SPACE)
@@ -184,11 +195,7 @@ class UserspaceTunnel:
                             received += 1
                             packet = receive(chunk, addr, now)
                             if packet is not None:
-                                try:
-                                    write(tun_fd, packet)
-                                    written += 1
-                                except OSError:
-                                    errors += 1
+                                keep(packet)
                 except BlockingIOError:
                     drained = True
                 except OSError:
@@ -196,8 +203,9 @@ class UserspaceTunnel:
                 counters.udp_batches += 1
                 counters.udp_reads += reads
                 counters.datagrams_received += received
-                counters.packets_to_tun += written
-                counters.tun_write_errors += errors
+                counters.receive_errors += errors
+                if packets:
+                    await self._tun_writer.submit(packets)
                 self._flush()
                 if not drained:
                     await trio.lowlevel.checkpoint()
@@ -296,6 +304,74 @@ class UserspaceTunnel:
             self.device.handle_timer(trio.current_time())
             self._armed = math.inf  # _flush stores the device's next deadline
             self._flush()
+
+
+class _TunWriter:
+    """Writes decrypted packets to the TUN on a worker thread, batch by batch, in order.
+
+    A TUN write runs the inner packet through the kernel's stack (for TCP, the whole receive path)
+    inside the ``write`` call, and releases the GIL meanwhile; on its own thread it overlaps with
+    receiving and decrypting the next batch. At most :data:`TUN_WRITE_BACKLOG` batches wait; a
+    full backlog makes the reader wait, so the UDP socket buffer, not memory, absorbs a burst.
+    """
+
+    def __init__(self, fd: int, counters: TunnelCounters) -> None:
+        self._fd = fd
+        self._counters = counters
+        self._queue: queue.Queue[list[bytes] | None] = queue.Queue(TUN_WRITE_BACKLOG)
+
+    async def submit(self, packets: list[bytes]) -> None:
+        """Write or queue one batch; checkpoints only when the backlog is full.
+
+        A small batch while the thread has nothing left to write is written here at once: waking
+        the thread would cost more than the writes (and add latency to a lone packet). Order is
+        kept because ``unfinished_tasks`` only drops after a queued batch is fully written.
+        """
+        if len(packets) <= INLINE_TUN_WRITES and not self._queue.unfinished_tasks:
+            self._write(packets)
+            return
+        try:
+            self._queue.put_nowait(packets)
+        except queue.Full:
+            await trio.to_thread.run_sync(self._queue.put, packets)
+
+    async def run(self) -> None:
+        """Run the writer thread until cancelled; it finishes the queued batches first."""
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(self._stop_when_cancelled)
+            await trio.to_thread.run_sync(self._write_batches)
+
+    async def _stop_when_cancelled(self) -> None:
+        try:
+            await trio.sleep_forever()
+        finally:
+            self._queue.put(None)  # the thread is always draining, so this waits microseconds
+
+    def _write_batches(self) -> None:
+        while (packets := self._queue.get()) is not None:
+            self._write(packets)
+            self._queue.task_done()
+
+    def _write(self, packets: list[bytes]) -> None:
+        write = os.write
+        fd = self._fd
+        written = errors = 0
+        for packet in packets:
+            for _ in range(100):
+                try:
+                    write(fd, packet)
+                    written += 1
+                    break
+                except BlockingIOError:  # a real TUN never says so; socketpairs in tests do
+                    select.select([], [fd], [], 0.01)
+                except OSError:
+                    errors += 1
+                    break
+            else:
+                errors += 1
+        counters = self._counters
+        counters.packets_to_tun += written
+        counters.tun_write_errors += errors
 
 
 def _enable_gro(sock: socket.socket) -> bool:
