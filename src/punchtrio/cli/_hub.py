@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
+import gc
 import math
 import signal
 import sys
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterator
 from functools import partial
 from typing import Any
 
@@ -198,8 +200,32 @@ def _run(args: argparse.Namespace) -> int:
         stun=stun,
         stun_alternate=alternate,
     )
-    trio.run(_until_signal, serve, config)
+    with _server_gc():
+        trio.run(_until_signal, serve, config)
     return 0
+
+
+# Allocations between young-generation collections while the hub serves (Python's default: 700).
+_GC_THRESHOLD = 7000
+
+
+@contextlib.contextmanager
+def _server_gc() -> Iterator[None]:
+    """Tune the cyclic garbage collector for serving, and restore it afterwards.
+
+    Every request allocates hundreds of short-lived objects, so with the default threshold the
+    collector runs several times per request; the objects of startup (modules, the app) are frozen
+    out of full collections. ``benchmarks/hub.py`` measures the effect.
+    """
+    thresholds = gc.get_threshold()
+    gc.collect()
+    gc.freeze()
+    gc.set_threshold(_GC_THRESHOLD, *thresholds[1:])
+    try:
+        yield
+    finally:
+        gc.set_threshold(*thresholds)
+        gc.unfreeze()
 
 
 async def _until_signal(serve: Callable[..., Awaitable[None]], config: HubConfig) -> None:

@@ -105,7 +105,8 @@ class UserspaceTunnel:
     descriptors. ``on_event`` is called with every event the device reports. ``gso`` lets the
     shell send runs of equal-sized datagrams to one peer as one UDP GSO ``sendmsg`` (Linux >= 4.18;
     it falls back to one ``sendto`` per datagram by itself when the kernel refuses). ``gro`` asks
-    the kernel to hand over such runs in one read (UDP GRO, Linux >= 5.0), split by the shell.
+    the kernel to hand over such runs in one read (UDP GRO, Linux >= 5.0), split by the shell. Both
+    apply only when every socket is a real :class:`socket.socket`.
     """
 
     def __init__(
@@ -127,8 +128,10 @@ class UserspaceTunnel:
         self._sockets = sockets
         self._listen_port = int(sockets[0].getsockname()[1]) if sockets else 0
         self._timer_scope: trio.CancelScope | None = None
-        self._gso = gso
-        self._gro = gro
+        # GSO and GRO need the kernel: socket-like stand-ins (netsim) get the plain path.
+        real = all(isinstance(sock, socket.socket) for sock in sockets)
+        self._gso = gso and real
+        self._gro = gro and real
         self._tun_writer = _TunWriter(tun.fileno(), self.counters)
         self._armed = math.inf
 
