@@ -98,14 +98,17 @@ async def test_discovery_without_nat(autojump_clock: trio.testing.MockClock) -> 
     assert report.public_endpoint == report.local_endpoint == ("192.0.2.50", 49152)
 
 
+@pytest.mark.parametrize("inbound_refresh", [False, True])
 async def test_discovery_measures_the_mapping_lifetime(
-    autojump_clock: trio.testing.MockClock,
+    autojump_clock: trio.testing.MockClock, inbound_refresh: bool
 ) -> None:
     net = netsim.Internet()
     server = net.add_host(PRIMARY[0], ALTERNATE[0])
-    # discover_nat's probes arrive inbound; with inbound refresh each wait is a fresh idle period.
+    # Whether or not inbound packets refresh the mapping, each idle period is measured on its own.
     behavior = NatBehavior(
-        filtering=Filtering.ENDPOINT_INDEPENDENT, mapping_timeout=60, inbound_refresh=True
+        filtering=Filtering.ENDPOINT_INDEPENDENT,
+        mapping_timeout=60,
+        inbound_refresh=inbound_refresh,
     )
     client = net.add_nat("198.51.100.1", behavior=behavior).lan.add_host()
     async with net, trio.open_nursery() as nursery:

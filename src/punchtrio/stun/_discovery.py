@@ -417,6 +417,11 @@ async def _lifetime(
         for wait in LIFETIME_WAITS:
             if spent + wait > budget:
                 break
+            # Refresh the mapping from inside first, so each idle period starts at zero whether or
+            # not the NAT lets inbound traffic (the previous check) refresh it.
+            await prober.run(
+                StunTransaction(primary, trio.current_time(), rto=prober.rto), measured
+            )
             await trio.sleep(wait)
             spent += wait
             if not await alive():
