@@ -7,14 +7,13 @@ and, in the second scenario, peer to hub (each rendezvous call costs one R). Tim
 baseline, measured in the same run, is the protocol's minimum for each scenario:
 
 - free hub (in-process): STUN 1 R, then the punch (ping out, pong back) 1 R, then the WireGuard
-  handshake (initiation, response) 1 R: 3 R;
+  handshake (initiation, response) 1 R: 3 R; the responder learns of it 0.5 R later;
 - hub at R: STUN 1 R; register, with the wait for the peer's record already at the hub, 1 R;
-  punch 1 R; handshake 1 R: 4 R.
+  punch 1 R; handshake 1 R: 4 R (4.5 R for the responder).
 """
 
 from __future__ import annotations
 
-import math
 from collections.abc import Iterable
 
 import trio
@@ -160,31 +159,40 @@ def run() -> str:
     for hub_far in (False, True):
         for rtt in RTTS:
             done = trio.run(
-                _measure, rtt, rtt if hub_far else 0.0, clock=trio.testing.MockClock(0)
+                _measure,
+                rtt,
+                rtt if hub_far else 0.0,
+                clock=trio.testing.MockClock(autojump_threshold=0),
             )
-            worst = max(done.values())
+            first, last = min(done.values()), max(done.values())
             minimum = (4 if hub_far else 3) * rtt
             target = 3 * rtt + 0.1
+            verdict = "/".join("met" if t <= target + 1e-9 else "missed" for t in (first, last))
             rows.append(
                 f"| {'at R' if hub_far else 'free (in-process)'} | {rtt * 1000:.0f} ms "
-                f"| {worst * 1000:.1f} ms | {worst / rtt:.2f} R | {minimum / rtt:.0f} R "
-                f"| {worst / minimum:.2f} | {target * 1000:.0f} ms "
-                f"| {'met' if worst <= target + 1e-9 else 'missed'} |"
+                f"| {first * 1000:.1f} ms ({first / rtt:.2f} R) "
+                f"| {last * 1000:.1f} ms ({last / rtt:.2f} R) "
+                f"| {minimum / rtt:.0f} R / {minimum / rtt + 0.5:.1f} R "
+                f"| {first / minimum:.2f} / {last / (minimum + rtt / 2):.2f} "
+                f"| {target * 1000:.0f} ms: {verdict} |"
             )
-    assert not math.isnan(len(rows))
     return "\n".join(
         [
             "## Time to tunnel in netsim (`benchmarks/connect.py`)",
             "",
-            "`open_connector()` to `HandshakeCompleted` on the later of the two peers, both started at",
-            "once behind port-restricted cone NATs; every path (peer-peer, peer-STUN, peer-hub when the",
-            "hub is remote) has the round trip R. Virtual time (MockClock): exact protocol time. The",
-            "baseline is the protocol's minimum (free hub: STUN + punch + handshake = 3 R; hub at R:",
-            "4 R, registering while the wait for the peer is already at the hub).",
+            "`open_connector()` to `HandshakeCompleted`, both peers started at once behind",
+            "port-restricted cone NATs; every path (peer-peer, peer-STUN, peer-hub when the hub is",
+            "remote) has the round trip R. Virtual time (MockClock): exact protocol time. The",
+            "initiator (the lower public key) completes the WireGuard handshake when the response",
+            "arrives; the responder when the initiator's first transport message arrives, half a",
+            "round trip later. Baseline: the protocol's minimum (free hub: STUN + punch + handshake",
+            "= 3 R, + 0.5 R for the responder; hub at R: 4 R / 4.5 R, registering while the wait for",
+            'the peer is already at the hub). Measured: the "punch now" signal adds one hub round',
+            "trip over that minimum.",
             "",
-            "| hub | R | time to handshake | in R | minimum | ratio to minimum "
-            "| target 3 R + 100 ms | |",
-            "|---|---|---|---|---|---|---|---|",
+            "| hub | R | initiator done | responder done | minimum (initiator / responder) "
+            "| ratio to minimum | target 3 R + 100 ms (initiator / responder) |",
+            "|---|---|---|---|---|---|---|",
             *rows,
         ]
     )

@@ -31,9 +31,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import httpx
+import trio
 
 from punchtrio import PrivateKey, PublicKey
-from punchtrio.rendezvous import RequestSigner
+from punchtrio.cli._hub import _server_gc
+from punchtrio.rendezvous import HubConfig, RequestSigner, create_app
 
 NAME = "hub"
 
@@ -51,6 +53,8 @@ PEERS = 100_000
 """Registered peers for the memory measurement."""
 FILL_SECONDS = 20.0
 """Planned length of one wrk run of the memory fill (its requests must stay inside the window)."""
+APP_CALLS = 3000
+"""Calls of each kind in the in-process measurement of the ASGI app alone."""
 TARGET_RPS = 3000.0
 TARGET_RSS_MB = 300.0
 
@@ -370,6 +374,72 @@ def _free_port() -> int:
         return int(probe.getsockname()[1])
 
 
+def _app_alone() -> tuple[float, float]:
+    """CPU µs per call of the hub's ASGI app called directly (no HTTP server, no sockets):
+    ``GET /healthz``, and a new peer's register + lookup as in the timed phase (averaged)."""
+    hub_key = PrivateKey.generate()
+    app = create_app(HubConfig(hub_key, rate=0.0, ttl=3600.0))
+
+    def scope(method: str, target: str, body: bytes, peer: Peer | None) -> dict[str, object]:
+        headers = [(b"host", b"hub")]
+        if body:
+            headers += [(b"content-type", b"application/json")]
+            headers += [(b"content-length", str(len(body)).encode())]
+        if peer is not None:
+            signed = peer.signer.sign(method, target, body, now=time.time())
+            headers += [(k.lower().encode(), v.encode()) for k, v in signed.items()]
+        return {
+            "type": "http", "http_version": "1.1", "asgi": {"version": "3.0"}, "method": method,
+            "scheme": "http", "path": target, "raw_path": target.encode(), "query_string": b"",
+            "root_path": "", "headers": headers, "client": ("127.0.0.1", 40000),
+            "server": ("127.0.0.1", 7777), "state": {}, "extensions": {},
+        }  # fmt: skip
+
+    async def call(request: dict[str, object], body: bytes) -> int:
+        messages = [{"type": "http.request", "body": body, "more_body": False}]
+        status = 0
+
+        async def receive() -> dict[str, object]:
+            if messages:
+                return messages.pop()
+            await trio.sleep_forever()
+            raise AssertionError("unreachable")
+
+        async def send(message: dict[str, object]) -> None:
+            nonlocal status
+            if message["type"] == "http.response.start":
+                status = int(message["status"])  # type: ignore[call-overload]
+
+        await app(request, receive, send)
+        return status
+
+    async def timed(requests: list[tuple[dict[str, object], bytes, int]]) -> float:
+        started = time.process_time()
+        for request, body, expected in requests:
+            if await call(request, body) != expected:
+                raise RuntimeError(
+                    f"the app answered {request['method']} {request['path']} wrongly"
+                )
+        return (time.process_time() - started) / len(requests) * 1e6
+
+    async def measure() -> tuple[float, float]:
+        hub_public = hub_key.public_key()
+        known = [Peer(i, hub_public) for i in range(APP_CALLS)]
+        fresh = [Peer(APP_CALLS + i, hub_public) for i in range(APP_CALLS // 2)]
+        setup = [(scope("PUT", f"/v1/peers/{p.name}", p.body, p), p.body, 201) for p in known]
+        await timed(setup)
+        health = [(scope("GET", "/healthz", b"", None), b"", 200)] * APP_CALLS
+        mixed = []
+        for i, peer in enumerate(fresh):
+            mixed.append((scope("PUT", f"/v1/peers/{peer.name}", peer.body, peer), peer.body, 201))
+            other = known[(i * 7919) % len(known)].name
+            mixed.append((scope("GET", f"/v1/peers/{other}", b"", peer), b"", 200))
+        return await timed(health), await timed(mixed)
+
+    with _server_gc():  # as in a `punchtrio hub` process
+        return trio.run(measure)
+
+
 def _measure(bench: Bench) -> str:
     rss_idle = _rss_mb(bench.hub.pid)
     # Untimed: the peers the lookups will find (this also warms the hub up).
@@ -399,6 +469,7 @@ def _measure(bench: Bench) -> str:
         rate = max(part.rate, 200.0)
     peers = bench.peers()
     rss_full = _rss_mb(bench.hub.pid)
+    app_healthz, app_mixed = _app_alone()
 
     errors = _unexpected(warmup, baseline, mixed, fill)
     ratio = mixed.rate / baseline.rate if baseline.rate else 0.0
@@ -447,6 +518,8 @@ def _measure(bench: Bench) -> str:
             f"(x {cpu_ratio:.2f}; a whole core would serve "
             f"{1e6 / max(baseline.cpu_per_request, 1):,.0f} / "
             f"{1e6 / max(mixed.cpu_per_request, 1):,.0f} req/s) | |",
+            f"| the ASGI app alone, no HTTP server: `/healthz` / register + lookup "
+            f"| {app_healthz:,.0f} µs / {app_mixed:,.0f} µs CPU per call | |",
             f"| registering {fill.requests:,} more new peers (each a new key) "
             f"| {fill.rate:,.0f} req/s ({fill.seconds:.0f} s, "
             f"{fill.cpu_per_request:,.0f} µs hub CPU each) | |",
@@ -459,8 +532,10 @@ def _measure(bench: Bench) -> str:
             f"protocol on Trio, Starlette's routing, no hub work) costs the hub "
             f"{baseline.cpu_per_request:,.0f} µs of CPU per request, so one hub process on one "
             f"core serves at most about {floor_rps:,.0f} requests/s of any kind. Register + "
-            f"lookup adds {added:,.0f} µs per request on average (bigger requests and answers "
-            "for Hypercorn, signature check, validation, JSON, the store; one X25519 per new key).",
+            f"lookup adds {added:,.0f} µs per request on average, of which the hub's own work "
+            f"(signature check with one X25519 per new key, validation, JSON, the store) is "
+            f"about {app_mixed - app_healthz:,.0f} µs (the app alone) and the rest Hypercorn's "
+            "handling of bigger requests and answers.",
             "",
             "Run: `.venv/bin/python -m benchmarks hub` (or `nox -s bench -- hub`); needs `wrk` "
             "(`scripts/bootstrap` installs it).",

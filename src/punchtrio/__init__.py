@@ -5,6 +5,15 @@ documented subpackages (``punchtrio.wireguard``, ``punchtrio.stun``, ``punchtrio
 """
 
 from ._exceptions import PunchtrioError
+from .connect import (
+    ConnectError,
+    Connector,
+    MemoryInterface,
+    PeerConnected,
+    PeerFailed,
+    TunnelConfig,
+    open_connector,
+)
 from .keys import InvalidKeyError, PrivateKey, PublicKey
 from .mux import Mux
 from .punch import (
@@ -23,11 +32,16 @@ __version__ = "0.1.0.dev0"
 __all__ = [
     "Candidate",
     "CandidateType",
+    "ConnectError",
+    "Connector",
     "InvalidKeyError",
+    "MemoryInterface",
     "Mux",
     "NatReport",
     "PathChosen",
     "PathLost",
+    "PeerConnected",
+    "PeerFailed",
     "PrivateKey",
     "PublicKey",
     "PunchFailed",
@@ -36,6 +50,8 @@ __all__ = [
     "PunchtrioError",
     "StunError",
     "StunServer",
+    "TunnelConfig",
     "__version__",
     "discover_nat",
+    "open_connector",
 ]

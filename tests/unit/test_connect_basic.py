@@ -108,7 +108,9 @@ def build_world(
     return World(net, MemoryHub(), hosts, stun, nats)
 
 
-def connector_for(world: World, name: str, interface: MemoryInterface, **options: object) -> Connector:
+def connector_for(
+    world: World, name: str, interface: MemoryInterface, **options: object
+) -> Connector:
     """A connector for ``name`` with the test settings (virtual wall clock, short timeouts)."""
     other = "bob" if name == "alice" else "alice"
     settings: dict[str, object] = {
@@ -197,7 +199,11 @@ async def test_two_peers_behind_cone_nats_connect_and_carry_a_packet(
     assert bob[-1] == "ping"
     connected = alice[-1]
     assert isinstance(connected, PeerConnected)
-    assert (connected.peer, connected.path, connected.endpoint) == ("bob", "direct", "192.0.2.1:51820")
+    assert (connected.peer, connected.path, connected.endpoint) == (
+        "bob",
+        "direct",
+        "192.0.2.1:51820",
+    )
     assert connected.elapsed_ms > 0
     # Every stage was announced, in order, and every fact reported once.
     stages = [e.stage for e in alice if isinstance(e, StageStarted)]
@@ -215,7 +221,10 @@ async def test_two_peers_behind_cone_nats_connect_and_carry_a_packet(
     gathered = alice[1]
     assert isinstance(gathered, CandidatesGathered)
     assert gathered.mapping_varies is False
-    assert [c.endpoint for c in gathered.candidates] == [("10.0.0.2", 51820), ("198.51.100.1", 51820)]
+    assert [c.endpoint for c in gathered.candidates] == [
+        ("10.0.0.2", 51820),
+        ("198.51.100.1", 51820),
+    ]
     # One mapping per NAT: STUN, probes and WireGuard shared the one socket.
     for nat in world.nats:
         assert [m.external.rsplit(":", 1)[1] for m in nat.mappings()] == ["51820"]
@@ -342,3 +351,120 @@ async def test_through_the_hub_app_with_the_stun_server_it_advertises(
     assert ("198.51.100.1", 51820) in [c.endpoint for c in gathered["alice"].candidates]
     assert connected["alice"].path == "direct"
     assert connected["bob"].endpoint == "198.51.100.1:51820"
+
+
+async def test_a_refused_registration_fails_every_peer_at_the_register_stage(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    world = build_world(NatBehavior.full_cone(), NatBehavior.full_cone(), seed=5)
+    await world.hub.peer("alice", KEYS["alice"].public_key()).register()
+    impostor = PrivateKey(bytes(range(60, 92)))
+    failed: list[PeerFailed] = []
+    with MemoryInterface() as iface:
+        async with world.net, trio.open_nursery() as nursery:
+            await nursery.start(serve_stun, world.stun)
+            with world.hosts["bob"].activate():
+                async with open_connector(
+                    "alice",
+                    impostor,
+                    world.hub.peer("alice", impostor.public_key()),
+                    "10.99.0.9/24",
+                    peers=["bob", "carol"],
+                    interface=iface,
+                    stun_servers=[PRIMARY],
+                ) as connector:
+                    with pytest.raises(ConnectError, match=r"^register: ") as caught:
+                        await connector.connect("bob")
+                    with pytest.raises(ValueError, match="peer name"):
+                        await connector.connect("Not A Name")
+                    async for event in connector.events:
+                        if isinstance(event, PeerFailed):
+                            failed.append(event)
+                            if len(failed) == 2:
+                                break
+            nursery.cancel_scope.cancel()
+    assert caught.value.reason == (
+        "the rendezvous refused or could not be reached: name is registered to another key"
+    )
+    assert sorted((f.peer, f.stage) for f in failed) == [("bob", "register"), ("carol", "register")]
+    # The rightful owner's record is untouched.
+    assert [r.public_key for r in world.hub.records()] == [KEYS["alice"].public_key()]
+
+
+async def test_after_a_nat_reboot_re_stun_re_registers_and_the_path_comes_back(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    from punchtrio.netsim import Mapping, PortAllocation
+
+    random_ports = NatBehavior(
+        mapping=Mapping.ENDPOINT_INDEPENDENT, port_allocation=PortAllocation.RANDOM
+    )
+    world = build_world(random_ports, NatBehavior.port_restricted_cone(), seed=9)
+    nat_a = world.nats[0]
+    events: dict[str, list[object]] = {"alice": [], "bob": []}
+    with MemoryInterface() as ia, MemoryInterface() as ib:
+        ifaces = {"alice": ia, "bob": ib}
+        connectors = {
+            name: connector_for(world, name, ifaces[name], restun_interval=20.0) for name in events
+        }
+        async with world.net, trio.open_nursery() as nursery:
+            await nursery.start(serve_stun, world.stun)
+            for name, connector in connectors.items():
+                with world.hosts[name].activate():
+                    await nursery.start(connector.run)
+
+            async def collect(name: str) -> None:
+                async for event in connectors[name].events:
+                    events[name].append(event)
+
+            for name in events:
+                nursery.start_soon(collect, name)
+            await connectors["alice"].connect("bob")
+            await connectors["bob"].connect("alice")
+            before = connectors["alice"].peers["bob"].endpoint
+            old = [c.endpoint for c in connectors["alice"].candidates if c.type.value == "srflx"]
+            nat_a.reset()  # alice's NAT reboots: her external port changes
+            await trio.sleep(120)
+            packet = ipv4(INNER["bob"], INNER["alice"], b"after the reboot")
+            await ib.send(packet)
+            with trio.fail_after(10):
+                assert await ia.receive() == packet
+            nursery.cancel_scope.cancel()
+    new = [c.endpoint for c in connectors["alice"].candidates if c.type.value == "srflx"]
+    assert new != old  # re-STUN saw the new mapping ...
+    registered = [e for e in events["alice"] if isinstance(e, Registered)]
+    assert len(registered) == 2  # ... and alice registered it
+    assert before == "192.0.2.1:51820"
+    lost = [e for e in events["bob"] if type(e).__name__ == "PathLost"]
+    assert lost  # bob noticed the old path die
+    final = connectors["bob"].peers["alice"]
+    assert final.endpoint == f"{new[0][0]}:{new[0][1]}"  # and found alice at her new port
+
+
+async def test_packets_cross_both_ways_across_the_first_rekey(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    """Only one side initiates the first handshake, so both use one session, also once the
+    initiator rekeys after 120 s (simultaneous initiations used to leave one direction dead)."""
+    cone = NatBehavior.port_restricted_cone()
+    world = build_world(cone, cone, seed=12)
+    with MemoryInterface() as ia, MemoryInterface() as ib:
+        ifaces = {"alice": ia, "bob": ib}
+        connectors = {name: connector_for(world, name, ifaces[name]) for name in ifaces}
+        async with world.net, trio.open_nursery() as nursery:
+            await nursery.start(serve_stun, world.stun)
+            for name, connector in connectors.items():
+                with world.hosts[name].activate():
+                    await nursery.start(connector.run)
+            await connectors["alice"].connect("bob")
+            await connectors["bob"].connect("alice")
+            for delay in (1.0, 119.5, 0.6, 10.0):
+                await trio.sleep(delay)
+                for src, dst in (("bob", "alice"), ("alice", "bob")):
+                    packet = ipv4(INNER[src], INNER[dst], f"{src} at {delay}".encode())
+                    await ifaces[src].send(packet)
+                    with trio.fail_after(5):
+                        assert await ifaces[dst].receive() == packet
+            nursery.cancel_scope.cancel()
+    for connector in connectors.values():
+        assert connector._device.counters["no_session"] == 0

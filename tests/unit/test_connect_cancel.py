@@ -85,9 +85,7 @@ def tasks_of(objects: set[int]) -> list[str]:
     return found
 
 
-@pytest.mark.parametrize(
-    "stage", ["stun", "register", "wait", "punch", "handshake", "established"]
-)
+@pytest.mark.parametrize("stage", ["stun", "register", "wait", "punch", "handshake", "established"])
 async def test_cancelling_at_each_stage_leaves_nothing(
     stage: str, autojump_clock: trio.testing.MockClock
 ) -> None:
@@ -130,9 +128,9 @@ async def test_cancelling_at_each_stage_leaves_nothing(
                     assert alice_host.sockets  # the one socket is bound
                     async for event in alice.events:
                         seen.append(event)
-                        if (
-                            isinstance(event, StageStarted) and event.stage == stage
-                        ) or isinstance(event, PeerConnected):
+                        if (isinstance(event, StageStarted) and event.stage == stage) or isinstance(
+                            event, PeerConnected
+                        ):
                             at = alice.peers["bob"].stage
                             scope.cancel()
             # Everything of alice's is gone: tasks, socket, record.

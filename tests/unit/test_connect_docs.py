@@ -9,7 +9,7 @@ from typing import Any
 import pytest
 import trio
 
-from punchtrio.connect import Connector, MemoryInterface, PeerConnected
+from punchtrio.connect import Connector, MemoryInterface
 
 from .test_connect_basic import INNER, KEYS, PRIMARY, build_world, serve_stun, wall_clock
 

@@ -1,4 +1,11 @@
-"""``punchtrio up --config FILE``: bring up a WireGuard tunnel from a wg-quick file until interrupted."""
+"""``punchtrio up``: a WireGuard tunnel to named peers through the hub, or from a wg-quick file.
+
+``--hub URL --name NAME --key-file F --address CIDR --peer NAME...`` runs the connector
+(:mod:`punchtrio.connect`): STUN, registration, punching and the WireGuard handshake, shown as a
+progress view on stderr or as JSON lines on stdout. ``--config FILE`` brings up the static peers
+of a wg-quick file; both together add the file's peers to the rendezvous tunnel. Ctrl-C or
+SIGTERM tears everything down.
+"""
 
 from __future__ import annotations
 
@@ -6,6 +13,7 @@ import argparse
 import base64
 import dataclasses
 import enum
+import ipaddress
 import json
 import re
 import signal
@@ -16,35 +24,349 @@ from typing import Any
 
 import trio
 
-from ..tunnel import UserspaceTunnel, load_wgquick, open_userspace_tunnel
+from .._exceptions import PunchtrioError
+from ..connect import (
+    CandidatesGathered,
+    ConnectError,
+    ConnectEvent,
+    Connector,
+    PeerConnected,
+    PeerFailed,
+    PeerFound,
+    Registered,
+    TunnelConfig,
+)
+from ..keys import InvalidKeyError, PrivateKey
+from ..rendezvous import (
+    InvalidNetworkSecretError,
+    NetworkSecret,
+    Rendezvous,
+    ValidationError,
+    parse_address,
+    validate_name,
+)
+from ..tunnel import (
+    TunnelError,
+    UserspaceTunnel,
+    WgQuickConfig,
+    load_wgquick,
+    open_userspace_tunnel,
+)
 from ._main import UsageError
+from ._progress import JsonLines, ProgressView
 
 _IFNAME = re.compile(r"[A-Za-z0-9_=+.-]{1,15}")
+
+Report = Callable[[str, dict[str, Any]], None]
+"""Where ``up`` sends what happens: ``report(event_name, fields)``."""
+
+
+class UpError(PunchtrioError):
+    """``punchtrio up`` could not start: ``str(error)`` is ``"<stage>: <reason>"`` (stage
+    ``tunnel`` for the TUN device or the UDP port). Exits with status 1."""
+
+    exit_code = 1
+
+
+@dataclasses.dataclass(frozen=True)
+class UpPlan:
+    """What ``punchtrio up --hub`` will do, checked before anything is created.
+
+    ``hub``: the hub URL; ``name``/``key``: who we are; ``address``: our tunnel address with its
+    prefix; ``peers``: names to connect to; ``stun``: STUN servers (``None``: what the hub
+    advertises); ``listen_port``: the one UDP port (0: any); ``interface``: the TUN name
+    (``""``: the kernel's ``tunN``); ``network_secret``; ``static``: a wg-quick file whose peers
+    are added as static peers.
+    """
+
+    hub: str
+    name: str
+    key: PrivateKey = dataclasses.field(repr=False)
+    address: ipaddress.IPv4Interface | ipaddress.IPv6Interface
+    peers: tuple[str, ...]
+    stun: tuple[tuple[str, int], ...] | None = None
+    listen_port: int = 51820
+    interface: str = ""
+    network_secret: NetworkSecret | None = dataclasses.field(default=None, repr=False)
+    static: WgQuickConfig | None = dataclasses.field(default=None, repr=False)
 
 
 def register(subparsers: Any) -> None:
     """Add ``up`` to the ``punchtrio`` parser."""
     up = subparsers.add_parser(
         "up",
-        help="bring up a WireGuard tunnel from a wg-quick file",
+        help="bring up a WireGuard tunnel to peers behind NATs (or from a wg-quick file)",
         description=(
-            "Bring up a WireGuard tunnel (punchtrio's userspace WireGuard over a TUN device) from a "
-            "wg-quick file, and keep it up until Ctrl-C or SIGTERM, which remove it again."
+            "Connect to named peers through a punchtrio hub (STUN, hole punching, WireGuard), "
+            "and/or bring up the static peers of a wg-quick file, over punchtrio's userspace "
+            "WireGuard on a TUN device. Runs until Ctrl-C or SIGTERM, which remove everything. "
+            "See docs/cli.md."
         ),
     )
     up.add_argument("--config", metavar="FILE", help="wg-quick style configuration file")
+    up.add_argument("--hub", metavar="URL", help="the rendezvous hub, e.g. http://hub:7777")
+    up.add_argument("--name", metavar="NAME", help="our name at the hub")
+    up.add_argument("--key-file", metavar="FILE", help="our WireGuard private key file")
+    up.add_argument("--address", metavar="CIDR", help="our tunnel address, e.g. 10.99.0.1/24")
+    up.add_argument(
+        "--peer", metavar="NAME", action="append", default=[], help="a peer to reach (repeat)"
+    )
+    up.add_argument(
+        "--stun",
+        metavar="IP:PORT",
+        action="append",
+        default=[],
+        help="STUN server (repeat; default: the one the hub advertises)",
+    )
+    up.add_argument(
+        "--listen-port", type=int, metavar="N", help="UDP port for everything (default 51820)"
+    )
+    up.add_argument("--network-secret-file", metavar="FILE", help="join the hub's private network")
     up.add_argument(
         "--interface",
         metavar="NAME",
-        help="interface name (default: the file's name without .conf, as wg-quick does)",
+        help="interface name (default: the config file's name without .conf, else tunN)",
     )
     up.add_argument("--json", action="store_true", help="print events as JSON, one per line")
     up.set_defaults(run=_up)
 
 
 def _up(args: argparse.Namespace) -> int:
-    if not args.config:
-        raise UsageError("up needs --config FILE")
+    if args.hub is None:
+        rendezvous_only = ("name", "key_file", "address", "network_secret_file", "listen_port")
+        if args.peer or args.stun or any(getattr(args, n) is not None for n in rendezvous_only):
+            raise UsageError("--name, --peer, --key-file, --address, --stun ... need --hub URL")
+        if not args.config:
+            raise UsageError(
+                "up needs --hub URL (with --name, --key-file, --address, --peer) or --config FILE"
+            )
+        return _up_static(args)
+    plan = build_plan(args)
+    report: Report = JsonLines() if args.json else ProgressView()
+    try:
+        trio.run(_until_signal, plan, report)
+    finally:
+        getattr(report, "close", lambda: None)()
+    return 0
+
+
+def build_plan(args: argparse.Namespace) -> UpPlan:
+    """Check ``up --hub`` arguments and read the files they name; raise :class:`UsageError` (exit
+    2) for anything wrong, before anything is created."""
+    static = load_wgquick(args.config) if args.config else None
+    if not args.hub.startswith(("http://", "https://")):
+        raise UsageError("--hub must be an http:// or https:// URL")
+    if args.name is None:
+        raise UsageError("--hub needs --name NAME")
+    try:
+        name = validate_name(args.name, what="--name")
+        peers = tuple(validate_name(peer, what="--peer") for peer in args.peer)
+    except ValidationError as exc:
+        raise UsageError(str(exc)) from None
+    if not peers and static is None:
+        raise UsageError("--hub needs at least one --peer NAME")
+    if name in peers or len(set(peers)) != len(peers):
+        raise UsageError("--peer names must differ from each other and from --name")
+    if args.key_file:
+        try:
+            key = PrivateKey.from_file(args.key_file)
+        except InvalidKeyError as exc:
+            raise UsageError(str(exc)) from None
+    elif static is not None:
+        key = PrivateKey(static.interface.private_key)
+    else:
+        raise UsageError("--hub needs --key-file FILE")
+    address = _tunnel_address(args.address, static)
+    stun = tuple(parse_stun(text) for text in args.stun) or None
+    port = args.listen_port
+    if port is None:
+        port = static.interface.listen_port if static and static.interface.listen_port else 51820
+    if not 0 <= port <= 65535:
+        raise UsageError("--listen-port must be 0-65535")
+    secret = None
+    if args.network_secret_file:
+        try:
+            secret = NetworkSecret.from_file(args.network_secret_file)
+        except InvalidNetworkSecretError as exc:
+            raise UsageError(str(exc)) from None
+    interface = args.interface or ""
+    if interface and not _IFNAME.fullmatch(interface):
+        raise UsageError(f"--interface {interface[:40]!r} is not a valid interface name")
+    return UpPlan(args.hub, name, key, address, peers, stun, port, interface, secret, static)
+
+
+def _tunnel_address(
+    text: str | None, static: WgQuickConfig | None
+) -> ipaddress.IPv4Interface | ipaddress.IPv6Interface:
+    if text is None:
+        if static is None or not static.interface.addresses:
+            raise UsageError("--hub needs --address CIDR (our tunnel address, e.g. 10.99.0.1/24)")
+        return static.interface.addresses[0]
+    try:
+        address = ipaddress.ip_interface(text)
+    except ValueError:
+        raise UsageError(f"--address {text[:50]!r} is not an address with a prefix") from None
+    if address.version != 4 or "/" not in text:
+        raise UsageError("--address must be IPv4 with a prefix, e.g. 10.99.0.1/24")
+    return address
+
+
+def parse_stun(text: str) -> tuple[str, int]:
+    """Parse ``--stun IP:PORT`` (a literal IPv4 address: the connector speaks IPv4); raise
+    :class:`UsageError` otherwise."""
+    try:
+        ip, port = parse_address(text, what="--stun")
+    except ValidationError as exc:
+        raise UsageError(str(exc)) from None
+    if ip.version != 4:
+        raise UsageError("--stun must be an IPv4 address with a port")
+    return str(ip), port
+
+
+async def _until_signal(plan: UpPlan, report: Report) -> None:
+    with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
+        async with trio.open_nursery() as nursery:
+
+            async def stop_on_signal() -> None:
+                async for _ in signals:
+                    nursery.cancel_scope.cancel()
+                    return
+
+            nursery.start_soon(stop_on_signal)
+            failure: PunchtrioError | None = None
+            try:
+                await serve_up(plan, report)
+            except PunchtrioError as exc:
+                failure = exc
+            nursery.cancel_scope.cancel()
+    if failure is not None:
+        raise failure
+
+
+async def serve_up(
+    plan: UpPlan,
+    report: Report,
+    *,
+    rendezvous: Rendezvous | None = None,
+    **options: Any,
+) -> None:
+    """Run ``plan`` until cancelled, sending every event to ``report``.
+
+    ``rendezvous`` replaces the hub URL (tests, netsim); ``options`` go to
+    :class:`~punchtrio.connect.Connector` (``interface=MemoryInterface()`` avoids the TUN device).
+    Emits ``up`` once the socket and tunnel exist, each connector event (snake_case names, see
+    :func:`describe`) and ``down`` after teardown. Raises :class:`ConnectError` when a peer fails
+    (naming the stage; everything is torn down first) and :class:`UpError` if the tunnel cannot
+    be created.
+    """
+    connector = Connector(
+        plan.name,
+        plan.key,
+        rendezvous if rendezvous is not None else plan.hub,
+        TunnelConfig(plan.address, listen_port=plan.listen_port, interface_name=plan.interface),
+        peers=plan.peers,
+        stun_servers=plan.stun,
+        network_secret=plan.network_secret,
+        **options,
+    )
+    failure: PunchtrioError | None = None
+    down: dict[str, Any] = {"interface": "", "peers": []}
+    try:
+        async with trio.open_nursery() as nursery:
+            try:
+                await nursery.start(connector.run)
+            except (TunnelError, OSError) as exc:
+                raise UpError(f"tunnel: {_oneline(exc)}") from None
+            tunnel = connector.tunnel
+            assert tunnel is not None
+            down["interface"] = tunnel.name
+            report(
+                "up",
+                {"name": plan.name, "interface": tunnel.name, "listen_port": connector.listen_port},
+            )
+            if plan.static is not None:
+                _add_static(connector, plan.static, options.get("interface") is None)
+            try:
+                async for event in connector.events:
+                    report(*describe(event))
+                    if isinstance(event, PeerFailed):
+                        failure = ConnectError(event.peer, event.stage, event.reason)
+                        break
+            finally:
+                down["peers"] = _stats(tunnel)
+            nursery.cancel_scope.cancel()
+    finally:
+        if down["interface"]:  # the tunnel existed: say it is gone (also when cancelled)
+            report("down", down)
+    if failure is not None:
+        raise failure
+
+
+def _add_static(connector: Connector, config: WgQuickConfig, tun: bool) -> None:
+    from ..tunnel._netlink import configure_interface
+    from ..tunnel._userspace import peer_config
+
+    assert connector.tunnel is not None
+    mux: Any = connector.tunnel.device
+    device = getattr(mux, "device", mux)  # the WireGuard device behind the mux
+    own: Any = connector.config.interface.network
+    routes = []
+    for section in config.peers:
+        device.add_peer(peer_config(section))
+        routes += [
+            n for n in section.allowed_ips if n.version != own.version or not n.subnet_of(own)
+        ]
+    if tun and routes:
+        configure_interface(
+            connector.tunnel.name, addresses=(), routes=routes, mtu=connector.config.mtu
+        )
+
+
+def describe(event: ConnectEvent) -> tuple[str, dict[str, Any]]:
+    """Return ``(name, fields)`` for a connector event: the class name in snake_case
+    (``PeerConnected`` -> ``peer_connected``) and its fields as JSON values; candidates are
+    ``"<type> ip:port"`` strings, records summarised (name, revision, endpoints)."""
+    name = re.sub(r"(?<!^)(?=[A-Z])", "_", type(event).__name__).lower()
+    if isinstance(event, CandidatesGathered):
+        fields: dict[str, Any] = {
+            "candidates": [_candidate(c) for c in event.candidates],
+            "mapping_varies": event.mapping_varies,
+            "stun_error": event.stun_error,
+        }
+    elif isinstance(event, Registered):
+        fields = _record(event.record)
+    elif isinstance(event, PeerFound):
+        fields = {"peer": event.peer, "public_key": str(event.public_key), **_record(event.record)}
+    elif isinstance(event, PeerConnected):
+        fields = {**_fields(event), "elapsed_ms": round(event.elapsed_ms, 1)}
+    else:
+        fields = _fields(event)
+        if "candidates" in fields:
+            fields["candidates"] = [_candidate(c) for c in getattr(event, "candidates", ())]
+    return name, fields
+
+
+def _candidate(candidate: Any) -> str:
+    kind = getattr(candidate.type, "value", candidate.type)
+    return f"{kind} {candidate.address}:{candidate.port}"
+
+
+def _record(record: Any) -> dict[str, Any]:
+    return {
+        "revision": record.revision,
+        "endpoints": [f"{e.type.value} {_endpoint(e.ip, e.port)}" for e in record.endpoints],
+    }
+
+
+def _endpoint(ip: Any, port: int) -> str:
+    return f"[{ip}]:{port}" if ":" in str(ip) else f"{ip}:{port}"
+
+
+def _oneline(exc: BaseException) -> str:
+    return " ".join(str(exc).split()) or type(exc).__name__
+
+
+def _up_static(args: argparse.Namespace) -> int:
     config = load_wgquick(args.config)
     name = args.interface
     if name is None:

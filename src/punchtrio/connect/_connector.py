@@ -45,6 +45,8 @@ from ..rendezvous import (
     Rendezvous,
     RendezvousError,
     SignallingNotSupportedError,
+    ValidationError,
+    validate_name,
 )
 from ..tunnel import DEFAULT_MTU, TunDevice, UserspaceTunnel
 from ..wireguard import ConfigError, Device, PeerConfig, Timers
@@ -170,6 +172,21 @@ class _Peer:
     connected: PeerConnected | None = None
 
 
+def _checked_peer_name(name: str) -> str:
+    try:
+        return validate_name(name, what="peer name")
+    except ValidationError as exc:
+        raise ValueError(str(exc)) from None
+
+
+def _candidates(record: PeerRecord) -> tuple[Candidate, ...]:
+    candidates = []
+    for endpoint in record.endpoints:
+        with contextlib.suppress(CandidateError, ValueError):
+            candidates.append(Candidate.from_endpoint(endpoint))
+    return tuple(candidates)
+
+
 def _format(endpoint: Address) -> str:
     host, port = endpoint[0], endpoint[1]
     return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
@@ -264,7 +281,7 @@ class Connector:
         self._by_key: dict[bytes, _Peer] = {}
         self._nursery: trio.Nursery | None = None
         for peer in peers:
-            self._add(peer)
+            self._add(_checked_peer_name(peer))
         self.tunnel: UserspaceTunnel | None = None
         """The running tunnel (``None`` before :meth:`run` starts it)."""
         self.candidates: tuple[Candidate, ...] = ()
@@ -304,11 +321,12 @@ class Connector:
         """Connect to ``peer`` (starting it if it is not one of ``peers``) and wait for the tunnel.
 
         Returns the :class:`PeerConnected` event. Raises :class:`ConnectError` naming the stage
-        that failed, and :class:`RuntimeError` if the connector is not running.
+        that failed, :class:`ValueError` for an invalid name, and :class:`RuntimeError` if the
+        connector is not running.
         """
         if self._nursery is None:
             raise RuntimeError("the connector is not running: use open_connector()")
-        state = self._add(peer)
+        state = self._add(_checked_peer_name(peer))
         await state.done.wait()
         if state.state.error is not None:
             raise state.state.error
@@ -318,7 +336,7 @@ class Connector:
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         """Run the pipeline until cancelled; reports started once the socket and tunnel are up.
 
-        On exit (cancellation included) the record is deleted at the rendezvous, the tasks stop,
+        On exit (cancellation included) the tasks stop, the record is deleted at the rendezvous,
         and the socket and any TUN device are closed. Raises :class:`RuntimeError` if run twice,
         and :class:`~punchtrio.tunnel.TunnelError` / :class:`OSError` if the port or the TUN
         device cannot be had (nothing is left behind then).
@@ -359,9 +377,12 @@ class Connector:
                             await self._pipeline(nursery, stun)
                 finally:
                     if not self._own_hub:  # an own HubClient unregisters as it exits
-                        with trio.CancelScope(shield=True), trio.move_on_after(UNREGISTER_TIMEOUT):
-                            with contextlib.suppress(RendezvousError, OSError):
-                                await self.rendezvous.unregister()
+                        with (
+                            trio.CancelScope(shield=True),
+                            trio.move_on_after(UNREGISTER_TIMEOUT),
+                            contextlib.suppress(RendezvousError, OSError),
+                        ):
+                            await self.rendezvous.unregister()
         finally:
             self._nursery = None
             self._sock = None
@@ -386,8 +407,11 @@ class Connector:
             nursery.start_soon(self._refresh, stun)
         await trio.sleep_forever()
 
-    async def _gather(self, stun: trio.MemoryReceiveChannel[Datagram]) -> None:
-        self._emit(StageStarted("stun"))
+    async def _gather(
+        self, stun: trio.MemoryReceiveChannel[Datagram], *, announce: bool = True
+    ) -> None:
+        if announce:
+            self._emit(StageStarted("stun"))
         port = self.listen_port
         exclude = () if self._interface is not None else (str(getattr(self.tunnel, "name", "")),)
         addresses = local_addresses(exclude_interfaces=exclude)
@@ -457,7 +481,7 @@ class Connector:
         while True:
             await trio.sleep(self._restun_interval)
             before = {c.endpoint for c in self.candidates}
-            await self._gather(stun)
+            await self._gather(stun, announce=False)
             if {c.endpoint for c in self.candidates} != before:
                 with contextlib.suppress(RendezvousError):
                     await self._register()
@@ -482,7 +506,8 @@ class Connector:
             peer.done.set()
             return
         self._set(peer, stage="established")
-        assert peer.state.path is not None and peer.state.endpoint is not None
+        assert peer.state.path is not None
+        assert peer.state.endpoint is not None
         peer.connected = PeerConnected(
             peer.name,
             peer.state.path,
@@ -499,7 +524,12 @@ class Connector:
         self._emit(StageStarted("wait", peer.name))
         with trio.move_on_after(self._wait_timeout):
             with peer.scope:  # cancelled if our own registration fails
-                record = await self.rendezvous.wait_for_peer(peer.name)
+                try:
+                    record = await self.rendezvous.wait_for_peer(peer.name)
+                except RendezvousError as exc:
+                    raise ConnectError(
+                        peer.name, "wait", f"looking up {peer.name}: {exc}"
+                    ) from None
                 await self._registered.wait()
             if self._register_error is not None:
                 raise ConnectError(peer.name, "register", self._register_error)
@@ -568,11 +598,7 @@ class Connector:
         return record
 
     async def _punch(self, peer: _Peer, record: PeerRecord) -> None:
-        candidates = []
-        for endpoint in record.endpoints:
-            with contextlib.suppress(CandidateError, ValueError):
-                candidates.append(Candidate.from_endpoint(endpoint))
-        peer.candidates = tuple(candidates)
+        peer.candidates = _candidates(record)
         self._set(peer, stage="punch")
         self._emit(StageStarted("punch", peer.name))
         self._emit(PunchStarted(peer.name, peer.candidates))
@@ -604,11 +630,16 @@ class Connector:
         )
 
     async def _keep(self, peer: _Peer) -> None:
-        """After the tunnel is up: probe again whenever a lost path could not be found again."""
+        """After the tunnel is up: when a lost path cannot be found again, fetch the peer's record
+        (its mapping may have changed) and punch again."""
         while True:
             outcome = await peer.outcome[1].receive()
             if isinstance(outcome, _PunchFailed):
                 await trio.sleep(self._restun_interval / 10)
+                with contextlib.suppress(RendezvousError):
+                    record = await self.rendezvous.lookup(peer.name)
+                    if record.public_key.raw == peer.key:
+                        peer.candidates = _candidates(record)
                 self._start_punch(peer)
 
     def _start_punch(self, peer: _Peer) -> None:
@@ -640,8 +671,11 @@ class Connector:
             return
         if isinstance(event, _PunchPathChosen):
             # Set before the tunnel flushes this batch: the peer's persistent keepalive is then due
-            # at once, which starts the handshake.
-            self._device.set_endpoint(event.peer, event.endpoint)
+            # at once, which starts the handshake. Only the side with the lower public key starts
+            # it: simultaneous initiations leave the two sides on different sessions. The other
+            # side's device learns the endpoint from the initiation itself.
+            if self.public_key.raw < event.peer or peer.handshake.is_set():
+                self._device.set_endpoint(event.peer, event.endpoint)
             upgrade = peer.state.path is not None
             endpoint = _format(event.endpoint)
             self._set(peer, path=event.kind, endpoint=endpoint)

@@ -56,6 +56,18 @@ TUN_WRITE_BACKLOG = 8
 INLINE_TUN_WRITES = 4
 """Batches this small are written by the reader itself when the writer thread is idle."""
 
+LINGER = 0.001
+"""Seconds the data path keeps waiting on its own descriptors after a batch (1 ms; 0 turns it off).
+
+A packet that finds the process asleep in Trio's run loop costs tens of microseconds of Python
+before it is read; one that arrives while the shell waits in :meth:`select.epoll.poll` on its own
+descriptors costs a few. A reply crossing back (a ping answered by the kernel during our TUN write,
+a TCP ACK) usually comes within this window. The wait sleeps in the kernel (no CPU) but holds the
+Trio thread: other tasks run at most this much later."""
+
+LINGER_ROUNDS = 16
+"""Most batches handled inside one linger before the shell goes back through Trio's scheduler."""
+
 
 class WireGuardDevice(Protocol):
     """What the shell needs from a sans-IO WireGuard device (see :class:`punchtrio.wireguard.Device`)."""
@@ -106,7 +118,9 @@ class UserspaceTunnel:
     shell send runs of equal-sized datagrams to one peer as one UDP GSO ``sendmsg`` (Linux >= 4.18;
     it falls back to one ``sendto`` per datagram by itself when the kernel refuses). ``gro`` asks
     the kernel to hand over such runs in one read (UDP GRO, Linux >= 5.0), split by the shell. Both
-    apply only when every socket is a real :class:`socket.socket`.
+    apply only when every socket is a real :class:`socket.socket`. ``linger`` is how long, in
+    seconds, the shell keeps waiting on its own descriptors after a batch before handing the
+    thread back to Trio (see :data:`LINGER`; 0 turns it off; real sockets only).
     """
 
     def __init__(
@@ -118,6 +132,7 @@ class UserspaceTunnel:
         on_event: Callable[[object], None] | None = None,
         gso: bool = True,
         gro: bool = True,
+        linger: float = LINGER,
     ) -> None:
         self.device = device
         self.tun = tun
@@ -134,6 +149,10 @@ class UserspaceTunnel:
         self._gro = gro and real
         self._tun_writer = _TunWriter(tun.fileno(), self.counters)
         self._armed = math.inf
+        self._linger = max(0.0, linger) if real else 0.0
+        self._poller: select.epoll | None = None
+        # One batch function per descriptor: the readers and the linger both call them.
+        self._batches: dict[int, Callable[[], tuple[bool, list[bytes] | None]]] = {}
 
     @property
     def name(self) -> str:
@@ -151,96 +170,164 @@ class UserspaceTunnel:
 
     async def serve(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         """Move packets until cancelled; reports started once every reader is waiting."""
-        async with trio.open_nursery() as nursery:
-            for sock in self._sockets:
-                nursery.start_soon(self._udp_reader, sock)
-            nursery.start_soon(self._tun_reader)
-            nursery.start_soon(self._timer_loop)
-            nursery.start_soon(self._tun_writer.run)
-            self._flush()
-            task_status.started()
+        batches = self._batches
+        for sock in self._sockets:
+            batches[sock.fileno()] = self._udp_batch(sock)
+        tun_fd = self.tun.fileno()
+        batches[tun_fd] = self._tun_batch
+        if self._linger:
+            self._poller = select.epoll()
+            for fd in batches:
+                self._poller.register(fd, select.EPOLLIN)
+        try:
+            async with trio.open_nursery() as nursery:
+                for sock in self._sockets:
+                    nursery.start_soon(self._udp_reader, sock)
+                nursery.start_soon(self._tun_reader, tun_fd)
+                nursery.start_soon(self._timer_loop)
+                nursery.start_soon(self._tun_writer.run)
+                self._flush()
+                task_status.started()
+        finally:
+            if self._poller is not None:
+                self._poller.close()
+                self._poller = None
+            batches.clear()
 
     async def _udp_reader(self, sock: socket.socket) -> None:
+        await self._read(sock.fileno())
+
+    async def _tun_reader(self, fd: int) -> None:
+        await self._read(fd)
+
+    async def _read(self, fd: int) -> None:
+        """Wait until ``fd`` is readable, drain it batch by batch, linger, and wait again."""
+        batch = self._batches[fd]
+        linger = self._linger_loop
+        put = self._tun_writer.put
+        while True:
+            await trio.lowlevel.wait_readable(fd)
+            while True:
+                drained, stalled = batch()
+                if drained and stalled is None:
+                    stalled = linger()
+                    if stalled is None:
+                        break
+                if stalled is not None:
+                    await put(stalled)
+                else:
+                    await trio.lowlevel.checkpoint()
+
+    def _linger_loop(self) -> list[bytes] | None:
+        """Serve whatever becomes readable within :data:`LINGER` without going through Trio.
+
+        Returns a batch the TUN writer had no room for (the caller waits to queue it), else
+        ``None`` once nothing arrived in time or after :data:`LINGER_ROUNDS` batches.
+        """
+        poller = self._poller
+        if poller is None:
+            return None
+        poll = poller.poll
+        timeout = self._linger
+        batches = self._batches
+        for _ in range(LINGER_ROUNDS):
+            ready = poll(timeout)
+            if not ready:
+                return None
+            for fd, _flags in ready:
+                batch = batches.get(fd)
+                if batch is not None:
+                    stalled = batch()[1]
+                    if stalled is not None:
+                        return stalled
+        return None
+
+    def _udp_batch(self, sock: socket.socket) -> Callable[[], tuple[bool, list[bytes] | None]]:
+        """Return a function that reads one batch from ``sock`` and returns ``(drained, stalled)``.
+
+        ``stalled`` is the batch of decrypted packets the TUN writer had no room for, else None.
+        """
         receive = self.device.receive_datagram
         counters = self.counters
         gro = self._gro and _enable_gro(sock)
         recvmsg = sock.recvmsg if gro else None
         recvfrom = sock.recvfrom
-        while True:
-            await trio.lowlevel.wait_readable(sock)
+        offer = self._tun_writer.offer
+        flush = self._flush
+
+        def batch() -> tuple[bool, list[bytes] | None]:
+            now = trio.current_time()
             drained = False
-            while not drained:
-                now = trio.current_time()
-                reads = received = errors = 0
-                packets: list[bytes] = []
-                keep = packets.append
-                try:
-                    while reads < BATCH:
-                        if recvmsg is not None:
-                            # With UDP GRO one read may hold many datagrams of one size from one
-                            # sender, back to back; the control message gives that size.
-                            data, ancdata, flags, addr = recvmsg(_READ_SIZE, _GRO_CMSG_SPACE)
-                            reads += 1
-                            size = _gro_size(ancdata) if ancdata else 0
-                            if flags & socket.MSG_TRUNC:
-                                errors += 1
-                                continue
-                        else:
-                            data, addr = recvfrom(_READ_SIZE)
-                            reads += 1
-                            size = 0
-                        addr = addr[:2]
-                        if size and len(data) > size:
-                            chunks = [data[i : i + size] for i in range(0, len(data), size)]
-                        else:
-                            chunks = [data]
-                        for chunk in chunks:
+            reads = received = errors = 0
+            packets: list[bytes] = []
+            keep = packets.append
+            try:
+                while reads < BATCH:
+                    if recvmsg is not None:
+                        # With UDP GRO one read may hold many datagrams of one size from one
+                        # sender, back to back; the control message gives that size.
+                        data, ancdata, flags, addr = recvmsg(_READ_SIZE, _GRO_CMSG_SPACE)
+                        reads += 1
+                        size = _gro_size(ancdata) if ancdata else 0
+                        if flags & socket.MSG_TRUNC:
+                            errors += 1
+                            continue
+                    else:
+                        data, addr = recvfrom(_READ_SIZE)
+                        reads += 1
+                        size = 0
+                    addr = addr[:2]
+                    if size and len(data) > size:
+                        for i in range(0, len(data), size):
                             received += 1
-                            packet = receive(chunk, addr, now)
+                            packet = receive(data[i : i + size], addr, now)
                             if packet is not None:
                                 keep(packet)
-                except BlockingIOError:
-                    drained = True
-                except OSError:
-                    errors += 1  # an ICMP error queued on the socket; the next read goes on
-                counters.udp_batches += 1
-                counters.udp_reads += reads
-                counters.datagrams_received += received
-                counters.receive_errors += errors
-                if packets:
-                    await self._tun_writer.submit(packets)
-                self._flush()
-                if not drained:
-                    await trio.lowlevel.checkpoint()
+                    else:
+                        received += 1
+                        packet = receive(data, addr, now)
+                        if packet is not None:
+                            keep(packet)
+            except BlockingIOError:
+                drained = True
+            except OSError:
+                errors += 1  # an ICMP error queued on the socket; the next read goes on
+            counters.udp_batches += 1
+            counters.udp_reads += reads
+            counters.datagrams_received += received
+            counters.receive_errors += errors
+            stalled = packets if packets and not offer(packets) else None
+            flush()
+            return drained, stalled
 
-    async def _tun_reader(self) -> None:
+        return batch
+
+    def _tun_batch(self) -> tuple[bool, list[bytes] | None]:
+        """Read, encrypt and send one batch from the TUN; return ``(drained, None)``."""
         read = os.read
-        fd = self.tun.fileno()
+        fd = self._tun_writer.fd
         send_packet = self.device.send_packet
+        now = trio.current_time()
+        drained = False
+        count = 0
+        batch: list[tuple[bytes, Address]] = []
+        append = batch.append
+        try:
+            while count < BATCH:
+                packet = read(fd, _READ_SIZE)
+                count += 1
+                out = send_packet(packet, now)
+                if out is not None:
+                    append(out)
+        except BlockingIOError:
+            drained = True
         counters = self.counters
-        while True:
-            await trio.lowlevel.wait_readable(fd)
-            drained = False
-            while not drained:
-                now = trio.current_time()
-                count = 0
-                batch: list[tuple[bytes, Address]] = []
-                append = batch.append
-                try:
-                    while count < BATCH:
-                        packet = read(fd, _READ_SIZE)
-                        count += 1
-                        out = send_packet(packet, now)
-                        if out is not None:
-                            append(out)
-                except BlockingIOError:
-                    drained = True
-                counters.tun_batches += 1
-                counters.packets_from_tun += count
-                self._send_batch(batch)
-                self._flush()
-                if not drained:
-                    await trio.lowlevel.checkpoint()
+        counters.tun_batches += 1
+        counters.packets_from_tun += count
+        if batch:
+            self._send_batch(batch)
+        self._flush()
+        return drained, None
 
     def _send_batch(self, batch: list[tuple[bytes, Address]]) -> None:
         """Send datagrams; runs of equal size to one address go out as one UDP GSO ``sendmsg``."""
@@ -319,12 +406,12 @@ class _TunWriter:
     """
 
     def __init__(self, fd: int, counters: TunnelCounters) -> None:
-        self._fd = fd
+        self.fd = fd
         self._counters = counters
         self._queue: queue.Queue[list[bytes] | None] = queue.Queue(TUN_WRITE_BACKLOG)
 
-    async def submit(self, packets: list[bytes]) -> None:
-        """Write or queue one batch; checkpoints only when the backlog is full.
+    def offer(self, packets: list[bytes]) -> bool:
+        """Write or queue one batch; return False (nothing done) when the backlog is full.
 
         A small batch while the thread has nothing left to write is written here at once: waking
         the thread would cost more than the writes (and add latency to a lone packet). Order is
@@ -332,11 +419,16 @@ class _TunWriter:
         """
         if len(packets) <= INLINE_TUN_WRITES and not self._queue.unfinished_tasks:
             self._write(packets)
-            return
+            return True
         try:
             self._queue.put_nowait(packets)
         except queue.Full:
-            await trio.to_thread.run_sync(self._queue.put, packets)
+            return False
+        return True
+
+    async def put(self, packets: list[bytes]) -> None:
+        """Queue one batch, waiting (on a thread) for room in the backlog."""
+        await trio.to_thread.run_sync(self._queue.put, packets)
 
     async def run(self) -> None:
         """Run the writer thread until cancelled; it finishes the queued batches first."""
@@ -357,7 +449,7 @@ class _TunWriter:
 
     def _write(self, packets: list[bytes]) -> None:
         write = os.write
-        fd = self._fd
+        fd = self.fd
         written = errors = 0
         for packet in packets:
             for _ in range(100):

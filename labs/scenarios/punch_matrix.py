@@ -1,0 +1,213 @@
+"""Two `punchtrio up --hub` processes behind real kernel NATs, pinging each other through the tunnel.
+
+The building blocks (:func:`start_hub`, :func:`run_pair`) are shared by
+``tests/lab/test_punch_matrix.py`` and ``benchmarks/punch_lab.py``; ``run()`` prints the matrix.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import subprocess
+import tempfile
+import threading
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from labs import discovery
+from labs.netns import LabError
+from labs.topology import Host, NatSpec, Network, build
+from punchtrio import PrivateKey
+
+NAME = "punch-matrix"
+DESCRIPTION = "punchtrio hub + two `punchtrio up` per NAT pair; ping through the tunnel, time it"
+
+HUB_PORT = 7777
+HUB_URL = f"http://203.0.113.1:{HUB_PORT}"
+PING_DEADLINE = 20.0
+"""Seconds the first ping keeps trying (every 50 ms) before the pair counts as failed."""
+
+MATRIX_SPECS: tuple[str | NatSpec, ...] = (
+    "full",
+    "full",
+    "port",
+    "port",
+    "addr",
+    "sym",
+    NatSpec("port", hosts=2),
+)
+"""The matrix topology: one host behind each of six NATs, and two hosts behind one port NAT."""
+
+
+@dataclass
+class PairResult:
+    """One pair's outcome: ``seconds`` from starting both ``up`` processes to the first ping reply
+    (``None``: no reply), each side's JSON events, exit codes and stderr."""
+
+    label: str
+    seconds: float | None
+    events: dict[str, list[dict[str, object]]] = field(default_factory=dict)
+    returncodes: dict[str, int | None] = field(default_factory=dict)
+    stderr: dict[str, str] = field(default_factory=dict)
+
+    def connected(self, name: str) -> dict[str, object] | None:
+        """``name``'s ``peer_connected`` event, if it printed one."""
+        return next((e for e in self.events.get(name, []) if e["event"] == "peer_connected"), None)
+
+    def path(self, name: str) -> str | None:
+        """The path ``name`` reported (``lan``, ``direct``, ``relay``), or ``None``."""
+        event = self.connected(name)
+        return None if event is None else str(event["path"])
+
+
+def start_hub(net: Network, log: Path | None = None) -> subprocess.Popen[bytes]:
+    """Start ``punchtrio hub`` with embedded STUN (203.0.113.1:3478, alternate .2:3479) in the hub
+    namespace and wait until it listens; it stops when the lab closes."""
+    hub = net.hub
+    argv = [
+        *discovery.PUNCHTRIO,
+        "hub",
+        "--listen",
+        f"{hub.primary_ip}:{HUB_PORT}",
+        "--stun",
+        f"{hub.primary_ip}:3478",
+        "--stun-alternate",
+        f"{hub.alternate_ip}:3479",
+    ]
+    with contextlib.ExitStack() as stack:
+        out: Any = subprocess.DEVNULL if log is None else stack.enter_context(log.open("wb"))
+        proc = net.lab.spawn(hub.ns, *argv, stdout=out, stderr=subprocess.STDOUT)
+    discovery.wait_listening(hub.ns, [(hub.primary_ip, 3478), (hub.alternate_ip, 3479)], proc)
+    deadline = time.monotonic() + 10
+    while f"{hub.primary_ip}:{HUB_PORT}" not in hub.ns.run("ss", "-H", "-tln"):
+        if proc.poll() is not None or time.monotonic() > deadline:
+            raise LabError("punchtrio hub did not start listening")
+        time.sleep(0.05)
+    return proc
+
+
+def up_argv(name: str, key_file: Path, address: str, peer: str) -> list[str]:
+    """The ``punchtrio up --hub ... --json`` command line for one side."""
+    return [
+        *discovery.PUNCHTRIO,
+        "up",
+        "--hub",
+        HUB_URL,
+        "--name",
+        name,
+        "--key-file",
+        str(key_file),
+        "--address",
+        address,
+        "--peer",
+        peer,
+        "--json",
+    ]
+
+
+def run_pair(net: Network, label: str, a: Host, b: Host, workdir: Path) -> PairResult:
+    """Run ``punchtrio up`` on ``a`` and ``b`` at once and ping b's tunnel address from ``a``.
+
+    Names are ``<label>-a`` / ``<label>-b``, tunnel addresses 10.99.0.1/24 and .2/24. Returns the
+    time to the first ping reply and both sides' events, after stopping both processes with SIGTERM
+    (which tears their tunnels down).
+    """
+    names = (f"{label}-a", f"{label}-b")
+    procs: dict[str, subprocess.Popen[bytes]] = {}
+    argvs = []
+    for index, name in enumerate(names):
+        key = workdir / f"{name}.key"
+        PrivateKey.generate().write(key)
+        argvs.append(up_argv(name, key, f"10.99.0.{index + 1}/24", names[1 - index]))
+    start = time.monotonic()
+    for host, name, argv in zip((a, b), names, argvs, strict=True):
+        procs[name] = net.lab.spawn(host.ns, *argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    result = PairResult(label, None, {name: [] for name in names})
+    readers = [
+        threading.Thread(target=_collect, args=(proc, result.events[name]), daemon=True)
+        for name, proc in procs.items()
+    ]
+    for reader in readers:
+        reader.start()
+    result.seconds = _first_ping(a, "10.99.0.2", start, list(procs.values()))
+    if result.seconds is not None:  # let both sides report peer_connected (the pinged side may lag)
+        deadline = time.monotonic() + 5
+        while time.monotonic() < deadline and not all(map(result.connected, names)):
+            time.sleep(0.05)
+    for name, proc in procs.items():
+        if proc.poll() is None:
+            proc.terminate()
+        try:
+            proc.wait(timeout=15)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+        result.returncodes[name] = proc.returncode
+    for reader in readers:
+        reader.join(timeout=5)
+    for name, proc in procs.items():
+        assert proc.stderr is not None and proc.stdout is not None
+        with proc.stderr, proc.stdout:
+            result.stderr[name] = proc.stderr.read().decode(errors="replace")
+    return result
+
+
+def _collect(proc: subprocess.Popen[bytes], events: list[dict[str, object]]) -> None:
+    assert proc.stdout is not None
+    for line in proc.stdout:
+        if line.strip():
+            events.append(json.loads(line))
+
+
+def _first_ping(
+    host: Host, target: str, start: float, running: Sequence[subprocess.Popen[bytes]]
+) -> float | None:
+    """Ping until the first reply; ``None`` after :data:`PING_DEADLINE` or if an ``up`` exits."""
+    deadline = start + PING_DEADLINE
+    while time.monotonic() < deadline:
+        if any(p.poll() is not None for p in running):
+            return None
+        left = max(1, int(deadline - time.monotonic()))
+        argv = host.ns.exec("ping", "-n", "-q", "-c", "1", "-i", "0.05", "-w", str(left), target)
+        code = subprocess.run(argv, capture_output=True, check=False).returncode
+        if code == 0:
+            return time.monotonic() - start
+        time.sleep(0.02)  # no route yet (the TUN is not up): try again
+    return None
+
+
+PAIRS = ("full/full", "port/port", "addr/sym", "full/sym", "same-nat")
+
+
+def matrix_pairs(net: Network) -> dict[str, tuple[Host, Host]]:
+    """The matrix pairs over a network built from :data:`MATRIX_SPECS`."""
+    nats = net.requested
+    return {
+        "full/full": (nats[0].hosts[0], nats[1].hosts[0]),
+        "port/port": (nats[2].hosts[0], nats[3].hosts[0]),
+        "addr/sym": (nats[4].hosts[0], nats[5].hosts[0]),
+        "full/sym": (nats[0].hosts[0], nats[5].hosts[0]),
+        "same-nat": (nats[6].hosts[0], nats[6].hosts[1]),
+    }
+
+
+def run() -> int:
+    """Run every pair and print pair, paths and time to first ping; 0 if all pinged."""
+    failed = 0
+    with tempfile.TemporaryDirectory(prefix="pt-punch-") as tmp, build(MATRIX_SPECS) as net:
+        start_hub(net, Path(tmp) / "hub.log")
+        print("| pair | path (a, b) | time to first ping |")
+        print("|---|---|---|")
+        for label, (a, b) in matrix_pairs(net).items():
+            net.flush_conntrack()
+            result = run_pair(net, label.replace("/", "-"), a, b, Path(tmp))
+            name_a, name_b = (f"{label.replace('/', '-')}-{s}" for s in "ab")
+            took = "no reply" if result.seconds is None else f"{result.seconds:.2f} s"
+            failed += result.seconds is None
+            print(f"| {label} | {result.path(name_a)}, {result.path(name_b)} | {took} |")
+            for name in (name_a, name_b):
+                print(f"    {name}: {result.connected(name)} exit {result.returncodes[name]}")
+    return 1 if failed else 0

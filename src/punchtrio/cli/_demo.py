@@ -1,0 +1,359 @@
+"""``punchtrio demo``: the whole story (NATs, hub, punch, WireGuard, traffic) on an embedded default.
+
+As root, a real NAT lab in network namespaces (:mod:`punchtrio.cli._demo_lab`): a hub with STUN,
+two hosts behind a port-restricted and a full-cone kernel NAT, two ``punchtrio up`` processes,
+ping and a TCP transfer through the tunnel. Without root (or with ``--netsim``), the same story in
+:mod:`punchtrio.netsim`: two connectors with in-memory interfaces, in virtual time. Either way a
+short report follows and everything is torn down.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import struct
+import sys
+import time
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import trio
+import trio.testing
+from rich.console import Console
+from rich.table import Table
+
+from .._exceptions import PunchtrioError
+from ..connect import Connector, MemoryInterface, PeerConnected, PeerFailed
+from ..keys import PrivateKey
+from ..netsim import Host, Internet, Link, NatBehavior
+from ..rendezvous import MemoryHub
+from ..stun import StunResponder, discover_nat
+from ._main import UsageError
+
+PRIMARY = ("203.0.113.1", 3478)
+ALTERNATE = ("203.0.113.2", 3479)
+TUNNEL = {"alice": "10.99.0.1", "bob": "10.99.0.2"}
+NETSIM_NATS = {"alice": NatBehavior.port_restricted_cone(), "bob": NatBehavior.full_cone()}
+NETSIM_PACKETS = 2000
+NETSIM_PACKET_SIZE = 1400
+_WALL = 1.7e9
+
+NAT_NAMES = {
+    ("endpoint-independent", "endpoint-independent"): "full cone",
+    ("endpoint-independent", "address-dependent"): "restricted cone",
+    ("endpoint-independent", "address-and-port-dependent"): "port-restricted cone",
+    ("address-and-port-dependent", "address-and-port-dependent"): "symmetric",
+}
+
+
+_SHORT = {
+    "endpoint-independent": "EI",
+    "address-dependent": "AD",
+    "address-and-port-dependent": "APD",
+}
+
+
+class DemoError(PunchtrioError):
+    """The demo could not finish: ``str(error)`` names the step that failed. Exits with status 1."""
+
+    exit_code = 1
+
+
+@dataclass
+class PeerReport:
+    """One side of the demo: its NAT as detected (``mapping``, ``filtering``, a common ``kind``
+    name) and the ``path``, ``endpoint`` and ``elapsed_ms`` its ``peer_connected`` reported."""
+
+    name: str
+    mapping: str = "unknown"
+    filtering: str = "unknown"
+    kind: str = "unknown"
+    path: str | None = None
+    endpoint: str | None = None
+    elapsed_ms: float | None = None
+
+
+@dataclass
+class DemoReport:
+    """What the demo measured.
+
+    ``mode`` is ``"lab"`` (real kernel NATs, wall-clock seconds) or ``"netsim"`` (virtual
+    seconds); ``time_to_tunnel_s`` from starting both peers to the first packet through the
+    tunnel; ``ping_rtt_ms``; ``transfer_bytes`` moved through the tunnel in ``transfer_s``
+    (``throughput_mbit_s``; in netsim the wall-clock rate of the simulated tunnel).
+    """
+
+    mode: str
+    peers: list[PeerReport] = field(default_factory=list)
+    time_to_tunnel_s: float | None = None
+    ping_rtt_ms: float | None = None
+    transfer_bytes: int = 0
+    transfer_s: float | None = None
+    throughput_mbit_s: float | None = None
+    notes: list[str] = field(default_factory=list)
+
+    def to_json(self) -> dict[str, Any]:
+        """The report as a JSON-ready dict."""
+        return asdict(self)
+
+
+def register(subparsers: Any) -> None:
+    """Add ``demo`` to the ``punchtrio`` parser."""
+    demo = subparsers.add_parser(
+        "demo",
+        help="connect two peers behind NATs and show it (a NAT lab as root, else a simulation)",
+        description=(
+            "Run the whole story on an embedded default: a hub with STUN, two peers behind "
+            "different NATs, hole punching, a WireGuard tunnel, ping and a transfer through it, "
+            "and a short report; everything is torn down after. As root it builds a real NAT lab "
+            "in network namespaces; otherwise (or with --netsim) it runs in punchtrio.netsim."
+        ),
+    )
+    mode = demo.add_mutually_exclusive_group()
+    mode.add_argument("--netsim", action="store_true", help="simulate even as root")
+    mode.add_argument("--lab", action="store_true", help="require the real NAT lab (root)")
+    demo.add_argument("--json", action="store_true", help="print the report as one JSON object")
+    demo.set_defaults(run=_demo)
+
+
+def lab_available() -> bool:
+    """Whether the real NAT lab can run here: root, and ``ip``, ``nft`` and ``ping`` on PATH."""
+    return os.geteuid() == 0 and all(shutil.which(b) for b in ("ip", "nft", "ping"))
+
+
+def _demo(args: argparse.Namespace) -> int:
+    console = Console(stderr=True, highlight=False)
+    if not console.is_terminal:
+        console = Console(stderr=True, highlight=False, width=110)
+    use_lab = args.lab or (not args.netsim and lab_available())
+    if args.lab and not lab_available():
+        raise UsageError("--lab needs root and ip, nft and ping on PATH")
+    if use_lab:
+        from ._demo_lab import run_lab_demo
+
+        console.print("[bold]punchtrio demo[/]: a real NAT lab in network namespaces")
+        report = run_lab_demo(lambda text: console.print(f"  {text}", markup=False))
+    else:
+        console.print("[bold]punchtrio demo[/]: simulated in punchtrio.netsim (no root needed)")
+        report = run_netsim_demo(lambda text: console.print(f"  {text}", markup=False))
+    if args.json:
+        sys.stdout.write(json.dumps(report.to_json()) + "\n")
+    else:
+        out = Console(highlight=False)
+        if not out.is_terminal:
+            out = Console(highlight=False, width=110)
+        render(report, out)
+    return 0
+
+
+def render(report: DemoReport, console: Console) -> None:
+    """Print ``report`` as a short table and summary on ``console``."""
+    unit = "s" if report.mode == "lab" else "s (virtual)"
+    table = Table(title=f"punchtrio demo ({report.mode})")
+    for column in ("peer", "NAT detected", "mapping/filtering", "path", "endpoint", "connected"):
+        table.add_column(column)
+    for peer in report.peers:
+        after = "-" if peer.elapsed_ms is None else f"{peer.elapsed_ms:.0f} ms"
+        table.add_row(
+            peer.name,
+            peer.kind,
+            f"{_SHORT.get(peer.mapping, peer.mapping)}/{_SHORT.get(peer.filtering, peer.filtering)}",
+            peer.path or "-",
+            peer.endpoint or "-",
+            after,
+        )
+    console.print(table)
+    if report.time_to_tunnel_s is not None:
+        console.print(f"time to tunnel: {report.time_to_tunnel_s:.2f} {unit}")
+    if report.ping_rtt_ms is not None:
+        console.print(f"ping through the tunnel: {report.ping_rtt_ms:.1f} ms round trip")
+    if report.transfer_s is not None and report.throughput_mbit_s is not None:
+        console.print(
+            f"transfer: {report.transfer_bytes / 1e6:.1f} MB in {report.transfer_s:.2f} s "
+            f"= {report.throughput_mbit_s:.0f} Mbit/s"
+        )
+    for note in report.notes:
+        console.print(note)
+
+
+def nat_kind(mapping: str, filtering: str) -> str:
+    """The classic name of a NAT with this RFC 4787 (mapping, filtering), else ``"other"``."""
+    return NAT_NAMES.get((mapping, filtering), "other")
+
+
+# -- the simulated story ----------------------------------------------------------------------
+
+
+def run_netsim_demo(say: Any = print, *, seed: int = 7) -> DemoReport:
+    """Run the netsim story under a virtual clock and return its report (no root needed).
+
+    ``say(text)`` receives progress lines. Raises :class:`DemoError` if the peers do not connect.
+    """
+    clock = trio.testing.MockClock(autojump_threshold=0)
+    return trio.run(netsim_story, say, seed, clock=clock)
+
+
+def _wall_clock() -> float:
+    return _WALL + trio.current_time()
+
+
+async def _serve_stun(
+    host: Host, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED
+) -> None:
+    responder = StunResponder(PRIMARY, ALTERNATE, rate=None)
+    sockets = {}
+    for endpoint in responder.local_endpoints:
+        sockets[endpoint] = host.udp_socket()
+        await sockets[endpoint].bind(endpoint)
+
+    async def answer(local: tuple[str, int], sock: Any) -> None:
+        while True:
+            data, remote = await sock.recvfrom(2048)
+            reply = responder.handle(data, local, remote[:2], trio.current_time())
+            if reply is not None:
+                sockets[reply.source].sendto_nowait(reply.data, reply.destination)
+
+    async with trio.open_nursery() as nursery:
+        for endpoint, sock in sockets.items():
+            nursery.start_soon(answer, endpoint, sock)
+        task_status.started()
+
+
+def ipv4_packet(src: str, dst: str, payload: bytes) -> bytes:
+    """A minimal IPv4 packet carrying ``payload`` as UDP-numbered data (WireGuard reads only the
+    version, length and addresses)."""
+    header = struct.pack(
+        "!BBHHHBBH4s4s",
+        0x45,
+        0,
+        20 + len(payload),
+        0,
+        0,
+        64,
+        17,
+        0,
+        bytes(int(p) for p in src.split(".")),
+        bytes(int(p) for p in dst.split(".")),
+    )
+    return header + payload
+
+
+async def netsim_story(say: Any, seed: int = 7) -> DemoReport:
+    """The simulated story (call inside ``trio.run`` with a ``MockClock``): see :func:`run_netsim_demo`."""
+    report = DemoReport("netsim")
+    net = Internet(seed=seed)
+    server = net.add_host(PRIMARY[0], ALTERNATE[0], name="hub", link=Link(latency=0.005))
+    hosts: dict[str, Host] = {}
+    for number, (name, behavior) in enumerate(NETSIM_NATS.items()):
+        nat = net.add_nat(
+            f"198.51.100.{number + 1}",
+            behavior=behavior,
+            link=Link(latency=0.02),
+            name=f"nat-{name}",
+        )
+        hosts[name] = nat.lan.add_host(name=name)
+    hub = MemoryHub()
+    keys = {name: PrivateKey.generate() for name in hosts}
+    ifaces = {name: MemoryInterface(name) for name in hosts}
+    try:
+        async with net, trio.open_nursery() as nursery:
+            await nursery.start(_serve_stun, server)
+            say(
+                f"hub with STUN on {PRIMARY[0]}:{PRIMARY[1]} (alternate {ALTERNATE[0]}:{ALTERNATE[1]})"
+            )
+            for name, host in hosts.items():
+                with host.activate():
+                    found = await discover_nat(PRIMARY, probe_timeout=1.0)
+                mapping, filtering = found.mapping, found.filtering
+                kind = nat_kind(mapping, filtering)
+                report.peers.append(PeerReport(name, mapping, filtering, kind))
+                say(f"{name} is behind a {kind} NAT ({mapping} mapping, {filtering} filtering)")
+            start = trio.current_time()
+            connectors = {}
+            for name, host in hosts.items():
+                other = "bob" if name == "alice" else "alice"
+                connectors[name] = Connector(
+                    name,
+                    keys[name],
+                    hub.peer(name, keys[name].public_key()),
+                    f"{TUNNEL[name]}/24",
+                    peers=[other],
+                    interface=ifaces[name],
+                    stun_servers=[PRIMARY],
+                    wall_clock=_wall_clock,
+                    wait_timeout=30.0,
+                )
+                with host.activate():
+                    await nursery.start(connectors[name].run)
+            say("alice and bob started: STUN, register, punch, WireGuard handshake")
+            connected: dict[str, PeerConnected] = {}
+            async with trio.open_nursery() as waiting:
+                for name, connector in connectors.items():
+                    waiting.start_soon(_wait_connected, name, connector, connected, say)
+            for peer in report.peers:
+                event = connected[peer.name]
+                peer.path, peer.endpoint, peer.elapsed_ms = (
+                    event.path,
+                    event.endpoint,
+                    round(event.elapsed_ms, 1),
+                )
+            alice, bob = ifaces["alice"], ifaces["bob"]
+            ping = ipv4_packet(TUNNEL["alice"], TUNNEL["bob"], b"ping through the tunnel")
+            sent = trio.current_time()
+            await alice.send(ping)
+            with trio.fail_after(10):
+                if await bob.receive() != ping:
+                    raise DemoError("ping: bob received a different packet")
+                await bob.send(ipv4_packet(TUNNEL["bob"], TUNNEL["alice"], b"pong"))
+                await alice.receive()
+            report.time_to_tunnel_s = round(trio.current_time() - start, 3)
+            report.ping_rtt_ms = round((trio.current_time() - sent) * 1000, 1)
+            say(f"ping alice -> bob through the tunnel: {report.ping_rtt_ms} ms (virtual)")
+            await _transfer(report, alice, bob)
+            say(f"moved {report.transfer_bytes} bytes through the simulated tunnel")
+            nursery.cancel_scope.cancel()
+    finally:
+        for iface in ifaces.values():
+            iface.close()
+    report.notes.append(
+        "netsim: times are virtual (links of 20 ms one way); the throughput is how fast this "
+        "machine runs the simulated tunnel. Run as root for a real NAT lab."
+    )
+    say("everything torn down")
+    return report
+
+
+async def _wait_connected(
+    name: str, connector: Connector, connected: dict[str, PeerConnected], say: Any
+) -> None:
+    with trio.fail_after(60):
+        async for event in connector.events:
+            if isinstance(event, PeerFailed):
+                raise DemoError(f"{name}: {event.stage}: {event.reason}")
+            if isinstance(event, PeerConnected):
+                connected[name] = event
+                say(
+                    f"{name}: connected to {event.peer} ({event.path}, {event.endpoint}) after {event.elapsed_ms:.0f} ms"
+                )
+                return
+    raise DemoError(f"{name}: the connector stopped before connecting")
+
+
+async def _transfer(report: DemoReport, alice: MemoryInterface, bob: MemoryInterface) -> None:
+    payload = bytes(NETSIM_PACKET_SIZE - 20)
+    packet = ipv4_packet(TUNNEL["alice"], TUNNEL["bob"], payload)
+    batch = 50
+    wall = time.perf_counter()
+    received = 0
+    with trio.fail_after(60):
+        for _ in range(NETSIM_PACKETS // batch):
+            for _ in range(batch):
+                await alice.send(packet)
+            for _ in range(batch):
+                received += len(await bob.receive())
+    seconds = time.perf_counter() - wall
+    report.transfer_bytes = received
+    report.transfer_s = round(seconds, 3)
+    report.throughput_mbit_s = round(received * 8 / seconds / 1e6, 1)

@@ -1,0 +1,403 @@
+"""The root half of ``punchtrio demo``: a small real NAT lab in network namespaces.
+
+It lives in the package (the repository's ``labs/`` is not installed) and builds only what the
+demo needs, with a random prefix ``ptd`` + 4 hex digits::
+
+    wan (bridge br0, 203.0.113.0/24) -- hub: 203.0.113.1 + .2 (punchtrio hub, STUN on both)
+       |-- nat1 203.0.113.11, port-restricted cone -- alice 10.1.0.11
+       `-- nat2 203.0.113.12, full cone            -- bob   10.2.0.11
+
+Then ``punchtrio nat`` on each host, two ``punchtrio up --hub --json`` started at once, ping and a
+TCP transfer through the tunnel. Every process is stopped and every namespace deleted afterwards,
+also on errors and Ctrl-C.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import re
+import secrets
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from collections.abc import Callable, Iterator, Sequence
+from pathlib import Path
+from typing import Any
+
+from ..keys import PrivateKey
+from ._demo import ALTERNATE, PRIMARY, TUNNEL, DemoError, DemoReport, PeerReport, nat_kind
+
+HUB_HTTP = (PRIMARY[0], 7777)
+NATS = {"alice": "port", "bob": "full"}
+TRANSFER_BYTES = 32 * 1024 * 1024
+PUNCHTRIO = (sys.executable, "-m", "punchtrio.cli")
+
+_RECEIVER = """
+import socket, sys, time
+server = socket.create_server((sys.argv[1], 5201))
+print("ready", flush=True)
+conn, _ = server.accept()
+total, first = 0, None
+while chunk := conn.recv(1 << 16):
+    first = first or time.monotonic()
+    total += len(chunk)
+print(total, time.monotonic() - first, flush=True)
+"""
+_SENDER = """
+import socket, sys
+with socket.create_connection((sys.argv[1], 5201), timeout=30) as conn:
+    block = bytes(1 << 16)
+    for _ in range(int(sys.argv[2]) >> 16):
+        conn.sendall(block)
+"""
+
+
+def _run(argv: Sequence[str], *, input: str | None = None, timeout: float = 30) -> str:
+    proc = subprocess.run(
+        list(argv), capture_output=True, text=True, input=input, timeout=timeout, check=False
+    )
+    if proc.returncode != 0:
+        raise DemoError(f"lab: {' '.join(argv[:6])}: {proc.stderr.strip()[:200]}")
+    return proc.stdout
+
+
+class _Lab:
+    """Namespaces and processes, all removed by :meth:`close`."""
+
+    def __init__(self) -> None:
+        self.prefix = "ptd" + secrets.token_hex(2)
+        self.namespaces: list[str] = []
+        self.processes: list[subprocess.Popen[bytes]] = []
+
+    def ns(self, role: str) -> str:
+        name = f"{self.prefix}-{role}"
+        _run(["ip", "netns", "add", name])
+        self.namespaces.append(name)
+        self.run(name, "ip", "link", "set", "lo", "up")
+        return name
+
+    def run(self, ns: str, *argv: str, input: str | None = None, timeout: float = 30) -> str:
+        return _run(["ip", "netns", "exec", ns, *argv], input=input, timeout=timeout)
+
+    def veth(self, a: str, a_if: str, b: str, b_if: str) -> None:
+        tmp_a, tmp_b = (
+            f"{self.prefix}{secrets.token_hex(3)}",
+            f"{self.prefix}{secrets.token_hex(3)}",
+        )
+        _run(["ip", "link", "add", tmp_a, "type", "veth", "peer", "name", tmp_b])
+        _run(["ip", "link", "set", tmp_a, "netns", a, "name", a_if])
+        _run(["ip", "link", "set", tmp_b, "netns", b, "name", b_if])
+        self.run(a, "ip", "link", "set", a_if, "up")
+        self.run(b, "ip", "link", "set", b_if, "up")
+
+    def spawn(self, ns: str, *argv: str, **kwargs: Any) -> subprocess.Popen[bytes]:
+        proc = subprocess.Popen(["ip", "netns", "exec", ns, *argv], **kwargs)
+        self.processes.append(proc)
+        return proc
+
+    def close(self) -> None:
+        for proc in reversed(self.processes):
+            if proc.poll() is None:
+                proc.terminate()
+            try:
+                proc.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+            for stream in (proc.stdout, proc.stderr):
+                if stream is not None:
+                    stream.close()
+        for name in reversed(self.namespaces):
+            subprocess.run(["ip", "netns", "del", name], capture_output=True, check=False)
+
+
+def _ruleset(kind: str) -> str:
+    """nftables for a ``port`` (conntrack filters replies) or ``full`` (any inbound datagram to a
+    mapped port is forwarded) NAT; unsolicited UDP to the NAT itself is dropped silently."""
+    full = kind == "full"
+    mapping = "map mapping { type inet_service : ipv4_addr . inet_service; flags dynamic, timeout; timeout 180s; }"
+    dnat = 'iifname "wan0" udp dport @mapping dnat ip to udp dport map @mapping'
+    record = (
+        'oifname "wan0" meta l4proto udp ct direction original update @mapping '
+        "{ udp sport : ct original ip saddr . ct original proto-src }"
+    )
+    return f"""\
+table ip ptdemo {{
+  {mapping if full else ""}
+  chain prerouting {{
+    type nat hook prerouting priority dstnat; policy accept;
+    {dnat if full else ""}
+  }}
+  chain postrouting {{
+    type nat hook postrouting priority srcnat; policy accept;
+    oifname "wan0" masquerade
+  }}
+  chain record {{
+    type filter hook postrouting priority srcnat + 10; policy accept;
+    {record if full else ""}
+  }}
+  chain input {{
+    type filter hook input priority filter; policy accept;
+    meta l4proto udp drop
+  }}
+}}
+"""
+
+
+def _build(lab: _Lab) -> tuple[str, dict[str, str]]:
+    wan = lab.ns("wan")
+    with contextlib.suppress(DemoError):  # only present with br_netfilter loaded
+        lab.run(wan, "sysctl", "-q", "-w", "net.bridge.bridge-nf-call-iptables=0")
+    lab.run(wan, "ip", "link", "add", "br0", "type", "bridge")
+    lab.run(wan, "ip", "link", "set", "br0", "up")
+    hub = lab.ns("hub")
+    lab.veth(hub, "wan0", wan, "hub")
+    lab.run(wan, "ip", "link", "set", "hub", "master", "br0")
+    for address in (PRIMARY[0], ALTERNATE[0]):
+        lab.run(hub, "ip", "addr", "add", f"{address}/24", "dev", "wan0")
+    hosts = {}
+    for number, (name, kind) in enumerate(NATS.items(), start=1):
+        nat = lab.ns(f"nat{number}")
+        lab.run(nat, "sysctl", "-q", "-w", "net.ipv4.ip_forward=1")
+        lab.veth(nat, "wan0", wan, f"nat{number}")
+        lab.run(wan, "ip", "link", "set", f"nat{number}", "master", "br0")
+        lab.run(nat, "ip", "addr", "add", f"203.0.113.{10 + number}/24", "dev", "wan0")
+        host = lab.ns(name)
+        lab.veth(host, "eth0", nat, "lan0")
+        lab.run(nat, "ip", "addr", "add", f"10.{number}.0.1/24", "dev", "lan0")
+        lab.run(host, "ip", "addr", "add", f"10.{number}.0.11/24", "dev", "eth0")
+        lab.run(host, "ip", "route", "add", "default", "via", f"10.{number}.0.1")
+        lab.run(nat, "nft", "-f", "-", input=_ruleset(kind))
+        hosts[name] = host
+    return hub, hosts
+
+
+def _wait_for(
+    check: Callable[[], bool], what: str, proc: subprocess.Popen[bytes], timeout: float = 15
+) -> None:
+    deadline = time.monotonic() + timeout
+    while not check():
+        if proc.poll() is not None:
+            raise DemoError(f"lab: {what}: the process exited with {proc.returncode}")
+        if time.monotonic() > deadline:
+            raise DemoError(f"lab: {what}: not ready after {timeout:.0f} s")
+        time.sleep(0.05)
+
+
+def _start_hub(lab: _Lab, hub: str) -> None:
+    proc = lab.spawn(
+        hub,
+        *PUNCHTRIO,
+        "hub",
+        "--listen",
+        f"{HUB_HTTP[0]}:{HUB_HTTP[1]}",
+        "--stun",
+        f"{PRIMARY[0]}:{PRIMARY[1]}",
+        "--stun-alternate",
+        f"{ALTERNATE[0]}:{ALTERNATE[1]}",
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+
+    def listening() -> bool:
+        tcp = lab.run(hub, "ss", "-H", "-tln")
+        udp = lab.run(hub, "ss", "-H", "-uln")
+        return f"{HUB_HTTP[0]}:{HUB_HTTP[1]}" in tcp and f"{ALTERNATE[0]}:{ALTERNATE[1]}" in udp
+
+    _wait_for(listening, "punchtrio hub", proc)
+
+
+def _detect(lab: _Lab, hosts: dict[str, str]) -> list[PeerReport]:
+    procs = {
+        name: lab.spawn(
+            ns,
+            *PUNCHTRIO,
+            "nat",
+            "--stun",
+            f"{PRIMARY[0]}:{PRIMARY[1]}",
+            "--timeout",
+            "1",
+            "--json",
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+        )
+        for name, ns in hosts.items()
+    }
+    peers = []
+    for name, proc in procs.items():
+        out, err = proc.communicate(timeout=60)
+        if proc.returncode != 0:
+            raise DemoError(f"nat: {name}: {err.decode(errors='replace').strip()[:200]}")
+        found = json.loads(out)
+        mapping, filtering = str(found["mapping"]), str(found["filtering"])
+        peers.append(PeerReport(name, mapping, filtering, nat_kind(mapping, filtering)))
+    return peers
+
+
+def _ping(
+    lab: _Lab, ns: str, target: str, start: float, ups: list[subprocess.Popen[bytes]]
+) -> float:
+    """Ping until the first reply (every 50 ms); return seconds since ``start``."""
+    deadline = start + 30
+    while time.monotonic() < deadline:
+        for proc in ups:
+            if proc.poll() is not None:
+                raise DemoError(
+                    f"up: exited with {proc.returncode} before the tunnel carried a ping"
+                )
+        argv = [
+            "ip",
+            "netns",
+            "exec",
+            ns,
+            "ping",
+            "-n",
+            "-q",
+            "-c",
+            "1",
+            "-i",
+            "0.05",
+            "-w",
+            "20",
+            target,
+        ]
+        if subprocess.run(argv, capture_output=True, check=False).returncode == 0:
+            return time.monotonic() - start
+        time.sleep(0.02)
+    raise DemoError("ping: no reply through the tunnel within 30 s")
+
+
+def _collect(proc: subprocess.Popen[bytes], events: list[dict[str, Any]]) -> None:
+    assert proc.stdout is not None
+    for line in proc.stdout:
+        with contextlib.suppress(ValueError):
+            events.append(json.loads(line))
+
+
+def _connected(events: list[dict[str, Any]]) -> dict[str, Any] | None:
+    return next((e for e in events if e.get("event") == "peer_connected"), None)
+
+
+def _failure(events: list[dict[str, Any]], proc: subprocess.Popen[bytes]) -> str:
+    failed = next((e for e in events if e.get("event") == "peer_failed"), None)
+    if failed is not None:
+        return f"{failed['stage']}: {failed['reason']}"
+    return f"exit {proc.returncode}"
+
+
+@contextlib.contextmanager
+def _lab() -> Iterator[_Lab]:
+    lab = _Lab()
+    try:
+        yield lab
+    finally:
+        lab.close()
+
+
+def run_lab_demo(say: Callable[[str], Any] = print) -> DemoReport:
+    """Build the lab, run the story, tear everything down and return the report (root only).
+
+    Raises :class:`~punchtrio.cli._demo.DemoError` naming the step that failed.
+    """
+    report = DemoReport("lab")
+    with _lab() as lab, tempfile.TemporaryDirectory(prefix="ptd-") as tmp:
+        hub, hosts = _build(lab)
+        say(
+            f"built namespaces {lab.prefix}-*: a hub, alice behind a port NAT, bob behind a full-cone NAT"
+        )
+        _start_hub(lab, hub)
+        say(
+            f"punchtrio hub on http://{HUB_HTTP[0]}:{HUB_HTTP[1]}, STUN on {PRIMARY[0]}:{PRIMARY[1]} + {ALTERNATE[0]}:{ALTERNATE[1]}"
+        )
+        report.peers = _detect(lab, hosts)
+        for peer in report.peers:
+            say(
+                f"punchtrio nat: {peer.name} is behind a {peer.kind} NAT ({peer.mapping} mapping, {peer.filtering} filtering)"
+            )
+        ups: dict[str, subprocess.Popen[bytes]] = {}
+        events: dict[str, list[dict[str, Any]]] = {name: [] for name in hosts}
+        argvs = {}
+        for name in hosts:
+            key = Path(tmp) / f"{name}.key"
+            PrivateKey.generate().write(key)
+            other = "bob" if name == "alice" else "alice"
+            argvs[name] = [
+                *PUNCHTRIO,
+                "up",
+                "--hub",
+                f"http://{HUB_HTTP[0]}:{HUB_HTTP[1]}",
+                "--name",
+                name,
+                "--key-file",
+                str(key),
+                "--address",
+                f"{TUNNEL[name]}/24",
+                "--peer",
+                other,
+                "--json",
+            ]
+        start = time.monotonic()
+        for name, ns in hosts.items():
+            ups[name] = lab.spawn(
+                ns, *argvs[name], stdout=subprocess.PIPE, stderr=subprocess.DEVNULL
+            )
+            threading.Thread(target=_collect, args=(ups[name], events[name]), daemon=True).start()
+        say("started `punchtrio up --hub ...` for alice and bob at once")
+        try:
+            report.time_to_tunnel_s = round(
+                _ping(lab, hosts["alice"], TUNNEL["bob"], start, list(ups.values())), 3
+            )
+        except DemoError as exc:
+            reasons = "; ".join(f"{n}: {_failure(events[n], ups[n])}" for n in hosts)
+            raise DemoError(f"{exc} ({reasons})") from None
+        say(
+            f"first ping alice -> bob through the tunnel {report.time_to_tunnel_s:.2f} s after starting both"
+        )
+        deadline = time.monotonic() + 5
+        while time.monotonic() < deadline and not all(_connected(e) for e in events.values()):
+            time.sleep(0.05)
+        for peer in report.peers:
+            connected = _connected(events[peer.name])
+            if connected is not None:
+                peer.path, peer.endpoint = connected["path"], connected["endpoint"]
+                peer.elapsed_ms = connected["elapsed_ms"]
+        out = lab.run(hosts["alice"], "ping", "-n", "-q", "-c", "5", "-i", "0.2", TUNNEL["bob"])
+        match = re.search(r"= [\d.]+/([\d.]+)/", out)
+        report.ping_rtt_ms = float(match.group(1)) if match else None
+        say(f"ping -c 5: {report.ping_rtt_ms} ms average round trip")
+        _transfer(lab, hosts, report)
+        say(f"TCP transfer alice -> bob: {report.transfer_bytes / 1e6:.0f} MB")
+    say("everything torn down (processes stopped, namespaces deleted)")
+    return report
+
+
+def _transfer(lab: _Lab, hosts: dict[str, str], report: DemoReport) -> None:
+    receiver = lab.spawn(
+        hosts["bob"],
+        sys.executable,
+        "-c",
+        _RECEIVER,
+        TUNNEL["bob"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.DEVNULL,
+    )
+    assert receiver.stdout is not None
+    if receiver.stdout.readline().strip() != b"ready":
+        raise DemoError("transfer: the receiver did not start")
+    lab.run(
+        hosts["alice"],
+        sys.executable,
+        "-c",
+        _SENDER,
+        TUNNEL["bob"],
+        str(TRANSFER_BYTES),
+        timeout=60,
+    )
+    out, _ = receiver.communicate(timeout=30)
+    total, seconds = out.split()
+    report.transfer_bytes = int(total)
+    report.transfer_s = round(float(seconds), 3)
+    report.throughput_mbit_s = round(int(total) * 8 / max(float(seconds), 1e-6) / 1e6, 1)

@@ -1,0 +1,105 @@
+"""How ``punchtrio up`` and ``punchtrio demo`` show what happens: JSON lines, or a rich progress view.
+
+Both reporters take ``(event, fields)``: ``event`` is a snake_case name (``"stage_started"``,
+``"peer_connected"``, ``"up"``...), ``fields`` plain JSON values.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from typing import Any, TextIO
+
+from rich.console import Console
+from rich.status import Status
+
+_STAGE_TEXT = {
+    "stun": "asking STUN for our public address",
+    "register": "registering at the hub",
+    "wait": "waiting for {peer} at the hub",
+    "punch": "punching through to {peer}",
+    "handshake": "WireGuard handshake with {peer}",
+    "established": "tunnel to {peer} established",
+}
+
+
+class JsonLines:
+    """Write each event as one JSON object per line (``{"event": name, **fields}``) and flush."""
+
+    def __init__(self, stream: TextIO | None = None) -> None:
+        self._stream = stream
+
+    def __call__(self, event: str, fields: dict[str, Any]) -> None:
+        stream = self._stream if self._stream is not None else sys.stdout
+        stream.write(json.dumps({"event": event, **fields}) + "\n")
+        stream.flush()
+
+    def close(self) -> None:
+        """Nothing to tear down (kept for the reporter interface)."""
+
+
+class ProgressView:
+    """A human view of the pipeline on ``console`` (default: stderr).
+
+    On a terminal the current stage spins and each finished step is printed with a check mark;
+    elsewhere (a pipe, a log file) the same steps are plain lines. Call :meth:`close` at the end.
+    """
+
+    def __init__(self, console: Console | None = None) -> None:
+        self.console = console if console is not None else Console(stderr=True, highlight=False)
+        self._status: Status | None = None
+        if self.console.is_terminal:
+            self._status = self.console.status("starting", spinner="dots")
+            self._status.start()
+
+    def __call__(self, event: str, fields: dict[str, Any]) -> None:
+        line = self._line(event, fields)
+        if event == "stage_started":
+            text = _STAGE_TEXT.get(str(fields.get("stage")), "{peer}").format(
+                peer=fields.get("peer") or "peer"
+            )
+            if self._status is not None:
+                self._status.update(text)
+            else:
+                self.console.print(f"… {text}", markup=False)
+        elif line is not None:
+            self.console.print(line)
+
+    def _line(self, event: str, fields: dict[str, Any]) -> str | None:
+        if event == "up":
+            return f"[green]✓[/] tunnel {fields.get('interface')} up, UDP port {fields.get('listen_port')}"
+        if event == "candidates_gathered":
+            found = ", ".join(str(c) for c in fields.get("candidates", []))
+            varies = fields.get("mapping_varies")
+            nat = {True: "per destination", False: "independent of destination"}.get(
+                bool(varies), "unknown"
+            )
+            nat = "unknown" if varies is None else nat
+            return f"[green]✓[/] candidates: {found or 'none'} (NAT mapping {nat})"
+        if event == "registered":
+            return "[green]✓[/] registered at the hub"
+        if event == "peer_found":
+            return f"[green]✓[/] found {fields.get('peer')} at the hub"
+        if event == "path_chosen":
+            return (
+                f"[green]✓[/] path to {fields.get('peer')}: {fields.get('path')} via "
+                f"{fields.get('endpoint')} ({fields.get('rtt_ms', 0):.1f} ms)"
+            )
+        if event == "peer_connected":
+            return (
+                f"[bold green]✓ connected to {fields.get('peer')}[/] ({fields.get('path')}, "
+                f"{fields.get('endpoint')}) after {fields.get('elapsed_ms', 0):.0f} ms; Ctrl-C to stop"
+            )
+        if event == "path_lost":
+            return f"[yellow]![/] lost the path to {fields.get('peer')}; probing again"
+        if event == "peer_failed":
+            return f"[red]✗[/] {fields.get('peer')}: {fields.get('stage')}: {fields.get('reason')}"
+        if event == "down":
+            return f"[green]✓[/] tunnel {fields.get('interface')} down"
+        return None
+
+    def close(self) -> None:
+        """Stop the spinner (idempotent)."""
+        if self._status is not None:
+            self._status.stop()
+            self._status = None

@@ -1,0 +1,87 @@
+"""The NAT matrix with real kernel NATs: `punchtrio hub` and two `punchtrio up --hub` per pair.
+
+Each pair starts both `up` processes at once, pings the second one's tunnel address from the first
+host through the tunnel, records the time to the first reply and the path each side reported, and
+then stops both with SIGTERM, which must remove their TUN devices.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from labs.scenarios.punch_matrix import (
+    MATRIX_SPECS,
+    PAIRS,
+    PairResult,
+    matrix_pairs,
+    run_pair,
+    start_hub,
+)
+from labs.topology import Host, Network, build
+
+from tests.conftest import require_root_and
+
+pytestmark = pytest.mark.lab
+
+EXPECTED_PATH = {
+    "full/full": "direct",
+    "port/port": "direct",
+    "addr/sym": "direct",
+    "full/sym": "direct",
+    "same-nat": "lan",
+}
+TIMES: dict[str, tuple[float | None, str | None, str | None]] = {}
+
+
+@pytest.fixture(scope="module")
+def matrix() -> Iterator[tuple[Network, dict[str, tuple[Host, Host]], Path]]:
+    require_root_and("ip", "nft", "conntrack", "sysctl", "ss", "ping")
+    with tempfile.TemporaryDirectory(prefix="pt-punch-") as tmp, build(MATRIX_SPECS) as net:
+        start_hub(net, Path(tmp) / "hub.log")
+        yield net, matrix_pairs(net), Path(tmp)
+    for label, (seconds, a, b) in TIMES.items():
+        took = "no reply" if seconds is None else f"{seconds:.2f} s"
+        print(f"punch matrix: {label}: paths {a}/{b}, first ping after {took}")
+
+
+def _tun_devices(host: Host) -> str:
+    return host.ns.run("ip", "-o", "link", "show", "type", "tun")
+
+
+@pytest.mark.parametrize("label", PAIRS)
+def test_pair_pings_through_the_tunnel(
+    matrix: tuple[Network, dict[str, tuple[Host, Host]], Path], label: str
+) -> None:
+    require_root_and("ip", "nft", "conntrack", "ping")
+    net, pairs, workdir = matrix
+    a, b = pairs[label]
+    net.flush_conntrack()
+    slug = label.replace("/", "-")
+    result: PairResult = run_pair(net, slug, a, b, workdir)
+    name_a, name_b = f"{slug}-a", f"{slug}-b"
+    TIMES[label] = (result.seconds, result.path(name_a), result.path(name_b))
+    assert result.seconds is not None, f"no ping reply: {result.stderr} {result.events}"
+    for name, peer in ((name_a, name_b), (name_b, name_a)):
+        connected = result.connected(name)
+        assert connected is not None, f"{name} printed no peer_connected: {result.stderr[name]}"
+        assert connected["peer"] == peer
+        assert isinstance(connected["elapsed_ms"], float)
+        assert result.returncodes[name] == 0, result.stderr[name]
+        assert result.events[name][-1]["event"] == "down"
+    if label == "same-nat":
+        # Both sides talk over the shared LAN, never through the NAT (it does not hairpin).
+        lan = a.nat.lan_net
+        for name in (name_a, name_b):
+            endpoint = str(result.connected(name)["endpoint"])  # type: ignore[index]
+            assert ipaddress.ip_address(endpoint.rsplit(":", 1)[0]) in lan
+        assert result.path(name_a) == "lan"
+    else:
+        assert result.path(name_a) == result.path(name_b) == EXPECTED_PATH[label]
+        for host, name in ((b, name_a), (a, name_b)):
+            endpoint = str(result.connected(name)["endpoint"])  # type: ignore[index]
+            assert endpoint.startswith(host.nat.public_ip + ":")
+    assert _tun_devices(a) == _tun_devices(b) == ""
