@@ -26,9 +26,10 @@ import sys
 import tempfile
 import time
 from collections import Counter
-from collections.abc import Iterator
+from collections.abc import Iterator, MutableMapping
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import httpx
 import trio
@@ -405,10 +406,10 @@ def _app_alone() -> tuple[float, float]:
             await trio.sleep_forever()
             raise AssertionError("unreachable")
 
-        async def send(message: dict[str, object]) -> None:
+        async def send(message: MutableMapping[str, Any]) -> None:
             nonlocal status
             if message["type"] == "http.response.start":
-                status = int(message["status"])  # type: ignore[call-overload]
+                status = int(message["status"])
 
         await app(request, receive, send)
         return status

@@ -22,7 +22,7 @@ from contextlib import contextmanager
 from pathlib import Path
 
 from labs.netns import Lab, require_binaries
-from labs.scenarios.tunnel_ping import (
+from labs.wireguard import (
     OVERLAY,
     UDP_PORT,
     UNDERLAY,

@@ -149,7 +149,8 @@ def run_pair(net: Network, label: str, a: Host, b: Host, workdir: Path) -> PairR
     for reader in readers:
         reader.join(timeout=5)
     for name, proc in procs.items():
-        assert proc.stderr is not None and proc.stdout is not None
+        assert proc.stderr is not None
+        assert proc.stdout is not None
         with proc.stderr, proc.stdout:
             result.stderr[name] = proc.stderr.read().decode(errors="replace")
     return result

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 from labs.netns import Lab, Namespace
-from labs.scenarios.tunnel_ping import PYTHON, ROOT, PunchtrioPeer, genkey, start_punchtrio
+from labs.wireguard import PYTHON, ROOT, PunchtrioPeer, genkey, start_punchtrio
 
 from tests.conftest import require_root_and
 

@@ -21,7 +21,7 @@ from typing import Any
 
 import pytest
 from labs.netns import Lab, Namespace
-from labs.scenarios.tunnel_ping import (
+from labs.wireguard import (
     OVERLAY,
     PYTHON,
     UDP_PORT,

@@ -8,6 +8,9 @@ then stops both with SIGTERM, which must remove their TUN devices.
 from __future__ import annotations
 
 import ipaddress
+import json
+import subprocess
+import sys
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
@@ -85,3 +88,31 @@ def test_pair_pings_through_the_tunnel(
             endpoint = str(result.connected(name)["endpoint"])  # type: ignore[index]
             assert endpoint.startswith(host.nat.public_ip + ":")
     assert _tun_devices(a) == _tun_devices(b) == ""
+
+
+def _namespaces() -> set[str]:
+    out = subprocess.run(["ip", "netns", "list"], capture_output=True, text=True, check=True).stdout
+    return {line.split()[0] for line in out.splitlines() if line}
+
+
+def test_the_demo_runs_the_whole_story_in_a_real_lab() -> None:
+    require_root_and("ip", "nft", "ping", "ss")
+    before = _namespaces()
+    proc = subprocess.run(
+        [sys.executable, "-m", "punchtrio.cli", "demo", "--lab", "--json"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+    assert proc.returncode == 0, proc.stderr
+    report = json.loads(proc.stdout)
+    assert report["mode"] == "lab"
+    kinds = {peer["name"]: peer["kind"] for peer in report["peers"]}
+    assert kinds == {"alice": "port-restricted cone", "bob": "full cone"}
+    assert [peer["path"] for peer in report["peers"]] == ["direct", "direct"]
+    assert report["time_to_tunnel_s"] > 0
+    assert report["ping_rtt_ms"] > 0
+    assert report["transfer_bytes"] == 32 * 1024 * 1024
+    assert report["throughput_mbit_s"] > 0
+    assert _namespaces() <= before  # every namespace the demo made is gone

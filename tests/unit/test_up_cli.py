@@ -317,4 +317,5 @@ def test_progress_view_prints_plain_steps_off_a_terminal() -> None:
     text = console.file.getvalue()  # type: ignore[attr-defined]
     assert "waiting for bob at the hub" in text
     assert "connected to bob (direct, 192.0.2.1:51820) after 812 ms" in text
-    assert "carol: punch: no path" in text
+    assert "carol failed at the punch stage" in text
+    assert "no path" not in text  # the reason is the CLI's one error line, printed once

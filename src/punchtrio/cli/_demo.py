@@ -36,7 +36,7 @@ PRIMARY = ("203.0.113.1", 3478)
 ALTERNATE = ("203.0.113.2", 3479)
 TUNNEL = {"alice": "10.99.0.1", "bob": "10.99.0.2"}
 NETSIM_NATS = {"alice": NatBehavior.port_restricted_cone(), "bob": NatBehavior.full_cone()}
-NETSIM_PACKETS = 2000
+NETSIM_PACKETS = 400
 NETSIM_PACKET_SIZE = 1400
 _WALL = 1.7e9
 
@@ -119,8 +119,9 @@ def register(subparsers: Any) -> None:
 
 
 def lab_available() -> bool:
-    """Whether the real NAT lab can run here: root, and ``ip``, ``nft`` and ``ping`` on PATH."""
-    return os.geteuid() == 0 and all(shutil.which(b) for b in ("ip", "nft", "ping"))
+    """Whether the real NAT lab can run here: root, and ``ip``, ``nft``, ``ping`` and ``ss`` on
+    PATH."""
+    return os.geteuid() == 0 and all(shutil.which(b) for b in ("ip", "nft", "ping", "ss"))
 
 
 def _demo(args: argparse.Namespace) -> int:
@@ -129,7 +130,7 @@ def _demo(args: argparse.Namespace) -> int:
         console = Console(stderr=True, highlight=False, width=110)
     use_lab = args.lab or (not args.netsim and lab_available())
     if args.lab and not lab_available():
-        raise UsageError("--lab needs root and ip, nft and ping on PATH")
+        raise UsageError("--lab needs root and ip, nft, ping and ss on PATH")
     if use_lab:
         from ._demo_lab import run_lab_demo
 
@@ -344,16 +345,21 @@ async def _wait_connected(
 async def _transfer(report: DemoReport, alice: MemoryInterface, bob: MemoryInterface) -> None:
     payload = bytes(NETSIM_PACKET_SIZE - 20)
     packet = ipv4_packet(TUNNEL["alice"], TUNNEL["bob"], payload)
-    batch = 50
+    batch = 10
     wall = time.perf_counter()
     received = 0
-    with trio.fail_after(60):
-        for _ in range(NETSIM_PACKETS // batch):
-            for _ in range(batch):
-                await alice.send(packet)
-            for _ in range(batch):
+    for _ in range(NETSIM_PACKETS // batch):
+        for _ in range(batch):
+            await alice.send(packet)
+        for _ in range(batch):
+            with trio.move_on_after(2):  # a lost packet is counted, not waited for
                 received += len(await bob.receive())
     seconds = time.perf_counter() - wall
     report.transfer_bytes = received
     report.transfer_s = round(seconds, 3)
     report.throughput_mbit_s = round(received * 8 / seconds / 1e6, 1)
+    lost = NETSIM_PACKETS - received // len(packet)
+    if lost:
+        report.notes.append(
+            f"{lost} of {NETSIM_PACKETS} packets did not arrive within 2 virtual seconds"
+        )

@@ -92,8 +92,8 @@ class ProgressView:
             )
         if event == "path_lost":
             return f"[yellow]![/] lost the path to {fields.get('peer')}; probing again"
-        if event == "peer_failed":
-            return f"[red]✗[/] {fields.get('peer')}: {fields.get('stage')}: {fields.get('reason')}"
+        if event == "peer_failed":  # the CLI's one-line error follows: only mark the peer here
+            return f"[red]✗[/] {fields.get('peer')} failed at the {fields.get('stage')} stage"
         if event == "down":
             return f"[green]✓[/] tunnel {fields.get('interface')} down"
         return None

@@ -57,16 +57,30 @@ INLINE_TUN_WRITES = 4
 """Batches this small are written by the reader itself when the writer thread is idle."""
 
 LINGER = 0.001
-"""Seconds the data path keeps waiting on its own descriptors after a batch (1 ms; 0 turns it off).
+"""Seconds the data path waits on its own descriptors after a batch (1 ms; 0 turns it off).
 
-A packet that finds the process asleep in Trio's run loop costs tens of microseconds of Python
-before it is read; one that arrives while the shell waits in :meth:`select.epoll.poll` on its own
-descriptors costs a few. A reply crossing back (a ping answered by the kernel during our TUN write,
-a TCP ACK) usually comes within this window. The wait sleeps in the kernel (no CPU) but holds the
-Trio thread: other tasks run at most this much later."""
+Measured on a 2-core VM: a packet that finds the process asleep in Trio's run loop pays about
+70 us of cold Python (Trio's scheduler) before the shell reads it; one that arrives while the
+shell sleeps in :meth:`select.epoll.poll` on its own descriptors pays a few. A reply crossing back
+(a ping answered by the kernel during our TUN write, a TCP ACK) usually comes within this window.
+The wait sleeps in the kernel, not on the CPU."""
+
+IDLE_WAIT = 0.02
+"""Longest single wait (seconds) the shell does in place of Trio's own sleep while traffic is recent.
+
+When Trio's internals are reachable (its epoll object, the default clock), the data path also
+waits on Trio's epoll fd and up to Trio's next deadline, so it sleeps where Trio would have slept
+and returns to Trio as soon as another task has I/O, a timer or a thread result to handle. Only
+a task woken in the same scheduler batch as the reader can be held up, by at most this long."""
+
+ACTIVE_WINDOW = 1.0
+"""Seconds after the last packet during which the data path keeps waiting in place of Trio.
+
+After this long without traffic the shell goes back to Trio's own wait: an idle tunnel costs
+no wake-ups; the first packet after the pause pays Trio's wake-up once."""
 
 LINGER_ROUNDS = 16
-"""Most batches handled inside one linger before the shell goes back through Trio's scheduler."""
+"""Most waits inside one linger before the shell passes through Trio's scheduler again."""
 
 
 class WireGuardDevice(Protocol):
@@ -120,7 +134,8 @@ class UserspaceTunnel:
     the kernel to hand over such runs in one read (UDP GRO, Linux >= 5.0), split by the shell. Both
     apply only when every socket is a real :class:`socket.socket`. ``linger`` is how long, in
     seconds, the shell keeps waiting on its own descriptors after a batch before handing the
-    thread back to Trio (see :data:`LINGER`; 0 turns it off; real sockets only).
+    thread back to Trio (see :data:`LINGER` and :data:`IDLE_WAIT`; 0 turns both off; real sockets
+    only).
     """
 
     def __init__(
@@ -151,6 +166,9 @@ class UserspaceTunnel:
         self._armed = math.inf
         self._linger = max(0.0, linger) if real else 0.0
         self._poller: select.epoll | None = None
+        self._trio_fd = -1  # Trio's epoll fd inside our poller while serving, else -1
+        self._active_until = -math.inf
+        self._contended = False  # the last linger gave way to runnable tasks
         # One batch function per descriptor: the readers and the linger both call them.
         self._batches: dict[int, Callable[[], tuple[bool, list[bytes] | None]]] = {}
 
@@ -179,6 +197,10 @@ class UserspaceTunnel:
             self._poller = select.epoll()
             for fd in batches:
                 self._poller.register(fd, select.EPOLLIN)
+            trio_fd = _trio_epoll_fd()
+            if trio_fd is not None:
+                self._poller.register(trio_fd, select.EPOLLIN)
+                self._trio_fd = trio_fd
         try:
             async with trio.open_nursery() as nursery:
                 for sock in self._sockets:
@@ -192,6 +214,7 @@ class UserspaceTunnel:
             if self._poller is not None:
                 self._poller.close()
                 self._poller = None
+            self._trio_fd = -1
             batches.clear()
 
     async def _udp_reader(self, sock: socket.socket) -> None:
@@ -207,40 +230,66 @@ class UserspaceTunnel:
         put = self._tun_writer.put
         while True:
             await trio.lowlevel.wait_readable(fd)
+            self._active_until = trio.current_time() + ACTIVE_WINDOW
             while True:
                 drained, stalled = batch()
                 if drained and stalled is None:
-                    stalled = linger()
-                    if stalled is None:
+                    stalled, stay = linger()
+                    if stalled is None and not stay:
                         break
                 if stalled is not None:
                     await put(stalled)
                 else:
                     await trio.lowlevel.checkpoint()
 
-    def _linger_loop(self) -> list[bytes] | None:
-        """Serve whatever becomes readable within :data:`LINGER` without going through Trio.
+    def _linger_loop(self) -> tuple[list[bytes] | None, bool]:
+        """Serve what becomes readable soon without going through Trio's scheduler.
 
-        Returns a batch the TUN writer had no room for (the caller waits to queue it), else
-        ``None`` once nothing arrived in time or after :data:`LINGER_ROUNDS` batches.
+        Returns ``(stalled, stay)``: ``stalled`` is a batch the TUN writer had no room for (the
+        caller waits to queue it); ``stay`` asks the caller to checkpoint and come back (Trio has
+        work, or traffic is recent) rather than sleep in Trio's own wait.
         """
         poller = self._poller
         if poller is None:
-            return None
+            return None, False
         poll = poller.poll
-        timeout = self._linger
         batches = self._batches
+        trio_fd = self._trio_fd
         for _ in range(LINGER_ROUNDS):
+            timeout = self._linger
+            recent = trio_fd >= 0 and trio.current_time() < self._active_until
+            if recent:
+                stats = trio.lowlevel.current_statistics()
+                if stats.tasks_runnable or stats.run_sync_soon_queue_size:
+                    # Give way once; if tasks are still runnable when we come back (another
+                    # lingering reader or tunnel), sleep in Trio instead of taking turns.
+                    if self._contended:
+                        self._contended = False
+                        return None, False
+                    self._contended = True
+                    return None, True
+                self._contended = False
+                timeout = min(IDLE_WAIT, stats.seconds_to_next_deadline)
+                if timeout <= 0:
+                    return None, True
             ready = poll(timeout)
             if not ready:
-                return None
+                return None, recent
+            busy = False
             for fd, _flags in ready:
+                if fd == trio_fd:
+                    busy = True
+                    continue
                 batch = batches.get(fd)
                 if batch is not None:
                     stalled = batch()[1]
                     if stalled is not None:
-                        return stalled
-        return None
+                        return stalled, True
+            if busy:
+                return None, True  # another task has I/O: through Trio, then back here
+            if trio_fd >= 0:
+                self._active_until = trio.current_time() + ACTIVE_WINDOW
+        return None, True
 
     def _udp_batch(self, sock: socket.socket) -> Callable[[], tuple[bool, list[bytes] | None]]:
         """Return a function that reads one batch from ``sock`` and returns ``(drained, stalled)``.
@@ -253,6 +302,7 @@ class UserspaceTunnel:
         recvmsg = sock.recvmsg if gro else None
         recvfrom = sock.recvfrom
         offer = self._tun_writer.offer
+        write_now = self._tun_writer.write_now
         flush = self._flush
 
         def batch() -> tuple[bool, list[bytes] | None]:
@@ -277,7 +327,13 @@ class UserspaceTunnel:
                         reads += 1
                         size = 0
                     addr = addr[:2]
-                    if size and len(data) > size:
+                    if reads == 1 and (not size or len(data) <= size):
+                        # The first datagram is written before the next read, as above.
+                        received += 1
+                        packet = receive(data, addr, now)
+                        if packet is not None and not write_now(packet):
+                            keep(packet)
+                    elif size and len(data) > size:
                         for i in range(0, len(data), size):
                             received += 1
                             packet = receive(data[i : i + size], addr, now)
@@ -313,6 +369,12 @@ class UserspaceTunnel:
         batch: list[tuple[bytes, Address]] = []
         append = batch.append
         try:
+            # The first packet goes out before the next read: a lone packet (a ping, an ACK)
+            # does not wait for the read that finds the TUN empty.
+            out = send_packet(read(fd, _READ_SIZE), now)
+            count = 1
+            if out is not None:
+                self._send_batch([out])
             while count < BATCH:
                 packet = read(fd, _READ_SIZE)
                 count += 1
@@ -426,6 +488,24 @@ class _TunWriter:
             return False
         return True
 
+    def write_now(self, packet: bytes) -> bool:
+        """Write one packet here and now if the thread has nothing queued; return whether it did.
+
+        One attempt only: a descriptor that would block (a socketpair stand-in) leaves the packet
+        to the batch, so the Trio thread never waits on it.
+        """
+        if self._queue.unfinished_tasks:
+            return False
+        try:
+            os.write(self.fd, packet)
+        except BlockingIOError:
+            return False
+        except OSError:
+            self._counters.tun_write_errors += 1
+            return True
+        self._counters.packets_to_tun += 1
+        return True
+
     async def put(self, packets: list[bytes]) -> None:
         """Queue one batch, waiting (on a thread) for room in the backlog."""
         await trio.to_thread.run_sync(self._queue.put, packets)
@@ -467,6 +547,25 @@ class _TunWriter:
         counters = self._counters
         counters.packets_to_tun += written
         counters.tun_write_errors += errors
+
+
+def _trio_epoll_fd() -> int | None:
+    """Return the fd of the running Trio loop's epoll object, or None when it is out of reach.
+
+    This reaches into Trio's internals (the I/O manager of the current run); any other Trio
+    version, I/O backend or clock (a test's ``MockClock``, whose time is not the kernel's) makes
+    it return None and the shell lingers only :data:`LINGER` at a time.
+    """
+    try:
+        from trio._core._run import GLOBAL_RUN_CONTEXT, SystemClock
+
+        if type(trio.lowlevel.current_clock()) is not SystemClock:
+            return None
+        epoll = GLOBAL_RUN_CONTEXT.runner.io_manager._epoll
+        fd = epoll.fileno()
+    except Exception:  # any change in Trio's internals: plain lingering
+        return None
+    return fd if isinstance(fd, int) and fd >= 0 else None
 
 
 def _enable_gro(sock: socket.socket) -> bool:
