@@ -166,7 +166,7 @@ class UserspaceTunnel:
         self._armed = math.inf
         self._linger = max(0.0, linger) if real else 0.0
         self._poller: select.epoll | None = None
-        self._trio_fd = -1  # Trio's epoll fd inside our poller while serving, else -1
+        self._trio: _TrioHook | None = None  # Trio's internals, while serving, when reachable
         self._active_until = -math.inf
         self._contended = False  # the last linger gave way to runnable tasks
         # One batch function per descriptor: the readers and the linger both call them.
@@ -197,10 +197,9 @@ class UserspaceTunnel:
             self._poller = select.epoll()
             for fd in batches:
                 self._poller.register(fd, select.EPOLLIN)
-            trio_fd = _trio_epoll_fd()
-            if trio_fd is not None:
-                self._poller.register(trio_fd, select.EPOLLIN)
-                self._trio_fd = trio_fd
+            self._trio = _TrioHook.find()
+            if self._trio is not None:
+                self._poller.register(self._trio.fd, select.EPOLLIN)
         try:
             async with trio.open_nursery() as nursery:
                 for sock in self._sockets:
@@ -214,7 +213,7 @@ class UserspaceTunnel:
             if self._poller is not None:
                 self._poller.close()
                 self._poller = None
-            self._trio_fd = -1
+            self._trio = None
             batches.clear()
 
     async def _udp_reader(self, sock: socket.socket) -> None:
@@ -254,13 +253,15 @@ class UserspaceTunnel:
             return None, False
         poll = poller.poll
         batches = self._batches
-        trio_fd = self._trio_fd
+        hook = self._trio
+        trio_fd = hook.fd if hook is not None else -1
         for _ in range(LINGER_ROUNDS):
             timeout = self._linger
-            recent = trio_fd >= 0 and trio.current_time() < self._active_until
+            recent = hook is not None and trio.current_time() < self._active_until
             if recent:
-                stats = trio.lowlevel.current_statistics()
-                if stats.tasks_runnable or stats.run_sync_soon_queue_size:
+                assert hook is not None
+                budget = hook.time_to_wait()
+                if budget is None:
                     # Give way once; if tasks are still runnable when we come back (another
                     # lingering reader or tunnel), sleep in Trio instead of taking turns.
                     if self._contended:
@@ -269,7 +270,7 @@ class UserspaceTunnel:
                     self._contended = True
                     return None, True
                 self._contended = False
-                timeout = min(IDLE_WAIT, stats.seconds_to_next_deadline)
+                timeout = min(IDLE_WAIT, budget)
                 if timeout <= 0:
                     return None, True
             ready = poll(timeout)
@@ -287,7 +288,7 @@ class UserspaceTunnel:
                         return stalled, True
             if busy:
                 return None, True  # another task has I/O: through Trio, then back here
-            if trio_fd >= 0:
+            if hook is not None:
                 self._active_until = trio.current_time() + ACTIVE_WINDOW
         return None, True
 
@@ -549,23 +550,44 @@ class _TunWriter:
         counters.tun_write_errors += errors
 
 
-def _trio_epoll_fd() -> int | None:
-    """Return the fd of the running Trio loop's epoll object, or None when it is out of reach.
+class _TrioHook:
+    """What the data path reads from the running Trio loop to wait in its place.
 
-    This reaches into Trio's internals (the I/O manager of the current run); any other Trio
-    version, I/O backend or clock (a test's ``MockClock``, whose time is not the kernel's) makes
-    it return None and the shell lingers only :data:`LINGER` at a time.
+    The epoll fd Trio sleeps on, its run queue and its deadlines. This reaches into Trio's
+    internals; :meth:`find` returns None for any other Trio layout, I/O backend or clock (a
+    test's ``MockClock``, whose time is not the kernel's), and the shell lingers only
+    :data:`LINGER` at a time.
     """
-    try:
-        from trio._core._run import GLOBAL_RUN_CONTEXT, SystemClock
 
-        if type(trio.lowlevel.current_clock()) is not SystemClock:
+    __slots__ = ("_clock", "_deadlines", "_entry_queue", "_runq", "fd")
+
+    def __init__(self, runner: Any) -> None:
+        self.fd: int = runner.io_manager._epoll.fileno()
+        self._runq = runner.runq
+        self._deadlines = runner.deadlines
+        self._clock = runner.clock
+        self._entry_queue = runner.entry_queue
+
+    @classmethod
+    def find(cls) -> _TrioHook | None:
+        """Return the hook for the current Trio run, or None when it is out of reach."""
+        try:
+            from trio._core._run import GLOBAL_RUN_CONTEXT, SystemClock
+
+            runner = GLOBAL_RUN_CONTEXT.runner
+            if type(runner.clock) is not SystemClock:
+                return None
+            hook = cls(runner)
+            hook.time_to_wait()
+        except Exception:  # any change in Trio's internals: plain lingering
             return None
-        epoll = GLOBAL_RUN_CONTEXT.runner.io_manager._epoll
-        fd = epoll.fileno()
-    except Exception:  # any change in Trio's internals: plain lingering
-        return None
-    return fd if isinstance(fd, int) and fd >= 0 else None
+        return hook if isinstance(hook.fd, int) and hook.fd >= 0 else None
+
+    def time_to_wait(self) -> float | None:
+        """Seconds until Trio's next deadline, or None when a task or callback is ready to run."""
+        if self._runq or self._entry_queue.size():
+            return None
+        return float(self._deadlines.next_deadline() - self._clock.current_time())
 
 
 def _enable_gro(sock: socket.socket) -> bool:
