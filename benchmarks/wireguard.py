@@ -51,27 +51,28 @@ def _tunnel(a_kind: str, b_kind: str) -> Iterator[Pair]:
         peers = []
         for i, (ns, kind) in enumerate(((pair.a, a_kind), (pair.b, b_kind))):
             other = 1 - i
-            common = {
-                "private_key": keys[i][0],
-                "peer_public": keys[other][1],
-                "allowed_ips": f"{OVERLAY[other]}/32",
-            }
+            private_key, peer_public = keys[i][0], keys[other][1]
+            allowed_ips = f"{OVERLAY[other]}/32"
             endpoint = f"{UNDERLAY[other]}:{UDP_PORT}"
             if kind == "wg-go":
                 start_wireguard_go(
                     lab,
                     ns,
                     f"{lab.prefix}w{i}",
+                    private_key=private_key,
                     address=f"{OVERLAY[i]}/24",
+                    peer_public=peer_public,
+                    allowed_ips=allowed_ips,
                     endpoint=endpoint,
-                    **common,
                 )
             else:
                 config = write_config(
                     Path(tmp) / f"pt{i}.conf",
+                    private_key=private_key,
                     addresses=[f"{OVERLAY[i]}/24"],
+                    peer_public=peer_public,
+                    allowed_ips=allowed_ips,
                     endpoint=endpoint,
-                    **common,
                 )
                 peers.append(start_punchtrio(lab, ns, config, f"pt{i}"))
         try:

@@ -157,6 +157,42 @@ async def test_peers_behind_the_same_nat_find_the_lan_path(
     assert (got_b.endpoint, got_b.kind) == (("10.0.0.2", PORT), "lan")
 
 
+async def test_a_lan_address_first_learnt_from_a_ping_is_still_the_lan_path(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    """Bob learns Alice's LAN address from her ping (a peer-reflexive pair) and chooses it before
+    her candidates reach him: once they do, it is one of her host candidates on his LAN, so lan."""
+    net = netsim.Internet(seed=16)
+    server = net.add_host(PRIMARY[0], ALTERNATE[0], name="stun")
+    nat = net.add_nat("198.51.100.1", behavior=NatBehavior.port_restricted_cone(), link=WAN)
+    async with net, trio.open_nursery() as nursery:
+        await nursery.start(serve_stun, server, StunResponder(PRIMARY, ALTERNATE, rate=None))
+        alice = await bring_up(nursery, nat.lan.add_host(name="alice"), "alice")
+        bob = await bring_up(nursery, nat.lan.add_host(name="bob"), "bob")
+        alice.session.puncher.add_peer(PUBS["bob"])
+        bob.session.puncher.add_peer(PUBS["alice"])
+        lan = [nat.lan.prefix]
+        alice.session.start(PUBS["bob"], bob.candidates, trio.current_time(), local_networks=lan)
+        early = await bob.next_event()  # from Alice's triggered ping alone
+        assert bob.session.puncher.counters == dict.fromkeys(bob.session.puncher.counters, 0)
+        await trio.sleep(1)  # her record arrives late (a slow rendezvous)
+        bob.session.start(PUBS["alice"], alice.candidates, trio.current_time(), local_networks=lan)
+        late = await bob.next_event()
+        got_a = await alice.next_event()
+        # A host candidate outside our networks (another LAN, or the public internet) is direct.
+        bob.session.start(PUBS["alice"], alice.candidates, trio.current_time(), local_networks=[])
+        off_lan = await bob.next_event()
+        nursery.cancel_scope.cancel()
+    assert isinstance(early, PathChosen)
+    assert (early.endpoint, early.kind) == (("10.0.0.2", PORT), "direct")  # nothing known yet
+    assert isinstance(late, PathChosen)
+    assert (late.endpoint, late.kind) == (("10.0.0.2", PORT), "lan")
+    assert isinstance(got_a, PathChosen)
+    assert (got_a.endpoint, got_a.kind) == (("10.0.0.3", PORT), "lan")
+    assert isinstance(off_lan, PathChosen)
+    assert (off_lan.endpoint, off_lan.kind) == (("10.0.0.2", PORT), "direct")
+
+
 async def test_spoofed_probes_from_a_third_host_do_not_change_the_path(
     autojump_clock: trio.testing.MockClock,
 ) -> None:

@@ -10,18 +10,21 @@ import signal
 import sys
 from collections.abc import Awaitable, Callable, Iterator
 from functools import partial
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import trio
 
 from ..keys import InvalidKeyError, PrivateKey
 from ..rendezvous._auth import DEFAULT_WINDOW, NetworkSecret
-from ..rendezvous._hub import HubConfig
 from ..rendezvous._models import ValidationError, parse_address
-from ..rendezvous._redis_store import RedisStore
-from ..rendezvous._serve import HubListeners, HubServeError, serve_hub
 from ..rendezvous._store import MemoryStore, Store, StoreLimits
 from ._main import UsageError
+
+# The server (Starlette, Hypercorn) is imported when ``hub`` runs: every other command builds this
+# parser too, and should not pay for it.
+if TYPE_CHECKING:
+    from ..rendezvous._hub import HubConfig
+    from ..rendezvous._serve import HubListeners
 
 
 def register(subparsers: Any) -> None:
@@ -139,6 +142,8 @@ def build_config(args: argparse.Namespace) -> tuple[HubConfig, StoreLimits]:
     Raises :class:`~punchtrio.cli._main.UsageError` for bad values, and the key or secret file's
     error if one cannot be read.
     """
+    from ..rendezvous._hub import HubConfig
+
     if args.key_file:
         try:
             key = PrivateKey.from_file(args.key_file)
@@ -171,6 +176,9 @@ def build_config(args: argparse.Namespace) -> tuple[HubConfig, StoreLimits]:
 
 
 def _run(args: argparse.Namespace) -> int:
+    from ..rendezvous._redis_store import RedisStore
+    from ..rendezvous._serve import serve_hub
+
     config, limits = build_config(args)
     listen = _address(args.listen, "--listen")
     stun = None if args.stun is None else _address(args.stun, "--stun")
@@ -230,6 +238,8 @@ def _server_gc() -> Iterator[None]:
 
 async def _until_signal(serve: Callable[..., Awaitable[None]], config: HubConfig) -> None:
     """Serve until SIGINT or SIGTERM, then stop cleanly (exit status 0)."""
+    from ..rendezvous._serve import HubServeError
+
     failure: HubServeError | None = None
     with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
         async with trio.open_nursery() as nursery:

@@ -8,10 +8,11 @@ from __future__ import annotations
 
 import json
 import sys
-from typing import Any, TextIO
+from typing import TYPE_CHECKING, Any, TextIO
 
-from rich.console import Console
-from rich.status import Status
+if TYPE_CHECKING:  # rich is imported by ProgressView itself: ``--json`` runs start faster without
+    from rich.console import Console
+    from rich.status import Status
 
 _STAGE_TEXT = {
     "stun": "asking STUN for our public address",
@@ -46,6 +47,8 @@ class ProgressView:
     """
 
     def __init__(self, console: Console | None = None) -> None:
+        from rich.console import Console
+
         self.console = console if console is not None else Console(stderr=True, highlight=False)
         self._status: Status | None = None
         if self.console.is_terminal:

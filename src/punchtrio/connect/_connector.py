@@ -15,6 +15,7 @@ import contextlib
 import ipaddress
 import math
 import socket
+import sys
 import time
 from collections.abc import AsyncIterator, Callable, Iterable, Sequence
 from dataclasses import dataclass, field
@@ -34,6 +35,7 @@ from ..punch import (
     gather_reflexive,
     host_candidates,
     local_addresses,
+    local_networks,
 )
 from ..punch import PathChosen as _PunchPathChosen
 from ..punch import PathLost as _PunchPathLost
@@ -69,6 +71,7 @@ from ._events import (
 from ._memif import MemoryInterface
 
 Address = tuple[str, int]
+IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
 IPInterface = ipaddress.IPv4Interface | ipaddress.IPv6Interface
 
 SIGNAL_PREFIX = "punchtrio-punch/1"
@@ -299,6 +302,7 @@ class Connector:
         self._mux = Mux()
         self._sock: Any = None
         self._timer_scope: trio.CancelScope | None = None
+        self._networks: list[IPNetwork] = []  # our interfaces' prefixes: what "lan" means
         self._gathered = trio.Event()
         self._registered = trio.Event()
         self._register_error: str | None = None
@@ -417,6 +421,7 @@ class Connector:
         addresses = local_addresses(exclude_interfaces=exclude)
         own = self.config.interface.ip
         candidates = host_candidates(port, [a for a in addresses if a != own])
+        self._networks = local_networks(exclude)  # the tunnel's own interface excluded
         servers = await self._stun_addresses()
         error: str | None = None
         varies: bool | None = None
@@ -644,7 +649,9 @@ class Connector:
 
     def _start_punch(self, peer: _Peer) -> None:
         assert peer.key is not None
-        self._puncher.start(peer.key, peer.candidates, trio.current_time())
+        self._puncher.start(
+            peer.key, peer.candidates, trio.current_time(), local_networks=self._networks
+        )
         self._pump()
 
     # -- synchronous handlers: called inside the tunnel's drain loop ------------------------
@@ -719,9 +726,9 @@ class Connector:
     def _open_socket(self) -> Any:
         factory = self._socket_factory
         if factory is None:
-            from ..netsim import current_host  # a light import: no simulation starts
-
-            host = current_host()
+            # No simulation runs unless punchtrio.netsim was imported: don't import it here.
+            netsim = sys.modules.get("punchtrio.netsim")
+            host = netsim.current_host() if netsim is not None else None
             factory = host.nonblocking_socket if host is not None else socket.socket
         sock = factory(socket.AF_INET, socket.SOCK_DGRAM)
         try:

@@ -17,7 +17,6 @@ from dataclasses import dataclass
 from typing import Any
 
 import trio
-import trio.testing
 
 from ._addresses import Endpoint
 
@@ -75,6 +74,8 @@ class Engine:
 
     async def run(self) -> None:
         """Deliver packets forever; cancel the enclosing scope to stop."""
+        import trio.testing  # here, not at the top: it loads pytest when installed
+
         while True:
             await trio.testing.wait_all_tasks_blocked()
             if self._step(trio.current_time()):

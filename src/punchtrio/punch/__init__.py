@@ -20,6 +20,7 @@ from ._candidates import (
     check_candidate_address,
     host_candidates,
     local_addresses,
+    local_networks,
     sort_candidates,
 )
 from ._probe import (
@@ -95,6 +96,7 @@ __all__ = [
     "host_candidates",
     "key_id",
     "local_addresses",
+    "local_networks",
     "parse_probe",
     "send_datagram",
     "sort_candidates",

@@ -16,12 +16,12 @@ from __future__ import annotations
 import enum
 import ipaddress
 import socket
+import sys
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from .._exceptions import PunchtrioError
-from ..netsim import current_host
 from ..stun import BindingSucceeded, StunTransaction
 
 if TYPE_CHECKING:
@@ -29,6 +29,7 @@ if TYPE_CHECKING:
 
 Address = tuple[str, int]
 IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
+IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
 
 
 class CandidateError(PunchtrioError):
@@ -172,7 +173,8 @@ def local_addresses(exclude_interfaces: Iterable[str] = ()) -> list[IPAddress]:
     Inside a :mod:`punchtrio.netsim` simulation (``host.activate()``), the simulated host's
     addresses. Needs no root: an unprivileged netlink dump. Returns ``[]`` if netlink is refused.
     """
-    host = current_host()
+    netsim = sys.modules.get("punchtrio.netsim")  # no simulation runs unless it was imported
+    host = netsim.current_host() if netsim is not None else None
     if host is not None:
         return [ip for ip in host.addresses if usable_host_address(ip)]
     excluded = set(exclude_interfaces)
@@ -196,6 +198,40 @@ def local_addresses(exclude_interfaces: Iterable[str] = ()) -> list[IPAddress]:
             continue
         found.append((ip.version, index, ip))
     return [ip for _, _, ip in sorted(found, key=lambda row: (row[0], row[1]))]
+
+
+def local_networks(exclude_interfaces: Iterable[str] = ()) -> list[IPNetwork]:
+    """Return the prefixes of this machine's interfaces that hold a usable address.
+
+    The same interfaces as :func:`local_addresses` (``exclude_interfaces`` skipped); a peer
+    address inside one of them is on a network we share. Inside a :mod:`punchtrio.netsim`
+    simulation, the simulated host's LAN prefix (none on the public internet, which is no shared
+    network). Returns ``[]`` if netlink is refused.
+    """
+    netsim = sys.modules.get("punchtrio.netsim")  # no simulation runs unless it was imported
+    host = netsim.current_host() if netsim is not None else None
+    if host is not None:
+        prefix = host.network.prefix
+        return [] if prefix is None else [prefix]
+    excluded = set(exclude_interfaces)
+    try:
+        from pyroute2 import IPRoute
+
+        with IPRoute() as ipr:
+            messages: list[Any] = list(ipr.get_addr())
+    except Exception:  # pyroute2's NetlinkError is not an OSError
+        return []
+    found: list[IPNetwork] = []
+    for msg in messages:
+        try:
+            ip = ipaddress.ip_address(msg.get_attr("IFA_ADDRESS"))
+            name = socket.if_indextoname(int(msg["index"]))
+            net = ipaddress.ip_network(f"{ip}/{int(msg['prefixlen'])}", strict=False)
+        except (ValueError, TypeError, OSError):
+            continue
+        if name not in excluded and usable_host_address(ip) and net not in found:
+            found.append(net)
+    return found
 
 
 def host_candidates(

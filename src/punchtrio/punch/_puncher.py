@@ -52,6 +52,7 @@ from ._probe import (
 
 Address = tuple[str, int]
 PathKind = Literal["lan", "direct", "relay"]
+Network = ipaddress.IPv4Network | ipaddress.IPv6Network
 
 DROP_REASONS = (
     "malformed",
@@ -66,12 +67,6 @@ DROP_REASONS = (
 )
 """Names of the counters in :attr:`Puncher.counters`, one per reason a probe is dropped."""
 
-_KIND_OF: dict[CandidateType, PathKind] = {
-    CandidateType.HOST: "lan",
-    CandidateType.SRFLX: "direct",
-    CandidateType.PRFLX: "direct",
-    CandidateType.RELAY: "relay",
-}
 _RANK: dict[str, int] = {"lan": 0, "direct": 1, "relay": 2}
 _WAITING, _PROBING, _SUCCEEDED, _FAILED = "waiting", "probing", "succeeded", "failed"
 _OUTSTANDING_LIMIT = 64
@@ -124,9 +119,11 @@ class PunchSettings:
 class PathChosen:
     """The best working path to ``peer`` (its static public key) is now ``endpoint``.
 
-    ``kind`` is ``"lan"`` (a host candidate answered: no NAT between us), ``"direct"`` (through
-    NATs, a server- or peer-reflexive address) or ``"relay"``; ``rtt`` is the measured round trip
-    in seconds. Emitted again when a better path starts working (an upgrade).
+    ``kind`` is ``"lan"`` (the address is one of the peer's host candidates on a network we
+    share: nothing translates between us), ``"direct"`` (any other address: server- or
+    peer-reflexive, or a host candidate off our networks) or ``"relay"``; ``rtt`` is the measured
+    round trip in seconds. Emitted again when a better path starts working (an upgrade), and when
+    :meth:`Puncher.start` reclassifies the chosen path.
     """
 
     peer: bytes
@@ -200,10 +197,12 @@ class _Peer:
         "guard",
         "key",
         "key_id",
+        "lan",
         "outstanding",
         "pairs",
         "probes_sent",
         "public_key",
+        "relays",
         "seen_as",
         "started",
     )
@@ -220,6 +219,20 @@ class _Peer:
         self.failed_reported = False
         self.probes_sent = 0
         self.seen_as: Address | None = None
+        self.lan: frozenset[Address] = frozenset()  # host candidates on a network we share
+        self.relays: frozenset[Address] = frozenset()
+
+    def kind_of(self, remote: Address) -> PathKind:
+        if remote in self.relays:
+            return "relay"
+        return "lan" if remote in self.lan else "direct"
+
+
+def _shared(address: str, networks: tuple[Network, ...] | None) -> bool:
+    if networks is None:
+        return True
+    ip = ipaddress.ip_address(address)
+    return any(ip.version == net.version and ip in net for net in networks)
 
 
 def _normalize(addr: Address) -> Address | None:
@@ -296,16 +309,37 @@ class Puncher:
             raise PunchError("no such peer")
         del self._by_key_id[peer.key_id]
 
-    def start(self, public_key: bytes, candidates: Iterable[Candidate], at: float) -> None:
+    def start(
+        self,
+        public_key: bytes,
+        candidates: Iterable[Candidate],
+        at: float,
+        *,
+        local_networks: Iterable[Network] | None = None,
+    ) -> None:
         """Probe the peer's ``candidates`` from time ``at`` on (the caller's clock).
 
         Candidates of families the socket cannot reach are ignored; beyond ``max_pairs`` the lowest
         priorities are. Calling it again starts a new attempt: fresh probe budgets, the chosen path
         kept until a better one works or it is lost. Raises :class:`PunchError` if the peer is
         unknown.
+
+        ``local_networks`` are the prefixes of our own interfaces. A path is ``"lan"`` when its
+        address is one of the peer's host candidates inside one of them, however the address was
+        first learnt (a ping from it may have made it a peer-reflexive pair before this call);
+        ``None`` (not known) lets every host candidate count as shared. Every pair is classified
+        again here, and a chosen path whose kind changes is announced again with
+        :class:`PathChosen`.
         """
         peer = self._peer(public_key)
         ordered = sorted(candidates, key=lambda c: -c.priority)
+        networks = None if local_networks is None else tuple(local_networks)
+        peer.lan = frozenset(
+            c.endpoint
+            for c in ordered
+            if c.type is CandidateType.HOST and _shared(c.address, networks)
+        )
+        peer.relays = frozenset(c.endpoint for c in ordered if c.type is CandidateType.RELAY)
         pairs: dict[Address, _Pair] = {}
         for cand in ordered:
             if cand.version not in self.families or cand.endpoint in pairs:
@@ -313,7 +347,7 @@ class Puncher:
             if len(pairs) >= self.settings.max_pairs:
                 break
             old = peer.pairs.get(cand.endpoint)
-            pair = old if old is not None else _Pair(cand.endpoint, _KIND_OF[cand.type], 0)
+            pair = old if old is not None else _Pair(cand.endpoint, "direct", 0)
             pair.priority = cand.priority
             pairs[cand.endpoint] = pair
         if peer.chosen is not None:
@@ -323,6 +357,11 @@ class Puncher:
                 break
             pairs.setdefault(remote, old)
         peer.pairs = pairs
+        for pair in pairs.values():
+            before, pair.kind = pair.kind, peer.kind_of(pair.remote)
+            if pair is peer.chosen and pair.kind != before and pair.rtt is not None:
+                # Learnt from the peer's ping before its candidates arrived: now we know better.
+                self._events.append(PathChosen(public_key, pair.remote, pair.kind, pair.rtt))
         peer.started = True
         peer.failed_reported = False
         peer.probes_sent = 0
@@ -472,7 +511,8 @@ class Puncher:
                 self.counters["pair_limit"] += 1
                 return
             kind = CandidateType.PRFLX
-            pair = _Pair(source, _KIND_OF[kind], Candidate(kind, source[0], source[1]).priority)
+            priority = Candidate(kind, source[0], source[1]).priority
+            pair = _Pair(source, peer.kind_of(source), priority)
             peer.pairs[source] = pair
         peer.started = True  # if the peer began first, start with it
         fast = self.settings.fast_interval

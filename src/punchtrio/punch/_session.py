@@ -14,7 +14,7 @@ from typing import Any
 import trio
 
 from ..mux import Datagram
-from ._candidates import Candidate, ReflexiveGatherer, ReflexiveResult
+from ._candidates import Candidate, IPNetwork, ReflexiveGatherer, ReflexiveResult
 from ._puncher import Puncher, PunchEvent
 
 Address = tuple[str, int]
@@ -56,12 +56,20 @@ class PunchSession:
         self._on_event = on_event
         self._scope: trio.CancelScope | None = None
 
-    def start(self, public_key: bytes, candidates: Iterable[Candidate], at: float) -> None:
+    def start(
+        self,
+        public_key: bytes,
+        candidates: Iterable[Candidate],
+        at: float,
+        *,
+        local_networks: Iterable[IPNetwork] | None = None,
+    ) -> None:
         """Begin punching to a peer at ``at`` (``trio.current_time()`` clock); see
-        :meth:`Puncher.start`, whose errors it raises."""
-        self.puncher.start(public_key, candidates, at)
+        :meth:`Puncher.start` (and its ``local_networks``), whose errors it raises."""
+        self.puncher.start(public_key, candidates, at, local_networks=local_networks)
         if self._scope is not None:
-            self._scope.deadline = min(self._scope.deadline, at)
+            # Wake at once: the start may have emitted an event (a reclassified path).
+            self._scope.deadline = min(self._scope.deadline, at, trio.current_time())
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         """Send, receive and time probes until cancelled. Reports started at once."""

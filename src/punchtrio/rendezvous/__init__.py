@@ -1,7 +1,10 @@
 """Rendezvous: the hub's wire models and request signing, the hub itself, and its clients.
 
-Names are re-exported here explicitly; the implementation lives in private modules.
+Names are re-exported here explicitly; the implementation lives in private modules. The hub server
+(``HubConfig``, ``create_app``) loads Starlette, so it is imported on first use: clients stay light.
 """
+
+from typing import TYPE_CHECKING
 
 from ._auth import (
     DEFAULT_WINDOW,
@@ -19,7 +22,6 @@ from ._auth import (
     VerifiedRequest,
 )
 from ._client import MAX_RESPONSE_BYTES, Backoff, HubClient
-from ._hub import HubConfig, create_app
 from ._memory import MemoryHub, MemoryRendezvous
 from ._models import (
     API_VERSION,
@@ -65,6 +67,9 @@ from ._store import (
     StoreLimits,
     StoreStats,
 )
+
+if TYPE_CHECKING:
+    from ._hub import HubConfig, create_app
 
 __all__ = [
     "API_VERSION",
@@ -126,3 +131,11 @@ __all__ = [
     "parse_allowed_ip",
     "validate_name",
 ]
+
+
+def __getattr__(name: str) -> object:
+    if name in ("HubConfig", "create_app"):
+        from . import _hub
+
+        return getattr(_hub, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

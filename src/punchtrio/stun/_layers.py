@@ -23,12 +23,12 @@ from typing import Any
 
 with warnings.catch_warnings():
     # Scapy's first import can warn (deprecations in its dependencies, missing interfaces): not
-    # something punchtrio's users can act on, and fatal under ``-W error``.
+    # something punchtrio's users can act on, and fatal under ``-W error``. Only Scapy's core is
+    # loaded (``scapy.packet``, ``scapy.fields``), not its protocol layers: they cost start-up time.
     warnings.simplefilter("ignore")
-    import scapy.contrib.stun  # noqa: F401
+    import scapy.packet  # noqa: F401
 
 from scapy.config import conf
-from scapy.contrib.stun import MAGIC_COOKIE
 from scapy.fields import (
     BitEnumField,
     BitField,
@@ -81,6 +81,8 @@ __all__ = [
 ]
 
 HEADER_LEN = 20
+MAGIC_COOKIE = 0x2112A442
+"""RFC 8489 section 5: the fixed second word of every STUN message header."""
 FINGERPRINT_XOR = 0x5354554E
 """RFC 8489 section 14.7: the CRC-32 is XORed with this ("STUN")."""
 

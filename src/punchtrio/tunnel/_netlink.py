@@ -1,4 +1,8 @@
-"""Addresses, routes, MTU and link state of an interface, through netlink (pyroute2)."""
+"""Addresses, routes, MTU and link state of an interface, through netlink (pyroute2).
+
+pyroute2 is imported inside the functions: its package loads every netlink family it supports,
+which costs a tenth of a second that commands not touching interfaces should not pay.
+"""
 
 from __future__ import annotations
 
@@ -7,9 +11,6 @@ import errno
 import ipaddress
 import socket
 from collections.abc import Iterable, Iterator
-
-from pyroute2 import IPRoute
-from pyroute2.netlink.exceptions import NetlinkError
 
 from ._tun import TunnelError
 
@@ -34,6 +35,8 @@ def configure_interface(
     (``/0``) are not installed: they would capture the tunnel's own UDP traffic. Raises
     :class:`TunnelError` naming what the kernel refused.
     """
+    from pyroute2 import IPRoute
+
     with IPRoute() as ipr:
         found = ipr.link_lookup(ifname=name)
         if not found:
@@ -67,12 +70,16 @@ def configure_interface(
 
 def interface_exists(name: str) -> bool:
     """Return whether an interface called ``name`` exists in this network namespace."""
+    from pyroute2 import IPRoute
+
     with IPRoute() as ipr:
         return bool(ipr.link_lookup(ifname=name))
 
 
 @contextlib.contextmanager
 def _refused(what: str, *, ignore_exists: bool = False) -> Iterator[None]:
+    from pyroute2.netlink.exceptions import NetlinkError
+
     try:
         yield
     except NetlinkError as exc:

@@ -472,6 +472,7 @@ class _TunWriter:
         self.fd = fd
         self._counters = counters
         self._queue: queue.Queue[list[bytes] | None] = queue.Queue(TUN_WRITE_BACKLOG)
+        self._put_lock = trio.StrictFIFOLock()
 
     def offer(self, packets: list[bytes]) -> bool:
         """Write or queue one batch; return False (nothing done) when the backlog is full.
@@ -508,8 +509,13 @@ class _TunWriter:
         return True
 
     async def put(self, packets: list[bytes]) -> None:
-        """Queue one batch, waiting (on a thread) for room in the backlog."""
-        await trio.to_thread.run_sync(self._queue.put, packets)
+        """Queue one batch, waiting (on a thread) for room in the backlog.
+
+        Waiters queue in arrival order: a reader may have read another socket's batch while
+        lingering, and that socket's own reader must not overtake it.
+        """
+        async with self._put_lock:
+            await trio.to_thread.run_sync(self._queue.put, packets)
 
     async def run(self) -> None:
         """Run the writer thread until cancelled; it finishes the queued batches first."""
