@@ -14,16 +14,13 @@ baseline, measured in the same run, is the protocol's minimum for each scenario:
 
 from __future__ import annotations
 
-from collections.abc import Iterable
-
 import trio
 import trio.testing
 
-from punchtrio import PrivateKey, PublicKey, netsim
+from punchtrio import PrivateKey, netsim
 from punchtrio.connect import HandshakeCompleted, MemoryInterface, open_connector
 from punchtrio.netsim import NatBehavior
-from punchtrio.rendezvous import Endpoint, MemoryHub, PeerRecord, Rendezvous, SignalMessage
-from punchtrio.stun import StunResponder
+from punchtrio.rendezvous import MemoryHub, Rendezvous
 
 NAME = "connect"
 
@@ -33,80 +30,6 @@ PRIMARY = ("203.0.113.10", 3478)
 ALTERNATE = ("203.0.113.11", 3479)
 KEYS = {"alice": PrivateKey(bytes(range(1, 33))), "bob": PrivateKey(bytes(range(101, 133)))}
 INNER = {"alice": "10.99.0.1/24", "bob": "10.99.0.2/24"}
-
-
-class DistantRendezvous:
-    """A rendezvous ``rtt`` away: each call's request and answer take ``rtt / 2`` each way."""
-
-    def __init__(self, inner: Rendezvous, rtt: float) -> None:
-        self.inner, self.half = inner, rtt / 2
-
-    @property
-    def name(self) -> str:
-        return self.inner.name
-
-    @property
-    def public_key(self) -> PublicKey:
-        return self.inner.public_key
-
-    async def register(
-        self, endpoints: Iterable[Endpoint] = (), allowed_ips: Iterable[object] = ()
-    ) -> PeerRecord:
-        await trio.sleep(self.half)
-        record = await self.inner.register(endpoints, allowed_ips)  # type: ignore[arg-type]
-        await trio.sleep(self.half)
-        return record
-
-    async def lookup(self, name: str) -> PeerRecord:
-        await trio.sleep(self.half)
-        record = await self.inner.lookup(name)
-        await trio.sleep(self.half)
-        return record
-
-    async def wait_for_peer(self, name: str, *, newer_than: int = 0) -> PeerRecord:
-        await trio.sleep(self.half)
-        record = await self.inner.wait_for_peer(name, newer_than=newer_than)
-        await trio.sleep(self.half)
-        return record
-
-    async def send_signal(self, recipient: str, data: str) -> None:
-        await trio.sleep(self.half)
-        await self.inner.send_signal(recipient, data)
-        await trio.sleep(self.half)
-
-    async def receive_signal(self, sender: str | None = None) -> SignalMessage:
-        await trio.sleep(self.half)
-        message = await self.inner.receive_signal(sender)
-        await trio.sleep(self.half)
-        return message
-
-    async def unregister(self) -> None:
-        await self.inner.unregister()
-
-    async def aclose(self) -> None:
-        await self.inner.aclose()
-
-
-async def _serve_stun(
-    host: netsim.Host, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED
-) -> None:
-    responder = StunResponder(PRIMARY, ALTERNATE, rate=None)
-    sockets = {}
-    for endpoint in responder.local_endpoints:
-        sockets[endpoint] = host.udp_socket()
-        await sockets[endpoint].bind(endpoint)
-
-    async def answer(local: tuple[str, int], sock: netsim.UDPSocket) -> None:
-        while True:
-            data, remote = await sock.recvfrom(2048)
-            reply = responder.handle(data, local, remote[:2], trio.current_time())
-            if reply is not None:
-                sockets[reply.source].sendto_nowait(reply.data, reply.destination)
-
-    async with trio.open_nursery() as nursery:
-        for endpoint, sock in sockets.items():
-            nursery.start_soon(answer, endpoint, sock)
-        task_status.started()
 
 
 async def _measure(rtt: float, hub_rtt: float) -> dict[str, float]:
@@ -122,14 +45,14 @@ async def _measure(rtt: float, hub_rtt: float) -> dict[str, float]:
     hub = MemoryHub()
     done: dict[str, float] = {}
     async with net, trio.open_nursery() as nursery:
-        await nursery.start(_serve_stun, stun)
+        await nursery.start(netsim.serve_stun, stun, PRIMARY, ALTERNATE)
         start = trio.current_time()
 
         async def side(name: str) -> None:
             other = "bob" if name == "alice" else "alice"
             rendezvous: Rendezvous = hub.peer(name, KEYS[name].public_key())
             if hub_rtt:
-                rendezvous = DistantRendezvous(rendezvous, hub_rtt)
+                rendezvous = netsim.DistantRendezvous(rendezvous, hub_rtt / 2, hub_rtt / 2)
             with MemoryInterface() as iface, hosts[name].activate():
                 async with open_connector(
                     name,

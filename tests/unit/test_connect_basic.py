@@ -1,6 +1,6 @@
 """The connector end to end in netsim: STUN, rendezvous, signal, punch, WireGuard, data.
 
-The helpers here (``World``, ``serve_stun``, ``ipv4``) are shared by the other
+The helpers here (``World``, ``serve_stun``, ``start_world``, ``ipv4``) are shared by the other
 ``test_connect_*`` modules.
 """
 
@@ -33,7 +33,6 @@ from punchtrio.connect import (
 )
 from punchtrio.netsim import NatBehavior
 from punchtrio.rendezvous import MemoryHub
-from punchtrio.stun import StunResponder
 
 PRIMARY = ("203.0.113.10", 3478)
 ALTERNATE = ("203.0.113.11", 3479)
@@ -54,24 +53,8 @@ def wall_clock() -> float:
 async def serve_stun(
     host: netsim.Host, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED
 ) -> None:
-    """punchtrio's sans-IO STUN responder on the server host's two addresses."""
-    responder = StunResponder(PRIMARY, ALTERNATE, rate=None)
-    sockets: dict[tuple[str, int], netsim.UDPSocket] = {}
-    for endpoint in responder.local_endpoints:
-        sockets[endpoint] = host.udp_socket()
-        await sockets[endpoint].bind(endpoint)
-
-    async def answer(local: tuple[str, int], sock: netsim.UDPSocket) -> None:
-        while True:
-            data, remote = await sock.recvfrom(2048)
-            reply = responder.handle(data, local, remote[:2], trio.current_time())
-            if reply is not None:
-                sockets[reply.source].sendto_nowait(reply.data, reply.destination)
-
-    async with trio.open_nursery() as nursery:
-        for endpoint, sock in sockets.items():
-            nursery.start_soon(answer, endpoint, sock)
-        task_status.started()
+    """The STUN server on the server host's two addresses (:func:`punchtrio.netsim.serve_stun`)."""
+    await netsim.serve_stun(host, PRIMARY, ALTERNATE, task_status=task_status)
 
 
 @dataclass
@@ -131,6 +114,16 @@ def connector_for(
     )
 
 
+async def start_world(
+    nursery: trio.Nursery, world: World, connectors: dict[str, Connector]
+) -> None:
+    """Start the STUN server, then each connector on its own host (``world.hosts[name]``)."""
+    await nursery.start(serve_stun, world.stun)
+    for name, connector in connectors.items():
+        with world.hosts[name].activate():
+            await nursery.start(connector.run)
+
+
 def ipv4(src: str, dst: str, payload: bytes) -> bytes:
     """A minimal IPv4/UDP-shaped packet (WireGuard reads only version, length and addresses)."""
     header = struct.pack(
@@ -161,10 +154,7 @@ async def run_pair(
     connectors = {name: connector_for(world, name, ifaces[name], **options) for name in events}
     try:
         async with world.net, trio.open_nursery() as nursery:
-            await nursery.start(serve_stun, world.stun)
-            for name, connector in connectors.items():
-                with world.hosts[name].activate():
-                    await nursery.start(connector.run)
+            await start_world(nursery, world, connectors)
 
             async def collect(name: str) -> None:
                 async for event in connectors[name].events:
@@ -408,10 +398,7 @@ async def test_after_a_nat_reboot_re_stun_re_registers_and_the_path_comes_back(
             name: connector_for(world, name, ifaces[name], restun_interval=20.0) for name in events
         }
         async with world.net, trio.open_nursery() as nursery:
-            await nursery.start(serve_stun, world.stun)
-            for name, connector in connectors.items():
-                with world.hosts[name].activate():
-                    await nursery.start(connector.run)
+            await start_world(nursery, world, connectors)
 
             async def collect(name: str) -> None:
                 async for event in connectors[name].events:
@@ -452,10 +439,7 @@ async def test_packets_cross_both_ways_across_the_first_rekey(
         ifaces = {"alice": ia, "bob": ib}
         connectors = {name: connector_for(world, name, ifaces[name]) for name in ifaces}
         async with world.net, trio.open_nursery() as nursery:
-            await nursery.start(serve_stun, world.stun)
-            for name, connector in connectors.items():
-                with world.hosts[name].activate():
-                    await nursery.start(connector.run)
+            await start_world(nursery, world, connectors)
             await connectors["alice"].connect("bob")
             await connectors["bob"].connect("alice")
             for delay in (1.0, 119.5, 0.6, 10.0):

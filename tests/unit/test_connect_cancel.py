@@ -2,12 +2,10 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterable
-
 import pytest
 import trio
 
-from punchtrio import PublicKey, netsim
+from punchtrio import netsim
 from punchtrio.connect import (
     ConnectError,
     Connector,
@@ -17,56 +15,12 @@ from punchtrio.connect import (
     open_connector,
 )
 from punchtrio.netsim import NatBehavior
-from punchtrio.rendezvous import Endpoint, MemoryHub, PeerRecord, Rendezvous, SignalMessage
+from punchtrio.rendezvous import MemoryHub
 
 from .test_connect_basic import INNER, KEYS, PRIMARY, build_world, serve_stun, wall_clock
 
 SLOW = 0.5
 """Virtual seconds every rendezvous call takes, so that each stage is really in flight."""
-
-
-class SlowRendezvous:
-    """A :class:`MemoryRendezvous` whose every call takes ``SLOW`` seconds (a distant hub)."""
-
-    def __init__(self, inner: Rendezvous) -> None:
-        self.inner = inner
-
-    @property
-    def name(self) -> str:
-        return self.inner.name
-
-    @property
-    def public_key(self) -> PublicKey:
-        return self.inner.public_key
-
-    async def register(
-        self, endpoints: Iterable[Endpoint] = (), allowed_ips: Iterable[object] = ()
-    ) -> PeerRecord:
-        await trio.sleep(SLOW)
-        return await self.inner.register(endpoints, allowed_ips)  # type: ignore[arg-type]
-
-    async def lookup(self, name: str) -> PeerRecord:
-        await trio.sleep(SLOW)
-        return await self.inner.lookup(name)
-
-    async def wait_for_peer(self, name: str, *, newer_than: int = 0) -> PeerRecord:
-        await trio.sleep(SLOW)
-        return await self.inner.wait_for_peer(name, newer_than=newer_than)
-
-    async def send_signal(self, recipient: str, data: str) -> None:
-        await trio.sleep(SLOW)
-        await self.inner.send_signal(recipient, data)
-
-    async def receive_signal(self, sender: str | None = None) -> SignalMessage:
-        await trio.sleep(SLOW)
-        return await self.inner.receive_signal(sender)
-
-    async def unregister(self) -> None:
-        await trio.sleep(SLOW)
-        await self.inner.unregister()
-
-    async def aclose(self) -> None:
-        await self.inner.aclose()
 
 
 def tasks_of(objects: set[int]) -> list[str]:
@@ -100,7 +54,7 @@ async def test_cancelling_at_each_stage_leaves_nothing(
             bob = Connector(
                 "bob",
                 KEYS["bob"],
-                SlowRendezvous(hub.peer("bob", KEYS["bob"].public_key())),
+                netsim.DistantRendezvous(hub.peer("bob", KEYS["bob"].public_key()), SLOW),
                 f"{INNER['bob']}/24",
                 peers=["alice"],
                 interface=ib,
@@ -118,7 +72,7 @@ async def test_cancelling_at_each_stage_leaves_nothing(
                 async with open_connector(
                     "alice",
                     KEYS["alice"],
-                    SlowRendezvous(hub.peer("alice", KEYS["alice"].public_key())),
+                    netsim.DistantRendezvous(hub.peer("alice", KEYS["alice"].public_key()), SLOW),
                     f"{INNER['alice']}/24",
                     peers=["bob"],
                     interface=ia,

@@ -2,7 +2,7 @@
 
 The client side is the unchanged ``discover_nat``, which uses ``trio.socket`` and so runs on the
 simulated host. ``StunServer`` binds raw stdlib sockets, so the server side here is its sans-IO core
-``StunResponder`` behind a short netsim shell that drains each socket with the non-blocking API.
+``StunResponder`` on simulated sockets: :func:`punchtrio.netsim.serve_stun`.
 """
 
 from __future__ import annotations
@@ -14,39 +14,10 @@ import trio
 
 from punchtrio import netsim
 from punchtrio.netsim import Filtering, Mapping, NatBehavior
-from punchtrio.stun import StunResponder, discover_nat
+from punchtrio.stun import discover_nat
 
 PRIMARY = ("203.0.113.10", 3478)
 ALTERNATE = ("203.0.113.11", 3479)
-
-
-async def serve_stun(
-    host: netsim.Host,
-    responder: StunResponder,
-    *,
-    task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED,
-) -> None:
-    sockets: dict[tuple[str, int], netsim.UDPSocket] = {}
-    for endpoint in responder.local_endpoints:
-        sockets[endpoint] = host.udp_socket()
-        await sockets[endpoint].bind(endpoint)
-
-    async def answer(local: tuple[str, int], sock: netsim.UDPSocket) -> None:
-        while True:
-            await sock.wait_readable()
-            while True:  # drain without an await per datagram, as a fast path would
-                try:
-                    data, remote = sock.recvfrom_nowait(2048)
-                except BlockingIOError:
-                    break
-                reply = responder.handle(data, local, remote[:2], trio.current_time())
-                if reply is not None:
-                    sockets[reply.source].sendto_nowait(reply.data, reply.destination)
-
-    async with trio.open_nursery() as nursery:
-        for endpoint, sock in sockets.items():
-            nursery.start_soon(answer, endpoint, sock)
-        task_status.started()
 
 
 @pytest.mark.parametrize(
@@ -68,7 +39,7 @@ async def test_discovery_classifies_each_nat(
     nat = net.add_nat("198.51.100.1", behavior=behavior, link=netsim.Link(latency=0.02))
     client = nat.lan.add_host(name="client")
     async with net, trio.open_nursery() as nursery:
-        await nursery.start(serve_stun, server, StunResponder(PRIMARY, ALTERNATE, rate=None))
+        await nursery.start(netsim.serve_stun, server, PRIMARY, ALTERNATE)
         with client.activate():
             report = await discover_nat(PRIMARY, probe_timeout=2.0)
         nursery.cancel_scope.cancel()
@@ -89,7 +60,7 @@ async def test_discovery_without_nat(autojump_clock: trio.testing.MockClock) -> 
     server = net.add_host(PRIMARY[0], ALTERNATE[0])
     client = net.add_host("192.0.2.50")
     async with net, trio.open_nursery() as nursery:
-        await nursery.start(serve_stun, server, StunResponder(PRIMARY, ALTERNATE, rate=None))
+        await nursery.start(netsim.serve_stun, server, PRIMARY, ALTERNATE)
         with client.activate():
             report = await discover_nat(PRIMARY, probe_timeout=2.0)
         nursery.cancel_scope.cancel()
@@ -112,7 +83,7 @@ async def test_discovery_measures_the_mapping_lifetime(
     )
     client = net.add_nat("198.51.100.1", behavior=behavior).lan.add_host()
     async with net, trio.open_nursery() as nursery:
-        await nursery.start(serve_stun, server, StunResponder(PRIMARY, ALTERNATE, rate=None))
+        await nursery.start(netsim.serve_stun, server, PRIMARY, ALTERNATE)
         with client.activate():
             report = await discover_nat(PRIMARY, probe_timeout=2.0, lifetime=10)
         nursery.cancel_scope.cancel()

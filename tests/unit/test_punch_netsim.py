@@ -30,7 +30,6 @@ from punchtrio.punch import (
     host_candidates,
     key_id,
 )
-from punchtrio.stun import StunResponder
 from punchtrio.tunnel._userspace import UserspaceTunnel
 from punchtrio.wireguard import Device, PeerConfig
 
@@ -46,31 +45,6 @@ KEYS = {
 }
 PUBS = {name: crypto_scalarmult_base(key) for name, key in KEYS.items()}
 WAN = netsim.Link(latency=0.02, jitter=0.005)
-
-
-async def serve_stun(
-    host: netsim.Host,
-    responder: StunResponder,
-    *,
-    task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED,
-) -> None:
-    """The sans-IO STUN responder on the server host's two addresses."""
-    sockets: dict[tuple[str, int], netsim.UDPSocket] = {}
-    for endpoint in responder.local_endpoints:
-        sockets[endpoint] = host.udp_socket()
-        await sockets[endpoint].bind(endpoint)
-
-    async def answer(local: tuple[str, int], sock: netsim.UDPSocket) -> None:
-        while True:
-            data, remote = await sock.recvfrom(2048)
-            reply = responder.handle(data, local, remote[:2], trio.current_time())
-            if reply is not None:
-                sockets[reply.source].sendto_nowait(reply.data, reply.destination)
-
-    async with trio.open_nursery() as nursery:
-        for endpoint, sock in sockets.items():
-            nursery.start_soon(answer, endpoint, sock)
-        task_status.started()
 
 
 @dataclass
@@ -122,7 +96,7 @@ async def test_peers_behind_endpoint_independent_nats_find_the_direct_path(
     nat_a = net.add_nat("198.51.100.1", behavior=cone, link=WAN, name="nat-a")
     nat_b = net.add_nat("192.0.2.1", behavior=cone, link=WAN, name="nat-b")
     async with net, trio.open_nursery() as nursery:
-        await nursery.start(serve_stun, server, StunResponder(PRIMARY, ALTERNATE, rate=None))
+        await nursery.start(netsim.serve_stun, server, PRIMARY, ALTERNATE)
         alice = await bring_up(nursery, nat_a.lan.add_host(name="alice"), "alice")
         bob = await bring_up(nursery, nat_b.lan.add_host(name="bob"), "bob")
         assert alice.reflexive.mapping_varies is False
@@ -145,7 +119,7 @@ async def test_peers_behind_the_same_nat_find_the_lan_path(
     server = net.add_host(PRIMARY[0], ALTERNATE[0], name="stun")
     nat = net.add_nat("198.51.100.1", behavior=NatBehavior.port_restricted_cone(), link=WAN)
     async with net, trio.open_nursery() as nursery:
-        await nursery.start(serve_stun, server, StunResponder(PRIMARY, ALTERNATE, rate=None))
+        await nursery.start(netsim.serve_stun, server, PRIMARY, ALTERNATE)
         alice = await bring_up(nursery, nat.lan.add_host(name="alice"), "alice")
         bob = await bring_up(nursery, nat.lan.add_host(name="bob"), "bob")
         await punch(alice, bob)
@@ -166,7 +140,7 @@ async def test_a_lan_address_first_learnt_from_a_ping_is_still_the_lan_path(
     server = net.add_host(PRIMARY[0], ALTERNATE[0], name="stun")
     nat = net.add_nat("198.51.100.1", behavior=NatBehavior.port_restricted_cone(), link=WAN)
     async with net, trio.open_nursery() as nursery:
-        await nursery.start(serve_stun, server, StunResponder(PRIMARY, ALTERNATE, rate=None))
+        await nursery.start(netsim.serve_stun, server, PRIMARY, ALTERNATE)
         alice = await bring_up(nursery, nat.lan.add_host(name="alice"), "alice")
         bob = await bring_up(nursery, nat.lan.add_host(name="bob"), "bob")
         alice.session.puncher.add_peer(PUBS["bob"])
@@ -220,7 +194,7 @@ async def test_spoofed_probes_from_a_third_host_do_not_change_the_path(
             await trio.sleep(0.05)
 
     async with net, trio.open_nursery() as nursery:
-        await nursery.start(serve_stun, server, StunResponder(PRIMARY, ALTERNATE, rate=None))
+        await nursery.start(netsim.serve_stun, server, PRIMARY, ALTERNATE)
         alice = await bring_up(nursery, nat_a.lan.add_host(name="alice"), "alice")
         bob = await bring_up(nursery, nat_b.lan.add_host(name="bob"), "bob")
         nursery.start_soon(spoof, ("198.51.100.1", PORT))
@@ -248,7 +222,7 @@ async def test_symmetric_nats_on_both_sides_fail_cleanly(
     nat_a = net.add_nat("198.51.100.1", behavior=NatBehavior.symmetric(), link=WAN)
     nat_b = net.add_nat("192.0.2.1", behavior=NatBehavior.symmetric(), link=WAN)
     async with net, trio.open_nursery() as nursery:
-        await nursery.start(serve_stun, server, StunResponder(PRIMARY, ALTERNATE, rate=None))
+        await nursery.start(netsim.serve_stun, server, PRIMARY, ALTERNATE)
         alice = await bring_up(nursery, nat_a.lan.add_host(name="alice"), "alice")
         bob = await bring_up(nursery, nat_b.lan.add_host(name="bob"), "bob")
         assert alice.reflexive.mapping_varies is True
@@ -298,7 +272,7 @@ async def test_wireguard_runs_over_the_mapping_the_punch_opened(
     both_chosen = trio.Event()
     try:
         async with net, trio.open_nursery() as nursery:
-            await nursery.start(serve_stun, server, StunResponder(PRIMARY, ALTERNATE, rate=None))
+            await nursery.start(netsim.serve_stun, server, PRIMARY, ALTERNATE)
             sessions: dict[str, PunchSession] = {}
             candidates: dict[str, list[Candidate]] = {}
             devices: dict[str, Device] = {}

@@ -26,7 +26,7 @@ from .._exceptions import PunchtrioError
 from ..connect import Connector, MemoryInterface, PeerConnected, PeerFailed
 from ..keys import PrivateKey
 from ..rendezvous import MemoryHub
-from ..stun import StunResponder, discover_nat
+from ..stun import discover_nat
 from ._main import UsageError
 
 # Imported where used: every command builds this parser, and the simulator pulls trio.testing.
@@ -214,28 +214,6 @@ def _wall_clock() -> float:
     return _WALL + trio.current_time()
 
 
-async def _serve_stun(
-    host: Host, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED
-) -> None:
-    responder = StunResponder(PRIMARY, ALTERNATE, rate=None)
-    sockets = {}
-    for endpoint in responder.local_endpoints:
-        sockets[endpoint] = host.udp_socket()
-        await sockets[endpoint].bind(endpoint)
-
-    async def answer(local: tuple[str, int], sock: Any) -> None:
-        while True:
-            data, remote = await sock.recvfrom(2048)
-            reply = responder.handle(data, local, remote[:2], trio.current_time())
-            if reply is not None:
-                sockets[reply.source].sendto_nowait(reply.data, reply.destination)
-
-    async with trio.open_nursery() as nursery:
-        for endpoint, sock in sockets.items():
-            nursery.start_soon(answer, endpoint, sock)
-        task_status.started()
-
-
 def ipv4_packet(src: str, dst: str, payload: bytes) -> bytes:
     """A minimal IPv4 packet carrying ``payload`` as UDP-numbered data (WireGuard reads only the
     version, length and addresses)."""
@@ -257,7 +235,7 @@ def ipv4_packet(src: str, dst: str, payload: bytes) -> bytes:
 
 async def netsim_story(say: Any, seed: int = 7) -> DemoReport:
     """The simulated story (call inside ``trio.run`` with a ``MockClock``): see :func:`run_netsim_demo`."""
-    from ..netsim import Internet, Link, NatBehavior
+    from ..netsim import Internet, Link, NatBehavior, serve_stun
 
     nats = {"alice": NatBehavior.port_restricted_cone(), "bob": NatBehavior.full_cone()}
     report = DemoReport("netsim")
@@ -277,7 +255,7 @@ async def netsim_story(say: Any, seed: int = 7) -> DemoReport:
     ifaces = {name: MemoryInterface(name) for name in hosts}
     try:
         async with net, trio.open_nursery() as nursery:
-            await nursery.start(_serve_stun, server)
+            await nursery.start(serve_stun, server, PRIMARY, ALTERNATE)
             say(
                 f"hub with STUN on {PRIMARY[0]}:{PRIMARY[1]} (alternate {ALTERNATE[0]}:{ALTERNATE[1]})"
             )

@@ -9,7 +9,8 @@ demo needs, with a random prefix ``ptd`` + 4 hex digits::
 
 Then ``punchtrio nat`` on each host, two ``punchtrio up --hub --json`` started at once, ping and a
 TCP transfer through the tunnel. Every process is stopped and every namespace deleted afterwards,
-also on errors and Ctrl-C.
+also on errors and Ctrl-C (:class:`punchtrio._netns.Lab` does that). A failed lab command becomes a
+:class:`~punchtrio.cli._demo.DemoError` at :func:`run_lab_demo`.
 """
 
 from __future__ import annotations
@@ -23,10 +24,11 @@ import sys
 import tempfile
 import threading
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from .._netns import Lab, LabError, Namespace
 from ..keys import PrivateKey
 from ._demo import ALTERNATE, PRIMARY, TUNNEL, DemoError, DemoReport, PeerReport, nat_kind
 
@@ -34,6 +36,9 @@ HUB_HTTP = (PRIMARY[0], 7777)
 NATS = {"alice": "port", "bob": "full"}
 TRANSFER_BYTES = 32 * 1024 * 1024
 PUNCHTRIO = (sys.executable, "-m", "punchtrio.cli")
+COMMAND_TIMEOUT = 30  # seconds for any one lab command unless a step says otherwise
+# Seconds each process gets after SIGTERM before SIGKILL (``up`` removes its tunnel on the way out).
+STOP_TIMEOUT = 10
 
 _RECEIVER = """
 import socket, sys, time
@@ -55,63 +60,11 @@ with socket.create_connection((sys.argv[1], 5201), timeout=30) as conn:
 """
 
 
-def _run(argv: Sequence[str], *, input: str | None = None, timeout: float = 30) -> str:
-    proc = subprocess.run(
-        list(argv), capture_output=True, text=True, input=input, timeout=timeout, check=False
-    )
-    if proc.returncode != 0:
-        raise DemoError(f"lab: {' '.join(argv[:6])}: {proc.stderr.strip()[:200]}")
-    return proc.stdout
-
-
-class _Lab:
-    """Namespaces and processes, all removed by :meth:`close`."""
-
-    def __init__(self) -> None:
-        self.prefix = "ptd" + secrets.token_hex(2)
-        self.namespaces: list[str] = []
-        self.processes: list[subprocess.Popen[bytes]] = []
-
-    def ns(self, role: str) -> str:
-        name = f"{self.prefix}-{role}"
-        _run(["ip", "netns", "add", name])
-        self.namespaces.append(name)
-        self.run(name, "ip", "link", "set", "lo", "up")
-        return name
-
-    def run(self, ns: str, *argv: str, input: str | None = None, timeout: float = 30) -> str:
-        return _run(["ip", "netns", "exec", ns, *argv], input=input, timeout=timeout)
-
-    def veth(self, a: str, a_if: str, b: str, b_if: str) -> None:
-        tmp_a, tmp_b = (
-            f"{self.prefix}{secrets.token_hex(3)}",
-            f"{self.prefix}{secrets.token_hex(3)}",
-        )
-        _run(["ip", "link", "add", tmp_a, "type", "veth", "peer", "name", tmp_b])
-        _run(["ip", "link", "set", tmp_a, "netns", a, "name", a_if])
-        _run(["ip", "link", "set", tmp_b, "netns", b, "name", b_if])
-        self.run(a, "ip", "link", "set", a_if, "up")
-        self.run(b, "ip", "link", "set", b_if, "up")
-
-    def spawn(self, ns: str, *argv: str, **kwargs: Any) -> subprocess.Popen[bytes]:
-        proc = subprocess.Popen(["ip", "netns", "exec", ns, *argv], **kwargs)
-        self.processes.append(proc)
-        return proc
-
-    def close(self) -> None:
-        for proc in reversed(self.processes):
-            if proc.poll() is None:
-                proc.terminate()
-            try:
-                proc.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait()
-            for stream in (proc.stdout, proc.stderr):
-                if stream is not None:
-                    stream.close()
-        for name in reversed(self.namespaces):
-            subprocess.run(["ip", "netns", "del", name], capture_output=True, check=False)
+def _sh(
+    ns: Namespace, *argv: str, input: str | None = None, timeout: float = COMMAND_TIMEOUT
+) -> str:
+    """Run ``argv`` in ``ns`` and return its stdout; raises LabError if it fails or times out."""
+    return ns.run(*argv, input=input, timeout=timeout)
 
 
 def _ruleset(kind: str) -> str:
@@ -147,30 +100,30 @@ table ip ptdemo {{
 """
 
 
-def _build(lab: _Lab) -> tuple[str, dict[str, str]]:
-    wan = lab.ns("wan")
-    with contextlib.suppress(DemoError):  # only present with br_netfilter loaded
-        lab.run(wan, "sysctl", "-q", "-w", "net.bridge.bridge-nf-call-iptables=0")
-    lab.run(wan, "ip", "link", "add", "br0", "type", "bridge")
-    lab.run(wan, "ip", "link", "set", "br0", "up")
-    hub = lab.ns("hub")
+def _build(lab: Lab) -> tuple[Namespace, dict[str, Namespace]]:
+    wan = lab.namespace("wan")
+    with contextlib.suppress(LabError):  # only present with br_netfilter loaded
+        _sh(wan, "sysctl", "-q", "-w", "net.bridge.bridge-nf-call-iptables=0")
+    _sh(wan, "ip", "link", "add", "br0", "type", "bridge")
+    _sh(wan, "ip", "link", "set", "br0", "up")
+    hub = lab.namespace("hub")
     lab.veth(hub, "wan0", wan, "hub")
-    lab.run(wan, "ip", "link", "set", "hub", "master", "br0")
+    _sh(wan, "ip", "link", "set", "hub", "master", "br0")
     for address in (PRIMARY[0], ALTERNATE[0]):
-        lab.run(hub, "ip", "addr", "add", f"{address}/24", "dev", "wan0")
+        _sh(hub, "ip", "addr", "add", f"{address}/24", "dev", "wan0")
     hosts = {}
     for number, (name, kind) in enumerate(NATS.items(), start=1):
-        nat = lab.ns(f"nat{number}")
-        lab.run(nat, "sysctl", "-q", "-w", "net.ipv4.ip_forward=1")
+        nat = lab.namespace(f"nat{number}")
+        _sh(nat, "sysctl", "-q", "-w", "net.ipv4.ip_forward=1")
         lab.veth(nat, "wan0", wan, f"nat{number}")
-        lab.run(wan, "ip", "link", "set", f"nat{number}", "master", "br0")
-        lab.run(nat, "ip", "addr", "add", f"203.0.113.{10 + number}/24", "dev", "wan0")
-        host = lab.ns(name)
+        _sh(wan, "ip", "link", "set", f"nat{number}", "master", "br0")
+        _sh(nat, "ip", "addr", "add", f"203.0.113.{10 + number}/24", "dev", "wan0")
+        host = lab.namespace(name)
         lab.veth(host, "eth0", nat, "lan0")
-        lab.run(nat, "ip", "addr", "add", f"10.{number}.0.1/24", "dev", "lan0")
-        lab.run(host, "ip", "addr", "add", f"10.{number}.0.11/24", "dev", "eth0")
-        lab.run(host, "ip", "route", "add", "default", "via", f"10.{number}.0.1")
-        lab.run(nat, "nft", "-f", "-", input=_ruleset(kind))
+        _sh(nat, "ip", "addr", "add", f"10.{number}.0.1/24", "dev", "lan0")
+        _sh(host, "ip", "addr", "add", f"10.{number}.0.11/24", "dev", "eth0")
+        _sh(host, "ip", "route", "add", "default", "via", f"10.{number}.0.1")
+        _sh(nat, "nft", "-f", "-", input=_ruleset(kind))
         hosts[name] = host
     return hub, hosts
 
@@ -187,7 +140,7 @@ def _wait_for(
         time.sleep(0.05)
 
 
-def _start_hub(lab: _Lab, hub: str) -> None:
+def _start_hub(lab: Lab, hub: Namespace) -> None:
     proc = lab.spawn(
         hub,
         *PUNCHTRIO,
@@ -203,14 +156,14 @@ def _start_hub(lab: _Lab, hub: str) -> None:
     )
 
     def listening() -> bool:
-        tcp = lab.run(hub, "ss", "-H", "-tln")
-        udp = lab.run(hub, "ss", "-H", "-uln")
+        tcp = _sh(hub, "ss", "-H", "-tln")
+        udp = _sh(hub, "ss", "-H", "-uln")
         return f"{HUB_HTTP[0]}:{HUB_HTTP[1]}" in tcp and f"{ALTERNATE[0]}:{ALTERNATE[1]}" in udp
 
     _wait_for(listening, "punchtrio hub", proc)
 
 
-def _detect(lab: _Lab, hosts: dict[str, str]) -> list[PeerReport]:
+def _detect(lab: Lab, hosts: dict[str, Namespace]) -> list[PeerReport]:
     procs = {
         name: lab.spawn(
             ns,
@@ -237,9 +190,7 @@ def _detect(lab: _Lab, hosts: dict[str, str]) -> list[PeerReport]:
     return peers
 
 
-def _ping(
-    lab: _Lab, ns: str, target: str, start: float, ups: list[subprocess.Popen[bytes]]
-) -> float:
+def _ping(ns: Namespace, target: str, start: float, ups: list[subprocess.Popen[bytes]]) -> float:
     """Ping until the first reply (every 50 ms); return seconds since ``start``."""
     deadline = start + 30
     while time.monotonic() < deadline:
@@ -248,22 +199,7 @@ def _ping(
                 raise DemoError(
                     f"up: exited with {proc.returncode} before the tunnel carried a ping"
                 )
-        argv = [
-            "ip",
-            "netns",
-            "exec",
-            ns,
-            "ping",
-            "-n",
-            "-q",
-            "-c",
-            "1",
-            "-i",
-            "0.05",
-            "-w",
-            "20",
-            target,
-        ]
+        argv = ns.exec("ping", "-n", "-q", "-c", "1", "-i", "0.05", "-w", "20", target)
         if subprocess.run(argv, capture_output=True, check=False).returncode == 0:
             return time.monotonic() - start
         time.sleep(0.02)
@@ -288,22 +224,28 @@ def _failure(events: list[dict[str, Any]], proc: subprocess.Popen[bytes]) -> str
     return f"exit {proc.returncode}"
 
 
-@contextlib.contextmanager
-def _lab() -> Iterator[_Lab]:
-    lab = _Lab()
-    try:
-        yield lab
-    finally:
-        lab.close()
-
-
 def run_lab_demo(say: Callable[[str], Any] = print) -> DemoReport:
     """Build the lab, run the story, tear everything down and return the report (root only).
 
-    Raises :class:`~punchtrio.cli._demo.DemoError` naming the step that failed.
+    Raises :class:`~punchtrio.cli._demo.DemoError` naming the step that failed (a failed lab
+    command as ``lab: <command>: exit N: <its stderr>``, on one line).
     """
+    try:
+        return _run_lab_demo(say)
+    except LabError as exc:
+        raise DemoError(f"lab: {_one_line(str(exc))}") from None
+
+
+def _one_line(text: str, limit: int = 300) -> str:
+    """``text`` with its whitespace collapsed, cut to ``limit`` characters."""
+    flat = " ".join(text.split())
+    return flat if len(flat) <= limit else flat[: limit - 3] + "..."
+
+
+def _run_lab_demo(say: Callable[[str], Any]) -> DemoReport:
     report = DemoReport("lab")
-    with _lab() as lab, tempfile.TemporaryDirectory(prefix="ptd-") as tmp:
+    lab = Lab(prefix="ptd" + secrets.token_hex(2), stop_timeout=STOP_TIMEOUT)
+    with lab, tempfile.TemporaryDirectory(prefix="ptd-") as tmp:
         hub, hosts = _build(lab)
         say(
             f"built namespaces {lab.prefix}-*: a hub, alice behind a port NAT, bob behind a full-cone NAT"
@@ -348,7 +290,7 @@ def run_lab_demo(say: Callable[[str], Any] = print) -> DemoReport:
         say("started `punchtrio up --hub ...` for alice and bob at once")
         try:
             report.time_to_tunnel_s = round(
-                _ping(lab, hosts["alice"], TUNNEL["bob"], start, list(ups.values())), 3
+                _ping(hosts["alice"], TUNNEL["bob"], start, list(ups.values())), 3
             )
         except DemoError as exc:
             reasons = "; ".join(f"{n}: {_failure(events[n], ups[n])}" for n in hosts)
@@ -364,7 +306,7 @@ def run_lab_demo(say: Callable[[str], Any] = print) -> DemoReport:
             if connected is not None:
                 peer.path, peer.endpoint = connected["path"], connected["endpoint"]
                 peer.elapsed_ms = connected["elapsed_ms"]
-        out = lab.run(hosts["alice"], "ping", "-n", "-q", "-c", "5", "-i", "0.2", TUNNEL["bob"])
+        out = _sh(hosts["alice"], "ping", "-n", "-q", "-c", "5", "-i", "0.2", TUNNEL["bob"])
         match = re.search(r"= [\d.]+/([\d.]+)/", out)
         report.ping_rtt_ms = float(match.group(1)) if match else None
         say(f"ping -c 5: {report.ping_rtt_ms} ms average round trip")
@@ -374,7 +316,7 @@ def run_lab_demo(say: Callable[[str], Any] = print) -> DemoReport:
     return report
 
 
-def _transfer(lab: _Lab, hosts: dict[str, str], report: DemoReport) -> None:
+def _transfer(lab: Lab, hosts: dict[str, Namespace], report: DemoReport) -> None:
     receiver = lab.spawn(
         hosts["bob"],
         sys.executable,
@@ -387,7 +329,7 @@ def _transfer(lab: _Lab, hosts: dict[str, str], report: DemoReport) -> None:
     assert receiver.stdout is not None
     if receiver.stdout.readline().strip() != b"ready":
         raise DemoError("transfer: the receiver did not start")
-    lab.run(
+    _sh(
         hosts["alice"],
         sys.executable,
         "-c",

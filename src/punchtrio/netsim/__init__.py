@@ -9,6 +9,7 @@ from ._addresses import NetsimError
 from ._internet import Internet, NoCurrentHostError
 from ._link import Link
 from ._nat import Filtering, Mapping, NatBehavior, NatBinding, NatTable, PortAllocation
+from ._services import DistantRendezvous, serve_stun
 from ._socket import (
     MAX_DATAGRAM,
     RECEIVE_QUEUE_LIMIT,
@@ -35,6 +36,7 @@ __all__ = [
     "MAX_DATAGRAM",
     "NAT",
     "RECEIVE_QUEUE_LIMIT",
+    "DistantRendezvous",
     "Filtering",
     "Host",
     "Interface",
@@ -56,4 +58,5 @@ __all__ = [
     "UnsupportedSocketError",
     "Verdict",
     "current_host",
+    "serve_stun",
 ]
