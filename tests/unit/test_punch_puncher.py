@@ -292,6 +292,24 @@ def test_a_genuine_pong_relayed_from_elsewhere_does_not_count() -> None:
     assert not [e for e in w.chosen("a") if e.endpoint == PUBLIC["b"]]
 
 
+@pytest.mark.parametrize("source", [("198.51.100.7", 0), ("127.0.0.1", 40000)])
+def test_a_genuine_ping_replayed_from_an_unusable_address_is_dropped(source: Address) -> None:
+    """A captured ping replayed from port 0 or loopback gets no pong and makes no pair."""
+    w = World()
+    captured: list[bytes] = []
+    w.tap = lambda name, dst, data: (
+        captured.append(data) if name == "b" and data[5] == PING else None
+    )
+    w.start()
+    w.run(0.01)
+    assert captured
+    a = w.punchers["a"]
+    a.datagrams_to_send()
+    a.receive_datagram(captured[0], source, w.now)
+    assert a.counters["wrong_source"] == 1
+    assert all(dst != source for _, dst in a.datagrams_to_send())
+
+
 def test_own_probes_reflected_back_are_dropped() -> None:
     w = World()
     w.links[("a", LAN["b"])] = ("a", LAN["a"])  # B's LAN address is A's own on another LAN

@@ -36,7 +36,7 @@ from typing import Literal
 from nacl.bindings import crypto_scalarmult_base
 
 from .._exceptions import PunchtrioError
-from ._candidates import Candidate, CandidateType
+from ._candidates import Candidate, CandidateError, CandidateType
 from ._probe import (
     PING,
     PONG,
@@ -484,9 +484,6 @@ class Puncher:
 
     def _lose(self, peer: _Peer, pair: _Pair, now: float) -> None:
         peer.chosen = None
-        pair.state = _FAILED
-        pair.next_send = None
-        pair.rtt = None
         self._events.append(PathLost(peer.public_key, pair.remote, pair.kind))
         # Addresses that answered before get a fresh attempt; the lost one too, as a last resort.
         for other in peer.pairs.values():
@@ -504,14 +501,18 @@ class Puncher:
             self._events.append(PunchFailed(peer.public_key, peer.probes_sent))
 
     def _on_ping(self, peer: _Peer, txid: bytes, source: Address, now: float) -> None:
-        self._send(peer, PONG, txid, source, source)
         pair = peer.pairs.get(source)
+        if pair is None:
+            try:
+                priority = Candidate(CandidateType.PRFLX, source[0], source[1]).priority
+            except CandidateError:  # port 0, loopback, broadcast...: no pong, no pair
+                self.counters["wrong_source"] += 1
+                return
+        self._send(peer, PONG, txid, source, source)
         if pair is None:
             if len(peer.pairs) >= self.settings.max_pairs:
                 self.counters["pair_limit"] += 1
                 return
-            kind = CandidateType.PRFLX
-            priority = Candidate(kind, source[0], source[1]).priority
             pair = _Pair(source, peer.kind_of(source), priority)
             peer.pairs[source] = pair
         peer.started = True  # if the peer began first, start with it
