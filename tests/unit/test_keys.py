@@ -103,3 +103,12 @@ def test_cli_pubkey_bad_input_is_one_line(stdin: str) -> None:
     assert proc.stdout == ""
     assert proc.stderr.count("\n") == 1
     assert proc.stderr.startswith("punchtrio: error: private key")
+
+
+def test_cli_keygen_unwritable_out_is_one_line(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    assert main(["keygen", "--out", str(tmp_path / "missing" / "key")]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1
+    assert err.startswith("punchtrio: error: cannot write ")

@@ -266,3 +266,27 @@ def test_tai64n_after_is_the_next_whitened_step() -> None:
     assert (
         _tai64n.after(bytes.fromhex("400000006553f10a3b000000")).hex() == "400000006553f10b00000000"
     )
+
+
+def test_reprs_never_show_key_material() -> None:
+    import ipaddress
+
+    from punchtrio.wireguard import PeerConfig
+    from punchtrio.wireguard._noise import ConsumedInitiation, InitiatorState, TransportKeys
+
+    secret = bytes(range(32))
+    shown = [
+        repr(
+            PeerConfig(
+                bytes(range(1, 33)),
+                preshared_key=secret,
+                allowed_ips=(ipaddress.ip_network("10.0.0.0/24"),),
+            )
+        ),
+        repr(InitiatorState(1, secret, secret, secret)),
+        repr(ConsumedInitiation(bytes(32), bytes(12), 1, bytes(32), secret, secret)),
+        repr(TransportKeys(secret, secret)),
+    ]
+    for text in shown:
+        assert repr(secret) not in text
+        assert secret.hex() not in text

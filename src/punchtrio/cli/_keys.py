@@ -7,6 +7,7 @@ import sys
 from typing import Any
 
 from ..keys import PrivateKey
+from ._main import UsageError
 
 
 def register(subparsers: Any) -> None:
@@ -30,7 +31,10 @@ def register(subparsers: Any) -> None:
 def _keygen(args: argparse.Namespace) -> int:
     key = PrivateKey.generate()
     if args.out:
-        key.write(args.out)
+        try:
+            key.write(args.out)
+        except OSError as exc:
+            raise UsageError(f"cannot write {args.out}: {exc.strerror}") from None
     else:
         sys.stdout.write(key.to_base64() + "\n")
     return 0

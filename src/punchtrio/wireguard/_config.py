@@ -5,7 +5,7 @@ from __future__ import annotations
 import dataclasses
 import ipaddress
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from .._exceptions import PunchtrioError
 
@@ -51,13 +51,13 @@ class Timers:
     """Never send or accept a counter at or above this in one session."""
 
     def __post_init__(self) -> None:
-        for field in dataclasses.fields(self):
-            value = getattr(self, field.name)
-            if field.name == "rekey_timeout_jitter":
+        for timer in dataclasses.fields(self):
+            value = getattr(self, timer.name)
+            if timer.name == "rekey_timeout_jitter":
                 if not (math.isfinite(value) and value >= 0):
                     raise ConfigError("rekey_timeout_jitter must be >= 0")
             elif not (math.isfinite(value) and value > 0):
-                raise ConfigError(f"{field.name} must be positive, got {value!r}")
+                raise ConfigError(f"{timer.name} must be positive, got {value!r}")
         if self.rekey_after_time >= self.reject_after_time:
             raise ConfigError("rekey_after_time must be less than reject_after_time")
 
@@ -115,7 +115,7 @@ class PeerConfig:
     """
 
     public_key: bytes
-    preshared_key: bytes | None = None
+    preshared_key: bytes | None = field(default=None, repr=False)
     allowed_ips: tuple[IPNetwork, ...] = ()
     endpoint: Address | None = None
     persistent_keepalive: float | None = None

@@ -11,7 +11,7 @@ import hashlib
 import hmac
 import struct
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from nacl.bindings import (
     crypto_aead_chacha20poly1305_ietf_decrypt,
@@ -149,9 +149,9 @@ class InitiatorState:
     """What an initiator keeps between sending an initiation and consuming the response."""
 
     local_index: int
-    ephemeral_private: bytes
-    chaining_key: bytes
-    hash: bytes
+    ephemeral_private: bytes = field(repr=False)
+    chaining_key: bytes = field(repr=False)
+    hash: bytes = field(repr=False)
 
     def wipe(self) -> None:
         """Drop the secrets (Python cannot overwrite bytes in place; this releases the references)."""
@@ -168,16 +168,16 @@ class ConsumedInitiation:
     timestamp: bytes
     sender: int
     ephemeral: bytes
-    chaining_key: bytes
-    hash: bytes
+    chaining_key: bytes = field(repr=False)
+    hash: bytes = field(repr=False)
 
 
 @dataclass(frozen=True)
 class TransportKeys:
     """The two transport keys a completed handshake derives, from this side's point of view."""
 
-    send: bytes
-    receive: bytes
+    send: bytes = field(repr=False)
+    receive: bytes = field(repr=False)
 
 
 def create_initiation(
