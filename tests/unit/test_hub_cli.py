@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import socket
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -77,3 +80,35 @@ def test_short_network_secret_is_refused(
     (tmp_path / "weak").write_text("short\n")
     assert main(["hub", "--network-secret-file", str(tmp_path / "weak")]) == 1
     assert "16 to 1024 bytes" in capsys.readouterr().err
+
+
+def _run_hub(*argv: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "punchtrio.cli", "hub", "--listen", "127.0.0.1:0", *argv],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+
+
+def _assert_one_error_line(proc: subprocess.CompletedProcess[str], message: str) -> None:
+    assert proc.returncode != 0
+    assert "Traceback" not in proc.stderr
+    lines = proc.stderr.splitlines()
+    assert len(lines) == 1
+    assert lines[0].startswith("punchtrio: error: ")
+    assert message in lines[0]
+
+
+def test_bad_stun_alternate_is_one_line() -> None:
+    proc = _run_hub("--stun", "127.0.0.1:0", "--stun-alternate", "127.0.0.1:0")
+    _assert_one_error_line(proc, "the alternate address must differ from the primary")
+
+
+def test_stun_port_in_use_is_one_line() -> None:
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as taken:
+        taken.bind(("127.0.0.1", 0))
+        port = taken.getsockname()[1]
+        proc = _run_hub("--stun", f"127.0.0.1:{port}")
+    _assert_one_error_line(proc, "cannot serve STUN on")

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from functools import partial
 from typing import Any
 
 import trio
@@ -55,18 +56,14 @@ def _run(args: argparse.Namespace) -> int:
         raise UsageError("--timeout must be > 0")
     if args.lifetime is not None and args.lifetime <= 0:
         raise UsageError("--lifetime must be > 0 minutes")
-    report = trio.run(_discover, server, args.timeout, args.lifetime)
+    report = trio.run(
+        partial(discover_nat, server, probe_timeout=args.timeout, lifetime=args.lifetime)
+    )
     if args.json:
         sys.stdout.write(json.dumps(report.to_json()) + "\n")
     else:
         sys.stdout.write(_render(report))
     return 0
-
-
-async def _discover(
-    server: tuple[str, int], probe_timeout: float, lifetime: float | None
-) -> NatReport:
-    return await discover_nat(server, probe_timeout=probe_timeout, lifetime=lifetime)
 
 
 def _yes_no(value: bool | None) -> str:

@@ -47,6 +47,7 @@ from ._protocol import (
     RendezvousProtocolError,
     RendezvousRefusedError,
     RendezvousUnavailableError,
+    checked_name,
 )
 
 log = logging.getLogger("punchtrio.rendezvous")
@@ -273,7 +274,7 @@ class HubClient:
     async def lookup(self, name: str) -> PeerRecord:
         """Return peer ``name``'s record. Raises :class:`PeerNotFoundError` (also for peers of other
         networks), :class:`RendezvousRefusedError`, :class:`RendezvousUnavailableError`."""
-        name = _checked_name(name)
+        name = checked_name(name)
         status, payload = await self._call("GET", _peer_path(name), attempts=self._attempts)
         if status == 200:
             return self._parse_record(payload, name)
@@ -289,7 +290,7 @@ class HubClient:
         answers again, this peer's record is registered again first. Cancel the wait to stop it.
         Raises :class:`RendezvousRefusedError`, :class:`RendezvousProtocolError`.
         """
-        name = _checked_name(name)
+        name = checked_name(name)
         quick_answers = 0
         while True:
             wait = self._wait_seconds()
@@ -319,7 +320,7 @@ class HubClient:
         :class:`RendezvousRefusedError` (invalid data, a name conflict),
         :class:`RendezvousUnavailableError` (also when the recipient's queue stays full).
         """
-        recipient = _checked_name(recipient)
+        recipient = checked_name(recipient)
         if self._registration is None:
             raise NotRegisteredError(f"{self._name} must register before sending messages")
         try:
@@ -347,7 +348,7 @@ class HubClient:
         before :meth:`register`, :class:`RendezvousRefusedError`, :class:`RendezvousProtocolError`.
         """
         if sender is not None:
-            sender = _checked_name(sender)
+            sender = checked_name(sender)
         misses = 0
         while True:
             message = self._take(sender)
@@ -551,18 +552,7 @@ class HubClient:
                 f"invalid answer from the hub: {_describe(exc)}"
             ) from None
         try:
-            chunks: list[bytes] = []
-            size = 0
-            async with aclosing(
-                cast("AsyncGenerator[bytes, None]", response.aiter_bytes())
-            ) as stream:
-                async for chunk in stream:
-                    size += len(chunk)
-                    if size > MAX_RESPONSE_BYTES:
-                        raise RendezvousProtocolError(
-                            f"the hub's answer is larger than {MAX_RESPONSE_BYTES} bytes"
-                        )
-                    chunks.append(chunk)
+            payload = await read_capped(response, MAX_RESPONSE_BYTES, "the hub's answer")
         except httpx.TransportError:
             raise
         except httpx.HTTPError as exc:
@@ -571,7 +561,7 @@ class HubClient:
             ) from None
         finally:
             await response.aclose()
-        return response.status_code, b"".join(chunks), response.headers
+        return response.status_code, payload, response.headers
 
     async def _ensure_signer(self) -> RequestSigner:
         if self._signer is not None:
@@ -622,15 +612,25 @@ class HubClient:
         return None
 
 
+async def read_capped(response: httpx.Response, limit: int, what: str) -> bytes:
+    """Read the body of a streamed ``response``, at most ``limit`` bytes.
+
+    Raises :class:`RendezvousProtocolError` ("``what`` is larger than ``limit`` bytes") for a
+    longer body, and lets httpx's errors through.
+    """
+    chunks: list[bytes] = []
+    size = 0
+    async with aclosing(cast("AsyncGenerator[bytes, None]", response.aiter_bytes())) as stream:
+        async for chunk in stream:
+            size += len(chunk)
+            if size > limit:
+                raise RendezvousProtocolError(f"{what} is larger than {limit} bytes")
+            chunks.append(chunk)
+    return b"".join(chunks)
+
+
 def _peer_path(name: str) -> str:
     return f"/v1/peers/{name}"
-
-
-def _checked_name(name: str) -> str:
-    try:
-        return validate_name(name)
-    except ValidationError as exc:
-        raise RendezvousRefusedError(str(exc)) from None
 
 
 def _dump(obj: object) -> bytes:

@@ -28,6 +28,7 @@ from ._protocol import (
     NotRegisteredError,
     PeerNotFoundError,
     RendezvousRefusedError,
+    checked_name,
 )
 
 MEMORY_EXPIRES_IN = 3600.0
@@ -137,14 +138,14 @@ class MemoryRendezvous:
     async def lookup(self, name: str) -> PeerRecord:
         """Return peer ``name``'s record. Raises :class:`PeerNotFoundError`."""
         await trio.lowlevel.checkpoint()
-        record = self._hub._records.get(_checked_name(name))
+        record = self._hub._records.get(checked_name(name))
         if record is None:
             raise PeerNotFoundError(f"no such peer: {name}")
         return record
 
     async def wait_for_peer(self, name: str, *, newer_than: int = 0) -> PeerRecord:
         """Return peer ``name``'s record as soon as its revision exceeds ``newer_than``."""
-        name = _checked_name(name)
+        name = checked_name(name)
         await trio.lowlevel.checkpoint()
         while True:
             record = self._hub._records.get(name)
@@ -157,7 +158,7 @@ class MemoryRendezvous:
         :class:`PeerNotFoundError`, :class:`RendezvousRefusedError` (queue full, invalid data)."""
         await trio.lowlevel.checkpoint()
         self._require_registered()
-        recipient = _checked_name(recipient)
+        recipient = checked_name(recipient)
         if recipient not in self._hub._records:
             raise PeerNotFoundError(f"no such peer: {recipient}")
         try:
@@ -199,10 +200,3 @@ class MemoryRendezvous:
         record = self._hub._records.get(self._name)
         if record is None or record.public_key != self._public_key:
             raise NotRegisteredError(f"{self._name} is not registered")
-
-
-def _checked_name(name: str) -> str:
-    try:
-        return validate_name(name)
-    except ValidationError as exc:
-        raise RendezvousRefusedError(str(exc)) from None

@@ -13,15 +13,14 @@ from __future__ import annotations
 import json
 import random
 import ssl
-from collections.abc import AsyncGenerator, Iterable
-from contextlib import aclosing
-from typing import Any, cast
+from collections.abc import Iterable
+from typing import Any
 
 import httpx
 import trio
 
 from ..keys import PublicKey
-from ._client import Backoff
+from ._client import Backoff, read_capped
 from ._models import (
     MAX_ALLOWED_IPS,
     Endpoint,
@@ -41,6 +40,7 @@ from ._protocol import (
     RendezvousRefusedError,
     RendezvousUnavailableError,
     SignallingNotSupportedError,
+    checked_name,
 )
 
 PEERHUB_EXPIRES_IN = 0.0
@@ -149,7 +149,7 @@ class PeerHubClient:
         """Return peer ``name``'s record (``GET /peer/{name}``); the endpoint's type is reported
         as server-reflexive. Raises :class:`PeerNotFoundError`, :class:`RendezvousRefusedError`,
         :class:`RendezvousUnavailableError`, :class:`RendezvousProtocolError`."""
-        name = _checked_name(name)
+        name = checked_name(name)
         status, payload = await self._request("GET", f"/peer/{name}", None)
         if status == 404:
             raise PeerNotFoundError(f"no such peer: {name}")
@@ -202,7 +202,7 @@ class PeerHubClient:
                 request = self._http.build_request(method, path, content=body, headers=headers)
                 response = await self._http.send(request, stream=True)
                 try:
-                    payload = await _read_capped(response)
+                    payload = await read_capped(response, MAX_PEERHUB_RESPONSE, "peer-hub's answer")
                 finally:
                     await response.aclose()
                 if response.status_code < 500:
@@ -252,29 +252,8 @@ class PeerHubClient:
             raise RendezvousProtocolError(f"peer-hub sent an invalid record: {exc}") from None
 
 
-async def _read_capped(response: httpx.Response) -> bytes:
-    chunks: list[bytes] = []
-    size = 0
-    async with aclosing(cast("AsyncGenerator[bytes, None]", response.aiter_bytes())) as stream:
-        async for chunk in stream:
-            size += len(chunk)
-            if size > MAX_PEERHUB_RESPONSE:
-                raise RendezvousProtocolError(
-                    f"peer-hub's answer is larger than {MAX_PEERHUB_RESPONSE} bytes"
-                )
-            chunks.append(chunk)
-    return b"".join(chunks)
-
-
 def _reason(payload: bytes, status: int) -> str:
     """peer-hub answers errors as plain text (``invalid endpoint``); keep one printable line."""
     text = payload[:200].decode("utf-8", "replace").splitlines()
     line = "".join(ch for ch in (text[0] if text else "") if ch.isprintable()).strip()
     return f"peer-hub: {line or f'HTTP {status}'}"
-
-
-def _checked_name(name: str) -> str:
-    try:
-        return validate_name(name)
-    except ValidationError as exc:
-        raise RendezvousRefusedError(str(exc)) from None

@@ -16,7 +16,7 @@ from typing import Protocol, runtime_checkable
 
 from .._exceptions import PunchtrioError
 from ..keys import PublicKey
-from ._models import Endpoint, PeerRecord, SignalMessage
+from ._models import Endpoint, PeerRecord, SignalMessage, ValidationError, validate_name
 
 AllowedIP = str | ipaddress.IPv4Network | ipaddress.IPv6Network
 """An allowed-IP prefix as canonical CIDR text (``"10.0.0.2/32"``) or an ``ipaddress`` network."""
@@ -150,3 +150,11 @@ class Rendezvous(Protocol):
     async def aclose(self) -> None:
         """Release the backend's resources (connections, tasks). It does not unregister."""
         ...
+
+
+def checked_name(name: str) -> str:
+    """Return ``name`` if it is a valid peer name; raise :class:`RendezvousRefusedError` if not."""
+    try:
+        return validate_name(name)
+    except ValidationError as exc:
+        raise RendezvousRefusedError(str(exc)) from None

@@ -13,7 +13,7 @@ from hypercorn.config import Config as HypercornConfig
 from hypercorn.trio import serve as hypercorn_serve
 
 from .._exceptions import PunchtrioError
-from ..stun import StunServer
+from ..stun import StunServer, StunServerError
 from ._hub import HubConfig, create_app
 from ._models import StunAddress, format_address
 from ._store import Clock, Store
@@ -115,7 +115,9 @@ async def serve_hub(
             os_error = _find_os_error(exc)
             if os_error is None:
                 raise
-            failure = HubServeError(f"cannot {what}: {os_error.strerror or os_error}")
+            failure = HubServeError(
+                f"cannot {what}: {getattr(os_error, 'strerror', None) or os_error}"
+            )
             nursery.cancel_scope.cancel()
         else:
             task_status.started(HubListeners(tuple(binds), tuple(stun_bound)))
@@ -123,9 +125,9 @@ async def serve_hub(
         raise failure
 
 
-def _find_os_error(exc: BaseException) -> OSError | None:
-    """The OSError in ``exc`` or in the exception groups Hypercorn's nurseries wrap it in."""
-    if isinstance(exc, OSError):
+def _find_os_error(exc: BaseException) -> OSError | StunServerError | None:
+    """The OSError or StunServerError in ``exc`` or in the exception groups nurseries wrap it in."""
+    if isinstance(exc, (OSError, StunServerError)):
         return exc
     for inner in getattr(exc, "exceptions", ()):
         found = _find_os_error(inner)

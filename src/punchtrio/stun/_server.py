@@ -13,7 +13,6 @@ client pads with a SOFTWARE attribute, which every server ignores).
 from __future__ import annotations
 
 import errno
-import ipaddress
 import socket
 import struct
 import zlib
@@ -24,6 +23,7 @@ import trio
 
 from .._exceptions import PunchtrioError
 from ._layers import FINGERPRINT_XOR, MAGIC_COOKIE
+from ._transaction import _normalize
 
 __all__ = [
     "RESPONSE_ALLOWANCE",
@@ -145,10 +145,6 @@ def _xor_address_attr(endpoint: Endpoint, transaction_id: bytes) -> bytes:
     family = 1 if len(packed) == 4 else 2
     port = endpoint[1] ^ (MAGIC_COOKIE >> 16)
     return struct.pack("!HHBBH", 0x0020, 4 + len(packed), 0, family, port) + xored
-
-
-def _normalize(endpoint: Endpoint) -> Endpoint:
-    return str(ipaddress.ip_address(endpoint[0])), int(endpoint[1])
 
 
 class StunResponder:
