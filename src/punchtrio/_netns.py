@@ -12,7 +12,7 @@ import os
 import secrets
 import shutil
 import subprocess
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 from ._exceptions import PunchtrioError
@@ -162,11 +162,3 @@ def leftover_namespaces(prefix: str = "pt") -> list[str]:
     """Return the names of existing namespaces that start with ``prefix``."""
     out = run(["ip", "netns", "list"], check=False)
     return [line.split()[0] for line in out.splitlines() if line.startswith(prefix)]
-
-
-@contextlib.contextmanager
-def lab() -> Iterator[Lab]:
-    """Yield a fresh :class:`Lab` (root only, else :class:`LabError`); everything it made is gone
-    afterwards."""
-    with Lab() as built:
-        yield built

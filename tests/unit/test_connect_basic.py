@@ -7,7 +7,9 @@ The helpers here (``World``, ``serve_stun``, ``start_world``, ``ipv4``) are shar
 from __future__ import annotations
 
 import ipaddress
+import socket
 import struct
+import threading
 from dataclasses import dataclass, field
 
 import pytest
@@ -452,3 +454,38 @@ async def test_packets_cross_both_ways_across_the_first_rekey(
             nursery.cancel_scope.cancel()
     for connector in connectors.values():
         assert connector._device.counters["no_session"] == 0
+
+
+@pytest.mark.parametrize(
+    ("url", "host"),
+    [
+        ("http://[::1]/", "::1"),
+        ("https://[2001:db8::1]:7777/v1", "2001:db8::1"),
+        ("http://192.0.2.9:7777", "192.0.2.9"),
+    ],
+)
+async def test_the_hub_host_for_advertised_stun_is_the_url_host(url: str, host: str) -> None:
+    connector = Connector("alice", KEYS["alice"], url, TunnelConfig("10.99.0.1/24"))
+    assert await connector._hub_host() == host
+
+
+async def test_a_hub_name_is_resolved_in_a_worker_thread(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    asked: list[tuple[str, int]] = []
+
+    def resolve(name: str) -> str:
+        asked.append((name, threading.get_ident()))
+        if name == "gone.example":
+            raise socket.gaierror(socket.EAI_NONAME, "Name or service not known")
+        return "192.0.2.9"
+
+    monkeypatch.setattr(socket, "gethostbyname", resolve)
+    hub = Connector(
+        "alice", KEYS["alice"], "http://Hub.Example:7777/", TunnelConfig("10.99.0.1/24")
+    )
+    assert await hub._hub_host() == "192.0.2.9"
+    gone = Connector("alice", KEYS["alice"], "http://gone.example/", TunnelConfig("10.99.0.1/24"))
+    assert await gone._hub_host() is None  # unresolvable: no STUN server from the hub, no error
+    assert [name for name, _ in asked] == ["hub.example", "gone.example"]
+    assert all(thread != threading.get_ident() for _, thread in asked)

@@ -19,6 +19,7 @@ from punchtrio.cli._main import UsageError, build_parser, main
 from punchtrio.cli._progress import JsonLines, ProgressView
 from punchtrio.connect import ConnectError, MemoryInterface, PeerConnected, PeerFailed
 from punchtrio.netsim import NatBehavior
+from punchtrio.tunnel import ConfigError
 
 from .test_connect_basic import INNER, KEYS, PRIMARY, build_world, serve_stun, wall_clock
 
@@ -290,6 +291,34 @@ async def test_static_peers_join_the_rendezvous_tunnel(
     down = _json_events(out)[-1]
     assert down["event"] == "down"
     assert [p["public_key"] for p in down["peers"]] == [str(static_key)]
+
+
+async def test_a_static_peer_the_device_refuses_names_file_and_line(
+    autojump_clock: trio.testing.MockClock, tmp_path: pathlib.Path
+) -> None:
+    conf = tmp_path / "wg0.conf"
+    conf.write_text(
+        f"[Interface]\nPrivateKey = {KEYS['alice'].to_base64()}\nAddress = 10.99.0.1/24\n\n"
+        f"[Peer]\nPublicKey = {KEYS['alice'].public_key()}\nAllowedIPs = 10.50.0.0/24\n"
+    )
+    plan = _plan(["up", "--config", str(conf), "--hub", "http://192.0.2.9:7777", "--name", "alice"])
+    world = build_world(NatBehavior.port_restricted_cone(), None)
+    out = io.StringIO()
+    with MemoryInterface() as iface:
+        async with world.net, trio.open_nursery() as nursery:
+            await nursery.start(serve_stun, world.stun)
+            with world.hosts["alice"].activate(), pytest.raises(ConfigError) as caught:
+                await _up.serve_up(
+                    plan,
+                    JsonLines(out),
+                    rendezvous=world.hub.peer("alice", KEYS["alice"].public_key()),
+                    interface=iface,
+                    wall_clock=wall_clock,
+                )
+            nursery.cancel_scope.cancel()
+    assert str(caught.value) == f"{conf}:5: a device cannot be its own peer"
+    assert caught.value.exit_code == 2
+    assert _json_events(out)[-1]["event"] == "down"
 
 
 def test_describe_gives_json_for_every_event() -> None:

@@ -74,10 +74,9 @@ class ProgressView:
         if event == "candidates_gathered":
             found = ", ".join(str(c) for c in fields.get("candidates", []))
             varies = fields.get("mapping_varies")
-            nat = {True: "per destination", False: "independent of destination"}.get(
-                bool(varies), "unknown"
-            )
-            nat = "unknown" if varies is None else nat
+            nat = {True: "per destination", False: "independent of destination", None: "unknown"}[
+                varies
+            ]
             return f"[green]✓[/] candidates: {found or 'none'} (NAT mapping {nat})"
         if event == "registered":
             return "[green]✓[/] registered at the hub"

@@ -14,7 +14,6 @@ import base64
 import dataclasses
 import enum
 import ipaddress
-import json
 import re
 import signal
 import sys
@@ -46,6 +45,7 @@ from ..rendezvous import (
     validate_name,
 )
 from ..tunnel import (
+    ConfigError,
     TunnelError,
     UserspaceTunnel,
     WgQuickConfig,
@@ -256,8 +256,9 @@ async def serve_up(
     :class:`~punchtrio.connect.Connector` (``interface=MemoryInterface()`` avoids the TUN device).
     Emits ``up`` once the socket and tunnel exist, each connector event (snake_case names, see
     :func:`describe`) and ``down`` after teardown. Raises :class:`ConnectError` when a peer fails
-    (naming the stage; everything is torn down first) and :class:`UpError` if the tunnel cannot
-    be created.
+    (naming the stage; everything is torn down first), :class:`~punchtrio.tunnel.ConfigError`
+    (``FILE:LINE: why``, also after teardown) if the device refuses a static peer, and
+    :class:`UpError` if the tunnel cannot be created.
     """
     connector = Connector(
         plan.name,
@@ -285,13 +286,17 @@ async def serve_up(
                 {"name": plan.name, "interface": tunnel.name, "listen_port": connector.listen_port},
             )
             if plan.static is not None:
-                _add_static(connector, plan.static, options.get("interface") is None)
+                try:  # raised after teardown: from inside the nursery it would come in a group
+                    _add_static(connector, plan.static, options.get("interface") is None)
+                except ConfigError as exc:
+                    failure = exc
             try:
-                async for event in connector.events:
-                    report(*describe(event))
-                    if isinstance(event, PeerFailed):
-                        failure = ConnectError(event.peer, event.stage, event.reason)
-                        break
+                if failure is None:
+                    async for event in connector.events:
+                        report(*describe(event))
+                        if isinstance(event, PeerFailed):
+                            failure = ConnectError(event.peer, event.stage, event.reason)
+                            break
             finally:
                 down["peers"] = _stats(tunnel)
             nursery.cancel_scope.cancel()
@@ -304,18 +309,19 @@ async def serve_up(
 
 def _add_static(connector: Connector, config: WgQuickConfig, tun: bool) -> None:
     from ..tunnel._netlink import configure_interface
-    from ..tunnel._userspace import peer_config
+    from ..tunnel._userspace import add_peers
 
     assert connector.tunnel is not None
     mux: Any = connector.tunnel.device
     device = getattr(mux, "device", mux)  # the WireGuard device behind the mux
     own: Any = connector.config.interface.network
-    routes = []
-    for section in config.peers:
-        device.add_peer(peer_config(section))
-        routes += [
-            n for n in section.allowed_ips if n.version != own.version or not n.subnet_of(own)
-        ]
+    add_peers(device, config)
+    routes = [
+        n
+        for section in config.peers
+        for n in section.allowed_ips
+        if n.version != own.version or not n.subnet_of(own)
+    ]
     if tun and routes:
         configure_interface(
             connector.tunnel.name, addresses=(), routes=routes, mtu=connector.config.mtu
@@ -392,10 +398,7 @@ async def _run(config: Any, name: str, emit: Callable[[str, dict[str, Any]], Non
 
 
 def _stats(tunnel: UserspaceTunnel) -> list[dict[str, Any]]:
-    return [
-        {"public_key": base64.b64encode(key).decode(), **_fields(stats)}
-        for key, stats in tunnel.peer_stats().items()
-    ]
+    return [_fields(s) for s in tunnel.peer_stats().values()]
 
 
 def _fields(obj: object) -> dict[str, Any]:
@@ -418,9 +421,7 @@ def _plain(value: object) -> Any:
     return str(value)
 
 
-def _json_line(event: str, fields: dict[str, Any]) -> None:
-    sys.stdout.write(json.dumps({"event": event, **fields}) + "\n")
-    sys.stdout.flush()
+_json_line = JsonLines()
 
 
 def _text_line(event: str, fields: dict[str, Any]) -> None:

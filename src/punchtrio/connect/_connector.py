@@ -20,6 +20,7 @@ import time
 from collections.abc import AsyncIterator, Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
+from urllib.parse import urlsplit
 
 import trio
 
@@ -454,19 +455,22 @@ class Connector:
             if entry.ip is not None:
                 servers.append((str(entry.ip), entry.port))
                 continue
-            host = self._hub_host()
+            host = await self._hub_host()
             if host is not None:
                 servers.append((host, entry.port))
         return servers
 
-    def _hub_host(self) -> str | None:
-        url = self._hub_url or ""
-        host = url.split("://", 1)[-1].split("/", 1)[0].rsplit(":", 1)[0].strip("[]")
+    async def _hub_host(self) -> str | None:
+        host = urlsplit(self._hub_url or "").hostname or ""
         try:
             return str(ipaddress.ip_address(host))
         except ValueError:
-            try:
-                return socket.gethostbyname(host) if host else None
+            if not host:
+                return None
+            try:  # in a worker thread: a slow resolver must not stall the tunnel
+                return await trio.to_thread.run_sync(
+                    socket.gethostbyname, host, abandon_on_cancel=True
+                )
             except OSError:
                 return None
 

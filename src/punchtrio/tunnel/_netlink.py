@@ -68,14 +68,6 @@ def configure_interface(
                 )
 
 
-def interface_exists(name: str) -> bool:
-    """Return whether an interface called ``name`` exists in this network namespace."""
-    from pyroute2 import IPRoute
-
-    with IPRoute() as ipr:
-        return bool(ipr.link_lookup(ifname=name))
-
-
 @contextlib.contextmanager
 def _refused(what: str, *, ignore_exists: bool = False) -> Iterator[None]:
     from pyroute2.netlink.exceptions import NetlinkError

@@ -625,6 +625,20 @@ def peer_config(section: PeerSection) -> PeerConfig:
     )
 
 
+def add_peers(device: Device, config: WgQuickConfig) -> None:
+    """Add every ``[Peer]`` of ``config`` to ``device``, in file order.
+
+    Raises :class:`ConfigError` (``FILE:LINE: why``, naming the ``[Peer]`` line) if the device
+    refuses a peer (our own key, a low-order key, an allowed IP another peer has); the peers
+    before it stay added.
+    """
+    for section in config.peers:
+        try:
+            device.add_peer(peer_config(section))
+        except WireGuardConfigError as exc:
+            raise ConfigError(f"{config.source}:{section.line}: {exc}") from None
+
+
 def bind_udp(port: int | None) -> list[socket.socket]:
     """Return non-blocking UDP sockets bound to ``port`` on every IPv4 and IPv6 address.
 
@@ -696,11 +710,7 @@ async def open_userspace_tunnel(
         timers=timers if timers is not None else Timers(),
         mtu=interface.mtu,
     )
-    for section in config.peers:
-        try:
-            device.add_peer(peer_config(section))
-        except WireGuardConfigError as exc:
-            raise ConfigError(f"{config.source}:{section.line}: {exc}") from None
+    add_peers(device, config)
     with contextlib.ExitStack() as stack:
         sockets = bind_udp(interface.listen_port)
         for sock in sockets:

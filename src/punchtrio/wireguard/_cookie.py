@@ -118,14 +118,3 @@ class CookieGenerator:
         self._cookie_born = now
         self._last_mac1 = b""
         return True
-
-    @property
-    def has_cookie(self) -> bool:
-        """Whether a cookie has been received (it may have expired)."""
-        return bool(self._cookie)
-
-    def wipe(self) -> None:
-        """Forget the cookie and the last mac1."""
-        self._cookie = b""
-        self._cookie_born = float("-inf")
-        self._last_mac1 = b""

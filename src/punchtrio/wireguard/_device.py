@@ -283,6 +283,7 @@ class Device:
         self._receive_rekey_age = (
             timers.reject_after_time - timers.keepalive_timeout - timers.rekey_timeout
         )
+        self._new_handshake_after = timers.keepalive_timeout + timers.rekey_timeout
 
     # ------------------------------------------------------------------ configuration
 
@@ -493,7 +494,7 @@ class Device:
         # Timers: any authenticated packet sent, data sent, traversal.
         peer.t_keepalive = None
         if n and peer.t_new_handshake is None:
-            d = now + self._keepalive_timeout + self.timers.rekey_timeout + peer.jitter
+            d = now + self._new_handshake_after + peer.jitter
             peer.t_new_handshake = d
             if d < self._deadline:
                 self._deadline = d
