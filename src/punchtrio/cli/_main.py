@@ -8,6 +8,9 @@ import signal
 import sys
 from collections.abc import Sequence
 
+if sys.version_info < (3, 11):
+    from exceptiongroup import BaseExceptionGroup
+
 from .._exceptions import PunchtrioError
 
 # Each module defines ``register(subparsers)``, which adds its subcommands and sets ``run`` on them:
@@ -42,16 +45,24 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         return int(args.run(args))
-    except UsageError as exc:
-        print(f"punchtrio: error: {exc}", file=sys.stderr)
-        return 2
-    except PunchtrioError as exc:
-        print(f"punchtrio: error: {exc}", file=sys.stderr)
-        return getattr(exc, "exit_code", 1)
-    except KeyboardInterrupt:
-        return 130
-    except BrokenPipeError:
-        return 1
+    except BaseException as raised:
+        exc = _sole_exception(raised)
+        if isinstance(exc, PunchtrioError):
+            print(f"punchtrio: error: {exc}", file=sys.stderr)
+            return 2 if isinstance(exc, UsageError) else int(getattr(exc, "exit_code", 1))
+        if isinstance(exc, KeyboardInterrupt):
+            return 130
+        if isinstance(exc, BrokenPipeError):
+            return 1
+        raise
+
+
+def _sole_exception(exc: BaseException) -> BaseException:
+    """Unwrap exception groups that hold one exception: a Trio nursery wraps what its tasks raise,
+    and a command that fails inside one still deserves its one-line error."""
+    while isinstance(exc, BaseExceptionGroup) and len(exc.exceptions) == 1:
+        exc = exc.exceptions[0]
+    return exc
 
 
 def _raise_keyboard_interrupt(signum: int, frame: object) -> None:

@@ -471,7 +471,7 @@ class Connector:
                 return await trio.to_thread.run_sync(
                     socket.gethostbyname, host, abandon_on_cancel=True
                 )
-            except OSError:
+            except (OSError, UnicodeError):  # unresolvable, or a label too long for IDNA
                 return None
 
     async def _register(self) -> None:
