@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import ipaddress
 import socket
-import struct
 import threading
 from dataclasses import dataclass, field
 
@@ -35,6 +34,7 @@ from punchtrio.connect import (
 )
 from punchtrio.netsim import NatBehavior
 from punchtrio.rendezvous import MemoryHub
+from tests.packets import ipv4
 
 PRIMARY = ("203.0.113.10", 3478)
 ALTERNATE = ("203.0.113.11", 3479)
@@ -124,24 +124,6 @@ async def start_world(
     for name, connector in connectors.items():
         with world.hosts[name].activate():
             await nursery.start(connector.run)
-
-
-def ipv4(src: str, dst: str, payload: bytes) -> bytes:
-    """A minimal IPv4/UDP-shaped packet (WireGuard reads only version, length and addresses)."""
-    header = struct.pack(
-        "!BBHHHBBH4s4s",
-        0x45,
-        0,
-        20 + len(payload),
-        0,
-        0,
-        64,
-        17,
-        0,
-        ipaddress.IPv4Address(src).packed,
-        ipaddress.IPv4Address(dst).packed,
-    )
-    return header + payload
 
 
 async def run_pair(

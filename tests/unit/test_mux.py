@@ -43,30 +43,12 @@ from punchtrio.wireguard import (
     Response,
     Transport,
 )
+from tests.packets import ipv4
 
 KEY_A = bytes(range(1, 33))
 KEY_B = bytes(range(101, 133))
 ADDR_A = ("192.0.2.1", 51820)
 ADDR_B = ("192.0.2.2", 51820)
-
-
-def ipv4(src: str, dst: str, payload: bytes = b"ping") -> bytes:
-    """A minimal IPv4 packet (UDP protocol number, no checksum: the devices do not look)."""
-    total = 20 + len(payload)
-    header = struct.pack(
-        "!BBHHHBBH4s4s",
-        0x45,
-        0,
-        total,
-        0,
-        0,
-        64,
-        17,
-        0,
-        ipaddress.IPv4Address(src).packed,
-        ipaddress.IPv4Address(dst).packed,
-    )
-    return header + payload
 
 
 def wireguard_datagrams() -> list[bytes]:

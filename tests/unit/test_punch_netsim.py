@@ -5,7 +5,6 @@ from __future__ import annotations
 import ipaddress
 import math
 import socket
-import struct
 from dataclasses import dataclass
 
 import pytest
@@ -32,6 +31,7 @@ from punchtrio.punch import (
 )
 from punchtrio.tunnel._userspace import UserspaceTunnel
 from punchtrio.wireguard import Device, PeerConfig
+from tests.packets import ipv4
 
 PRIMARY = ("203.0.113.10", 3478)
 ALTERNATE = ("203.0.113.11", 3479)
@@ -233,24 +233,6 @@ async def test_symmetric_nats_on_both_sides_fail_cleanly(
     assert isinstance(got_b, PunchFailed)
     # Bounded: each of Bob's addresses got at most the probe budget.
     assert 0 < got_a.probes_sent <= 30 * len(bob.candidates)
-
-
-def ipv4(src: str, dst: str, payload: bytes) -> bytes:
-    """A minimal IPv4 packet (the WireGuard device reads only the version, length and addresses)."""
-    header = struct.pack(
-        "!BBHHHBBH4s4s",
-        0x45,
-        0,
-        20 + len(payload),
-        0,
-        0,
-        64,
-        17,
-        0,
-        ipaddress.IPv4Address(src).packed,
-        ipaddress.IPv4Address(dst).packed,
-    )
-    return header + payload
 
 
 async def test_wireguard_runs_over_the_mapping_the_punch_opened(

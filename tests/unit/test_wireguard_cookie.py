@@ -8,7 +8,8 @@ import random
 from punchtrio.wireguard import COOKIE_REPLY_SIZE, HandshakeCompleted, Timers
 from punchtrio.wireguard._cookie import CookieChecker, CookieGenerator
 from punchtrio.wireguard._messages import parse_cookie_reply
-from tests.unit.test_wireguard_device import ADDR_A, Pair, events, ipv4
+from tests.packets import ipv4
+from tests.unit.test_wireguard_device import ADDR_A, Pair, events
 
 INITIATION, COOKIE = 1, 3
 

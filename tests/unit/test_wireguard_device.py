@@ -5,7 +5,6 @@ from __future__ import annotations
 import dataclasses
 import ipaddress
 import random
-import struct
 from collections.abc import Callable
 
 import pytest
@@ -22,42 +21,13 @@ from punchtrio.wireguard import (
     PeerConfig,
     Timers,
 )
+from tests.packets import ipv4, ipv6
 
 KEY_A = bytes(range(1, 33))
 KEY_B = bytes(range(101, 133))
 ADDR_A: tuple[str, int] = ("192.0.2.1", 51820)
 ADDR_B: tuple[str, int] = ("192.0.2.2", 51820)
 NET = ipaddress.ip_network
-
-
-def ipv4(src: str, dst: str, payload: bytes = b"ping") -> bytes:
-    """Return a minimal IPv4/UDP-ish packet (checksums are not checked by WireGuard)."""
-    return (
-        struct.pack(
-            "!BBHHHBBH4s4s",
-            0x45,
-            0,
-            20 + len(payload),
-            0,
-            0,
-            64,
-            17,
-            0,
-            ipaddress.IPv4Address(src).packed,
-            ipaddress.IPv4Address(dst).packed,
-        )
-        + payload
-    )
-
-
-def ipv6(src: str, dst: str, payload: bytes = b"ping6") -> bytes:
-    """Return a minimal IPv6 packet."""
-    return (
-        struct.pack("!IHBB", 0x60000000, len(payload), 17, 64)
-        + ipaddress.IPv6Address(src).packed
-        + ipaddress.IPv6Address(dst).packed
-        + payload
-    )
 
 
 class Pair:

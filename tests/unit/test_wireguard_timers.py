@@ -13,7 +13,8 @@ from punchtrio.wireguard import (
     KeysZeroed,
     Timers,
 )
-from tests.unit.test_wireguard_device import ADDR_A, Pair, events, ipv4
+from tests.packets import ipv4
+from tests.unit.test_wireguard_device import ADDR_A, Pair, events
 
 T = Timers()
 INITIATION, RESPONSE, TRANSPORT = 1, 2, 4

@@ -20,6 +20,7 @@ from noise.connection import Keypair, NoiseConnection  # type: ignore[import-unt
 
 from punchtrio.wireguard import Device, PeerConfig, _aead, _noise, _tai64n
 from punchtrio.wireguard._noise import HandshakeError
+from tests.packets import ipv4
 
 VECTORS: dict[str, Any] = json.loads(
     (Path(__file__).parent / "vectors" / "wireguard.json").read_text()
@@ -130,23 +131,6 @@ def _mac1(receiver_public: bytes, body: bytes) -> bytes:
     return hashlib.blake2s(body, digest_size=16, key=key).digest()
 
 
-def _ipv4(src: str, dst: str, payload: bytes) -> bytes:
-    header = struct.pack(
-        "!BBHHHBBH4s4s",
-        0x45,
-        0,
-        20 + len(payload),
-        0,
-        0,
-        64,
-        17,
-        0,
-        ipaddress.IPv4Address(src).packed,
-        ipaddress.IPv4Address(dst).packed,
-    )
-    return header + payload
-
-
 @pytest.mark.parametrize("psk", [None, bytes(range(100, 132))])
 def test_our_initiator_against_noise_oracle_responder(psk: bytes | None) -> None:
     ours_private, oracle_private = bytes(range(1, 33)), bytes(range(33, 65))
@@ -160,7 +144,7 @@ def test_our_initiator_against_noise_oracle_responder(psk: bytes | None) -> None
             endpoint=("192.0.2.2", 51820),
         )
     )
-    packet = _ipv4("10.9.0.1", "10.9.0.2", b"through the oracle")
+    packet = ipv4("10.9.0.1", "10.9.0.2", b"through the oracle")
     assert device.send_packet(packet, now=1.0) is None
     [(initiation, addr)] = device.datagrams_to_send()
     assert addr == ("192.0.2.2", 51820)
@@ -186,7 +170,7 @@ def test_our_initiator_against_noise_oracle_responder(psk: bytes | None) -> None
     assert plaintext[: len(packet)] == packet
     assert len(plaintext) % 16 == 0
 
-    reply = _ipv4("10.9.0.2", "10.9.0.1", b"and back")
+    reply = ipv4("10.9.0.2", "10.9.0.1", b"and back")
     (our_index,) = struct.unpack_from("<I", initiation, 4)
     wire = struct.pack("<IIQ", 4, our_index, 0) + oracle.encrypt(reply)
     assert device.receive_datagram(wire, ("192.0.2.2", 51820), now=1.2) == reply
@@ -218,11 +202,11 @@ def test_noise_oracle_initiator_against_our_responder(psk: bytes | None) -> None
     assert oracle.read_message(response[12:60]) == b""
     assert oracle.handshake_finished
 
-    packet = _ipv4("10.9.0.2", "10.9.0.1", b"first data confirms the session")
+    packet = ipv4("10.9.0.2", "10.9.0.1", b"first data confirms the session")
     wire = struct.pack("<IIQ", 4, our_index, 0) + oracle.encrypt(packet)
     assert device.receive_datagram(wire, ("198.51.100.7", 4000), now=5.1) == packet
 
-    back = _ipv4("10.9.0.1", "10.9.0.2", b"hi")
+    back = ipv4("10.9.0.1", "10.9.0.2", b"hi")
     sent = device.send_packet(back, now=5.2)
     assert sent is not None
     assert struct.unpack_from("<IIQ", sent[0]) == (4, sender, 0)
