@@ -28,6 +28,7 @@ from ._exceptions import PunchtrioError
 __all__ = [
     "CHANNEL_DATA_MIN_SIZE",
     "PROBE_MAGIC",
+    "RELAY_MAGIC",
     "STUN_MAGIC_COOKIE",
     "WIREGUARD_MIN_SIZE",
     "Datagram",
@@ -42,7 +43,11 @@ __all__ = [
 
 Address = tuple[str, int]
 Handler = Callable[[bytes, Address, float], object]
-"""A receiver of one demultiplexed datagram: ``handler(data, source, now)``; its result is ignored."""
+"""A receiver of one demultiplexed datagram: ``handler(data, source, now)``.
+
+A handler that unwraps relayed WireGuard (TURN ChannelData, relay frames) may return the IP packet
+its inner datagram decrypted to; :meth:`Mux.receive_datagram` passes ``bytes`` results on, so the
+tunnel writes them to the TUN like any other. Any other result is ignored."""
 
 STUN_MAGIC_COOKIE = b"\x21\x12\xa4\x42"
 """RFC 8489's magic cookie, bytes 4 to 8 of every STUN message."""
@@ -52,6 +57,13 @@ PROBE_MAGIC = b"\xf0pun"
 
 0xF0 is outside every range RFC 7983 assigns (STUN 0-3, DTLS 20-63, TURN channels 64-79, RTP
 128-191) and outside WireGuard's message types 1-4.
+"""
+
+RELAY_MAGIC = b"\xf1prl"
+"""The first four bytes of every frame of the hub's own relay (:mod:`punchtrio.relay`).
+
+0xF1, like the probe's 0xF0, lies outside every range RFC 7983 assigns and outside WireGuard's
+message types.
 """
 
 WIREGUARD_MIN_SIZE = 32
@@ -76,7 +88,9 @@ class Kind(enum.IntEnum):
     WIREGUARD = 3
     """A WireGuard message of type 1 to 4."""
     CHANNEL_DATA = 4
-    """TURN ChannelData (RFC 8656), first byte 0x40-0x7F."""
+    """TURN ChannelData (RFC 8656), first byte 0x40-0x4F (channels 0x4000-0x4FFF)."""
+    RELAY = 5
+    """A frame of the hub's own relay: starts with :data:`RELAY_MAGIC`."""
 
 
 def classify(data: bytes) -> Kind:
@@ -86,10 +100,12 @@ def classify(data: bytes) -> Kind:
       (bytes 2-4) equal to the datagram's length minus the 20-byte header (a multiple of 4);
     - probe: starts with :data:`PROBE_MAGIC`;
     - WireGuard: first byte 1-4, then three zero bytes, at least :data:`WIREGUARD_MIN_SIZE` bytes;
-    - ChannelData: first byte 0x40-0x7F, at least :data:`CHANNEL_DATA_MIN_SIZE` bytes;
+    - ChannelData: first byte 0x40-0x4F (RFC 8656 channels 0x4000-0x4FFF), at least
+      :data:`CHANNEL_DATA_MIN_SIZE` bytes;
+    - relay frame: starts with :data:`RELAY_MAGIC`;
     - anything else, including the empty datagram: :attr:`Kind.UNKNOWN`.
 
-    The four sets are disjoint (a WireGuard message has a zero STUN length field, so it could only
+    The five sets are disjoint (a WireGuard message has a zero STUN length field, so it could only
     pass the STUN test at 20 bytes, below its minimum size), so the order never changes a result.
     Total: never raises for any ``bytes``, and copies nothing.
     """
@@ -109,18 +125,21 @@ def classify(data: bytes) -> Kind:
         return _PROBE
     if 0 < first < 5 and n >= WIREGUARD_MIN_SIZE and data.startswith(_WG_ZEROS, 1):
         return _WIREGUARD
-    if 0x40 <= first < 0x80 and n >= CHANNEL_DATA_MIN_SIZE:
+    if 0x40 <= first < 0x50 and n >= CHANNEL_DATA_MIN_SIZE:
         return _CHANNEL_DATA
+    if first == 0xF1 and data.startswith(RELAY_MAGIC):
+        return _RELAY
     return _UNKNOWN
 
 
 # Module-level aliases: a global lookup is cheaper than an attribute of the enum class.
-_UNKNOWN, _STUN, _PROBE, _WIREGUARD, _CHANNEL_DATA = (
+_UNKNOWN, _STUN, _PROBE, _WIREGUARD, _CHANNEL_DATA, _RELAY = (
     Kind.UNKNOWN,
     Kind.STUN,
     Kind.PROBE,
     Kind.WIREGUARD,
     Kind.CHANNEL_DATA,
+    Kind.RELAY,
 )
 _COUNTER = {kind: kind.name.lower() for kind in Kind}
 
@@ -132,7 +151,7 @@ class MuxError(PunchtrioError):
 @dataclass
 class MuxCounters:
     """What the mux saw: datagrams received of each kind (``wireguard``, ``stun``, ``probe``,
-    ``channel_data``, and ``unknown`` ones, which are dropped); ``unrouted`` those of a known kind
+    ``channel_data``, ``relay``, and ``unknown`` ones, which are dropped); ``unrouted`` those of a known kind
     with no handler; ``queue_full`` those dropped because a queue from :meth:`Mux.open_queue` was
     full or closed."""
 
@@ -140,6 +159,7 @@ class MuxCounters:
     stun: int = 0
     probe: int = 0
     channel_data: int = 0
+    relay: int = 0
     unknown: int = 0
     unrouted: int = 0
     queue_full: int = 0
@@ -218,7 +238,8 @@ class Mux:
         """Dispatch one datagram from ``addr`` received at ``now``.
 
         Returns what the WireGuard receiver returns for WireGuard datagrams (the inner IP packet
-        for the TUN device, or ``None``), and ``None`` for every other kind.
+        for the TUN device, or ``None``); for other kinds, what their handler returned if that is
+        ``bytes`` (a relay unwrapper's decrypted packet), else ``None``.
         """
         counters = self.counters
         # The WireGuard test comes first here for speed; the kinds are disjoint (see classify).
@@ -239,8 +260,8 @@ class Mux:
         if handler is None:
             counters.unrouted += 1
             return None
-        handler(data, addr, now)
-        return None
+        result = handler(data, addr, now)
+        return result if type(result) is bytes else None
 
 
 class MuxedDevice:

@@ -15,6 +15,7 @@ from hypothesis import strategies as st
 from punchtrio import netsim
 from punchtrio.mux import (
     PROBE_MAGIC,
+    RELAY_MAGIC,
     Datagram,
     Kind,
     Mux,
@@ -99,8 +100,13 @@ def test_real_wireguard_messages_of_every_type_are_wireguard() -> None:
         (b"\x05\x00\x00\x00" + bytes(60), Kind.UNKNOWN),
         (b"\x01\x00\x00\x01" + bytes(144), Kind.UNKNOWN),
         (PROBE_MAGIC, Kind.PROBE),
-        (b"\x7f\xff\x00\x00", Kind.CHANNEL_DATA),
-        (b"\x7f\xff\x00", Kind.UNKNOWN),
+        (b"\x4f\xff\x00\x00", Kind.CHANNEL_DATA),
+        (b"\x4f\xff\x00", Kind.UNKNOWN),
+        # RFC 5766 allowed channels up to 0x7FFE; RFC 8656 narrowed them to 0x4000-0x4FFF.
+        (b"\x50\x00\x00\x00", Kind.UNKNOWN),
+        (b"\x7f\xff\x00\x00", Kind.UNKNOWN),
+        (RELAY_MAGIC + bytes(8), Kind.RELAY),
+        (RELAY_MAGIC[:3], Kind.UNKNOWN),
         (b"\x80" + bytes(40), Kind.UNKNOWN),
         (b"\xff" * 100, Kind.UNKNOWN),
     ],
@@ -115,7 +121,7 @@ class Recorder:
     def __init__(self) -> None:
         self.mux = Mux()
         self.got: list[tuple[Kind, bytes]] = []
-        for kind in (Kind.STUN, Kind.PROBE, Kind.CHANNEL_DATA):
+        for kind in (Kind.STUN, Kind.PROBE, Kind.CHANNEL_DATA, Kind.RELAY):
             self.mux.route(kind, self._recorder(kind))
         self.mux.route(Kind.WIREGUARD, self._wireguard)
 
@@ -253,7 +259,7 @@ def test_every_probe_is_a_probe(
     assert classify(data) is Kind.PROBE
 
 
-@given(st.integers(0x4000, 0x7FFF), st.binary(max_size=100))
+@given(st.integers(0x4000, 0x4FFF), st.binary(max_size=100))
 def test_every_channel_data_message_is_channel_data(channel: int, payload: bytes) -> None:
     data = struct.pack("!HH", channel, len(payload)) + payload
     assert classify(data) is Kind.CHANNEL_DATA
@@ -376,3 +382,15 @@ async def test_the_tunnel_drains_the_shared_socket_through_the_mux(
         for name, (inside, _) in tuns.items():
             apps[name].close()
             inside.close()
+
+
+def test_a_relay_handler_s_decrypted_packet_is_returned_and_other_results_are_not() -> None:
+    mux = Mux()
+    mux.route(Kind.RELAY, lambda data, addr, now: b"inner packet")
+    mux.route(Kind.CHANNEL_DATA, lambda data, addr, now: 42)
+    assert (
+        mux.receive_datagram(RELAY_MAGIC + b"frame", ("203.0.113.1", 7778), 0.0) == b"inner packet"
+    )
+    assert mux.receive_datagram(b"\x40\x00\x00\x00", ("203.0.113.1", 3478), 0.0) is None
+    assert mux.counters.relay == 1
+    assert mux.counters.channel_data == 1
