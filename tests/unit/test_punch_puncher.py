@@ -409,3 +409,114 @@ def test_no_input_makes_the_puncher_raise_or_choose_a_path(
     assert p.path(PUB["b"]) is None
     sent = p.datagrams_to_send()
     assert all(len(data) == 72 for data, _ in sent)
+
+
+# -- relayed paths --------------------------------------------------------------------------
+
+RELAYED = {"a": ("240.0.0.2", 1), "b": ("240.0.0.1", 1)}  # how each side names the other
+TCP_RELAYED = {"a": ("240.1.0.2", 1), "b": ("240.1.0.1", 1)}
+
+
+def connect_relay(w: World, names: dict[str, Address] = RELAYED) -> None:
+    """A relay between a and b: what a sends to its name for b arrives at b from b's name for a."""
+    w.links[("a", names["b"])] = ("b", names["a"])
+    w.links[("b", names["a"])] = ("a", names["b"])
+
+
+def set_relays(w: World, now: float = 0.0, **preferences: dict[Address, int]) -> None:
+    w.punchers["a"].set_relays(PUB["b"], {RELAYED["b"]: 0, **preferences.get("a", {})}, now)
+    w.punchers["b"].set_relays(PUB["a"], {RELAYED["a"]: 0, **preferences.get("b", {})}, now)
+
+
+def test_a_relay_carries_the_path_when_nothing_direct_works() -> None:
+    w = World()
+    connect_relay(w)
+    set_relays(w)
+    w.start()
+    w.run(3.0)
+    [a] = w.chosen("a")
+    assert (a.endpoint, a.kind) == (RELAYED["b"], "relay")
+    # Relayed pairs wait for relay_delay: nothing went to the relay before it.
+    first = min(t for t, n, d, _ in w.sent if n == "a" and d == RELAYED["b"])
+    assert first == pytest.approx(PunchSettings().relay_delay)
+    assert not [e for e in w.events["a"] if isinstance(e, PunchFailed)]
+
+
+def test_a_direct_path_found_at_once_is_chosen_before_the_relay_is_tried() -> None:
+    w = World()
+    w.connect_direct()
+    connect_relay(w)
+    set_relays(w)
+    w.start()
+    w.run(3.0)
+    assert [e.kind for e in w.chosen("a")] == ["direct"]
+    assert [e.kind for e in w.chosen("b")] == ["direct"]
+
+
+def test_relayed_then_direct_once_it_opens_and_back_to_the_relay_when_it_dies() -> None:
+    w = World()
+    connect_relay(w)
+    set_relays(w)
+    w.start()
+    w.run(20.0)  # every direct pair has failed by now; the relay carries the path
+    assert [e.kind for e in w.chosen("a")] == ["relay"]
+    w.connect_direct()  # the firewall opens: upgrade retries find it without a new start()
+    w.run(140.0)
+    assert [e.kind for e in w.chosen("a")] == ["relay", "direct"]
+    assert [e.kind for e in w.chosen("b")] == ["relay", "direct"]
+    del w.links[("a", PUBLIC["b"])]
+    del w.links[("b", PUBLIC["a"])]
+    w.run(160.0)
+    lost = [e for e in w.events["a"] if isinstance(e, PathLost)]
+    assert [e.kind for e in lost] == ["direct"]
+    assert [e.kind for e in w.chosen("a")] == ["relay", "direct", "relay"]
+
+
+def test_upgrade_retries_back_off_and_stay_bounded() -> None:
+    settings = PunchSettings()
+    w = World(settings=settings)
+    connect_relay(w)
+    set_relays(w)
+    w.start()
+    w.run(3600.0)
+    # After the first attempt, the retries come at 2, 4, ..., 60 s: about 60 retries in an hour,
+    # each at most max_unanswered pings per pair.
+    pings = w.pings_to("a", PUBLIC["b"])
+    retries = pings / settings.max_unanswered
+    assert 40 <= retries <= 80
+    assert [e.kind for e in w.chosen("a")] == ["relay"]
+
+
+def test_the_preferred_relay_wins_and_a_removed_relay_is_lost() -> None:
+    w = World()
+    connect_relay(w)
+    connect_relay(w, TCP_RELAYED)
+    w.punchers["a"].set_relays(PUB["b"], {RELAYED["b"]: 0, TCP_RELAYED["b"]: 2}, 0.0)
+    w.punchers["b"].set_relays(PUB["a"], {RELAYED["a"]: 0, TCP_RELAYED["a"]: 2}, 0.0)
+    w.start()
+    w.run(3.0)
+    assert w.punchers["a"].path(PUB["b"]).endpoint == RELAYED["b"]  # type: ignore[union-attr]
+    # The UDP relay goes away (e.g. the network starts dropping UDP): the TCP one takes over.
+    w.punchers["a"].set_relays(PUB["b"], {TCP_RELAYED["b"]: 2}, w.now)
+    w.run(6.0)
+    assert [e.endpoint for e in w.events["a"] if isinstance(e, PathLost)] == [RELAYED["b"]]
+    assert w.punchers["a"].path(PUB["b"]).endpoint == TCP_RELAYED["b"]  # type: ignore[union-attr]
+
+
+def test_relays_only_start_at_once() -> None:
+    w = World()
+    connect_relay(w)
+    set_relays(w)
+    w.punchers["a"].start(PUB["b"], [], 0.0)
+    w.punchers["b"].start(PUB["a"], [], 0.0)
+    w.run(1.0)
+    first = min(t for t, n, d, _ in w.sent if n == "a" and d == RELAYED["b"])
+    assert first == 0.0
+    assert [e.kind for e in w.chosen("a")] == ["relay"]
+
+
+def test_bad_relay_settings_are_refused() -> None:
+    with pytest.raises(PunchError):
+        PunchSettings(relay_delay=-1)
+    with pytest.raises(PunchError):
+        PunchSettings(upgrade_retry=10, upgrade_retry_max=5)

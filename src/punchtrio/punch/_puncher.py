@@ -19,8 +19,15 @@ probing    a ping every ``fast_interval`` for ``fast_period``, then the   succee
 succeeded  answered; silent unless chosen, then a heartbeat every         probing (after a loss)
            ``heartbeat_interval`` (retries every ``heartbeat_retry``)
 failed     ``max_unanswered`` pings went unanswered; never probed again   probing (the next
-           in this attempt                                               :meth:`Puncher.start`)
+           in this attempt                                               :meth:`Puncher.start`,
+                                                                         or an upgrade retry)
 =========  ============================================================  =======================
+
+Relayed paths (:meth:`Puncher.set_relays`) are pairs like the others, of kind ``"relay"``: they
+start ``relay_delay`` after the attempt (so a direct path found at once is chosen first), and rank
+below every direct and LAN path. While a relay carries the tunnel, the failed direct pairs are
+probed again every ``upgrade_retry`` seconds (doubling up to ``upgrade_retry_max``) for as long as
+the peer is known: a peer is never stuck on a relay.
 """
 
 from __future__ import annotations
@@ -29,7 +36,7 @@ import ipaddress
 import os
 import time
 from collections import deque
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from typing import Literal
 
@@ -91,8 +98,15 @@ class PunchSettings:
       and after 4 unanswered the path is lost (4 to 9 s after it broke);
     - ``upgrade_ratio`` 0.5: a working path of the same kind replaces the chosen one only if its
       round trip is below half the chosen one's;
-    - ``max_pairs`` 16: remote addresses per peer, candidates and peer-reflexive ones together;
-    - ``window`` :data:`~punchtrio.punch.PROBE_WINDOW`: allowed clock difference between peers.
+    - ``max_pairs`` 16: remote addresses per peer, candidates and peer-reflexive ones together
+      (relayed paths come on top);
+    - ``window`` :data:`~punchtrio.punch.PROBE_WINDOW`: allowed clock difference between peers;
+    - ``relay_delay`` 0.5: relayed paths are probed from this long after the start of an attempt
+      (at once when the peer has no candidate we can reach), so that a direct path, which answers
+      within a round trip or two when it exists, is the first path chosen;
+    - ``upgrade_retry`` 2.0 and ``upgrade_retry_max`` 60.0: while the chosen path is a relay and
+      every direct pair has failed, they are probed again after this long, the wait doubling after
+      each failed retry up to the maximum.
     """
 
     fast_interval: float = 0.05
@@ -105,8 +119,13 @@ class PunchSettings:
     upgrade_ratio: float = 0.5
     max_pairs: int = 16
     window: float = PROBE_WINDOW
+    relay_delay: float = 0.5
+    upgrade_retry: float = 2.0
+    upgrade_retry_max: float = 60.0
 
     def __post_init__(self) -> None:
+        if self.relay_delay < 0 or not 0 < self.upgrade_retry <= self.upgrade_retry_max:
+            raise PunchError("relay_delay must be >= 0 and 0 < upgrade_retry <= upgrade_retry_max")
         if min(self.fast_interval, self.backoff_max, self.heartbeat_interval) <= 0:
             raise PunchError("intervals must be positive")
         if self.heartbeat_retry <= 0 or self.fast_period < 0 or self.window <= 0:
@@ -158,6 +177,7 @@ class _Pair:
         "interval",
         "kind",
         "last_ping",
+        "preference",
         "next_send",
         "priority",
         "remote",
@@ -178,6 +198,7 @@ class _Pair:
         self.last_ping = -_INF
         self.interval = 0.0
         self.rtt: float | None = None
+        self.preference = 0  # among relayed paths: lower is better
 
     def begin(self, now: float, interval: float) -> None:
         self.state = _PROBING
@@ -186,8 +207,8 @@ class _Pair:
         self.next_send = now
         self.interval = interval
 
-    def rank(self) -> tuple[int, float]:
-        return _RANK[self.kind], self.rtt if self.rtt is not None else _INF
+    def rank(self) -> tuple[int, int, float]:
+        return _RANK[self.kind], self.preference, self.rtt if self.rtt is not None else _INF
 
 
 class _Peer:
@@ -201,8 +222,12 @@ class _Peer:
         "outstanding",
         "pairs",
         "probes_sent",
+        "attempt_at",
         "public_key",
         "relays",
+        "retry_at",
+        "routed",
+        "retry_wait",
         "seen_as",
         "started",
     )
@@ -220,12 +245,19 @@ class _Peer:
         self.probes_sent = 0
         self.seen_as: Address | None = None
         self.lan: frozenset[Address] = frozenset()  # host candidates on a network we share
-        self.relays: frozenset[Address] = frozenset()
+        self.relays: dict[Address, int] = {}  # relayed paths and their preference
+        self.routed: dict[Address, int] = {}  # relayed paths set by the caller (set_relays)
+        self.attempt_at = 0.0  # when the current attempt started
+        self.retry_at: float | None = None  # next upgrade retry while relayed
+        self.retry_wait = 0.0
 
     def kind_of(self, remote: Address) -> PathKind:
         if remote in self.relays:
             return "relay"
         return "lan" if remote in self.lan else "direct"
+
+    def direct_pairs(self) -> list[_Pair]:
+        return [p for p in self.pairs.values() if p.kind != "relay"]
 
 
 def _shared(address: str, networks: tuple[Network, ...] | None) -> bool:
@@ -339,7 +371,8 @@ class Puncher:
             for c in ordered
             if c.type is CandidateType.HOST and _shared(c.address, networks)
         )
-        peer.relays = frozenset(c.endpoint for c in ordered if c.type is CandidateType.RELAY)
+        peer.relays = {c.endpoint: 1 for c in ordered if c.type is CandidateType.RELAY}
+        peer.relays.update(peer.routed)
         pairs: dict[Address, _Pair] = {}
         for cand in ordered:
             if cand.version not in self.families or cand.endpoint in pairs:
@@ -355,7 +388,12 @@ class Puncher:
         for remote, old in peer.pairs.items():  # peer-reflexive addresses learnt so far
             if len(pairs) >= self.settings.max_pairs:
                 break
-            pairs.setdefault(remote, old)
+            if remote not in peer.routed:
+                pairs.setdefault(remote, old)
+        for remote, preference in peer.routed.items():  # relayed paths: on top of max_pairs
+            pair = peer.pairs.get(remote) or _Pair(remote, "relay", 0)
+            pair.preference = preference
+            pairs[remote] = pair
         peer.pairs = pairs
         for pair in pairs.values():
             before, pair.kind = pair.kind, peer.kind_of(pair.remote)
@@ -365,9 +403,47 @@ class Puncher:
         peer.started = True
         peer.failed_reported = False
         peer.probes_sent = 0
+        peer.attempt_at = at
+        peer.retry_at = None
+        peer.retry_wait = self.settings.upgrade_retry
+        relay_at = self._relay_start(peer)
         for pair in pairs.values():
             if pair is not peer.chosen:
-                pair.begin(at, self.settings.fast_interval)
+                pair.begin(relay_at if pair.kind == "relay" else at, self.settings.fast_interval)
+
+    def set_relays(self, public_key: bytes, relays: Mapping[Address, int], now: float) -> None:
+        """Make ``relays`` the relayed paths to the peer, each with its preference (lower wins).
+
+        A relayed path is an address the caller routes through a relay (the shell wraps what is
+        sent there and unwraps what comes back as if from there). New ones are probed from
+        ``relay_delay`` after the current attempt's start (or ``now``, if later); ones no longer
+        listed are forgotten, and if one was the chosen path, that path is lost
+        (:class:`PathLost`, then probing again). Raises :class:`PunchError` if the peer is unknown.
+        """
+        peer = self._peer(public_key)
+        new = {remote: int(preference) for remote, preference in relays.items()}
+        for remote in set(peer.routed) - set(new):
+            pair = peer.pairs.pop(remote, None)
+            peer.relays.pop(remote, None)
+            if pair is not None and pair is peer.chosen:
+                self._lose(peer, pair, now)
+        peer.routed = new
+        peer.relays.update(new)
+        start = max(now, self._relay_start(peer))
+        for remote, preference in new.items():
+            pair = peer.pairs.get(remote)
+            if pair is None:
+                pair = peer.pairs[remote] = _Pair(remote, "relay", preference)
+                if peer.started:
+                    pair.begin(start, self.settings.fast_interval)
+            pair.kind = "relay"
+            pair.preference = preference
+
+    def _relay_start(self, peer: _Peer) -> float:
+        """When relayed pairs of the current attempt may start: at once if nothing else can work."""
+        if not any(p.kind != "relay" for p in peer.pairs.values()):
+            return peer.attempt_at
+        return peer.attempt_at + self.settings.relay_delay
 
     def path(self, public_key: bytes) -> PathChosen | None:
         """Return the chosen path to a peer, or ``None``. Raises :class:`PunchError` if unknown."""
@@ -402,6 +478,9 @@ class Puncher:
         """Return when :meth:`handle_timer` should run next (the caller's clock), or ``None``."""
         deadline: float | None = None
         for peer in self._peers.values():
+            retry = peer.retry_at
+            if retry is not None and (deadline is None or retry < deadline):
+                deadline = retry
             for pair in peer.pairs.values():
                 due = pair.next_send
                 if due is not None and (deadline is None or due < deadline):
@@ -411,10 +490,13 @@ class Puncher:
     def handle_timer(self, now: float) -> None:
         """Send the probes due at ``now`` and notice unanswered pairs and lost paths."""
         for peer in self._peers.values():
+            if peer.retry_at is not None and peer.retry_at <= now:
+                self._retry_direct(peer, now)
             for pair in list(peer.pairs.values()):
                 if pair.next_send is not None and pair.next_send <= now:
                     self._due(peer, pair, now)
             self._check_failed(peer)
+            self._check_upgrade(peer, now)
 
     def receive_datagram(self, data: bytes, addr: Address, now: float) -> None:
         """Process one probe datagram from ``addr`` received at ``now``.
@@ -493,6 +575,22 @@ class Puncher:
         peer.failed_reported = False
         peer.probes_sent = 0
 
+    def _check_upgrade(self, peer: _Peer, now: float) -> None:
+        """While a relay carries the path and no direct pair is left probing, plan a retry."""
+        chosen = peer.chosen
+        if chosen is None or chosen.kind != "relay" or peer.retry_at is not None:
+            return
+        direct = peer.direct_pairs()
+        if direct and all(p.state == _FAILED for p in direct):
+            peer.retry_at = now + peer.retry_wait
+
+    def _retry_direct(self, peer: _Peer, now: float) -> None:
+        peer.retry_at = None
+        peer.retry_wait = min(self.settings.upgrade_retry_max, peer.retry_wait * 2)
+        for pair in peer.direct_pairs():
+            if pair.state == _FAILED:
+                pair.begin(now, self.settings.fast_interval)
+
     def _check_failed(self, peer: _Peer) -> None:
         if not peer.started or peer.failed_reported or peer.chosen is not None:
             return
@@ -558,6 +656,9 @@ class Puncher:
             if chosen is not None:
                 chosen.next_send = None
             peer.chosen = pair
+            if pair.kind != "relay":
+                peer.retry_at = None
+                peer.retry_wait = self.settings.upgrade_retry
             pair.next_send = now + self.settings.heartbeat_interval
             self._events.append(PathChosen(peer.public_key, pair.remote, pair.kind, sample))
 
@@ -565,6 +666,8 @@ class Puncher:
         new_rank, old_rank = _RANK[new.kind], _RANK[old.kind]
         if new_rank != old_rank:
             return new_rank < old_rank
+        if new.kind == "relay" and new.preference != old.preference:
+            return new.preference < old.preference
         if new.rtt is None or old.rtt is None:
             return False
         return new.rtt < old.rtt * self.settings.upgrade_ratio
