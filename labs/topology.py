@@ -70,7 +70,8 @@ class NatSpec:
     """What :func:`build` should make: one NAT of ``kind`` with ``hosts`` host namespaces behind it.
 
     ``hairpin`` makes the NAT forward datagrams its hosts send to its own public address (RFC 4787
-    hairpinning). ``behind`` puts this NAT on the LAN of another NAT (a NAT behind a NAT) instead of
+    hairpinning). ``block_udp`` makes it drop every UDP datagram its hosts send out (a guest or
+    corporate network that lets only TCP through). ``behind`` puts this NAT on the LAN of another NAT (a NAT behind a NAT) instead of
     on the wan bridge; that outer NAT is built too and gets ``behind.hosts`` hosts of its own.
     """
 
@@ -78,6 +79,7 @@ class NatSpec:
     hosts: int = 1
     hairpin: bool = False
     behind: NatSpec | None = None
+    block_udp: bool = False
 
     def __post_init__(self) -> None:
         if self.kind not in KINDS:
@@ -109,6 +111,7 @@ class Nat:
     hairpin: bool
     hosts: list[Host] = field(default_factory=list)
     outer: Nat | None = None
+    block_udp: bool = False
 
     @property
     def internet_ip(self) -> str:
@@ -253,7 +256,17 @@ class _Builder:
         ns.run("ip", "link", "add", "lan0", "type", "bridge")
         ns.run("ip", "addr", "add", f"{lan_ip}/{lan_net.prefixlen}", "dev", "lan0")
         ns.run("ip", "link", "set", "lan0", "up")
-        nat = Nat(name, spec.kind, ns, public_ip, lan_ip, lan_net, spec.hairpin, outer=outer)
+        nat = Nat(
+            name,
+            spec.kind,
+            ns,
+            public_ip,
+            lan_ip,
+            lan_net,
+            spec.hairpin,
+            outer=outer,
+            block_udp=spec.block_udp,
+        )
         self.lan_next[name] = _FIRST_LAN_HOST
         ns.run("nft", "-f", "-", input=nft_ruleset(nat))
         self.nats.append(nat)
@@ -345,6 +358,10 @@ table ip ptnat {{
   chain input {{
     type filter hook input priority filter; policy accept;
     meta l4proto udp drop
+  }}
+  chain forward {{
+    type filter hook forward priority filter; policy accept;
+    {'iifname "lan0" meta l4proto udp drop' if nat.block_udp else ""}
   }}
 }}
 """

@@ -27,6 +27,8 @@ DESCRIPTION = "punchtrio hub + two `punchtrio up` per NAT pair; ping through the
 
 HUB_PORT = 7777
 HUB_URL = f"http://203.0.113.1:{HUB_PORT}"
+RELAY_PORT = 7778
+"""The hub's own relay, UDP and TCP, on the hub's primary address."""
 PING_DEADLINE = 20.0
 """Seconds the first ping keeps trying (every 50 ms) before the pair counts as failed."""
 
@@ -38,8 +40,11 @@ MATRIX_SPECS: tuple[str | NatSpec, ...] = (
     "addr",
     "sym",
     NatSpec("port", hosts=2),
+    "sym",
+    NatSpec("full", block_udp=True),
 )
-"""The matrix topology: one host behind each of six NATs, and two hosts behind one port NAT."""
+"""The matrix topology: one host behind each of six NATs, two hosts behind one port NAT, a second
+symmetric NAT, and a full cone whose network drops every outgoing UDP datagram."""
 
 
 @dataclass
@@ -64,8 +69,9 @@ class PairResult:
 
 
 def start_hub(net: Network, log: Path | None = None) -> subprocess.Popen[bytes]:
-    """Start ``punchtrio hub`` with embedded STUN (203.0.113.1:3478, alternate .2:3479) in the hub
-    namespace and wait until it listens; it stops when the lab closes."""
+    """Start ``punchtrio hub`` with embedded STUN (203.0.113.1:3478, alternate .2:3479) and its
+    relay (UDP and TCP on :data:`RELAY_PORT`) in the hub namespace and wait until it listens; it
+    stops when the lab closes."""
     hub = net.hub
     argv = [
         *discovery.PUNCHTRIO,
@@ -76,13 +82,17 @@ def start_hub(net: Network, log: Path | None = None) -> subprocess.Popen[bytes]:
         f"{hub.primary_ip}:3478",
         "--stun-alternate",
         f"{hub.alternate_ip}:3479",
+        "--relay",
+        f"{hub.primary_ip}:{RELAY_PORT}",
     ]
     with contextlib.ExitStack() as stack:
         out: Any = subprocess.DEVNULL if log is None else stack.enter_context(log.open("wb"))
         proc = net.lab.spawn(hub.ns, *argv, stdout=out, stderr=subprocess.STDOUT)
     discovery.wait_listening(hub.ns, [(hub.primary_ip, 3478), (hub.alternate_ip, 3479)], proc)
     deadline = time.monotonic() + 10
-    while f"{hub.primary_ip}:{HUB_PORT}" not in hub.ns.run("ss", "-H", "-tln"):
+    while not all(
+        f"{hub.primary_ip}:{port}" in hub.ns.run("ss", "-H", "-tln") for port in (HUB_PORT, RELAY_PORT)
+    ):
         if proc.poll() is not None or time.monotonic() > deadline:
             raise LabError("punchtrio hub did not start listening")
         time.sleep(0.05)
@@ -180,7 +190,16 @@ def _first_ping(
     return None
 
 
-PAIRS = ("full/full", "port/port", "addr/sym", "full/sym", "same-nat")
+PAIRS = (
+    "full/full",
+    "port/port",
+    "addr/sym",
+    "full/sym",
+    "same-nat",
+    "port/sym",
+    "sym/sym",
+    "udp-blocked/full",
+)
 
 
 def matrix_pairs(net: Network) -> dict[str, tuple[Host, Host]]:
@@ -192,6 +211,9 @@ def matrix_pairs(net: Network) -> dict[str, tuple[Host, Host]]:
         "addr/sym": (nats[4].hosts[0], nats[5].hosts[0]),
         "full/sym": (nats[0].hosts[0], nats[5].hosts[0]),
         "same-nat": (nats[6].hosts[0], nats[6].hosts[1]),
+        "port/sym": (nats[2].hosts[0], nats[5].hosts[0]),
+        "sym/sym": (nats[5].hosts[0], nats[7].hosts[0]),
+        "udp-blocked/full": (nats[8].hosts[0], nats[1].hosts[0]),
     }
 
 

@@ -1,6 +1,7 @@
 """punchtrio: connect machines behind NATs and firewalls with Trio, STUN, hole punching and WireGuard.
 
-The public API is re-exported here explicitly; everything else lives in private modules or in the
+The public API is re-exported here explicitly (the connector's events among it: the puncher's own
+events of the same names stay in ``punchtrio.punch``); everything else lives in private modules or in the
 documented subpackages (``punchtrio.wireguard``, ``punchtrio.stun``, ``punchtrio.rendezvous``...).
 """
 
@@ -9,6 +10,9 @@ from .connect import (
     ConnectError,
     Connector,
     MemoryInterface,
+    PathChanged,
+    PathChosen,
+    PathLost,
     PeerConnected,
     PeerFailed,
     TunnelConfig,
@@ -19,10 +23,7 @@ from .mux import Mux
 from .punch import (
     Candidate,
     CandidateType,
-    PathChosen,
-    PathLost,
     Puncher,
-    PunchFailed,
     PunchSession,
 )
 from .stun import NatReport, StunError, StunServer, discover_nat
@@ -38,13 +39,13 @@ __all__ = [
     "MemoryInterface",
     "Mux",
     "NatReport",
+    "PathChanged",
     "PathChosen",
     "PathLost",
     "PeerConnected",
     "PeerFailed",
     "PrivateKey",
     "PublicKey",
-    "PunchFailed",
     "PunchSession",
     "Puncher",
     "PunchtrioError",

@@ -280,6 +280,7 @@ class MuxedDevice:
         self.receive_datagram: Callable[[bytes, Address, float], bytes | None] = (
             mux.receive_datagram
         )
+        self._routes: dict[Address, Callable[[bytes], object]] = {}
         self.send_packet: Callable[[bytes, float], tuple[bytes, Address] | None] = (
             device.send_packet
         )
@@ -288,6 +289,50 @@ class MuxedDevice:
         self.handle_timer: Callable[[float], None] = device.handle_timer
         self.next_event: Callable[[], Any] = device.next_event
         self.peer_stats: Callable[[], Mapping[bytes, Any]] = device.peer_stats
+
+    def set_route(self, address: Address, send: Callable[[bytes], object] | None) -> None:
+        """Hand what WireGuard sends to ``address`` to ``send(datagram)`` instead of the socket.
+
+        This is how a relayed path works: ``address`` names the path in WireGuard's endpoint
+        table, and ``send`` wraps the datagram for the relay and sends it there (its result is
+        ignored). ``None`` removes the route. While no route is set, sending is the device's own
+        method, with no cost per packet.
+        """
+        if send is None:
+            self._routes.pop(address, None)
+        else:
+            self._routes[address] = send
+        device = self.device
+        if self._routes:
+            self.send_packet = self._routed_send_packet
+            self.datagrams_to_send = self._routed_datagrams
+        else:
+            self.send_packet = device.send_packet
+            self.datagrams_to_send = device.datagrams_to_send
+
+    def routed(self, address: Address) -> Callable[[bytes], object] | None:
+        """Return the sender routed for ``address`` (see :meth:`set_route`), or ``None``."""
+        return self._routes.get(address)
+
+    def _routed_send_packet(self, packet: bytes, now: float) -> tuple[bytes, Address] | None:
+        out = self.device.send_packet(packet, now)
+        if out is not None:
+            send = self._routes.get(out[1])
+            if send is not None:
+                send(out[0])
+                return None
+        return out
+
+    def _routed_datagrams(self) -> list[tuple[bytes, Address]]:
+        routes = self._routes
+        out = []
+        for data, address in self.device.datagrams_to_send():
+            send = routes.get(address)
+            if send is None:
+                out.append((data, address))
+            else:
+                send(data)
+        return out
 
     @property
     def under_load(self) -> bool:

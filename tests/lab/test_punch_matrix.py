@@ -19,6 +19,7 @@ import pytest
 from labs.scenarios.punch_matrix import (
     MATRIX_SPECS,
     PAIRS,
+    RELAY_PORT,
     PairResult,
     matrix_pairs,
     run_pair,
@@ -36,7 +37,11 @@ EXPECTED_PATH = {
     "addr/sym": "direct",
     "full/sym": "direct",
     "same-nat": "lan",
+    "port/sym": "relay",
+    "sym/sym": "relay",
+    "udp-blocked/full": "relay",
 }
+RELAY_TRANSPORT = {"port/sym": "hub/udp", "sym/sym": "hub/udp", "udp-blocked/full": "hub/tcp"}
 TIMES: dict[str, tuple[float | None, str | None, str | None]] = {}
 
 
@@ -84,6 +89,19 @@ def test_pair_pings_through_the_tunnel(
         # Each side names the path by what it is, however it first learnt the address (a
         # peer-reflexive ping from the other often arrives before that side's own start).
         assert result.path(name_a) == result.path(name_b) == "lan"
+    elif EXPECTED_PATH[label] == "relay":
+        # No direct path exists: both sides go through the hub's relay, named in the event.
+        assert result.path(name_a) == result.path(name_b) == "relay"
+        transports = {result.connected(name)["relay"] for name in (name_a, name_b)}  # type: ignore[index]
+        if label == "udp-blocked/full":
+            # The blocked side can only use TCP; the other side binds over UDP.
+            assert transports == {"hub/tcp", "hub/udp"}, transports
+        else:
+            assert transports == {RELAY_TRANSPORT[label]}, transports
+        for name in (name_a, name_b):
+            assert result.connected(name)["endpoint"] in (  # type: ignore[index]
+                f"203.0.113.1:{RELAY_PORT}",
+            )
     else:
         assert result.path(name_a) == result.path(name_b) == EXPECTED_PATH[label]
         for host, name in ((b, name_a), (a, name_b)):

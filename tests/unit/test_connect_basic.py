@@ -435,7 +435,7 @@ async def test_packets_cross_both_ways_across_the_first_rekey(
                         assert await ifaces[dst].receive() == packet
             nursery.cancel_scope.cancel()
     for connector in connectors.values():
-        assert connector._device.counters["no_session"] == 0
+        assert connector.core.device.counters["no_session"] == 0
 
 
 @pytest.mark.parametrize(

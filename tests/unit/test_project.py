@@ -34,3 +34,13 @@ def test_public_names_are_exported_and_documented() -> None:
         if name != "__version__":
             assert obj.__doc__, name
             assert obj.__module__.startswith("punchtrio"), name
+
+
+def test_each_connector_event_has_one_public_home() -> None:
+    # The top-level names are the connector's events: an isinstance check against
+    # ``punchtrio.PathChosen`` matches what ``Connector.events`` yields.
+    from punchtrio import connect
+
+    for name in ("PathChosen", "PathChanged", "PathLost", "PeerConnected", "PeerFailed"):
+        assert getattr(punchtrio, name) is getattr(connect, name), name
+    assert not hasattr(punchtrio, "PunchFailed")

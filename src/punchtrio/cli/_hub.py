@@ -23,6 +23,9 @@ from ._main import UsageError
 # The server (Starlette, Hypercorn) is imported when ``hub`` runs: every other command builds this
 # parser too, and should not pay for it.
 if TYPE_CHECKING:
+    import ssl
+
+    from ..relay._turn_credentials import TurnServerURI
     from ..rendezvous._hub import HubConfig
     from ..rendezvous._serve import HubListeners
 
@@ -116,6 +119,36 @@ def register(subparsers: Any) -> None:
         metavar="IP:PORT",
         help="RFC 5780 alternate STUN address (other IP and port than --stun)",
     )
+    hub.add_argument(
+        "--relay",
+        metavar="IP:PORT",
+        help=(
+            "also relay WireGuard between registered peers of one network, on UDP and TCP at "
+            "this address (TLS on TCP with --tls-cert); see docs/relay.md"
+        ),
+    )
+    hub.add_argument(
+        "--turn",
+        metavar="URI",
+        action="append",
+        default=[],
+        help=(
+            "advertise a TURN server (turn:HOST:PORT?transport=udp|tcp, turns:HOST:PORT) and mint "
+            "its credentials for registered peers; repeatable; needs --turn-secret-file"
+        ),
+    )
+    hub.add_argument(
+        "--turn-secret-file",
+        metavar="FILE",
+        help="the TURN servers' shared secret (coturn --static-auth-secret), for REST credentials",
+    )
+    hub.add_argument(
+        "--turn-ttl",
+        type=float,
+        default=3600.0,
+        metavar="SECONDS",
+        help="lifetime of the minted TURN credentials (3600)",
+    )
     hub.set_defaults(run=_run)
 
 
@@ -134,6 +167,46 @@ def _positive(value: float, option: str) -> float:
     if not (math.isfinite(value) and value > 0):
         raise UsageError(f"{option} must be a positive number")
     return value
+
+
+MAX_TURN_SECRET_BYTES = 4096
+"""Largest ``--turn-secret-file`` read, in bytes."""
+
+
+def _turn_options(args: argparse.Namespace) -> tuple[tuple[TurnServerURI, ...], bytes | None]:
+    """Return the parsed ``--turn`` URIs and the ``--turn-secret-file`` secret (``UsageError``)."""
+    from ..relay._turn_credentials import TurnServerURI, TurnURIError
+    from ..rendezvous._models import MAX_TURN_SERVERS
+
+    uris = []
+    for text in args.turn:
+        try:
+            uris.append(TurnServerURI.parse(text))
+        except TurnURIError as exc:
+            raise UsageError(f"--turn: {exc}") from None
+    if len(uris) > MAX_TURN_SERVERS:
+        raise UsageError(f"--turn: at most {MAX_TURN_SERVERS} servers")
+    if uris and args.turn_secret_file is None:
+        raise UsageError("--turn needs --turn-secret-file (the servers' --static-auth-secret)")
+    if args.turn_secret_file is None:
+        return (), None
+    if not uris:
+        raise UsageError("--turn-secret-file needs at least one --turn URI")
+    try:
+        with open(args.turn_secret_file, "rb") as file:
+            secret = file.read(MAX_TURN_SECRET_BYTES + 1)
+    except OSError as exc:
+        raise UsageError(
+            f"cannot read --turn-secret-file {args.turn_secret_file}: {exc.strerror}"
+        ) from None
+    secret = secret.strip()
+    if len(secret) > MAX_TURN_SECRET_BYTES:
+        raise UsageError(f"--turn-secret-file holds more than {MAX_TURN_SECRET_BYTES} bytes")
+    if not secret or b"\n" in secret or b"\0" in secret:
+        raise UsageError("--turn-secret-file must hold one non-empty line (the secret)")
+    if not (math.isfinite(args.turn_ttl) and 60 <= args.turn_ttl <= 7 * 86400):
+        raise UsageError("--turn-ttl must be from 60 seconds to 7 days")
+    return tuple(uris), secret
 
 
 def build_config(args: argparse.Namespace) -> tuple[HubConfig, StoreLimits]:
@@ -157,6 +230,7 @@ def build_config(args: argparse.Namespace) -> tuple[HubConfig, StoreLimits]:
             raise UsageError(f"--{number.replace('_', '-')} must be at least 1")
     if not (math.isfinite(args.rate) and args.rate >= 0):
         raise UsageError("--rate must be 0 or a positive number")
+    turn, turn_secret = _turn_options(args)
     config = HubConfig(
         key,
         networks,
@@ -165,6 +239,9 @@ def build_config(args: argparse.Namespace) -> tuple[HubConfig, StoreLimits]:
         auth_window=_positive(args.auth_window, "--auth-window"),
         rate=args.rate,
         burst=max(1.0, _positive(args.burst, "--burst")),
+        turn=turn,
+        turn_secret=turn_secret,
+        turn_ttl=args.turn_ttl,
     )
     limits = StoreLimits(
         max_peers=args.max_peers,
@@ -198,19 +275,76 @@ def _run(args: argparse.Namespace) -> int:
             raise UsageError(
                 "--redis needs the redis package: pip install 'punchtrio[redis]'"
             ) from None
+    relay = None if args.relay is None else _address(args.relay, "--relay")
+    relay_tls = None
+    if relay is not None and args.tls_cert and args.tls_key:
+        from ..relay._hub_serve import server_tls_context
+
+        relay_tls = server_tls_context(args.tls_cert, args.tls_key)
     serve = partial(
         serve_hub,
-        config,
-        listen,
+        listen=listen,
         store=store,
         tls_cert=args.tls_cert,
         tls_key=args.tls_key,
         stun=stun,
         stun_alternate=alternate,
     )
+    hub = (
+        partial(serve, config)
+        if relay is None
+        else partial(_serve_with_relay, serve, config, relay, relay_tls)
+    )
     with _server_gc():
-        trio.run(_until_signal, serve, config)
+        trio.run(_until_signal, hub, config)
     return 0
+
+
+async def _serve_with_relay(
+    serve: Callable[..., Awaitable[None]],
+    config: HubConfig,
+    relay: tuple[str, int],
+    tls: ssl.SSLContext | None,
+    *,
+    task_status: trio.TaskStatus[HubListeners] = trio.TASK_STATUS_IGNORED,
+) -> None:
+    """Bind the hub's relay first (so a taken port starts nothing), then serve the hub with the
+    relay published in ``GET /v1/hub`` and counted in ``/metrics``."""
+    import dataclasses
+    import ipaddress
+
+    from ..relay._hub_serve import HubRelayServeError, HubRelayService
+    from ..relay._hub_server import HubRelayServer
+    from ..rendezvous._hub import KeyDirectory
+    from ..rendezvous._models import HubRelayAddress
+    from ..rendezvous._serve import HubServeError
+
+    directory = KeyDirectory()
+    server = HubRelayServer(config.key, config.networks, registered=directory.is_registered)
+    service = HubRelayService(server, relay, tls=tls)
+    failure: HubServeError | HubRelayServeError | None = None
+    async with trio.open_nursery() as nursery:
+        try:
+            ip, port = await nursery.start(service.serve)
+            address = ipaddress.ip_address(ip)
+            hidden = address.is_unspecified or address.is_loopback or address.is_link_local
+            published = HubRelayAddress(None if hidden else address, port, tls is not None)
+            config = dataclasses.replace(
+                config,
+                relay=published,
+                directory=directory,
+                relay_metrics=service.metrics_lines,
+            )
+            listeners = await nursery.start(serve, config)
+        except (HubServeError, HubRelayServeError) as exc:
+            failure = exc
+            nursery.cancel_scope.cancel()
+        else:
+            transport = "TLS" if tls is not None else "TCP"
+            print(f"punchtrio hub: relay on {ip} port {port} (UDP, {transport})", file=sys.stderr)
+            task_status.started(listeners)
+    if failure is not None:
+        raise failure
 
 
 # Allocations between young-generation collections while the hub serves (Python's default: 700).
@@ -238,14 +372,15 @@ def _server_gc() -> Iterator[None]:
 
 async def _until_signal(serve: Callable[..., Awaitable[None]], config: HubConfig) -> None:
     """Serve until SIGINT or SIGTERM, then stop cleanly (exit status 0)."""
+    from ..relay._hub_serve import HubRelayServeError
     from ..rendezvous._serve import HubServeError
 
-    failure: HubServeError | None = None
+    failure: HubServeError | HubRelayServeError | None = None
     with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
         async with trio.open_nursery() as nursery:
             try:
                 listeners: HubListeners = await nursery.start(serve)
-            except HubServeError as exc:
+            except (HubServeError, HubRelayServeError) as exc:
                 failure = exc
                 nursery.cancel_scope.cancel()
             else:
@@ -264,4 +399,6 @@ def _announce(config: HubConfig, listeners: HubListeners) -> None:
         print(f"punchtrio hub: serving {url}", file=sys.stderr)
     for ip, port in listeners.stun:
         print(f"punchtrio hub: STUN on {ip} port {port}", file=sys.stderr)
+    for uri in config.turn:
+        print(f"punchtrio hub: TURN credentials for {uri}", file=sys.stderr)
     sys.stderr.flush()

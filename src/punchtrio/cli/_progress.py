@@ -92,6 +92,12 @@ class ProgressView:
                 f"[bold green]✓ connected to {fields.get('peer')}[/] ({fields.get('path')}, "
                 f"{fields.get('endpoint')}) after {fields.get('elapsed_ms', 0):.0f} ms; Ctrl-C to stop"
             )
+        if event == "path_changed":
+            via = f" ({fields['relay']})" if fields.get("relay") else ""
+            return (
+                f"[green]✓[/] path to {fields.get('peer')}: {fields.get('from')} → "
+                f"{fields.get('to')} via {fields.get('endpoint')}{via}"
+            )
         if event == "path_lost":
             return f"[yellow]![/] lost the path to {fields.get('peer')}; probing again"
         if event == "peer_failed":  # the CLI's one-line error follows: only mark the peer here

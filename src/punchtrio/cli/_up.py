@@ -29,6 +29,7 @@ from ..connect import (
     ConnectError,
     ConnectEvent,
     Connector,
+    PathChanged,
     PeerConnected,
     PeerFailed,
     PeerFound,
@@ -345,6 +346,18 @@ def describe(event: ConnectEvent) -> tuple[str, dict[str, Any]]:
         fields = {"peer": event.peer, "public_key": str(event.public_key), **_record(event.record)}
     elif isinstance(event, PeerConnected):
         fields = {**_fields(event), "elapsed_ms": round(event.elapsed_ms, 1)}
+        if event.relay is None:
+            del fields["relay"]
+    elif isinstance(event, PathChanged):
+        fields = {
+            "peer": event.peer,
+            "from": event.old,
+            "to": event.new,
+            "endpoint": event.endpoint,
+            "elapsed_ms": round(event.elapsed_ms, 1),
+        }
+        if event.relay is not None:
+            fields["relay"] = event.relay
     else:
         fields = _fields(event)
         if "candidates" in fields:

@@ -1,11 +1,11 @@
-"""The connector: the whole pipeline (STUN, rendezvous, punch, WireGuard) on one socket, in one nursery.
+"""The connector's Trio shell: one socket, one nursery, the whole pipeline.
 
-The pipeline's protocol cores are sans-IO (:class:`~punchtrio.punch.Puncher`,
-:class:`~punchtrio.wireguard.Device`, the STUN gatherer); this module is their Trio shell. The one
-UDP socket is drained by :class:`~punchtrio.tunnel.UserspaceTunnel` through a
-:class:`~punchtrio.mux.MuxedDevice`: WireGuard goes to the device, STUN to a queue, and probes to
-the puncher *synchronously*, inside the tunnel's drain loop. So when a pong makes the puncher choose
-a path, WireGuard's endpoint is set before the tunnel flushes that batch, and the handshake
+:class:`~punchtrio.connect.ConnectCore` decides (stages, signals, who initiates, timeouts, path
+changes); this module does its I/O. The one UDP socket is drained by
+:class:`~punchtrio.tunnel.UserspaceTunnel` through a :class:`~punchtrio.mux.MuxedDevice`:
+WireGuard goes to the device, STUN to a queue, relay frames to the relay shell, and probes to the
+core *synchronously*, inside the tunnel's drain loop. So when a pong makes the puncher choose a
+path, WireGuard's endpoint is set before the tunnel flushes that batch, and the handshake
 initiation leaves at once: nothing polls.
 """
 
@@ -17,8 +17,8 @@ import math
 import socket
 import sys
 import time
-from collections.abc import AsyncIterator, Callable, Iterable, Sequence
-from dataclasses import dataclass, field
+from collections.abc import AsyncIterator, Callable, Iterable, Iterator, Sequence
+from dataclasses import dataclass
 from typing import Any
 from urllib.parse import urlsplit
 
@@ -29,18 +29,15 @@ from ..keys import PrivateKey, PublicKey
 from ..mux import Datagram, Kind, Mux, MuxedDevice
 from ..punch import (
     Candidate,
-    CandidateError,
+    CandidateType,
     Puncher,
-    PunchEvent,
     PunchSettings,
     gather_reflexive,
     host_candidates,
     local_addresses,
     local_networks,
 )
-from ..punch import PathChosen as _PunchPathChosen
-from ..punch import PathLost as _PunchPathLost
-from ..punch import PunchFailed as _PunchFailed
+from ..relay import HubRelayAddress
 from ..rendezvous import (
     HubClient,
     NetworkSecret,
@@ -51,44 +48,57 @@ from ..rendezvous import (
     ValidationError,
     validate_name,
 )
-from ..tunnel import DEFAULT_MTU, TunDevice, UserspaceTunnel
-from ..wireguard import ConfigError, Device, PeerConfig, Timers
-from ..wireguard import HandshakeCompleted as _WgHandshakeCompleted
-from ._events import (
-    CandidatesGathered,
-    ConnectEvent,
-    HandshakeCompleted,
-    PathChosen,
-    PathKind,
-    PathLost,
-    PeerConnected,
-    PeerFailed,
-    PeerFound,
-    PunchStarted,
-    Registered,
-    Stage,
-    StageStarted,
+from ..tunnel import TunDevice, UserspaceTunnel
+from ..wireguard import Device
+from ._config import TunnelConfig
+from ._core import (
+    Action,
+    ConnectCore,
+    CoreInput,
+    CorePeer,
+    FetchRecord,
+    Gathered,
+    ListenForSignals,
+    LookupFailed,
+    PeerSettled,
+    RecordFound,
+    RegisterDone,
+    RegisterFailed,
+    SendSignal,
+    SignalFailed,
+    SignallingUnsupported,
+    SignalReceived,
+    WaitForRecord,
+    WireGuardEvent,
 )
+from ._events import ConnectEvent, PathKind, PeerConnected, Stage, StageStarted
 from ._memif import MemoryInterface
+from ._relay_shell import RelayShell, RelayTarget
+from ._relays import RelayLinks
 
 Address = tuple[str, int]
-IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
-IPInterface = ipaddress.IPv4Interface | ipaddress.IPv6Interface
-
-SIGNAL_PREFIX = "punchtrio-punch/1"
-"""First word of the "punch now" signal: ``punchtrio-punch/1 <sender's revision> <nat>``."""
 
 UNREGISTER_TIMEOUT = 5.0
 """Seconds teardown spends on deleting our record at the rendezvous before giving up."""
 
-_NAT_WORDS = {True: "varies", False: "fixed", None: "unknown"}
+
+@dataclass(frozen=True)
+class HubRelay:
+    """A hub's own relay, for a connector whose rendezvous is not that hub's URL (netsim, tests,
+    a hub reached through another client): its ``address`` as ``GET /v1/hub`` publishes it and
+    the hub's ``public_key``, which authenticates the relay's answers. A relay address without an
+    IP needs ``host``, the hub's literal address."""
+
+    address: HubRelayAddress
+    public_key: PublicKey
+    host: str | None = None
 
 
 class ConnectError(PunchtrioError):
     """Connecting to ``peer`` failed at ``stage`` (one of :data:`~punchtrio.connect.STAGES`).
 
     ``str(error)`` is one line, ``"<stage>: <reason>"``, e.g. ``"punch: no path to bob after
-    8.5 s: both NATs map per destination; relaying arrives in a later release"``. The CLI exits
+    8.5 s: both NATs map per destination; the hub's relay did not carry the probes either"``. The CLI exits
     with :attr:`exit_code` 8.
     """
 
@@ -102,50 +112,10 @@ class ConnectError(PunchtrioError):
 
 
 @dataclass(frozen=True)
-class TunnelConfig:
-    """The tunnel's own settings (wg-punch's "Tunnel with its config").
-
-    ``address``: our address inside the tunnel with its prefix (``"10.99.0.1/24"``); we register
-    its single address (/32 or /128) as our allowed IPs, and on a TUN device the prefix is routed
-    to the tunnel. ``listen_port``: the one UDP port for WireGuard, STUN and probes (0: any).
-    ``mtu`` of the TUN device; ``interface_name`` (``""``: the kernel picks ``tunN``);
-    ``persistent_keepalive`` seconds between WireGuard keepalives that hold the NAT mapping (also
-    what starts the handshake the moment a path is chosen); ``timers`` the WireGuard timers.
-    Raises :class:`ValueError` for a bad address or port.
-    """
-
-    address: IPInterface | str
-    listen_port: int = 51820
-    mtu: int = DEFAULT_MTU
-    interface_name: str = ""
-    persistent_keepalive: float = 25.0
-    timers: Timers = field(default_factory=Timers)
-
-    def __post_init__(self) -> None:
-        address = ipaddress.ip_interface(self.address)
-        object.__setattr__(self, "address", address)
-        if not 0 <= self.listen_port <= 65535:
-            raise ValueError(f"listen port {self.listen_port} is not 0-65535")
-        if not 1 <= self.persistent_keepalive <= 65535:
-            raise ValueError("persistent_keepalive must be 1-65535 seconds")
-
-    @property
-    def interface(self) -> IPInterface:
-        """``address`` as an :class:`ipaddress.IPv4Interface` / ``IPv6Interface``."""
-        assert not isinstance(self.address, str)
-        return self.address
-
-    @property
-    def allowed_ip(self) -> ipaddress.IPv4Network | ipaddress.IPv6Network:
-        """The single-address network we register as our allowed IPs."""
-        ip = self.interface.ip
-        return ipaddress.ip_network(f"{ip}/{ip.max_prefixlen}")
-
-
-@dataclass(frozen=True)
 class PeerState:
     """A snapshot of one peer: the ``stage`` it is in (or reached), its WireGuard ``public_key``
-    once found, the chosen ``path`` and ``endpoint``, and the ``error`` if it failed."""
+    once found, the chosen ``path`` and ``endpoint`` (the relay server's address on a relayed
+    path, whose ``relay`` names it), and the ``error`` if it failed."""
 
     name: str
     stage: Stage | None = None
@@ -153,27 +123,12 @@ class PeerState:
     path: PathKind | None = None
     endpoint: str | None = None
     error: ConnectError | None = None
+    relay: str | None = None
 
     @property
     def connected(self) -> bool:
         """Whether the tunnel to this peer is up."""
         return self.stage == "established" and self.error is None
-
-
-@dataclass
-class _Peer:
-    name: str
-    state: PeerState
-    done: trio.Event = field(default_factory=trio.Event)
-    handshake: trio.Event = field(default_factory=trio.Event)
-    outcome: tuple[trio.MemorySendChannel[PunchEvent], trio.MemoryReceiveChannel[PunchEvent]] = (
-        field(default_factory=lambda: trio.open_memory_channel[PunchEvent](math.inf))
-    )
-    scope: trio.CancelScope = field(default_factory=trio.CancelScope)
-    key: bytes | None = None
-    candidates: tuple[Candidate, ...] = ()
-    their_nat: bool | None = None
-    connected: PeerConnected | None = None
 
 
 def _checked_peer_name(name: str) -> str:
@@ -183,27 +138,9 @@ def _checked_peer_name(name: str) -> str:
         raise ValueError(str(exc)) from None
 
 
-def _candidates(record: PeerRecord) -> tuple[Candidate, ...]:
-    candidates = []
-    for endpoint in record.endpoints:
-        with contextlib.suppress(CandidateError, ValueError):
-            candidates.append(Candidate.from_endpoint(endpoint))
-    return tuple(candidates)
-
-
 def _format(endpoint: Address) -> str:
     host, port = endpoint[0], endpoint[1]
     return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
-
-
-def _explain(peer: str, ours: bool | None, theirs: bool | None) -> str:
-    if ours and theirs:
-        return "both NATs map per destination"
-    if ours:
-        return f"our NAT maps per destination and {peer}'s NAT filters what it lets in"
-    if theirs:
-        return f"{peer}'s NAT maps per destination and ours filters what it lets in"
-    return "no probe got through the NATs between us"
 
 
 class Connector:
@@ -223,13 +160,19 @@ class Connector:
     - ``wait_timeout`` (120 s) for the peer to appear and signal; ``handshake_timeout`` (15 s) for
       the first WireGuard handshake after a path is chosen; ``stun_rto`` / ``stun_attempts``
       (0.5 s, 3) per STUN server; ``restun_interval`` (300 s) between STUN refreshes, after which
-      the record is registered again if our mapping changed.
+      the record is registered again if our mapping changed (a tunnel whose every path failed is
+      punched again a tenth of it later, with the peer's fresh record).
+    - ``hub_relay``: where the hub's own relay listens and the hub's public key
+      (:class:`HubRelay`); ``None`` (default) uses what a hub URL advertises in ``GET /v1/hub``.
+      ``relay=False`` never relays. ``relay_stream_after`` (3 s): how long a UDP binding may take
+      before the relay is also tried over TCP (at once when no STUN server answered over UDP).
     - ``socket_factory(family, type)``: makes the UDP socket (default: the simulated host's
       ``nonblocking_socket`` inside :mod:`punchtrio.netsim`, else :class:`socket.socket`).
     - ``wall_clock``: Unix time for probe timestamps and WireGuard's TAI64N.
 
     Run it with :func:`open_connector` (or ``await nursery.start(connector.run)``). Events arrive
-    on :attr:`events`. Raises :class:`ValueError` for invalid arguments.
+    on :attr:`events`. The decisions are :class:`ConnectCore`'s; this class does the I/O. Raises
+    :class:`ValueError` for invalid arguments.
     """
 
     def __init__(
@@ -249,6 +192,9 @@ class Connector:
         stun_attempts: int = 3,
         restun_interval: float = 300.0,
         network_secret: NetworkSecret | None = None,
+        hub_relay: HubRelay | None = None,
+        relay: bool = True,
+        relay_stream_after: float = 3.0,
         socket_factory: Callable[[int, int], Any] | None = None,
         wall_clock: Callable[[], float] = time.time,
     ) -> None:
@@ -271,51 +217,70 @@ class Connector:
                     raise ValueError(f"STUN port {port} is not 1-65535")
         self._stun_servers = None if stun_servers is None else list(stun_servers)
         self._interface = interface
-        self._settings = punch
-        self._wait_timeout = wait_timeout
-        self._handshake_timeout = handshake_timeout
         self._stun_rto = stun_rto
         self._stun_attempts = stun_attempts
         self._restun_interval = restun_interval
+        self._network_secret = network_secret
+        self._hub_relay = hub_relay
+        self._use_relay = relay
+        self._relay_stream_after = relay_stream_after
         self._socket_factory = socket_factory
         self._wall_clock = wall_clock
         self._send_events, self.events = trio.open_memory_channel[ConnectEvent](math.inf)
         """Every :data:`~punchtrio.connect.ConnectEvent`, in order; closed when the run ends."""
-        self._peers: dict[str, _Peer] = {}
-        self._by_key: dict[bytes, _Peer] = {}
-        self._nursery: trio.Nursery | None = None
-        for peer in peers:
-            self._add(_checked_peer_name(peer))
-        self.tunnel: UserspaceTunnel | None = None
-        """The running tunnel (``None`` before :meth:`run` starts it)."""
-        self.candidates: tuple[Candidate, ...] = ()
-        """Our candidates as last registered."""
-        self.mapping_varies: bool | None = None
-        """Whether our NAT maps per destination, as STUN last saw it."""
-        self.record: PeerRecord | None = None
-        """Our record as the rendezvous last stored it."""
-        self._device = Device(
+        device = Device(
             private_key.raw, timers=self.config.timers, mtu=self.config.mtu, wall_clock=wall_clock
         )
-        self._puncher = Puncher(
-            private_key.raw, settings=punch, families=(4,), wall_clock=wall_clock
-        )
+        puncher = Puncher(private_key.raw, settings=punch, families=(4,), wall_clock=wall_clock)
         self._mux = Mux()
+        self._muxed = MuxedDevice(device, self._mux)
+        self._links = RelayLinks(self._muxed, puncher)
+        self.core = ConnectCore(
+            public_key=self.public_key,
+            device=device,
+            puncher=puncher,
+            persistent_keepalive=self.config.persistent_keepalive,
+            wait_timeout=wait_timeout,
+            handshake_timeout=handshake_timeout,
+            repunch_delay=restun_interval / 10,
+            describe_path=self._describe_path,
+            relay_status=self._relay_status,
+            start=0.0,
+        )
+        """The decisions (:class:`ConnectCore`): stages, paths, timeouts."""
+        self._relay_shell: RelayShell | None = None
+        self._done: dict[str, trio.Event] = {}
+        self._scopes: dict[str, list[trio.CancelScope]] = {}
+        self._nursery: trio.Nursery | None = None
+        self.tunnel: UserspaceTunnel | None = None
+        """The running tunnel (``None`` before :meth:`run` starts it)."""
         self._sock: Any = None
         self._timer_scope: trio.CancelScope | None = None
-        self._networks: list[IPNetwork] = []  # our interfaces' prefixes: what "lan" means
-        self._gathered = trio.Event()
-        self._registered = trio.Event()
-        self._register_error: str | None = None
         self._started = False
-        self._t0 = 0.0
+        for peer in peers:
+            self._add(_checked_peer_name(peer))
 
     # -- public surface ----------------------------------------------------------------------
 
     @property
     def peers(self) -> dict[str, PeerState]:
         """A snapshot of every peer's state, by name."""
-        return {name: peer.state for name, peer in self._peers.items()}
+        return {name: self._state(self.core.peer(name)) for name in self.core.names}
+
+    @property
+    def candidates(self) -> tuple[Candidate, ...]:
+        """Our candidates as last gathered."""
+        return self.core.candidates
+
+    @property
+    def mapping_varies(self) -> bool | None:
+        """Whether our NAT maps per destination, as STUN last saw it."""
+        return self.core.mapping_varies
+
+    @property
+    def record(self) -> PeerRecord | None:
+        """Our record as the rendezvous last stored it."""
+        return self.core.record
 
     @property
     def listen_port(self) -> int:
@@ -331,12 +296,15 @@ class Connector:
         """
         if self._nursery is None:
             raise RuntimeError("the connector is not running: use open_connector()")
-        state = self._add(_checked_peer_name(peer))
-        await state.done.wait()
-        if state.state.error is not None:
-            raise state.state.error
-        assert state.connected is not None
-        return state.connected
+        name = _checked_peer_name(peer)
+        self._add(name)
+        await self._done[name].wait()
+        state = self._state(self.core.peer(name))
+        if state.error is not None:
+            raise state.error
+        connected = self.core.peer(name).connected
+        assert connected is not None
+        return connected
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         """Run the pipeline until cancelled; reports started once the socket and tunnel are up.
@@ -349,24 +317,19 @@ class Connector:
         if self._started:
             raise RuntimeError("a connector runs once")
         self._started = True
-        self._t0 = trio.current_time()
+        self.core.started_at = trio.current_time()
         try:
             with contextlib.ExitStack() as stack:
-                sock = self._open_socket()
+                sock = self._sock = self._open_socket()
                 stack.callback(sock.close)
-                self._sock = sock
                 tun: Any = self._interface
                 if tun is None:
                     tun = stack.enter_context(self._open_tun())
                 self._mux.route(Kind.PROBE, self._on_probe)
                 stun = self._mux.open_queue(Kind.STUN)
+                real = isinstance(sock, socket.socket)
                 self.tunnel = UserspaceTunnel(
-                    MuxedDevice(self._device, self._mux),
-                    tun,
-                    [sock],
-                    on_event=self._on_wireguard,
-                    gso=isinstance(sock, socket.socket),
-                    gro=isinstance(sock, socket.socket),
+                    self._muxed, tun, [sock], on_event=self._on_wireguard, gso=real, gro=real
                 )
                 try:
                     async with contextlib.AsyncExitStack() as hub:
@@ -374,10 +337,9 @@ class Connector:
                             await hub.enter_async_context(self.rendezvous)  # type: ignore[arg-type]
                         async with trio.open_nursery() as nursery:
                             await nursery.start(self.tunnel.serve)
-                            nursery.start_soon(self._punch_timer)
                             self._nursery = nursery
-                            for peer in self._peers.values():
-                                nursery.start_soon(self._connect_peer, peer)
+                            nursery.start_soon(self._timer)
+                            self._drain()  # actions queued before the run
                             task_status.started()
                             await self._pipeline(nursery, stun)
                 finally:
@@ -399,17 +361,14 @@ class Connector:
         self, nursery: trio.Nursery, stun: trio.MemoryReceiveChannel[Datagram]
     ) -> None:
         await self._gather(stun)
-        self._emit(StageStarted("register"))
-        self._gathered.set()  # peers start waiting for their records while we register
         try:
             await self._register()
         except RendezvousError as exc:
-            self._register_error = f"the rendezvous refused or could not be reached: {exc}"
-            for peer in self._peers.values():
-                peer.scope.cancel()
-        self._registered.set()
-        if self._register_error is None:
-            nursery.start_soon(self._refresh, stun)
+            self._feed(RegisterFailed(str(exc)))
+            await trio.sleep_forever()
+        nursery.start_soon(self._refresh, stun)
+        if self._use_relay:
+            await self._run_relays()
         await trio.sleep_forever()
 
     async def _gather(
@@ -422,7 +381,7 @@ class Connector:
         addresses = local_addresses(exclude_interfaces=exclude)
         own = self.config.interface.ip
         candidates = host_candidates(port, [a for a in addresses if a != own])
-        self._networks = local_networks(exclude)  # the tunnel's own interface excluded
+        networks = tuple(local_networks(exclude))  # the tunnel's own interface excluded
         servers = await self._stun_addresses()
         error: str | None = None
         varies: bool | None = None
@@ -436,9 +395,7 @@ class Connector:
             varies = result.mapping_varies
             if not result.candidates:
                 error = "no STUN server answered"
-        self.candidates = tuple(candidates)
-        self.mapping_varies = varies
-        self._emit(CandidatesGathered(self.candidates, varies, error))
+        self._feed(Gathered(tuple(candidates), varies, error, networks, announce))
 
     async def _stun_addresses(self) -> list[Address]:
         if self._stun_servers is not None:
@@ -479,11 +436,8 @@ class Connector:
         for candidate in self.candidates[:16]:
             with contextlib.suppress(ValueError, PunchtrioError):
                 endpoints.append(candidate.to_endpoint())
-        self.record = await self.rendezvous.register(endpoints, [self.config.allowed_ip])
-        self._emit(Registered(self.record))
-        for peer in self._peers.values():
-            if peer.state.stage is None:
-                self._set(peer, stage="register")
+        record = await self.rendezvous.register(endpoints, [self.config.allowed_ip])
+        self._feed(RegisterDone(record))
 
     async def _refresh(self, stun: trio.MemoryReceiveChannel[Datagram]) -> None:
         """Re-STUN now and then; register again when our mapping changed."""
@@ -495,237 +449,193 @@ class Connector:
                 with contextlib.suppress(RendezvousError):
                     await self._register()
 
-    def _add(self, name: str) -> _Peer:
-        peer = self._peers.get(name)
-        if peer is None:
-            peer = self._peers[name] = _Peer(name, PeerState(name))
+    # -- driving the core --------------------------------------------------------------------
+
+    def _add(self, name: str) -> None:
+        if name not in self._done:
+            self._done[name] = trio.Event()
+            self._scopes[name] = []
+            self.core.add_peer(name, trio.current_time() if self._nursery is not None else 0.0)
             if self._nursery is not None:
-                self._nursery.start_soon(self._connect_peer, peer)
-        return peer
+                self._drain()
 
-    async def _connect_peer(self, peer: _Peer) -> None:
-        try:
-            await self._gathered.wait()
-            record = await self._wait(peer)
-            await self._punch(peer, record)
-            await self._handshake(peer)
-        except ConnectError as exc:
-            self._set(peer, error=exc)
-            self._emit(PeerFailed(peer.name, exc.stage, exc.reason))
-            peer.done.set()
-            return
-        self._set(peer, stage="established")
-        assert peer.state.path is not None
-        assert peer.state.endpoint is not None
-        peer.connected = PeerConnected(
-            peer.name,
-            peer.state.path,
-            peer.state.endpoint,
-            round((trio.current_time() - self._t0) * 1000, 3),
-        )
-        self._emit(peer.connected)
-        peer.done.set()
-        await self._keep(peer)
+    def _feed(self, item: CoreInput) -> None:
+        self.core.handle(item, trio.current_time())
+        self._drain()
 
-    async def _wait(self, peer: _Peer) -> PeerRecord:
-        """Stage "wait": the peer's record, then its "punch now" signal."""
-        self._set(peer, stage="wait")
-        self._emit(StageStarted("wait", peer.name))
-        with trio.move_on_after(self._wait_timeout):
-            with peer.scope:  # cancelled if our own registration fails
-                try:
-                    record = await self.rendezvous.wait_for_peer(peer.name)
-                except RendezvousError as exc:
-                    raise ConnectError(
-                        peer.name, "wait", f"looking up {peer.name}: {exc}"
-                    ) from None
-                await self._registered.wait()
-            if self._register_error is not None:
-                raise ConnectError(peer.name, "register", self._register_error)
-            key = record.public_key
-            if key == self.public_key:
-                raise ConnectError(peer.name, "wait", f"{peer.name} has our own public key")
-            if peer.key is None:
-                try:
-                    self._device.add_peer(
-                        PeerConfig(
-                            key.raw,
-                            allowed_ips=record.allowed_ips,
-                            persistent_keepalive=self.config.persistent_keepalive,
-                        )
-                    )
-                except ConfigError as exc:
-                    raise ConnectError(peer.name, "wait", f"{peer.name}'s record: {exc}") from None
-                self._puncher.add_peer(key.raw)
-                peer.key = key.raw
-                self._by_key[key.raw] = peer
-            self._set(peer, public_key=key)
-            record = await self._synchronise(peer, record)
-            self._emit(PeerFound(peer.name, key, record))
-            return record
-        raise ConnectError(
-            peer.name,
-            "wait",
-            f"{peer.name} did not appear at the rendezvous within {self._wait_timeout:g} s",
-        )
-
-    async def _synchronise(self, peer: _Peer, record: PeerRecord) -> PeerRecord:
-        """Tell the peer we are ready and wait until it says so too ("punch now")."""
-        assert self.record is not None
-        mine = f"{SIGNAL_PREFIX} {self.record.revision} {_NAT_WORDS[self.mapping_varies]}"
-        failed: list[RendezvousError] = []
-
-        async def send(cancel: trio.CancelScope) -> None:
-            try:
-                await self.rendezvous.send_signal(peer.name, mine)
-            except RendezvousError as exc:
-                failed.append(exc)
-                cancel.cancel()
-
-        try:
-            # Sending and listening at once: the peer's signal may already be on its way.
-            async with trio.open_nursery() as nursery:
-                nursery.start_soon(send, nursery.cancel_scope)
-                while True:
-                    message = await self.rendezvous.receive_signal(peer.name)
-                    words = message.data.split(" ")
-                    if len(words) != 3 or words[0] != SIGNAL_PREFIX or not words[1].isdigit():
-                        continue  # not ours, or malformed: never trusted
-                    revision = int(words[1])
-                    if revision < record.revision:
-                        continue  # left over from an earlier run of the peer
-                    peer.their_nat = {"varies": True, "fixed": False}.get(words[2])
-                    if revision > record.revision:
-                        record = await self.rendezvous.lookup(peer.name)
-                    break
-        except SignallingNotSupportedError:
-            return record  # punch at once; triggered checks make up for the unsynchronised start
-        except RendezvousError as exc:
-            failed.append(exc)
-        if failed and not isinstance(failed[0], SignallingNotSupportedError):
-            raise ConnectError(peer.name, "wait", f"signalling {peer.name} failed: {failed[0]}")
-        return record
-
-    async def _punch(self, peer: _Peer, record: PeerRecord) -> None:
-        peer.candidates = _candidates(record)
-        self._set(peer, stage="punch")
-        self._emit(StageStarted("punch", peer.name))
-        self._emit(PunchStarted(peer.name, peer.candidates))
-        assert peer.key is not None
-        started = trio.current_time()
-        self._start_punch(peer)
-        outcome = await peer.outcome[1].receive()
-        if isinstance(outcome, _PunchFailed):
-            elapsed = trio.current_time() - started
-            why = _explain(peer.name, self.mapping_varies, peer.their_nat)
-            raise ConnectError(
-                peer.name,
-                "punch",
-                f"no path to {peer.name} after {elapsed:.1f} s: {why}; "
-                "relaying arrives in a later release",
-            )
-
-    async def _handshake(self, peer: _Peer) -> None:
-        self._set(peer, stage="handshake")
-        self._emit(StageStarted("handshake", peer.name))
-        with trio.move_on_after(self._handshake_timeout):
-            await peer.handshake.wait()
-            return
-        raise ConnectError(
-            peer.name,
-            "handshake",
-            f"no WireGuard handshake with {peer.name} at {peer.state.endpoint} "
-            f"within {self._handshake_timeout:g} s",
-        )
-
-    async def _keep(self, peer: _Peer) -> None:
-        """After the tunnel is up: when a lost path cannot be found again, fetch the peer's record
-        (its mapping may have changed) and punch again."""
-        while True:
-            outcome = await peer.outcome[1].receive()
-            if isinstance(outcome, _PunchFailed):
-                await trio.sleep(self._restun_interval / 10)
-                with contextlib.suppress(RendezvousError):
-                    record = await self.rendezvous.lookup(peer.name)
-                    if record.public_key.raw == peer.key:
-                        peer.candidates = _candidates(record)
-                self._start_punch(peer)
-
-    def _start_punch(self, peer: _Peer) -> None:
-        assert peer.key is not None
-        self._puncher.start(
-            peer.key, peer.candidates, trio.current_time(), local_networks=self._networks
-        )
-        self._pump()
-
-    # -- synchronous handlers: called inside the tunnel's drain loop ------------------------
-
-    def _on_probe(self, data: bytes, addr: Address, now: float) -> None:
-        self._puncher.receive_datagram(data, addr, now)
-        self._pump()
-
-    def _pump(self) -> None:
-        puncher = self._puncher
+    def _drain(self) -> None:
+        """Send the probes the core queued, start its actions, emit its events, re-arm its timer."""
+        core = self.core
+        routed = self._muxed.routed
         sock = self._sock
-        for data, address in puncher.datagrams_to_send():
-            with contextlib.suppress(OSError):
-                sock.sendto(data, address)
-        while (event := puncher.next_event()) is not None:
-            self._on_punch(event)
+        for data, address in core.datagrams_to_send():
+            relay = routed(address)
+            if relay is not None:
+                relay(data)
+            elif sock is not None:
+                with contextlib.suppress(OSError):
+                    sock.sendto(data, address)
+        if self._nursery is not None:
+            while (action := core.next_action()) is not None:
+                self._act(action)
+        while (event := core.next_event()) is not None:
+            self._emit(event)
         if self._timer_scope is not None:
-            deadline = puncher.get_timer()
+            deadline = core.get_timer()
             self._timer_scope.deadline = math.inf if deadline is None else deadline
 
-    def _on_punch(self, event: PunchEvent) -> None:
-        peer = self._by_key.get(event.peer)
-        if peer is None:
-            return
-        if isinstance(event, _PunchPathChosen):
-            # Set before the tunnel flushes this batch: the peer's persistent keepalive is then due
-            # at once, which starts the handshake. Only the side with the lower public key starts
-            # it: simultaneous initiations leave the two sides on different sessions. The other
-            # side's device learns the endpoint from the initiation itself.
-            if self.public_key.raw < event.peer or peer.handshake.is_set():
-                self._device.set_endpoint(event.peer, event.endpoint)
-            upgrade = peer.state.path is not None
-            endpoint = _format(event.endpoint)
-            self._set(peer, path=event.kind, endpoint=endpoint)
-            self._emit(PathChosen(peer.name, event.kind, endpoint, event.rtt * 1000, upgrade))
-            if not upgrade:
-                peer.outcome[0].send_nowait(event)
-        elif isinstance(event, _PunchPathLost):
-            self._set(peer, path=None)
-            self._emit(PathLost(peer.name, _format(event.endpoint)))
-        else:
-            peer.outcome[0].send_nowait(event)
+    def _act(self, action: Action) -> None:
+        assert self._nursery is not None
+        if isinstance(action, PeerSettled):
+            for scope in self._scopes[action.peer]:
+                scope.cancel()
+            self._done[action.peer].set()
+        elif isinstance(action, WaitForRecord):
+            self._nursery.start_soon(self._lookup, action.peer, True)
+        elif isinstance(action, FetchRecord):
+            self._nursery.start_soon(self._lookup, action.peer, False)
+        elif isinstance(action, ListenForSignals):
+            self._nursery.start_soon(self._listen, action.peer)
+        elif isinstance(action, SendSignal):
+            self._nursery.start_soon(self._send_signal, action.peer, action.data)
 
-    def _on_wireguard(self, event: object) -> None:
-        if isinstance(event, _WgHandshakeCompleted):
-            peer = self._by_key.get(event.peer)
-            if peer is not None:
-                self._emit(HandshakeCompleted(peer.name, _format(event.endpoint)))
-                peer.handshake.set()
+    async def _lookup(self, peer: str, wait: bool) -> None:
+        with self._peer_scope(peer, wait):
+            try:
+                if wait:
+                    record = await self.rendezvous.wait_for_peer(peer)
+                else:
+                    record = await self.rendezvous.lookup(peer)
+            except RendezvousError as exc:
+                self._feed(LookupFailed(peer, str(exc)))
+                return
+            self._feed(RecordFound(peer, record))
 
-    async def _punch_timer(self) -> None:
-        puncher = self._puncher
+    async def _listen(self, peer: str) -> None:
+        with self._peer_scope(peer, True):
+            try:
+                while True:
+                    message = await self.rendezvous.receive_signal(peer)
+                    self._feed(SignalReceived(peer, message.data))
+            except SignallingNotSupportedError:
+                self._feed(SignallingUnsupported(peer))
+            except RendezvousError as exc:
+                self._feed(SignalFailed(peer, str(exc)))
+
+    async def _send_signal(self, peer: str, data: str) -> None:
+        with self._peer_scope(peer, True):
+            try:
+                await self.rendezvous.send_signal(peer, data)
+            except SignallingNotSupportedError:
+                self._feed(SignallingUnsupported(peer))
+            except RendezvousError as exc:
+                self._feed(SignalFailed(peer, str(exc)))
+
+    @contextlib.contextmanager
+    def _peer_scope(self, peer: str, waiting: bool) -> Iterator[None]:
+        """A cancel scope for one of the peer's rendezvous calls: the wait-stage ones end when
+        the peer is settled (connected or failed)."""
+        with trio.CancelScope() as scope:
+            if waiting:
+                if self._done[peer].is_set():
+                    scope.cancel()
+                self._scopes[peer].append(scope)
+            try:
+                yield
+            finally:
+                if waiting:
+                    self._scopes[peer].remove(scope)
+
+    async def _timer(self) -> None:
         while True:
-            deadline = puncher.get_timer()
+            deadline = self.core.get_timer()
             with trio.CancelScope(deadline=math.inf if deadline is None else deadline) as scope:
                 self._timer_scope = scope
                 await trio.sleep_forever()
             self._timer_scope = None
-            puncher.handle_timer(trio.current_time())
-            self._pump()
+            self.core.handle_timer(trio.current_time())
+            self._drain()
+
+    # Called synchronously inside the tunnel's drain loop: a pong that chooses a path sets
+    # WireGuard's endpoint before the tunnel flushes the batch, so the handshake leaves at once.
+
+    def _on_probe(self, data: bytes, addr: Address, now: float) -> None:
+        self.core.receive_probe(data, addr, now)
+        self._drain()
+
+    def _on_wireguard(self, event: object) -> None:
+        self.core.handle(WireGuardEvent(event), trio.current_time())
+        self._drain()
+
+    # -- relays ------------------------------------------------------------------------------
+
+    async def _run_relays(self) -> None:
+        """Bind to the hub's relay, if there is one (it carries peers no direct path reaches)."""
+        target = await self._relay_target()
+        if target is None:
+            return
+        shell = self._relay_shell = RelayShell(
+            self._links,
+            self._mux,
+            self._sock,
+            private_key=self._private_key.raw,
+            network_secret=self._network_secret,
+            wall_clock=self._wall_clock,
+            deliver=self._deliver_relayed,
+            changed=self._drain,
+        )
+        self._mux.route(Kind.RELAY, shell.on_datagram)
+        blocked = not any(c.type is CandidateType.SRFLX for c in self.candidates)
+        await shell.run(target, stream_after=self._relay_stream_after, udp_blocked=blocked)
+
+    async def _relay_target(self) -> RelayTarget | None:
+        given = self._hub_relay
+        if given is not None:
+            address, key, host = given.address, given.public_key, given.host
+        else:
+            info = getattr(self.rendezvous, "hub_info", None)
+            if info is None or info.relay is None:
+                return None
+            address, key, host = info.relay, info.public_key, None
+        ip = str(address.ip) if address.ip is not None else host or await self._hub_host()
+        if ip is None:
+            return None
+        server = (ip, address.port)
+        name = urlsplit(self._hub_url or "").hostname or ip
+        return RelayTarget(key.raw, server, server, address.tls, name)
+
+    def _deliver_relayed(self, data: bytes, source: Address) -> None:
+        if self.tunnel is not None:
+            self.tunnel.receive_relayed(data, source)
+
+    def _describe_path(self, address: Address) -> tuple[str, str | None]:
+        """``(endpoint text, relay name)`` of a path: the relay's own address when relayed."""
+        link = self._links.link_of(address)
+        if link is None:
+            return _format(address), None
+        return _format(link.server), f"{link.name}/{link.transport}"
+
+    def _relay_status(self) -> str:
+        """Why no relay carried the path either, in one line (for a punch failure)."""
+        if not self._use_relay:
+            return "relaying is turned off"
+        links = self._links.links
+        if not links:
+            return "no relay is available (the hub runs none; start it with --relay)"
+        errors = [link.error for link in links if link.error]
+        return errors[0] if errors else "the hub's relay did not carry the probes either"
 
     # -- plumbing ----------------------------------------------------------------------------
+
+    def _state(self, peer: CorePeer) -> PeerState:
+        error = None if peer.error is None else ConnectError(peer.name, *peer.error)
+        return PeerState(
+            peer.name, peer.stage, peer.public_key, peer.path, peer.endpoint, error, peer.relay
+        )
 
     def _emit(self, event: ConnectEvent) -> None:
         with contextlib.suppress(trio.ClosedResourceError, trio.BrokenResourceError):
             self._send_events.send_nowait(event)
-
-    def _set(self, peer: _Peer, **changes: Any) -> None:
-        values = {**peer.state.__dict__, **changes}
-        peer.state = PeerState(**values)
 
     def _open_socket(self) -> Any:
         factory = self._socket_factory
@@ -763,7 +673,22 @@ async def open_connector(
     private_key: PrivateKey,
     rendezvous: Rendezvous | str,
     tunnel: TunnelConfig | str,
-    **options: Any,
+    *,
+    peers: Iterable[str] = (),
+    interface: MemoryInterface | None = None,
+    stun_servers: Sequence[Address] | None = None,
+    punch: PunchSettings | None = None,
+    wait_timeout: float = 120.0,
+    handshake_timeout: float = 15.0,
+    stun_rto: float = 0.5,
+    stun_attempts: int = 3,
+    restun_interval: float = 300.0,
+    network_secret: NetworkSecret | None = None,
+    hub_relay: HubRelay | None = None,
+    relay: bool = True,
+    relay_stream_after: float = 3.0,
+    socket_factory: Callable[[int, int], Any] | None = None,
+    wall_clock: Callable[[], float] = time.time,
 ) -> AsyncIterator[Connector]:
     """Run a :class:`Connector` (same arguments) for the duration of the ``async with`` block.
 
@@ -771,7 +696,27 @@ async def open_connector(
     or by cancellation) stops it and removes everything: the record at the rendezvous, the tasks,
     the socket and any TUN device. Yields the running connector.
     """
-    connector = Connector(name, private_key, rendezvous, tunnel, **options)
+    connector = Connector(
+        name,
+        private_key,
+        rendezvous,
+        tunnel,
+        peers=peers,
+        interface=interface,
+        stun_servers=stun_servers,
+        punch=punch,
+        wait_timeout=wait_timeout,
+        handshake_timeout=handshake_timeout,
+        stun_rto=stun_rto,
+        stun_attempts=stun_attempts,
+        restun_interval=restun_interval,
+        network_secret=network_secret,
+        hub_relay=hub_relay,
+        relay=relay,
+        relay_stream_after=relay_stream_after,
+        socket_factory=socket_factory,
+        wall_clock=wall_clock,
+    )
     failure: Exception | None = None
     async with trio.open_nursery() as nursery:
         await nursery.start(connector.run)

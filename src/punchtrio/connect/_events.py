@@ -63,13 +63,33 @@ class PunchStarted:
 @dataclass(frozen=True)
 class PathChosen:
     """WireGuard now sends to ``endpoint`` (``"ip:port"``) for ``peer``; ``rtt_ms`` is the probe
-    round trip. ``upgrade`` is ``True`` when it replaced an earlier working path."""
+    round trip. ``upgrade`` is ``True`` when it replaced an earlier working path. On a relayed
+    path, ``endpoint`` is the relay server's address and ``relay`` names the relay and its
+    transport (``"hub/udp"``, ``"hub/tcp"``, ``"hub/tls"``); ``None`` otherwise."""
 
     peer: str
     path: PathKind
     endpoint: str
     rtt_ms: float
     upgrade: bool = False
+    relay: str | None = None
+
+
+@dataclass(frozen=True)
+class PathChanged:
+    """An established tunnel to ``peer`` moved from one kind of path to another, for example
+    ``"relay"`` to ``"direct"`` once a punch succeeded, or back when the direct path died.
+
+    ``old`` and ``new`` are path kinds (``--json`` writes them as ``"from"`` and ``"to"``),
+    ``endpoint`` and ``relay`` describe the new path as in :class:`PathChosen`, ``elapsed_ms``
+    counts from the connector's start."""
+
+    peer: str
+    old: PathKind
+    new: PathKind
+    endpoint: str
+    elapsed_ms: float
+    relay: str | None = None
 
 
 @dataclass(frozen=True)
@@ -91,12 +111,14 @@ class HandshakeCompleted:
 @dataclass(frozen=True)
 class PeerConnected:
     """``peer`` is reachable through the tunnel: ``path`` is ``"lan"``, ``"direct"`` or ``"relay"``,
-    ``endpoint`` is ``"ip:port"``, ``elapsed_ms`` counts from the connector's start."""
+    ``endpoint`` is ``"ip:port"`` (the relay's address when relayed, and ``relay`` names it as in
+    :class:`PathChosen`), ``elapsed_ms`` counts from the connector's start."""
 
     peer: str
     path: PathKind
     endpoint: str
     elapsed_ms: float
+    relay: str | None = None
 
 
 @dataclass(frozen=True)
@@ -115,6 +137,7 @@ ConnectEvent = (
     | PeerFound
     | PunchStarted
     | PathChosen
+    | PathChanged
     | PathLost
     | HandshakeCompleted
     | PeerConnected

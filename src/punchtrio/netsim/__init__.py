@@ -1,8 +1,8 @@
 """An in-process virtual internet for tests and NAT research, built on Trio's custom socket factory.
 
 Build hosts, routers and RFC 4787 NATs joined by links with latency, jitter, loss and duplication;
-enter the :class:`Internet` and ordinary Trio code using ``trio.socket`` runs unchanged on the
-simulated hosts, in virtual time under ``trio.testing.MockClock``. See ``docs/netsim.md``.
+enter the :class:`Internet` and ordinary Trio code using ``trio.socket`` (UDP, and TCP through
+``trio.open_tcp_stream`` / ``trio.serve_tcp``) runs unchanged on the simulated hosts, in virtual time under ``trio.testing.MockClock``. See ``docs/netsim.md``.
 """
 
 from ._addresses import NetsimError
@@ -16,6 +16,17 @@ from ._socket import (
     NonBlockingSocket,
     UDPSocket,
     UnsupportedSocketError,
+)
+from ._stream import TCPSocket
+from ._tcp import (
+    TCP_MSS,
+    TCP_RECEIVE_BUFFER,
+    TCP_SEND_BUFFER,
+    TcpConnection,
+    TcpEstablished,
+    TcpSegment,
+    TcpState,
+    TcpTerminated,
 )
 from ._topology import (
     FIRST_EPHEMERAL_PORT,
@@ -36,6 +47,9 @@ __all__ = [
     "MAX_DATAGRAM",
     "NAT",
     "RECEIVE_QUEUE_LIMIT",
+    "TCP_MSS",
+    "TCP_RECEIVE_BUFFER",
+    "TCP_SEND_BUFFER",
     "DistantRendezvous",
     "Filtering",
     "Host",
@@ -53,6 +67,12 @@ __all__ = [
     "NonBlockingSocket",
     "PortAllocation",
     "Router",
+    "TCPSocket",
+    "TcpConnection",
+    "TcpEstablished",
+    "TcpSegment",
+    "TcpState",
+    "TcpTerminated",
     "TraceRecord",
     "UDPSocket",
     "UnsupportedSocketError",

@@ -23,7 +23,10 @@ from ._addresses import Endpoint
 
 @dataclass(frozen=True)
 class Emission:
-    """A datagram a socket sent, waiting for the engine: ``host_index`` orders equal-time sends."""
+    """A datagram a socket sent, waiting for the engine: ``host_index`` orders equal-time sends.
+
+    ``tcp`` marks a TCP socket's request to send (its segments are made in the engine).
+    """
 
     time: float
     host_index: int
@@ -31,6 +34,7 @@ class Emission:
     dst: Endpoint
     payload: bytes
     deliver: Callable[[Emission], None]
+    tcp: bool = False
 
     def sort_key(self) -> tuple[Any, ...]:
         """Return the canonical processing order, independent of Trio's task order."""
@@ -44,6 +48,7 @@ class Emission:
             int(self.dst[0]),
             self.dst[1],
             self.payload,
+            self.tcp,
         )
 
 

@@ -44,11 +44,14 @@ class _SocketFactory(trio.abc.SocketFactory):
         kind = int(type) & ~(
             getattr(_stdlib_socket, "SOCK_NONBLOCK", 0) | getattr(_stdlib_socket, "SOCK_CLOEXEC", 0)
         )
-        if kind != _stdlib_socket.SOCK_DGRAM or proto not in (0, _stdlib_socket.IPPROTO_UDP):
-            raise UnsupportedSocketError(
-                errno.EPROTONOSUPPORT, "netsim simulates UDP sockets only (SOCK_DGRAM)"
-            )
-        return host.udp_socket(family)
+        if kind == _stdlib_socket.SOCK_DGRAM and proto in (0, _stdlib_socket.IPPROTO_UDP):
+            return host.udp_socket(family)
+        if kind == _stdlib_socket.SOCK_STREAM and proto in (0, _stdlib_socket.IPPROTO_TCP):
+            return host.tcp_socket(family, proto)
+        raise UnsupportedSocketError(
+            errno.EPROTONOSUPPORT,
+            "netsim simulates UDP (SOCK_DGRAM) and TCP (SOCK_STREAM) sockets only",
+        )
 
 
 class _Resolver(trio.abc.HostnameResolver):
@@ -141,9 +144,12 @@ class Internet:
         lan: str = "10.0.0.0/24",
         name: str | None = None,
         link: Link | None = None,
+        block_udp: bool = False,
     ) -> NAT:
         """Attach a NAT to the public network; see :meth:`Network.add_nat`."""
-        return self.network.add_nat(address, behavior=behavior, lan=lan, name=name, link=link)
+        return self.network.add_nat(
+            address, behavior=behavior, lan=lan, name=name, link=link, block_udp=block_udp
+        )
 
     def add_router(
         self,
@@ -152,9 +158,10 @@ class Internet:
         lan: str,
         name: str | None = None,
         link: Link | None = None,
+        block_udp: bool = False,
     ) -> Router:
         """Attach a router to the public network; see :meth:`Network.add_router`."""
-        return self.network.add_router(address, lan=lan, name=name, link=link)
+        return self.network.add_router(address, lan=lan, name=name, link=link, block_udp=block_udp)
 
     def add_name(self, name: str, address: str | IPAddress) -> None:
         """Make ``trio.socket.getaddrinfo(name, ...)`` and ``sendto((name, port))`` give ``address``."""
@@ -197,6 +204,12 @@ class Internet:
     def _note(self, where: str, packet: _Packet, verdict: Verdict, detail: str = "") -> None:
         self.counters[verdict] += 1
         if self.trace is not None:
+            segment = packet.segment
+            summary = ""
+            if segment is not None:
+                summary = f"[{segment.flags}] seq {segment.seq}"
+                if segment.ack is not None:
+                    summary += f" ack {segment.ack} win {segment.window}"
             self.trace(
                 TraceRecord(
                     time=trio.current_time(),
@@ -206,6 +219,8 @@ class Internet:
                     size=len(packet.payload),
                     verdict=verdict,
                     detail=detail,
+                    protocol="udp" if segment is None else "tcp",
+                    tcp=summary,
                 )
             )
 

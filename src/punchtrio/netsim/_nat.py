@@ -58,6 +58,9 @@ class NatBehavior:
       only outbound traffic does, RFC 4787 REQ-6).
     - ``port_range``: the inclusive range of external ports for new, non-preserved mappings
       (default 1024-65535).
+    - ``tcp_mapping_timeout``: seconds a TCP mapping lives after its last refresh (default 7440,
+      RFC 5382 REQ-5's minimum for established connections: 2 hours 4 minutes). TCP mappings
+      live in a table of their own; every other field applies to them as to UDP.
 
     Raises :class:`NetsimError` for a non-positive timeout or an invalid port range.
     """
@@ -69,10 +72,13 @@ class NatBehavior:
     mapping_timeout: float = 120.0
     inbound_refresh: bool = False
     port_range: tuple[int, int] = (1024, 65535)
+    tcp_mapping_timeout: float = 7440.0
 
     def __post_init__(self) -> None:
-        if not (self.mapping_timeout > 0 and math.isfinite(self.mapping_timeout)):
-            raise NetsimError(f"mapping_timeout must be > 0 seconds, got {self.mapping_timeout!r}")
+        for name in ("mapping_timeout", "tcp_mapping_timeout"):
+            value = getattr(self, name)
+            if not (value > 0 and math.isfinite(value)):
+                raise NetsimError(f"{name} must be > 0 seconds, got {value!r}")
         low, high = self.port_range
         if not 1 <= low <= high <= 65535:
             raise NetsimError(

@@ -4,13 +4,14 @@ from __future__ import annotations
 
 import contextlib
 import contextvars
+import dataclasses
 import errno
 import ipaddress
 import socket as _stdlib_socket
 from collections import Counter
 from collections.abc import Iterator
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, TypeVar
 
 import trio
 
@@ -27,6 +28,8 @@ from ._engine import Emission
 from ._link import Link
 from ._nat import NatBehavior, NatBinding, NatTable
 from ._socket import NonBlockingSocket, UDPSocket, UnsupportedSocketError
+from ._stream import TCPSocket
+from ._tcp import TcpSegment
 from ._trace import Verdict
 
 if TYPE_CHECKING:
@@ -38,6 +41,9 @@ FIRST_EPHEMERAL_PORT = 49152
 INITIAL_TTL = 64
 """Hops a packet may take through routers and NATs before it is dropped (``ttl-exceeded``)."""
 
+_S = TypeVar("_S", UDPSocket, TCPSocket)
+_BindKey = tuple[int, "IPAddress | None", int]
+
 _current_host: contextvars.ContextVar[Host | None] = contextvars.ContextVar(
     "punchtrio_netsim_host", default=None
 )
@@ -45,10 +51,13 @@ _current_host: contextvars.ContextVar[Host | None] = contextvars.ContextVar(
 
 @dataclass(frozen=True)
 class _Packet:
+    """A packet in flight: UDP when ``segment`` is None, else TCP (``payload`` is its data)."""
+
     src: Endpoint
     dst: Endpoint
     payload: bytes
     ttl: int = INITIAL_TTL
+    segment: TcpSegment | None = None
 
 
 class Interface:
@@ -142,17 +151,22 @@ class Network:
         lan: str = "10.0.0.0/24",
         name: str | None = None,
         link: Link | None = None,
+        block_udp: bool = False,
     ) -> NAT:
         """Attach a new :class:`NAT` with external ``address`` here and a fresh LAN ``lan`` inside.
 
         The NAT takes the first address of ``lan`` as its inside address; hosts added to
-        ``nat.lan`` sit behind it. ``behavior`` defaults to :class:`NatBehavior` ``()``. Raises
-        :class:`NetsimError` for an invalid address, prefix or name, and then changes nothing.
+        ``nat.lan`` sit behind it. ``behavior`` defaults to :class:`NatBehavior` ``()``.
+        ``block_udp=True`` makes it a network that lets only TCP out: it drops every UDP packet it
+        would forward, in both directions (verdict ``blocked``; see :attr:`Router.block_udp`).
+        Raises :class:`NetsimError` for an invalid address, prefix or name, and then changes
+        nothing.
         """
         (external,) = self._addresses((address,) if address is not None else ())
         name = self.internet._new_name(name, "nat")
         inside = _lan(self.internet, f"{name}-lan", lan)
         nat = NAT(self.internet, name, behavior or NatBehavior(), external)
+        nat.block_udp = block_udp
         nat.outside = self._attach(nat, (external,), link)
         nat.lan = inside
         nat.inside = inside._attach(nat, (inside._gateway_address(),), None)
@@ -166,18 +180,21 @@ class Network:
         lan: str,
         name: str | None = None,
         link: Link | None = None,
+        block_udp: bool = False,
     ) -> Router:
         """Attach a new :class:`Router` at ``address`` that routes the prefix ``lan`` without NAT.
 
         This network gets a route to ``lan`` through the router; hosts added to ``router.lan`` are
-        reachable by their own addresses. Raises :class:`NetsimError` for an invalid address,
-        prefix or name, and then changes nothing.
+        reachable by their own addresses. ``block_udp=True`` makes the router drop every UDP
+        packet it would forward (see :attr:`Router.block_udp`). Raises :class:`NetsimError` for an
+        invalid address, prefix or name, and then changes nothing.
         """
         (outside,) = self._addresses((address,) if address is not None else ())
         name = self.internet._new_name(name, "router")
         inside = _lan(self.internet, f"{name}-lan", lan)
         assert inside.prefix is not None
         router = Router(self.internet, name)
+        router.block_udp = block_udp
         router.outside = self._attach(router, (outside,), link)
         router.lan = inside
         router.inside = inside._attach(router, (inside._gateway_address(),), None)
@@ -265,19 +282,26 @@ def current_host() -> Host | None:
 
 
 class Host(Node):
-    """A simulated machine with one or more addresses on one network, and UDP sockets.
+    """A simulated machine with one or more addresses on one network, and UDP and TCP sockets.
 
-    Make sockets with :meth:`udp_socket`, or run ordinary Trio code under :meth:`activate` so that
-    ``trio.socket.socket(AF_INET, SOCK_DGRAM)`` creates sockets on this host.
+    Make sockets with :meth:`udp_socket` and :meth:`tcp_socket`, or run ordinary Trio code under
+    :meth:`activate` so that ``trio.socket.socket()`` (and with it ``trio.open_tcp_stream``,
+    ``trio.serve_tcp``) creates sockets on this host. A segment for a TCP port nobody listens on
+    is answered with an RST, as a kernel does.
     """
 
     _interface: Interface
 
     def __init__(self, internet: Internet, name: str) -> None:
         super().__init__(internet, name)
-        self._sockets: dict[tuple[int, IPAddress | None, int], UDPSocket] = {}
+        self._sockets: dict[_BindKey, UDPSocket] = {}
         self._ports: dict[tuple[int, int], int] = {}
         self._next_ephemeral = FIRST_EPHEMERAL_PORT
+        self._tcp_sockets: dict[_BindKey, TCPSocket] = {}
+        self._tcp_ports: dict[tuple[int, int], int] = {}
+        self._next_tcp_ephemeral = FIRST_EPHEMERAL_PORT
+        self._connections: dict[tuple[Endpoint, Endpoint], TCPSocket] = {}
+        self._connection_ports: Counter[tuple[int, int]] = Counter()
 
     @property
     def addresses(self) -> tuple[IPAddress, ...]:
@@ -331,6 +355,23 @@ class Host(Node):
             )
         return NonBlockingSocket(self.udp_socket(family))
 
+    def tcp_socket(self, family: int = _stdlib_socket.AF_INET, proto: int = 0) -> TCPSocket:
+        """Return a new, unbound TCP socket on this host (``AF_INET`` or ``AF_INET6``).
+
+        See :class:`TCPSocket`; segments move only while the :class:`Internet` is entered. Raises
+        :class:`UnsupportedSocketError` (``EAFNOSUPPORT``) for another family.
+        """
+        if family not in (_stdlib_socket.AF_INET, _stdlib_socket.AF_INET6):
+            raise UnsupportedSocketError(
+                errno.EAFNOSUPPORT, f"netsim simulates AF_INET and AF_INET6, not family {family}"
+            )
+        return TCPSocket(self, family, proto)
+
+    @property
+    def tcp_connections(self) -> list[TCPSocket]:
+        """This host's TCP connections (open, closing, or waiting to be accepted), by endpoints."""
+        return [self._connections[key] for key in sorted(self._connections, key=_connection_order)]
+
     @property
     def address(self) -> IPAddress:
         """The host's first address."""
@@ -361,45 +402,97 @@ class Host(Node):
                 return address
         raise OSError(errno.ENETUNREACH, "Network is unreachable (no address of this family)")
 
-    def bind(self, sock: UDPSocket, ip: IPAddress | None, port: int) -> None:
+    def bind(self, sock: UDPSocket | TCPSocket, ip: IPAddress | None, port: int) -> None:
         """Bind ``sock`` (socket use only); raises ``OSError`` as the kernel would.
 
         The same port may be bound on different specific addresses, but not on a specific
-        address and the wildcard at once.
+        address and the wildcard at once. UDP and TCP ports are separate.
         """
+        if isinstance(sock, TCPSocket):
+            self._bind(self._tcp_sockets, self._tcp_ports, sock, ip, port)
+        else:
+            self._bind(self._sockets, self._ports, sock, ip, port)
+
+    def _bind(
+        self,
+        sockets: dict[_BindKey, _S],
+        ports: dict[tuple[int, int], int],
+        sock: _S,
+        ip: IPAddress | None,
+        port: int,
+    ) -> None:
         family = int(sock.family)
         if ip is not None and ip not in self.addresses and ip != LOOPBACK[family]:
             raise OSError(errno.EADDRNOTAVAIL, "Cannot assign requested address")
         if port == 0:
-            port = self._ephemeral(family)
-        users = self._ports.get((family, port), 0)
+            port = self._ephemeral(family, tcp=isinstance(sock, TCPSocket))
+        users = ports.get((family, port), 0)
         if users and (
-            ip is None
-            or (family, None, port) in self._sockets
-            or (family, ip, port) in self._sockets
+            ip is None or (family, None, port) in sockets or (family, ip, port) in sockets
         ):
             raise OSError(errno.EADDRINUSE, "Address already in use")
-        self._sockets[(family, ip, port)] = sock
-        self._ports[(family, port)] = users + 1
+        sockets[(family, ip, port)] = sock
+        ports[(family, port)] = users + 1
         sock._bound(ip, port)
 
-    def unbind(self, sock: UDPSocket) -> None:
+    def unbind(self, sock: UDPSocket | TCPSocket) -> None:
         """Forget a closing socket's port."""
+        if isinstance(sock, TCPSocket):
+            self._unbind(self._tcp_sockets, self._tcp_ports, sock)
+        else:
+            self._unbind(self._sockets, self._ports, sock)
+
+    @staticmethod
+    def _unbind(sockets: dict[_BindKey, _S], ports: dict[tuple[int, int], int], sock: _S) -> None:
         family = int(sock.family)
         key = (family, sock.local_ip, sock.port)
-        if self._sockets.get(key) is sock:
-            del self._sockets[key]
-            self._ports[(family, sock.port)] -= 1
-            if not self._ports[(family, sock.port)]:
-                del self._ports[(family, sock.port)]
+        if sockets.get(key) is sock:
+            del sockets[key]
+            ports[(family, sock.port)] -= 1
+            if not ports[(family, sock.port)]:
+                del ports[(family, sock.port)]
 
-    def _ephemeral(self, family: int) -> int:
+    def _ephemeral(self, family: int, *, tcp: bool = False) -> int:
         for _ in range(65536 - FIRST_EPHEMERAL_PORT):
-            port = self._next_ephemeral
-            self._next_ephemeral = port + 1 if port < 65535 else FIRST_EPHEMERAL_PORT
-            if (family, port) not in self._ports:
-                return port
+            if tcp:
+                port = self._next_tcp_ephemeral
+                self._next_tcp_ephemeral = port + 1 if port < 65535 else FIRST_EPHEMERAL_PORT
+                if (family, port) not in self._tcp_ports and not self._connection_ports[
+                    (family, port)
+                ]:
+                    return port
+            else:
+                port = self._next_ephemeral
+                self._next_ephemeral = port + 1 if port < 65535 else FIRST_EPHEMERAL_PORT
+                if (family, port) not in self._ports:
+                    return port
         raise OSError(errno.EADDRINUSE, "no free ephemeral port")
+
+    def _register_connection(self, sock: TCPSocket, local: Endpoint, remote: Endpoint) -> None:
+        if (local, remote) in self._connections:
+            raise OSError(errno.EADDRNOTAVAIL, "Cannot assign requested address (4-tuple in use)")
+        self._connections[(local, remote)] = sock
+        self._connection_ports[(int(family_of(local[0])), local[1])] += 1
+
+    def _forget_connection(self, sock: TCPSocket) -> None:
+        key = (sock._local, sock._peer)
+        if key[0] is None or key[1] is None or self._connections.get((key[0], key[1])) is not sock:
+            return
+        del self._connections[(key[0], key[1])]
+        port_key = (int(family_of(key[0][0])), key[0][1])
+        self._connection_ports[port_key] -= 1
+        if not self._connection_ports[port_key]:
+            del self._connection_ports[port_key]
+
+    def _transmit_segment(self, src: Endpoint, dst: Endpoint, segment: TcpSegment) -> None:
+        """Send a TCP segment from one of this host's connections (engine task only)."""
+        packet = _Packet(src, dst, segment.data, INITIAL_TTL, segment)
+        if dst[0] in self.addresses or dst[0].is_loopback:
+            self._note(packet, Verdict.SENT, "local")
+            self._deliver(packet)
+            return
+        self._note(packet, Verdict.SENT)
+        self._interface.network._transmit(self._interface, packet)
 
     def emit(self, src: Endpoint, dst: Endpoint, payload: bytes) -> None:
         """Hand a datagram sent by one of this host's sockets to the simulation."""
@@ -421,6 +514,9 @@ class Host(Node):
         self._deliver(packet)
 
     def _deliver(self, packet: _Packet) -> None:
+        if packet.segment is not None:
+            self._deliver_segment(packet, packet.segment)
+            return
         ip, port = packet.dst
         family = int(family_of(ip))
         sock = self._sockets.get((family, ip, port)) or self._sockets.get((family, None, port))
@@ -431,9 +527,40 @@ class Host(Node):
         else:
             self._note(packet, Verdict.BUFFER_FULL)
 
+    def _deliver_segment(self, packet: _Packet, segment: TcpSegment) -> None:
+        connection = self._connections.get((packet.dst, packet.src))
+        if connection is not None:
+            self._note(packet, Verdict.DELIVERED)
+            connection._segment_arrived(segment)
+            return
+        if segment.syn and segment.ack is None and not segment.rst:
+            ip, port = packet.dst
+            family = int(family_of(ip))
+            listener = self._tcp_sockets.get((family, ip, port)) or self._tcp_sockets.get(
+                (family, None, port)
+            )
+            if listener is not None and listener._listening:
+                if listener._backlog_full():
+                    self._note(packet, Verdict.BUFFER_FULL, "listen backlog full")
+                else:
+                    self._note(packet, Verdict.DELIVERED)
+                    listener._incoming_syn(packet.src, packet.dst, segment)
+                return
+        self._note(packet, Verdict.NO_LISTENER)
+        if not segment.rst:  # a closed port answers with an RST (RFC 9293 3.10.7.1)
+            if segment.ack is not None:
+                reset = TcpSegment(segment.ack, rst=True)
+            else:
+                reset = TcpSegment(0, segment.seq + segment.length, rst=True)
+            self._transmit_segment(packet.dst, packet.src, reset)
+
     def _close_sockets(self) -> None:
         for sock in list(self._sockets.values()):
             sock.close()
+        for tcp in [*self._tcp_sockets.values(), *self._connections.values()]:
+            tcp._discard()
+        self._connections.clear()
+        self._connection_ports.clear()
 
 
 class Router(Node):
@@ -446,12 +573,23 @@ class Router(Node):
     outside: Interface
     inside: Interface
     lan: Network
+    block_udp: bool = False
+    """If True, every UDP packet that reaches this router or NAT is dropped, in both directions,
+    with the verdict ``blocked``: a network that lets only TCP out. TCP passes as usual. Traffic
+    between hosts on the LAN does not cross the router and is not affected. It may be changed
+    while the simulation runs."""
 
     def _receive(self, interface: Interface, packet: _Packet) -> None:
+        if self.block_udp and packet.segment is None:
+            self._note(packet, Verdict.BLOCKED, "udp blocked")
+            return
         if packet.ttl <= 1:
             self._note(packet, Verdict.TTL_EXCEEDED)
             return
-        self._forward(interface, _Packet(packet.src, packet.dst, packet.payload, packet.ttl - 1))
+        self._forward(
+            interface,
+            _Packet(packet.src, packet.dst, packet.payload, packet.ttl - 1, packet.segment),
+        )
 
     def _forward(self, interface: Interface, packet: _Packet) -> None:
         if packet.dst[0] in self.outside.addresses or packet.dst[0] in self.inside.addresses:
@@ -482,15 +620,30 @@ class NAT(Router):
         self.behavior = behavior
         self.external_address = external
         self.table = NatTable(external, behavior, internet.rng)
-        """The translation state, a :class:`NatTable`."""
+        """The UDP translation state, a :class:`NatTable`."""
+        self.tcp_table = NatTable(
+            external,
+            dataclasses.replace(behavior, mapping_timeout=behavior.tcp_mapping_timeout),
+            internet.rng,
+        )
+        """The TCP translation state: a separate :class:`NatTable` (its own ports), with the same
+        behaviour except that mappings live ``behavior.tcp_mapping_timeout`` seconds."""
 
     def mappings(self) -> list[NatBinding]:
-        """Return the live mappings (a snapshot), sorted by external port; expired ones are gone."""
+        """Return the live UDP mappings (a snapshot), sorted by external port; expired ones are gone."""
         return self.table.bindings(trio.current_time())
 
+    def tcp_mappings(self) -> list[NatBinding]:
+        """Return the live TCP mappings (a snapshot), sorted by external port."""
+        return self.tcp_table.bindings(trio.current_time())
+
     def reset(self) -> None:
-        """Forget every mapping at once, as a NAT reboot does (peers see their mappings rebind)."""
+        """Forget every UDP and TCP mapping at once, as a NAT reboot does."""
         self.table.clear()
+        self.tcp_table.clear()
+
+    def _table(self, packet: _Packet) -> NatTable:
+        return self.table if packet.segment is None else self.tcp_table
 
     def _forward(self, interface: Interface, packet: _Packet) -> None:
         now = trio.current_time()
@@ -506,7 +659,7 @@ class NAT(Router):
         if packet.dst[0] in self.inside.addresses:
             self._note(packet, Verdict.NO_LISTENER)
             return
-        mapped = self.table.outbound(packet.src, packet.dst, now)
+        mapped = self._table(packet).outbound(packet.src, packet.dst, now)
         if mapped is None:
             self._note(packet, Verdict.PORTS_EXHAUSTED)
             return
@@ -514,31 +667,44 @@ class NAT(Router):
         self._note(
             packet, Verdict.NAT_OUT, f"{_text(packet.src)} as {_text(mapped)}" if tracing else ""
         )
-        out = _Packet(mapped, packet.dst, packet.payload, packet.ttl)
+        out = _Packet(mapped, packet.dst, packet.payload, packet.ttl, packet.segment)
         self.outside.network._transmit(self.outside, out)
 
     def _inbound(self, packet: _Packet, now: float) -> None:
         if packet.dst[0] != self.external_address:
             self._note(packet, Verdict.NO_ROUTE)
             return
-        internal, reason = self.table.inbound(packet.src, packet.dst[1], now)
+        # An unsolicited inbound SYN finds no mapping and is dropped silently (RFC 5382 REQ-4).
+        internal, reason = self._table(packet).inbound(packet.src, packet.dst[1], now)
         if internal is None:
             self._note(packet, Verdict(reason))
             return
         self._note(packet, Verdict.NAT_IN, f"to {_text(internal)}" if self.internet.trace else "")
-        translated = _Packet(packet.src, internal, packet.payload, packet.ttl)
+        translated = _Packet(packet.src, internal, packet.payload, packet.ttl, packet.segment)
         self.inside.network._transmit(self.inside, translated)
 
     def _hairpin(self, packet: _Packet, now: float) -> None:
         if not self.behavior.hairpinning:
             self._note(packet, Verdict.NO_HAIRPIN)
             return
-        mapped = self.table.outbound(packet.src, packet.dst, now)
+        mapped = self._table(packet).outbound(packet.src, packet.dst, now)
         if mapped is None:
             self._note(packet, Verdict.PORTS_EXHAUSTED)
             return
         self._note(packet, Verdict.HAIRPINNED, f"{_text(packet.src)} as {_text(mapped)}")
-        self._inbound(_Packet(mapped, packet.dst, packet.payload, packet.ttl), now)
+        self._inbound(_Packet(mapped, packet.dst, packet.payload, packet.ttl, packet.segment), now)
+
+
+def _connection_order(key: tuple[Endpoint, Endpoint]) -> tuple[int, ...]:
+    (local_ip, local_port), (remote_ip, remote_port) = key
+    return (
+        local_ip.version,
+        int(local_ip),
+        local_port,
+        remote_ip.version,
+        int(remote_ip),
+        remote_port,
+    )
 
 
 def _text(endpoint: Endpoint) -> str:

@@ -41,6 +41,8 @@ class Verdict(str, enum.Enum):
     """The receiving socket's queue was full."""
     TTL_EXCEEDED = "ttl-exceeded"
     """The packet crossed too many routers (a routing loop)."""
+    BLOCKED = "blocked"
+    """A router or NAT with ``block_udp`` dropped a UDP packet."""
 
 
 @dataclass(frozen=True)
@@ -49,8 +51,10 @@ class TraceRecord:
 
     ``time`` is ``trio.current_time()`` in seconds; ``where`` names the node (or ``"a->b"`` for the
     link between nodes ``a`` and ``b``); ``src`` and ``dst`` are ``"ip:port"`` texts of the packet as
-    it was when the event happened; ``size`` is the UDP payload length in bytes; ``detail`` says
-    more where useful, for example a NAT's translation.
+    it was when the event happened; ``size`` is the UDP payload (or TCP segment data) length in
+    bytes; ``detail`` says more where useful, for example a NAT's translation; ``protocol`` is
+    ``"udp"`` or ``"tcp"``; for TCP, ``tcp`` summarises the segment as tcpdump would
+    (``"[S.] seq 1 ack 2 win 65536"``), else it is empty.
     """
 
     time: float
@@ -60,11 +64,14 @@ class TraceRecord:
     size: int
     verdict: Verdict
     detail: str = ""
+    protocol: str = "udp"
+    tcp: str = ""
 
     def __str__(self) -> str:
-        """One line: time in seconds, place, verdict, endpoints, size and detail."""
+        """One line: time in seconds, place, verdict, endpoints, size, TCP summary and detail."""
         detail = f" ({self.detail})" if self.detail else ""
+        segment = f" tcp {self.tcp}" if self.tcp else ""
         return (
             f"{self.time:10.6f} {self.where:<16} {self.verdict.value:<17} "
-            f"{self.src} -> {self.dst} {self.size} B{detail}"
+            f"{self.src} -> {self.dst} {self.size} B{segment}{detail}"
         )

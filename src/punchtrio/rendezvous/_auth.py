@@ -168,6 +168,36 @@ def _shared_secret(private: bytes, public: bytes) -> bytes:
         raise AuthenticationError("authentication failed") from None
 
 
+def peer_mac_key(
+    private_key: PrivateKey, hub_public_key: PublicKey, network: NetworkSecret | None = None
+) -> bytes:
+    """Return the 32-byte MAC key a peer signs with towards a hub (the request signing key).
+
+    ``X25519(private_key, hub_public_key)`` mixed with both public keys and, with a ``network``,
+    its auth key (see ``docs/rendezvous.md``). The hub derives the same key with
+    :func:`hub_mac_key`. Other protocols of the hub (its relay) reuse it with their own message
+    prefix, so a MAC of one can never pass as a MAC of another. Raises
+    :class:`AuthenticationError` for a low-order hub key.
+    """
+    shared = _shared_secret(private_key.raw, hub_public_key.raw)
+    return _mac_key(shared, private_key.public_key(), hub_public_key, network)
+
+
+def hub_mac_key(
+    hub_key: PrivateKey, peer_public_key: PublicKey, network: NetworkSecret | None = None
+) -> bytes:
+    """Return the MAC key of ``peer_public_key`` as the hub derives it (equal to
+    :func:`peer_mac_key` on the peer's side). Raises :class:`AuthenticationError` for a
+    low-order peer key."""
+    shared = _shared_secret(hub_key.raw, peer_public_key.raw)
+    return _mac_key(shared, peer_public_key, hub_key.public_key(), network)
+
+
+def keyed_mac(mac_key: bytes, message: bytes) -> bytes:
+    """Return the 32-byte keyed BLAKE2s-256 of ``message`` under ``mac_key`` (the scheme's MAC)."""
+    return _mac(mac_key, message)
+
+
 @dataclass(frozen=True)
 class RequestSigner:
     """Signs API requests for one peer key towards one hub (the client half of the scheme).

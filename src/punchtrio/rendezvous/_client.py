@@ -20,7 +20,7 @@ from collections.abc import AsyncGenerator, Callable, Iterable, Mapping
 from contextlib import aclosing
 from dataclasses import dataclass
 from types import TracebackType
-from typing import Any, cast
+from typing import TYPE_CHECKING, Any, cast
 
 import httpx
 import trio
@@ -49,6 +49,9 @@ from ._protocol import (
     RendezvousUnavailableError,
     checked_name,
 )
+
+if TYPE_CHECKING:
+    from ..relay._turn_credentials import TurnServer
 
 log = logging.getLogger("punchtrio.rendezvous")
 
@@ -383,6 +386,45 @@ class HubClient:
                 if misses:
                     await trio.sleep(self._backoff.delay(misses - 1, self._rng))
                 misses += 1
+
+    async def turn_servers(self) -> tuple[TurnServer, ...]:
+        """Return the hub's TURN servers, each with credentials just minted for this peer.
+
+        The credentials are coturn REST credentials (``TurnServer.ttl`` seconds valid): fetch new
+        ones before they expire. ``()`` when the hub advertises no TURN server. The peer must be
+        registered: the hub mints credentials only for the key that holds the name. Raises
+        :class:`NotRegisteredError` before :meth:`register`, :class:`RendezvousRefusedError`,
+        :class:`RendezvousUnavailableError`, :class:`RendezvousProtocolError` (a malformed
+        answer). Never logs the credentials.
+        """
+        from ..relay._turn_credentials import TurnCredentialsError, TurnServer
+
+        if self._registration is None:
+            raise NotRegisteredError(f"{self._name} must register before asking for TURN servers")
+        path = _peer_path(self._name) + "/turn"
+        for retry in (True, False):
+            if self._info is not None and not self._info.turn:
+                return ()
+            status, payload = await self._call("GET", path, attempts=self._attempts)
+            if status == 200:
+                break
+            if status == 404 and self._info is not None and not self._info.turn:
+                return ()
+            if status == 404 and retry:
+                # The hub forgot our record (a restart): register again, then ask again.
+                self._mark_lost()
+                continue
+            raise _refusal(status, payload)
+        body = _load(payload)
+        if not isinstance(body, dict) or set(body) != {"servers"}:
+            raise RendezvousProtocolError("the hub's TURN answer is not a list of servers")
+        servers = body["servers"]
+        if not isinstance(servers, list) or len(servers) > 8:
+            raise RendezvousProtocolError("the hub sent more than 8 TURN servers")
+        try:
+            return tuple(TurnServer.from_json(item) for item in servers)
+        except TurnCredentialsError as exc:
+            raise RendezvousProtocolError(f"the hub sent an invalid TURN server: {exc}") from None
 
     async def unregister(self) -> None:
         """Delete this peer's record from the hub and stop refreshing it.

@@ -26,6 +26,7 @@ from starlette.routing import Route
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from ..keys import PrivateKey
+from ..relay._turn_credentials import TurnServer, TurnServerURI, rest_credentials
 from ._auth import (
     DEFAULT_WINDOW,
     HEADER_KEY,
@@ -41,6 +42,7 @@ from ._auth import (
 from ._models import (
     MAX_BODY_BYTES,
     HubInfo,
+    HubRelayAddress,
     RegisterRequest,
     SignalMessage,
     StunAddress,
@@ -89,6 +91,13 @@ class HubConfig:
     bucket per client IP, IPv6 per /64 (50 requests/s, 100; ``rate`` 0 disables).
     ``max_sources``: size of the bucket table (65536, least recently used forgotten first).
     ``body_timeout``: time to receive a whole body (10). ``stun``: STUN servers to publish.
+    ``turn``: TURN servers to publish, whose coturn REST credentials the hub mints with
+    ``turn_secret`` (their ``--static-auth-secret``; never shown in the repr) for ``turn_ttl``
+    seconds (3600) to registered peers (``GET /v1/peers/{name}/turn``).
+    ``relay``: the hub's own relay to publish (``None``: no relay); ``directory``: a
+    :class:`KeyDirectory` the app keeps up to date with every registration and deletion, so the
+    relay can check that a key is registered; ``relay_metrics``: returns the relay's Prometheus
+    lines, appended to ``/metrics``.
     """
 
     key: PrivateKey
@@ -101,6 +110,63 @@ class HubConfig:
     max_sources: int = 65536
     body_timeout: float = 10.0
     stun: tuple[StunAddress, ...] = field(default=())
+    turn: tuple[TurnServerURI, ...] = field(default=())
+    turn_secret: bytes | None = field(default=None, repr=False)
+    turn_ttl: float = 3600.0
+    relay: HubRelayAddress | None = None
+    directory: KeyDirectory | None = field(default=None, compare=False)
+    relay_metrics: Callable[[], list[str]] | None = field(default=None, compare=False, repr=False)
+
+
+class KeyDirectory:
+    """Which public keys have a live record at this hub, and in which networks.
+
+    The hub app notes every successful registration (with the record's expiry, Unix seconds) and
+    deletion; the hub's relay asks :meth:`is_registered` before binding a key. It is this hub
+    process's view: with several replicas on one shared store, a peer binds at the relay of the
+    hub it registers with. Expired entries are swept every ``sweep_every`` notes, by ``clock``
+    (Unix seconds, the hub's clock).
+    """
+
+    def __init__(self, *, clock: Clock = time.time, sweep_every: int = 4096) -> None:
+        self._clock = clock
+        self._entries: dict[tuple[str, bytes], dict[str, float]] = {}
+        self._sweep_every = sweep_every
+        self._notes = 0
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+    def note(self, network_id: str, name: str, public_key: bytes, expires_at: float) -> None:
+        """Record that ``name`` in ``network_id`` is registered to ``public_key`` until
+        ``expires_at``."""
+        self._entries.setdefault((network_id, public_key), {})[name] = expires_at
+        self._notes += 1
+        if self._notes >= self._sweep_every:
+            self._notes = 0
+            self._sweep(self._clock())
+
+    def forget(self, network_id: str, name: str, public_key: bytes) -> None:
+        """Record that ``name`` was deleted (no error if unknown)."""
+        names = self._entries.get((network_id, public_key))
+        if names is not None:
+            names.pop(name, None)
+            if not names:
+                del self._entries[network_id, public_key]
+
+    def is_registered(self, public_key: bytes, network_id: str, now: float) -> bool:
+        """Whether ``public_key`` has a record in ``network_id`` (``""``: an open hub) that is
+        live at ``now`` (Unix seconds)."""
+        names = self._entries.get((network_id, public_key))
+        return names is not None and any(expires > now for expires in names.values())
+
+    def _sweep(self, now: float) -> None:
+        for key, names in list(self._entries.items()):
+            for name, expires in list(names.items()):
+                if expires <= now:
+                    del names[name]
+            if not names:
+                del self._entries[key]
 
 
 class _Refusal(Exception):
@@ -164,6 +230,7 @@ def _source_of(scope: Scope) -> str:
 _FIXED_ROUTES = {path: path for path in ("/v1/hub", "/healthz", "/metrics")}
 _PEERS = "/v1/peers/"
 _MESSAGES = "/messages"
+_TURN = "/turn"
 _METHODS = frozenset({"GET", "PUT", "POST", "DELETE", "HEAD"})
 
 
@@ -176,6 +243,8 @@ def _route_label(path: str) -> str:
         return "other"
     if not slash:
         return "/v1/peers/{name}"
+    if slash + rest == _TURN:
+        return "/v1/peers/{name}/turn"
     return "/v1/peers/{name}/messages" if slash + rest == _MESSAGES else "other"
 
 
@@ -322,6 +391,8 @@ class _Hub:
         for (route, method, status), count in sorted(self.counters.requests.items()):
             labels = f'route="{route}",method="{method}",status="{status}"'
             lines.append(f"punchtrio_hub_requests_total{{{labels}}} {count}")
+        if self.config.relay_metrics is not None:
+            lines += self.config.relay_metrics()
         return Response(
             "\n".join(lines) + "\n", media_type="text/plain; version=0.0.4; charset=utf-8"
         )
@@ -336,6 +407,8 @@ class _Hub:
             config.auth_window,
             round(self.clock(), 3),
             self.verifier.network_required,
+            turn=config.turn,
+            relay=config.relay,
         )
         return _json(info.to_json())
 
@@ -360,6 +433,10 @@ class _Hub:
         peer, created = await self.store.put(
             verified.network_id, name, registration, self.config.ttl
         )
+        if self.config.directory is not None:
+            self.config.directory.note(
+                verified.network_id, name, verified.public_key.raw, peer.expires_at
+            )
         return _json(peer.to_record(self.clock()).to_json(), 201 if created else 200)
 
     async def get_peer(self, request: Request) -> Response:
@@ -388,6 +465,8 @@ class _Hub:
         name = validate_name(request.path_params["name"])
         if not await self.store.delete(verified.network_id, name, verified.public_key):
             raise _Refusal(404, NO_SUCH_PEER)
+        if self.config.directory is not None:
+            self.config.directory.forget(verified.network_id, name, verified.public_key.raw)
         return Response(status_code=204)
 
     async def post_message(self, request: Request) -> Response:
@@ -400,6 +479,26 @@ class _Hub:
         if queued is None:
             raise _Refusal(404, NO_SUCH_PEER)
         return _json({"queued": queued}, 202)
+
+    async def turn(self, request: Request) -> Response:
+        """``GET /v1/peers/{name}/turn``: fresh TURN credentials for the signer's own record."""
+        _, verified = await self.authenticate(request)
+        name = validate_name(request.path_params["name"])
+        config = self.config
+        if not config.turn or config.turn_secret is None:
+            raise _Refusal(404, "this hub offers no TURN servers")
+        peer = await self.store.get(verified.network_id, name)
+        if peer is None or peer.public_key != verified.public_key:
+            raise _Refusal(404, NO_SUCH_PEER)
+        ttl = config.turn_ttl
+        credentials = rest_credentials(config.turn_secret, name, ttl=ttl, now=self.clock())
+        servers = [TurnServer(uri, credentials, ttl).to_json() for uri in config.turn]
+        return Response(
+            dump_json({"servers": servers}),
+            200,
+            {"Cache-Control": "no-store"},
+            media_type="application/json",
+        )
 
     async def get_messages(self, request: Request) -> Response:
         _, verified = await self.authenticate(request)
@@ -485,11 +584,16 @@ def create_app(
     """
     if not (math.isfinite(config.ttl) and config.ttl > 0):
         raise ValueError("ttl must be a positive number of seconds")
+    if not (math.isfinite(config.turn_ttl) and config.turn_ttl > 0):
+        raise ValueError("turn_ttl must be a positive number of seconds")
+    if config.turn and not config.turn_secret:
+        raise ValueError("turn servers need turn_secret to mint their credentials")
     hub = _Hub(config, store if store is not None else MemoryStore(clock=clock), clock)
     # The busiest route first; one route per path, dispatching on the method (GET includes HEAD).
     routes = [
         Route("/v1/peers/{name}", _wrap(hub.peer), methods=["GET", "PUT", "DELETE"]),
         Route("/v1/peers/{name}/messages", _wrap(hub.messages), methods=["GET", "POST"]),
+        Route("/v1/peers/{name}/turn", _wrap(hub.turn), methods=["GET"]),
         Route("/healthz", _wrap(hub.healthz), methods=["GET"]),
         Route("/metrics", _wrap(hub.metrics), methods=["GET"]),
         Route("/v1/hub", _wrap(hub.hub_info), methods=["GET"]),

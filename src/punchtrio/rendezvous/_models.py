@@ -15,10 +15,13 @@ import json
 import re
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 from .._exceptions import PunchtrioError
 from ..keys import InvalidKeyError, PublicKey
+
+if TYPE_CHECKING:
+    from ..relay._turn_credentials import TurnServerURI
 
 IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
 IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
@@ -469,13 +472,58 @@ class StunAddress:
 
 
 @dataclass(frozen=True, slots=True)
+class HubRelayAddress:
+    """The hub's own relay, as published in ``GET /v1/hub`` (see ``docs/relay.md``).
+
+    JSON: ``{"ip": "203.0.113.1", "port": 7778, "tls": false}``: the relay listens on UDP and on
+    TCP at the same ``ip`` and ``port``; ``tls`` says whether its TCP side speaks TLS. ``ip`` is
+    ``null`` when the relay listens on every address of the hub (or on loopback): then use the
+    hub's own host. Raises :class:`ValidationError`.
+    """
+
+    ip: IPAddress | None
+    port: int
+    tls: bool = False
+
+    def __post_init__(self) -> None:
+        if self.ip is not None:
+            check_unicast(self.ip, what="relay ip")
+        if (
+            isinstance(self.port, bool)
+            or not isinstance(self.port, int)
+            or not 0 < self.port < 65536
+        ):
+            raise ValidationError("relay port must be from 1 to 65535")
+        if not isinstance(self.tls, bool):
+            raise ValidationError("relay tls must be a boolean")
+
+    def to_json(self) -> dict[str, Any]:
+        """Return the JSON object of this relay."""
+        ip = None if self.ip is None else str(self.ip)
+        return {"ip": ip, "port": self.port, "tls": self.tls}
+
+    @classmethod
+    def from_json(cls, obj: object) -> HubRelayAddress:
+        """Parse a JSON relay address. Raises :class:`ValidationError`."""
+        fields = _exact_keys(obj, "relay", required=("ip", "port", "tls"))
+        ip = fields["ip"]
+        if ip is not None and not isinstance(ip, str):
+            raise ValidationError("relay ip must be a string or null")
+        parsed = None if ip is None else parse_ip(ip, what="relay ip")
+        return cls(parsed, fields["port"], fields["tls"])  # type: ignore[arg-type]
+
+
+@dataclass(frozen=True, slots=True)
 class HubInfo:
     """Body of ``GET /v1/hub``: what a client needs before its first signed request.
 
     JSON: ``{"api": 1, "public_key": "<hub X25519 key>", "stun": [StunAddress...], "ttl": 300,
     "max_wait": 60, "auth_window": 60, "time": 1764000000.0, "network_required": false}``.
     ``ttl``, ``max_wait`` and ``auth_window`` are seconds; ``time`` is the hub's clock (Unix
-    seconds) so clients can sign with a corrected timestamp. Raises :class:`ValidationError`.
+    seconds) so clients can sign with a corrected timestamp. ``turn`` (optional, omitted when
+    empty; at most :data:`MAX_TURN_SERVERS`) lists the TURN servers whose credentials the hub
+    mints, as ``turn:``/``turns:`` URI texts. ``relay`` (optional, omitted when ``None``: the hub
+    runs no relay of its own) is a :class:`HubRelayAddress`. Raises :class:`ValidationError`.
     """
 
     public_key: PublicKey
@@ -486,12 +534,17 @@ class HubInfo:
     time: float
     network_required: bool
     api: int = API_VERSION
+    turn: tuple[TurnServerURI, ...] = ()
+    relay: HubRelayAddress | None = None
 
     def __post_init__(self) -> None:
         for name in ("ttl", "max_wait", "auth_window", "time"):
             _check_seconds(getattr(self, name), name)
         if not isinstance(self.network_required, bool):
             raise ValidationError("network_required must be a boolean")
+        _check_turn_uris(self.turn)
+        if self.relay is not None and not isinstance(self.relay, HubRelayAddress):
+            raise ValidationError("relay must be a HubRelayAddress or None")
 
     def to_json(self) -> dict[str, Any]:
         """Return the JSON object of this hub description."""
@@ -504,13 +557,17 @@ class HubInfo:
             "auth_window": self.auth_window,
             "time": self.time,
             "network_required": self.network_required,
+            **({"turn": [str(uri) for uri in self.turn]} if self.turn else {}),
+            **({"relay": self.relay.to_json()} if self.relay is not None else {}),
         }
 
     @classmethod
     def from_json(cls, obj: object) -> HubInfo:
         """Parse a hub description. Raises :class:`ValidationError` (also for another API version)."""
         keys = ("api", "public_key", "stun", "ttl", "max_wait", "auth_window", "time")
-        fields = _exact_keys(obj, "hub", required=(*keys, "network_required"))
+        fields = _exact_keys(
+            obj, "hub", required=(*keys, "network_required"), optional=("turn", "relay")
+        )
         if fields["api"] != API_VERSION or isinstance(fields["api"], bool):
             raise ValidationError(f"hub speaks API {fields['api']!r}, expected {API_VERSION}")
         stun = fields["stun"]
@@ -524,7 +581,35 @@ class HubInfo:
             fields["auth_window"],  # type: ignore[arg-type]
             fields["time"],  # type: ignore[arg-type]
             fields["network_required"],  # type: ignore[arg-type]
+            turn=_turn_uris_from_json(fields.get("turn", [])),
+            relay=None if "relay" not in fields else HubRelayAddress.from_json(fields["relay"]),
         )
+
+
+MAX_TURN_SERVERS = 8
+"""Most TURN server URIs a hub advertises in ``GET /v1/hub``."""
+
+
+def _turn_uris_from_json(value: object) -> tuple[TurnServerURI, ...]:
+    # Imported here: punchtrio.relay's package imports the TURN client, which these models do not
+    # need, and importing it at module level could make an import cycle with the hub relay.
+    from ..relay._turn_credentials import TurnServerURI, TurnURIError
+
+    if not isinstance(value, list) or len(value) > MAX_TURN_SERVERS:
+        raise ValidationError(f"turn must be a list of at most {MAX_TURN_SERVERS} URIs")
+    try:
+        return tuple(TurnServerURI.parse(item) for item in value)
+    except TurnURIError as exc:
+        raise ValidationError(f"turn: {exc}") from None
+
+
+def _check_turn_uris(value: object) -> None:
+    from ..relay._turn_credentials import TurnServerURI
+
+    if not isinstance(value, tuple) or len(value) > MAX_TURN_SERVERS:
+        raise ValidationError(f"turn must be a tuple of at most {MAX_TURN_SERVERS} URIs")
+    if not all(isinstance(uri, TurnServerURI) for uri in value):
+        raise ValidationError("turn must hold TurnServerURI values")
 
 
 _M = TypeVar("_M")
@@ -612,11 +697,13 @@ _DECODER = json.JSONDecoder(object_pairs_hook=_no_duplicates, parse_constant=_no
 _ENCODER = json.JSONEncoder(separators=(",", ":"), ensure_ascii=False)
 
 
-def _exact_keys(obj: object, what: str, *, required: tuple[str, ...]) -> Mapping[str, object]:
+def _exact_keys(
+    obj: object, what: str, *, required: tuple[str, ...], optional: tuple[str, ...] = ()
+) -> Mapping[str, object]:
     if not isinstance(obj, dict):
         raise ValidationError(f"{what} must be a JSON object")
     for key in obj:
-        if key not in required:
+        if key not in required and key not in optional:
             raise ValidationError(f"{what}: unknown field {str(key)[:40]!r}")
     for key in required:
         if key not in obj:

@@ -36,6 +36,7 @@ from scapy.fields import (
     ByteField,
     Field,
     FieldListField,
+    IntField,
     IP6Field,
     IPField,
     MultipleTypeField,
@@ -57,11 +58,17 @@ __all__ = [
     "MAGIC_COOKIE",
     "ChangeRequest",
     "ChangedAddress",
+    "ChannelNumber",
+    "Data",
     "ErrorCode",
     "Fingerprint",
+    "Lifetime",
     "MappedAddress",
     "MessageIntegrity",
+    "Nonce",
     "OtherAddress",
+    "Realm",
+    "RequestedTransport",
     "ResponseOrigin",
     "ResponsePort",
     "Software",
@@ -72,8 +79,11 @@ __all__ = [
     "UnknownAttributes",
     "Username",
     "XorMappedAddress",
+    "XorPeerAddress",
+    "XorRelayedAddress",
     "encode_message",
     "long_term_key",
+    "message_type",
     "new_transaction_id",
     "parse_message",
     "verify_fingerprint",
@@ -91,12 +101,42 @@ BINDING_INDICATION = 0x0011
 BINDING_SUCCESS = 0x0101
 BINDING_ERROR = 0x0111
 
+
+def message_type(method: int, message_class: int) -> int:
+    """Return the 14-bit STUN message type of ``method`` (12 bits) and ``message_class``.
+
+    Classes: 0 request, 1 indication, 2 success response, 3 error response (RFC 8489 section 5).
+    Raises ``ValueError`` for a method above 0xFFF or a class outside 0-3.
+    """
+    if not 0 <= method <= 0xFFF or not 0 <= message_class <= 3:
+        raise ValueError("a STUN method has 12 bits and a class is 0-3")
+    return (
+        (method & 0x000F)
+        | ((method & 0x0070) << 1)
+        | ((method & 0x0F80) << 2)
+        | ((message_class & 1) << 4)
+        | ((message_class & 2) << 7)
+    )
+
+
 MESSAGE_TYPES = {
     BINDING_REQUEST: "Binding request",
     BINDING_INDICATION: "Binding indication",
     BINDING_SUCCESS: "Binding success response",
     BINDING_ERROR: "Binding error response",
 }
+# RFC 8656 (TURN) methods: Allocate, Refresh, Send, Data, CreatePermission, ChannelBind.
+for _method, _label in (
+    (3, "Allocate"),
+    (4, "Refresh"),
+    (8, "CreatePermission"),
+    (9, "ChannelBind"),
+):
+    MESSAGE_TYPES[message_type(_method, 0)] = f"{_label} request"
+    MESSAGE_TYPES[message_type(_method, 2)] = f"{_label} success response"
+    MESSAGE_TYPES[message_type(_method, 3)] = f"{_label} error response"
+MESSAGE_TYPES[message_type(6, 1)] = "Send indication"
+MESSAGE_TYPES[message_type(7, 1)] = "Data indication"
 
 ATTRIBUTE_TYPES = {
     0x0001: "MAPPED-ADDRESS",
@@ -108,13 +148,27 @@ ATTRIBUTE_TYPES = {
     0x0008: "MESSAGE-INTEGRITY",
     0x0009: "ERROR-CODE",
     0x000A: "UNKNOWN-ATTRIBUTES",
+    0x000C: "CHANNEL-NUMBER",
+    0x000D: "LIFETIME",
+    0x0012: "XOR-PEER-ADDRESS",
+    0x0013: "DATA",
     0x0014: "REALM",
     0x0015: "NONCE",
+    0x0016: "XOR-RELAYED-ADDRESS",
+    0x0017: "REQUESTED-ADDRESS-FAMILY",
+    0x0018: "EVEN-PORT",
+    0x0019: "REQUESTED-TRANSPORT",
+    0x001A: "DONT-FRAGMENT",
     0x0020: "XOR-MAPPED-ADDRESS",
     0x0024: "PRIORITY",
     0x0025: "USE-CANDIDATE",
     0x0026: "PADDING",
     0x0027: "RESPONSE-PORT",
+    0x0022: "RESERVATION-TOKEN",
+    0x8000: "ADDITIONAL-ADDRESS-FAMILY",
+    0x8001: "ADDRESS-ERROR-CODE",
+    0x8002: "PASSWORD-ALGORITHMS",
+    0x8004: "ICMP",
     0x8022: "SOFTWARE",
     0x8023: "ALTERNATE-SERVER",
     0x8028: "FINGERPRINT",
@@ -295,6 +349,10 @@ SourceAddress = _address_class(0x0004, "SourceAddress", "SOURCE-ADDRESS (RFC 348
 ChangedAddress = _address_class(0x0005, "ChangedAddress", "CHANGED-ADDRESS (RFC 3489)", False)
 XorMappedAddress = _address_class(0x0020, "XorMappedAddress", "XOR-MAPPED-ADDRESS", True)
 ResponseOrigin = _address_class(0x802B, "ResponseOrigin", "RESPONSE-ORIGIN (RFC 5780)", False)
+XorPeerAddress = _address_class(0x0012, "XorPeerAddress", "XOR-PEER-ADDRESS (RFC 8656)", True)
+XorRelayedAddress = _address_class(
+    0x0016, "XorRelayedAddress", "XOR-RELAYED-ADDRESS (RFC 8656)", True
+)
 OtherAddress = _address_class(0x802C, "OtherAddress", "OTHER-ADDRESS (RFC 5780)", False)
 
 
@@ -393,6 +451,80 @@ class UnknownAttributes(StunAttribute):
     ]
 
 
+class Realm(_TextAttribute):
+    """REALM: the long-term credential realm a server names in a 401, UTF-8, under 763 bytes."""
+
+    name = "STUN REALM"
+    fields_desc = [  # noqa: RUF012
+        XShortEnumField("type", 0x0014, ATTRIBUTE_TYPES),
+        _AttrLength("length", None),
+        StrLenField("value", b"", length_from=lambda pkt: pkt.length or 0),
+        _Padding("padding"),
+    ]
+
+
+class Nonce(_TextAttribute):
+    """NONCE: the server's opaque nonce for long-term credentials, under 763 bytes."""
+
+    name = "STUN NONCE"
+    fields_desc = [  # noqa: RUF012
+        XShortEnumField("type", 0x0015, ATTRIBUTE_TYPES),
+        _AttrLength("length", None),
+        StrLenField("value", b"", length_from=lambda pkt: pkt.length or 0),
+        _Padding("padding"),
+    ]
+
+
+class ChannelNumber(StunAttribute):
+    """CHANNEL-NUMBER (RFC 8656): a TURN channel, 0x4000-0x4FFF, then 16 reserved bits."""
+
+    name = "STUN CHANNEL-NUMBER"
+    fields_desc = [  # noqa: RUF012
+        XShortEnumField("type", 0x000C, ATTRIBUTE_TYPES),
+        _AttrLength("length", None),
+        XShortField("channel", 0x4000),
+        XShortField("reserved", 0),
+        _Padding("padding"),
+    ]
+
+
+class Lifetime(StunAttribute):
+    """LIFETIME (RFC 8656): seconds an allocation lives (asked in a request, granted in a reply)."""
+
+    name = "STUN LIFETIME"
+    fields_desc = [  # noqa: RUF012
+        XShortEnumField("type", 0x000D, ATTRIBUTE_TYPES),
+        _AttrLength("length", None),
+        IntField("lifetime", 600),
+        _Padding("padding"),
+    ]
+
+
+class Data(StunAttribute):
+    """DATA (RFC 8656): the application payload of a Send or Data indication."""
+
+    name = "STUN DATA"
+    fields_desc = [  # noqa: RUF012
+        XShortEnumField("type", 0x0013, ATTRIBUTE_TYPES),
+        _AttrLength("length", None),
+        StrLenField("value", b"", length_from=lambda pkt: pkt.length or 0),
+        _Padding("padding"),
+    ]
+
+
+class RequestedTransport(StunAttribute):
+    """REQUESTED-TRANSPORT (RFC 8656): the relayed protocol, 17 (UDP), then 24 reserved bits."""
+
+    name = "STUN REQUESTED-TRANSPORT"
+    fields_desc = [  # noqa: RUF012
+        XShortEnumField("type", 0x0019, ATTRIBUTE_TYPES),
+        _AttrLength("length", None),
+        ByteField("protocol", 17),
+        XBitField("reserved", 0, 24),
+        _Padding("padding"),
+    ]
+
+
 class MessageIntegrity(StunAttribute):
     """MESSAGE-INTEGRITY: HMAC-SHA1 over the message up to this attribute.
 
@@ -432,6 +564,14 @@ _ATTRIBUTE_CLASSES: dict[int, type[StunAttribute]] = {
     0x0008: MessageIntegrity,
     0x0009: ErrorCode,
     0x000A: UnknownAttributes,
+    0x000C: ChannelNumber,
+    0x000D: Lifetime,
+    0x0012: XorPeerAddress,
+    0x0013: Data,
+    0x0014: Realm,
+    0x0015: Nonce,
+    0x0016: XorRelayedAddress,
+    0x0019: RequestedTransport,
     0x0020: XorMappedAddress,
     0x0027: ResponsePort,
     0x8022: Software,
@@ -598,8 +738,16 @@ def verify_integrity(data: bytes, key: bytes) -> bool:
     return False
 
 
-_FIXED_LENGTHS = {0x0003: (4,), 0x0008: (20,), 0x8028: (4,), 0x0027: (4,)}
-_ADDRESS_TYPES = frozenset({0x0001, 0x0004, 0x0005, 0x0020, 0x802B, 0x802C})
+_FIXED_LENGTHS = {
+    0x0003: (4,),
+    0x0008: (20,),
+    0x8028: (4,),
+    0x0027: (4,),
+    0x000C: (4,),
+    0x000D: (4,),
+    0x0019: (4,),
+}
+_ADDRESS_TYPES = frozenset({0x0001, 0x0004, 0x0005, 0x0012, 0x0016, 0x0020, 0x802B, 0x802C})
 
 
 def _check_attribute(data: bytes, atype: int, offset: int, length: int) -> None:

@@ -186,6 +186,24 @@ class UserspaceTunnel:
         """Return per-peer statistics (endpoint, rx/tx bytes, last handshake), keyed by public key."""
         return self.device.peer_stats()
 
+    def receive_relayed(self, data: bytes, addr: Address) -> None:
+        """Handle one datagram that reached us by another transport as if the socket had read it.
+
+        For paths that do not arrive on the UDP sockets (a relay over TCP or TLS): ``data`` goes
+        through the device's receive path with ``addr`` as its source, a decrypted packet goes to
+        the TUN (dropped and counted in ``tun_write_errors`` if the writer's backlog is full: the
+        stream's reader never waits on the TUN), and what the device queued in answer is sent.
+        Call it from the Trio thread while :meth:`serve` runs.
+        """
+        counters = self.counters
+        counters.datagrams_received += 1
+        packet = self.device.receive_datagram(data, addr, trio.current_time())
+        if packet is not None:
+            writer = self._tun_writer
+            if not writer.write_now(packet) and not writer.offer([packet]):
+                counters.tun_write_errors += 1
+        self._flush()
+
     async def serve(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         """Move packets until cancelled; reports started once every reader is waiting."""
         batches = self._batches

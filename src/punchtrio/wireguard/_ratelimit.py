@@ -27,7 +27,13 @@ def source_key(addr: Address) -> bytes:
 
 
 class RateLimiter:
-    """A token bucket per source: ``rate`` messages per second, bursts of ``burst``."""
+    """A token bucket per source: ``rate`` messages per second, bursts of ``burst``.
+
+    The unit is the caller's: :meth:`allow` takes one token per handshake message from an address;
+    :meth:`allow_key` takes ``cost`` tokens from the bucket of any byte-string key (the hub's relay
+    limits bytes per second per public key with it). ``rate`` may be changed while in use (the
+    relay lowers it to a fair share when many peers send); ``max_sources`` bounds the table.
+    """
 
     def __init__(
         self,
@@ -41,24 +47,40 @@ class RateLimiter:
         self._buckets: dict[bytes, list[float]] = {}
         self._last_gc = float("-inf")
 
+    @property
+    def rate(self) -> float:
+        """Tokens added per second to every bucket (must stay positive)."""
+        return self._rate
+
+    @rate.setter
+    def rate(self, value: float) -> None:
+        self._rate = value
+
     def allow(self, addr: Address, now: float) -> bool:
         """Take one token for ``addr`` at ``now``; return whether there was one."""
-        key = source_key(addr)
+        return self.allow_key(source_key(addr), now)
+
+    def allow_key(self, key: bytes, now: float, cost: float = 1.0) -> bool:
+        """Take ``cost`` tokens from the bucket of ``key`` at ``now``; return whether it had them.
+
+        A refused call takes nothing. A new key starts with a full bucket (``burst``), so a
+        ``cost`` above ``burst`` is always refused.
+        """
         bucket = self._buckets.get(key)
         if bucket is None:
             if len(self._buckets) >= self._max or now - self._last_gc >= 1.0:
                 self._collect(now)
-            if len(self._buckets) >= self._max:
+            if len(self._buckets) >= self._max or cost > self._burst:
                 return False
-            self._buckets[key] = [now, self._burst - 1.0]
+            self._buckets[key] = [now, self._burst - cost]
             return True
         last, tokens = bucket
         tokens = min(self._burst, tokens + (now - last) * self._rate)
         bucket[0] = now
-        if tokens < 1.0:
+        if tokens < cost:
             bucket[1] = tokens
             return False
-        bucket[1] = tokens - 1.0
+        bucket[1] = tokens - cost
         return True
 
     def _collect(self, now: float) -> None:

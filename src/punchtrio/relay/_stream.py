@@ -1,0 +1,255 @@
+"""A framed TCP (or TLS) connection to a relay, with bounded writes that never block the caller.
+
+:class:`RelayStream` is the Trio shell shared by the hub relay's TCP transport and TURN over
+TCP/TLS: it connects, decodes the byte stream into frames with a :class:`StreamDecoder`, and
+sends already-framed bytes queued by :meth:`RelayStream.send_nowait`. :class:`BoundedWriter` is
+the bounded, drop-when-full send queue under it, also used by the hub relay's server for each of
+its TCP clients, so a slow reader costs a fixed amount of memory and never stalls anyone else.
+"""
+
+from __future__ import annotations
+
+import errno
+import ssl
+from collections.abc import Awaitable, Callable
+from functools import partial
+from typing import Protocol
+
+import trio
+
+from .._exceptions import PunchtrioError
+
+DEFAULT_MAX_BUFFER = 256 * 1024
+"""Default bound, in bytes, of what one connection queues for sending."""
+_READ_SIZE = 65536
+
+
+class RelayStreamError(PunchtrioError):
+    """A relay's TCP/TLS connection cannot be opened, failed, was closed, or broke its framing."""
+
+
+class StreamDecoder(Protocol):
+    """Turns a stream's bytes, however they were split into reads, into frames."""
+
+    def feed(self, data: bytes) -> list[bytes]:
+        """Return the frames completed by ``data``; raise a
+        :class:`~punchtrio.PunchtrioError` subclass on a framing violation."""
+        ...
+
+
+class BoundedWriter:
+    """A send queue of at most ``max_buffer`` bytes in front of a Trio stream.
+
+    :meth:`send_nowait` never waits: it queues whole chunks while they fit and refuses (and
+    counts in ``dropped`` / ``dropped_bytes``) any that do not, so frames are never cut. A task
+    runs :meth:`run` to move the queue into the stream. ``sent_bytes`` counts what was handed
+    to the stream.
+    """
+
+    def __init__(self, max_buffer: int = DEFAULT_MAX_BUFFER) -> None:
+        if max_buffer < 1:
+            raise ValueError("max_buffer must be at least 1 byte")
+        self.max_buffer = max_buffer
+        self.sent_bytes = 0
+        self.dropped = 0
+        self.dropped_bytes = 0
+        self._buffer = bytearray()
+        self._wake = trio.Event()
+        self._closed = False
+
+    @property
+    def buffered(self) -> int:
+        """Bytes queued and not yet handed to the stream."""
+        return len(self._buffer)
+
+    def send_nowait(self, data: bytes) -> bool:
+        """Queue ``data``; return ``False`` (and count a drop) if it does not fit or the writer
+        is closed."""
+        buffer = self._buffer
+        if self._closed or len(buffer) + len(data) > self.max_buffer:
+            self.dropped += 1
+            self.dropped_bytes += len(data)
+            return False
+        buffer += data
+        if not self._wake.is_set():
+            self._wake.set()
+        return True
+
+    def close(self) -> None:
+        """Refuse further data (what is queued is still written if :meth:`run` goes on)."""
+        self._closed = True
+        self._wake.set()
+
+    async def run(self, stream: trio.abc.SendStream) -> None:
+        """Write the queue into ``stream`` until cancelled or closed and drained.
+
+        Raises what ``stream.send_all`` raises (``trio.BrokenResourceError`` and the like).
+        """
+        buffer = self._buffer
+        while True:
+            if not buffer:
+                if self._closed:
+                    return
+                self._wake = trio.Event()
+                await self._wake.wait()
+                continue
+            chunk = bytes(buffer)
+            buffer.clear()
+            await stream.send_all(chunk)
+            self.sent_bytes += len(chunk)
+
+
+class RelayStream:
+    """One framed TCP or TLS connection to a relay at ``address`` ``(host, port)``.
+
+    ``decoder_factory`` makes the stream's :class:`StreamDecoder` (for the hub relay:
+    :class:`~punchtrio.relay.HubStreamDecoder`); ``tls``, a client :class:`ssl.SSLContext`, turns
+    TLS on, checked against ``server_hostname`` (default: the host of ``address``);
+    ``max_buffer`` (bytes, default 256 KiB) bounds what :meth:`send_nowait` queues. Data queued
+    before :meth:`run` connects is sent once connected.
+
+    :attr:`counters`: ``frames`` received, ``received_bytes``; ``sent_bytes``, ``dropped`` and
+    ``dropped_bytes`` of the send queue (read them through :attr:`counters`).
+    """
+
+    def __init__(
+        self,
+        address: tuple[str, int],
+        *,
+        decoder_factory: Callable[[], StreamDecoder],
+        tls: ssl.SSLContext | None = None,
+        server_hostname: str | None = None,
+        max_buffer: int = DEFAULT_MAX_BUFFER,
+    ) -> None:
+        self.address = address
+        self._decoder_factory = decoder_factory
+        self._tls = tls
+        self._server_hostname = server_hostname
+        self._writer = BoundedWriter(max_buffer)
+        self._frames = 0
+        self._received = 0
+        self.connected = False
+        """Whether the connection is up (set by :meth:`run`)."""
+
+    def __repr__(self) -> str:
+        host, port = self.address
+        return f"RelayStream({host}:{port}, tls={self._tls is not None})"
+
+    @property
+    def counters(self) -> dict[str, int]:
+        """A snapshot of the counters (see the class docstring)."""
+        writer = self._writer
+        return {
+            "frames": self._frames,
+            "received_bytes": self._received,
+            "sent_bytes": writer.sent_bytes,
+            "dropped": writer.dropped,
+            "dropped_bytes": writer.dropped_bytes,
+        }
+
+    def send_nowait(self, data: bytes) -> bool:
+        """Queue already-framed ``data``; ``False`` (and counted) if the bounded buffer is full.
+
+        Never blocks and never raises.
+        """
+        return self._writer.send_nowait(data)
+
+    async def run(
+        self,
+        on_frame: Callable[[bytes, float], None],
+        *,
+        task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED,
+    ) -> None:
+        """Connect, report started, then call ``on_frame(frame, now)`` for every frame received
+        (``now`` is ``trio.current_time()``) until cancelled.
+
+        Raises :class:`RelayStreamError` with a one-line reason if the connection cannot be
+        opened (or the TLS handshake fails), breaks, is closed by the relay, or breaks the
+        decoder's framing (a :class:`~punchtrio.PunchtrioError` from the decoder is re-raised as
+        one). Cancelling closes the connection.
+        """
+        host, port = self.address
+        where = f"{host}:{port}" if ":" not in host else f"[{host}]:{port}"
+        try:
+            tcp = await trio.open_tcp_stream(host, port)
+        except OSError as exc:
+            raise RelayStreamError(f"cannot connect to relay {where}: {_reason(exc)}") from None
+        stream: trio.abc.Stream = tcp
+        try:
+            if self._tls is not None:
+                tls = trio.SSLStream(tcp, self._tls, server_hostname=self._server_hostname or host)
+                try:
+                    await tls.do_handshake()
+                except (trio.BrokenResourceError, ssl.SSLError, OSError) as exc:
+                    cause = exc.__cause__ if exc.__cause__ is not None else exc
+                    raise RelayStreamError(
+                        f"TLS handshake with relay {where} failed: {_reason(cause)}"
+                    ) from None
+                stream = tls
+            decoder = self._decoder_factory()
+            self.connected = True
+            task_status.started()
+            failure: list[RelayStreamError] = []
+
+            async def guarded(job: Callable[[], Awaitable[None]]) -> None:
+                try:
+                    await job()
+                except RelayStreamError as exc:  # re-raised below, outside the nursery
+                    failure.append(exc)
+                    nursery.cancel_scope.cancel()
+
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(guarded, partial(self._write, stream, where))
+                await guarded(partial(self._read, stream, decoder, on_frame, where))
+            if failure:
+                raise failure[0]
+        finally:
+            self.connected = False
+            self._writer.close()
+            with trio.CancelScope(shield=True):
+                await trio.aclose_forcefully(stream)
+
+    async def _read(
+        self,
+        stream: trio.abc.ReceiveStream,
+        decoder: StreamDecoder,
+        on_frame: Callable[[bytes, float], None],
+        where: str,
+    ) -> None:
+        while True:
+            try:
+                data = await stream.receive_some(_READ_SIZE)
+            except (trio.BrokenResourceError, OSError) as exc:
+                cause = exc.__cause__ if exc.__cause__ is not None else exc
+                raise RelayStreamError(
+                    f"connection to relay {where} broke: {_reason(cause)}"
+                ) from None
+            if not data:
+                raise RelayStreamError(f"relay {where} closed the connection")
+            self._received += len(data)
+            try:
+                frames = decoder.feed(data if type(data) is bytes else bytes(data))
+            except PunchtrioError as exc:
+                raise RelayStreamError(f"relay {where} broke the stream framing: {exc}") from None
+            now = trio.current_time()
+            self._frames += len(frames)
+            for frame in frames:
+                on_frame(frame, now)
+
+    async def _write(self, stream: trio.abc.SendStream, where: str) -> None:
+        try:
+            await self._writer.run(stream)
+        except (trio.BrokenResourceError, OSError) as exc:
+            cause = exc.__cause__ if exc.__cause__ is not None else exc
+            raise RelayStreamError(f"connection to relay {where} broke: {_reason(cause)}") from None
+
+
+def _reason(exc: BaseException) -> str:
+    strerror = getattr(exc, "strerror", None)
+    if strerror:
+        return str(strerror)
+    number = getattr(exc, "errno", None)
+    if isinstance(number, int) and number in errno.errorcode:
+        return errno.errorcode[number]
+    text = str(exc)
+    return text.splitlines()[0] if text else type(exc).__name__

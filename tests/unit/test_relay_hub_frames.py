@@ -1,0 +1,154 @@
+"""The hub relay's wire format: every parser and the stream decoder, fuzzed with hypothesis."""
+
+from __future__ import annotations
+
+import pytest
+import trio
+from hypothesis import given
+from hypothesis import strategies as st
+
+from punchtrio import PrivateKey
+from punchtrio.mux import Kind, classify
+from punchtrio.relay import (
+    MAX_FRAME,
+    BoundedWriter,
+    HubRelayClient,
+    HubRelayFrameError,
+    HubRelayServer,
+    HubStreamDecoder,
+    encode_hub_stream_frame,
+)
+from punchtrio.relay._hub_frames import (
+    Bind,
+    Bound,
+    Challenge,
+    Hello,
+    Refused,
+    bind_body,
+    bound_body,
+    encode_challenge,
+    encode_hello,
+    encode_refused,
+    parse_control,
+    parse_data,
+)
+
+keys = st.binary(min_size=32, max_size=32)
+u64 = st.integers(min_value=0, max_value=2**64 - 1)
+relay_frames = st.builds(
+    lambda kind, body: b"\xf1prl" + bytes([kind]) + body,
+    st.sampled_from([0x01, 0x02, 0x03, 0x04, 0x05, 0x10, 0x11, 0x00, 0xFF]),
+    st.binary(max_size=200),
+)
+anything = st.one_of(st.binary(max_size=200), relay_frames)
+
+
+@given(keys, st.binary(min_size=16, max_size=16))
+def test_hello_and_challenge_round_trip(key: bytes, cookie: bytes) -> None:
+    assert parse_control(encode_hello(key)) == Hello(key)
+    assert parse_control(encode_challenge(cookie)) == Challenge(cookie)
+    assert len(encode_challenge(cookie)) < len(encode_hello(key))  # no amplification
+
+
+@given(keys, st.binary(min_size=16, max_size=16), st.binary(min_size=16, max_size=16), u64,
+       st.binary(min_size=32, max_size=32))  # fmt: skip
+def test_bind_round_trips(key: bytes, network: bytes, cookie: bytes, stamp: int, mac: bytes) -> None:
+    frame = bind_body(key, network, cookie, stamp) + mac
+    assert parse_control(frame) == Bind(key, network, cookie, stamp, mac)
+    assert classify(frame) is Kind.RELAY
+
+
+@given(u64, st.integers(min_value=0, max_value=2**32 - 1), st.binary(min_size=32, max_size=32),
+       st.integers(min_value=0, max_value=255))  # fmt: skip
+def test_bound_and_refused_round_trip(stamp: int, lifetime: int, mac: bytes, code: int) -> None:
+    assert parse_control(bound_body(stamp, lifetime) + mac) == Bound(stamp, lifetime, mac)
+    assert parse_control(encode_refused(stamp, code)) == Refused(stamp, code)
+
+
+@given(anything)
+def test_parsers_raise_only_their_error(data: bytes) -> None:
+    for parse in (parse_control, parse_data):
+        try:
+            parse(data)
+        except HubRelayFrameError:
+            pass
+
+
+@given(keys, st.binary(max_size=1500))
+def test_data_frames_round_trip(key: bytes, payload: bytes) -> None:
+    client = HubRelayClient(PrivateKey.generate().raw, PrivateKey.generate().public_key().raw)
+    frame = client.wrap(key, payload)
+    assert parse_data(frame) == (0x10, key, payload)
+    assert classify(frame) is Kind.RELAY
+
+
+def test_parse_data_refuses_oversized_and_short() -> None:
+    with pytest.raises(HubRelayFrameError, match="at most"):
+        parse_data(b"\xf1prl\x10" + bytes(MAX_FRAME))
+    with pytest.raises(HubRelayFrameError, match="at least"):
+        parse_data(b"\xf1prl\x10" + bytes(10))
+
+
+_CLIENT = HubRelayClient(PrivateKey.generate().raw, PrivateKey.generate().public_key().raw)
+_CLIENT.connect(0.0)
+_SERVER = HubRelayServer(PrivateKey.generate(), registered=lambda key, net, now: True)
+
+
+@given(anything)
+def test_client_and_server_never_raise_on_any_input(data: bytes) -> None:
+    _CLIENT.receive_frame(data, 1.0)
+    _SERVER.receive_datagram(data, ("192.0.2.1", 1), 1.0)
+    stream = _SERVER.open_stream(("192.0.2.1", 2), 1.0)
+    _SERVER.receive_stream_frame(stream, data, 1.0)
+    _SERVER.close_stream(stream)
+    _SERVER.datagrams_to_send()
+
+
+@given(st.lists(st.binary(min_size=1, max_size=MAX_FRAME), max_size=8), st.data())
+def test_stream_decoder_reassembles_however_the_bytes_are_cut(
+    frames: list[bytes], data: st.DataObject
+) -> None:
+    stream = b"".join(encode_hub_stream_frame(frame) for frame in frames)
+    cuts = sorted(data.draw(st.lists(st.integers(0, len(stream)), max_size=10)))
+    decoder = HubStreamDecoder()
+    out: list[bytes] = []
+    start = 0
+    for cut in [*cuts, len(stream)]:
+        out += decoder.feed(stream[start:cut])
+        start = cut
+    assert out == frames
+    assert decoder.pending == 0
+
+
+@given(st.binary(max_size=300))
+def test_stream_decoder_raises_only_its_error(data: bytes) -> None:
+    decoder = HubStreamDecoder(max_frame=100)
+    try:
+        for frame in decoder.feed(data):
+            assert 0 < len(frame) <= 100
+    except HubRelayFrameError:
+        pass
+
+
+def test_stream_decoder_refuses_zero_and_oversized_lengths() -> None:
+    with pytest.raises(HubRelayFrameError, match="outside"):
+        HubStreamDecoder().feed(b"\x00\x00")
+    with pytest.raises(HubRelayFrameError, match="outside"):
+        HubStreamDecoder().feed((MAX_FRAME + 1).to_bytes(2, "big"))
+    with pytest.raises(HubRelayFrameError, match="1 to 65535"):
+        encode_hub_stream_frame(b"")
+
+
+async def test_bounded_writer_drops_whole_frames_when_full() -> None:
+    writer = BoundedWriter(max_buffer=10)
+    assert writer.send_nowait(b"12345")
+    assert writer.send_nowait(b"12345")
+    assert not writer.send_nowait(b"1")
+    assert (writer.dropped, writer.dropped_bytes, writer.buffered) == (1, 1, 10)
+    send, receive = trio.testing.memory_stream_pair()
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(writer.run, send)
+        assert await receive.receive_some(100) == b"1234512345"
+        writer.close()
+    assert not writer.send_nowait(b"x")
+    assert writer.sent_bytes == 10
