@@ -9,6 +9,7 @@ from __future__ import annotations
 import ipaddress
 import socket
 import threading
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 
 import pytest
@@ -26,6 +27,7 @@ from punchtrio.connect import (
     PeerConnected,
     PeerFailed,
     PeerFound,
+    PeerState,
     PunchStarted,
     Registered,
     StageStarted,
@@ -117,28 +119,44 @@ def connector_for(
 
 
 async def start_world(
-    nursery: trio.Nursery, world: World, connectors: dict[str, Connector]
+    nursery: trio.Nursery,
+    world: World,
+    connectors: dict[str, Connector],
+    services: Sequence[tuple[netsim.Host, Callable[..., Awaitable[object]]]] = (),
 ) -> None:
-    """Start the STUN server, then each connector on its own host (``world.hosts[name]``)."""
+    """Start the STUN server and ``services`` (each ``serve(task_status=...)`` on its host), then
+    each connector on its own host (``world.hosts[name]``)."""
     await nursery.start(serve_stun, world.stun)
+    for host, serve in services:
+        with host.activate():
+            await nursery.start(serve)
     for name, connector in connectors.items():
         with world.hosts[name].activate():
             await nursery.start(connector.run)
 
 
 async def run_pair(
-    world: World, times: dict[str, float] | None = None, **options: object
+    world: World,
+    times: dict[str, float] | None = None,
+    *,
+    services: Sequence[tuple[netsim.Host, Callable[..., Awaitable[object]]]] = (),
+    settle: float = 0.0,
+    states: dict[str, PeerState] | None = None,
+    **options: object,
 ) -> dict[str, list[object]]:
     """Run both connectors until each reports PeerConnected or PeerFailed; ping alice -> bob when
     both connected. Returns each side's events (the ping's arrival as the string "ping"); the
-    virtual time of each side's last event goes into ``times``."""
+    virtual time of each side's last event goes into ``times``. ``services`` start before the
+    connectors (see :func:`start_world`); with ``settle``, both run that many more virtual seconds
+    after connecting (path upgrades), and each side's final view of its peer goes into
+    ``states``."""
     events: dict[str, list[object]] = {"alice": [], "bob": []}
     times = {} if times is None else times
     ifaces = {name: MemoryInterface(name) for name in events}
     connectors = {name: connector_for(world, name, ifaces[name], **options) for name in events}
     try:
         async with world.net, trio.open_nursery() as nursery:
-            await start_world(nursery, world, connectors)
+            await start_world(nursery, world, connectors, services)
 
             async def collect(name: str) -> None:
                 async for event in connectors[name].events:
@@ -150,6 +168,12 @@ async def run_pair(
             async with trio.open_nursery() as inner:
                 for name in events:
                     inner.start_soon(collect, name)
+            if settle and all(isinstance(e[-1], PeerConnected) for e in events.values()):
+                await trio.sleep(settle)
+            if states is not None:
+                for name, connector in connectors.items():
+                    other = "bob" if name == "alice" else "alice"
+                    states[name] = connector.peers[other]
             if all(isinstance(e[-1], PeerConnected) for e in events.values()):
                 packet = ipv4(INNER["alice"], INNER["bob"], b"ping through the tunnel")
                 await ifaces["alice"].send(packet)

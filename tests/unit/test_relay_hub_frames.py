@@ -52,7 +52,9 @@ def test_hello_and_challenge_round_trip(key: bytes, cookie: bytes) -> None:
 
 @given(keys, st.binary(min_size=16, max_size=16), st.binary(min_size=16, max_size=16), u64,
        st.binary(min_size=32, max_size=32))  # fmt: skip
-def test_bind_round_trips(key: bytes, network: bytes, cookie: bytes, stamp: int, mac: bytes) -> None:
+def test_bind_round_trips(
+    key: bytes, network: bytes, cookie: bytes, stamp: int, mac: bytes
+) -> None:
     frame = bind_body(key, network, cookie, stamp) + mac
     assert parse_control(frame) == Bind(key, network, cookie, stamp, mac)
     assert classify(frame) is Kind.RELAY

@@ -60,6 +60,7 @@ from ._core import (
     Gathered,
     ListenForSignals,
     LookupFailed,
+    PeerKeyLearnt,
     PeerSettled,
     RecordFound,
     RegisterDone,
@@ -490,6 +491,8 @@ class Connector:
             for scope in self._scopes[action.peer]:
                 scope.cancel()
             self._done[action.peer].set()
+        elif isinstance(action, PeerKeyLearnt):
+            self._links.add_peer(action.public_key.raw, trio.current_time())
         elif isinstance(action, WaitForRecord):
             self._nursery.start_soon(self._lookup, action.peer, True)
         elif isinstance(action, FetchRecord):

@@ -237,13 +237,22 @@ class SendSignal:
 
 
 @dataclass(frozen=True)
+class PeerKeyLearnt:
+    """``peer``'s WireGuard key is known (and added to the device and the puncher): give it its
+    relayed paths."""
+
+    peer: str
+    public_key: PublicKey
+
+
+@dataclass(frozen=True)
 class PeerSettled:
     """``peer`` is connected or failed: waiters on it may go on; its wait-stage tasks may stop."""
 
     peer: str
 
 
-Action = WaitForRecord | FetchRecord | ListenForSignals | SendSignal | PeerSettled
+Action = WaitForRecord | FetchRecord | ListenForSignals | SendSignal | PeerKeyLearnt | PeerSettled
 """Everything :meth:`ConnectCore.next_action` returns."""
 
 
@@ -570,6 +579,7 @@ class ConnectCore:
             peer.key = key.raw
             peer.public_key = key
             self._by_key[key.raw] = peer
+            self._actions.append(PeerKeyLearnt(peer.name, key))
         peer.record = record
         peer.candidates = _candidates(record)
         if peer.stage == "established":

@@ -13,6 +13,7 @@ import errno
 import ipaddress
 import math
 import socket
+import sys
 import ssl
 
 import trio
@@ -138,7 +139,7 @@ class HubRelayService:
         where = f"[{ip}]:{port}" if ":" in ip else f"{ip}:{port}"
         family = socket.AF_INET6 if ipaddress.ip_address(ip).version == 6 else socket.AF_INET
         for _attempt in range(8 if port == 0 else 1):
-            sock = socket.socket(family, socket.SOCK_DGRAM)
+            sock = _udp_socket(family)
             try:
                 sock.setblocking(False)
                 for option in (socket.SO_RCVBUF, socket.SO_SNDBUF):
@@ -279,3 +280,14 @@ class HubRelayService:
                     watchdog.deadline = math.inf
         if watchdog.cancelled_caught:
             self.counters["stream_timeouts"] += 1
+
+
+def _udp_socket(family: int) -> socket.socket:
+    """A non-blocking-capable UDP socket: the simulated host's inside :mod:`punchtrio.netsim`
+    (so the relay runs unchanged in a simulation), else the kernel's."""
+    # No simulation runs unless punchtrio.netsim was imported: don't import it here.
+    netsim = sys.modules.get("punchtrio.netsim")
+    host = netsim.current_host() if netsim is not None else None
+    if host is not None:
+        return host.nonblocking_socket(family, socket.SOCK_DGRAM)  # type: ignore[no-any-return]
+    return socket.socket(family, socket.SOCK_DGRAM)

@@ -1,0 +1,183 @@
+"""The hub's relay in a real ``punchtrio hub --relay`` process: registered peers over UDP and TCP.
+
+Two peers register at the hub over HTTP (signed requests), bind at its relay and move frames:
+both over UDP, then one over TCP to one over UDP. An unregistered key is refused, and the hub's
+``/metrics`` shows what the relay forwarded and dropped.
+"""
+
+from __future__ import annotations
+
+import re
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import httpx
+import pytest
+import trio
+
+from punchtrio import PrivateKey
+from punchtrio.relay import (
+    HubRelayClient,
+    HubStreamDecoder,
+    RefusalCode,
+    RelayRefused,
+    RelayStream,
+    encode_hub_stream_frame,
+)
+from punchtrio.rendezvous import Endpoint, HubAuth, HubInfo, RegisterRequest, RequestSigner
+from tests.conftest import require_root_and
+
+pytestmark = pytest.mark.interop
+
+
+class Progress:
+    """Wakes a waiter whenever a frame arrives on a stream."""
+
+    def __init__(self) -> None:
+        self.event = trio.Event()
+
+    def poke(self) -> None:
+        self.event.set()
+        self.event = trio.Event()
+
+    async def until(self, condition: Callable[[], object]) -> None:
+        while not condition():
+            await self.event.wait()
+
+
+class RunningHub:
+    def __init__(self, url: str, relay: tuple[str, int]) -> None:
+        self.url = url
+        self.relay = relay
+
+
+@pytest.fixture
+def hub(tmp_path: Path) -> Iterator[RunningHub]:
+    require_root_and()
+    key = tmp_path / "hub.key"
+    PrivateKey.generate().write(key)
+    command = [
+        sys.executable, "-m", "punchtrio.cli", "hub",
+        "--listen", "127.0.0.1:0", "--relay", "127.0.0.1:0",
+        "--key-file", str(key), "--rate", "0",
+    ]  # fmt: skip
+    log = tmp_path / "hub.log"
+    with log.open("w") as sink:
+        process = subprocess.Popen(command, stderr=sink, text=True)
+    try:
+        found = None
+        for _ in range(300):
+            text = log.read_text()
+            url = re.search(r"serving (http://\S+)", text)
+            relay = re.search(r"relay on (\S+) port (\d+)", text)
+            if url and relay:
+                found = RunningHub(url[1], (relay[1], int(relay[2])))
+                break
+            assert process.poll() is None, f"the hub exited early: {text}"
+            time.sleep(0.05)
+        assert found is not None, "the hub did not start within 15 s"
+        yield found
+    finally:
+        process.send_signal(signal.SIGTERM)
+        try:
+            process.wait(10)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait()
+
+
+async def _register(http: httpx.AsyncClient, info: HubInfo, name: str) -> HubRelayClient:
+    key = PrivateKey.generate()
+    body = RegisterRequest(key.public_key(), (Endpoint.parse("10.0.0.7:51820"),)).to_json()
+    auth = HubAuth(RequestSigner(key, info.public_key))
+    response = await http.put(f"/v1/peers/{name}", json=body, auth=auth)
+    assert response.status_code == 201, response.text
+    return HubRelayClient(key.raw, info.public_key.raw)
+
+
+async def _udp(client: HubRelayClient, relay: tuple[str, int]) -> trio.socket.SocketType:
+    sock = trio.socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    await sock.bind(("127.0.0.1", 0))
+    client.connect(trio.current_time())
+    with trio.fail_after(10):
+        while not client.bound and not client.counters["refused"]:
+            for frame in client.datagrams_to_send():
+                await sock.sendto(frame, relay)
+            data, _ = await sock.recvfrom(2048)
+            client.receive_frame(data, trio.current_time())
+    return sock
+
+
+async def test_registered_peers_exchange_frames_over_udp_and_tcp(hub: RunningHub) -> None:
+    async with httpx.AsyncClient(base_url=hub.url, timeout=30) as http:
+        info = HubInfo.from_json((await http.get("/v1/hub")).json())
+        assert info.relay is not None
+        assert (info.relay.port, info.relay.tls) == (hub.relay[1], False)
+        alice = await _register(http, info, "alice")
+        bob = await _register(http, info, "bob")
+        carol = await _register(http, info, "carol")
+
+        # UDP <-> UDP
+        alice_sock, bob_sock = await _udp(alice, hub.relay), await _udp(bob, hub.relay)
+        assert alice.bound
+        assert bob.bound
+        await alice_sock.sendto(alice.wrap(bob.public_key, b"hi bob"), hub.relay)
+        await bob_sock.sendto(bob.wrap(alice.public_key, b"hi alice"), hub.relay)
+        with trio.fail_after(10):
+            to_bob, _ = await bob_sock.recvfrom(2048)
+            to_alice, _ = await alice_sock.recvfrom(2048)
+        assert bob.receive_frame(to_bob, 0.0) == (alice.public_key, b"hi bob")
+        assert alice.receive_frame(to_alice, 0.0) == (bob.public_key, b"hi alice")
+
+        # TCP (carol) <-> UDP (bob)
+        stream = RelayStream(hub.relay, decoder_factory=HubStreamDecoder)
+        received: list[tuple[bytes, bytes]] = []
+        progress = Progress()
+
+        def on_frame(frame: bytes, now: float) -> None:
+            result = carol.receive_frame(frame, now)
+            if result is not None:
+                received.append(result)
+            for out in carol.datagrams_to_send():
+                stream.send_nowait(encode_hub_stream_frame(out))
+            progress.poke()
+
+        async with trio.open_nursery() as nursery:
+            carol.connect(trio.current_time())
+            for frame in carol.datagrams_to_send():
+                stream.send_nowait(encode_hub_stream_frame(frame))
+            await nursery.start(stream.run, on_frame)
+            with trio.fail_after(10):
+                await progress.until(lambda: carol.bound)
+            stream.send_nowait(encode_hub_stream_frame(carol.wrap(bob.public_key, b"by tcp")))
+            await bob_sock.sendto(bob.wrap(carol.public_key, b"by udp"), hub.relay)
+            with trio.fail_after(10):
+                to_bob, _ = await bob_sock.recvfrom(2048)
+                await progress.until(lambda: received)
+            assert bob.receive_frame(to_bob, 0.0) == (carol.public_key, b"by tcp")
+            assert received == [(bob.public_key, b"by udp")]
+            nursery.cancel_scope.cancel()
+
+        # An unregistered key is refused; data from an unbound source goes nowhere.
+        stranger = HubRelayClient(PrivateKey.generate().raw, info.public_key.raw)
+        stranger_sock = await _udp(stranger, hub.relay)
+        event = stranger.next_event()
+        assert isinstance(event, RelayRefused)
+        assert event.code == RefusalCode.NOT_REGISTERED
+        await stranger_sock.sendto(stranger.wrap(bob.public_key, b"spam"), hub.relay)
+
+        metrics = ""
+        with trio.fail_after(10):
+            while 'dropped_frames_total{reason="unbound"} 1' not in metrics:
+                metrics = (await http.get("/metrics")).text
+                await trio.sleep(0.05)
+        assert "punchtrio_hub_relay_forwarded_frames_total 4" in metrics
+        assert "punchtrio_hub_relay_bound_peers 2" in metrics  # carol's stream closed
+        assert 'punchtrio_hub_relay_binds_total{result="not_registered"} 1' in metrics
+        for sock in (alice_sock, bob_sock, stranger_sock):
+            sock.close()
