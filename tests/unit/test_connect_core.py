@@ -95,7 +95,7 @@ def ready(core: ConnectCore, *, registered: bool = True) -> None:
 def test_the_wait_ends_with_the_record_and_a_signal_of_its_revision() -> None:
     core = make_core()
     ready(core)
-    actions, events = drain(core)
+    actions, _ = drain(core)
     assert WaitForRecord("bob") in actions
     assert ListenForSignals("bob") in actions
     assert core.peer("bob").stage == "wait"
@@ -114,6 +114,16 @@ def test_the_wait_ends_with_the_record_and_a_signal_of_its_revision() -> None:
     assert core.get_timer() == pytest.approx(0.3)
     core.handle_timer(0.3)
     assert [address for _, address in core.datagrams_to_send()] == [("192.0.2.1", 5000)]
+
+
+def test_signals_are_listened_for_only_once_we_are_registered() -> None:
+    # A hub accepts GET /messages only from a registered key.
+    core = make_core()
+    ready(core, registered=False)
+    actions, _ = drain(core)
+    assert actions == [WaitForRecord("bob")]
+    core.handle(RegisterDone(record("alice", 3)), 0.1)
+    assert drain(core)[0] == [ListenForSignals("bob")]
 
 
 def test_a_signal_before_the_record_is_judged_when_the_record_arrives() -> None:
@@ -201,7 +211,10 @@ def test_a_refused_registration_fails_every_peer_at_the_register_stage() -> None
     core.handle(RegisterFailed("name is registered to another key"), 0.2)
     failed = [e for e in drain(core)[1] if isinstance(e, PeerFailed)]
     reason = "the rendezvous refused or could not be reached: name is registered to another key"
-    assert failed == [PeerFailed("bob", "register", reason), PeerFailed("carol", "register", reason)]
+    assert failed == [
+        PeerFailed("bob", "register", reason),
+        PeerFailed("carol", "register", reason),
+    ]
     core.add_peer("dave", 0.3)  # a later peer fails the same way at once
     assert drain(core)[1] == [PeerFailed("dave", "register", reason)]
 
@@ -276,6 +289,40 @@ def test_handshake_then_established_and_its_timeout() -> None:
     failed = drain(core)[1][-1]
     assert isinstance(failed, PeerFailed)
     assert failed.stage == "handshake"
+
+
+def test_a_session_made_before_our_own_path_was_chosen_counts() -> None:
+    # The peer chose its path first; its initiation made the session while we still punched.
+    core, other = _punching("bob")
+    key = core.peer(other).key
+    assert key is not None
+    core.handle(WireGuardEvent(HandshakeCompleted(key, ("192.0.2.1", 5000))), 0.01)
+    assert core.peer(other).stage == "punch"
+    _answer_first_ping(core, other)
+    assert core.peer(other).stage == "established"
+
+
+def test_a_path_found_while_waiting_moves_on_when_the_punch_starts() -> None:
+    # The peer began first: its pings reached us (and our pong proved the path) before its
+    # signal did. The punch stage then goes straight on to the handshake.
+    core = make_core("alice")
+    core.add_peer("bob", 0.0)
+    core.handle(gathered(), 0.0)
+    core.handle(RegisterDone(record("alice", 1)), 0.0)
+    core.handle(RecordFound("bob", record("bob", 1)), 0.0)
+    core.handle(SignallingUnsupported("bob"), 0.0)  # punching at once, as without signals
+    _answer_first_ping(core, "bob")
+    assert core.peer("bob").stage == "handshake"
+    core = make_core("alice")
+    core.add_peer("bob", 0.0)
+    core.handle(gathered(), 0.0)
+    core.handle(RegisterDone(record("alice", 1)), 0.0)
+    core.handle(RecordFound("bob", record("bob", 1)), 0.0)
+    core.puncher.start(KEYS["bob"].public_key().raw, core.peer("bob").candidates, 0.0)
+    _answer_first_ping(core, "bob")
+    assert (core.peer("bob").stage, core.peer("bob").path) == ("wait", "direct")
+    core.handle(SignalReceived("bob", "punchtrio-punch/1 1 fixed"), 0.1)
+    assert core.peer("bob").stage == "handshake"
 
 
 def test_inputs_for_unknown_peers_are_errors() -> None:

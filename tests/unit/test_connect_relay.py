@@ -8,6 +8,7 @@ on it; everywhere else, both must be relayed. A network that drops UDP reaches t
 
 from __future__ import annotations
 
+import dataclasses
 import ipaddress
 import itertools
 from collections.abc import Awaitable, Callable
@@ -16,17 +17,37 @@ import pytest
 import trio
 
 from punchtrio import PrivateKey, netsim
-from punchtrio.connect import HubRelay, PeerConnected, PeerFailed, PeerState
-from punchtrio.netsim import NatBehavior
+from punchtrio.connect import (
+    HubRelay,
+    MemoryInterface,
+    PathChanged,
+    PeerConnected,
+    PeerFailed,
+    PeerState,
+)
+from punchtrio.netsim import Filtering, NatBehavior
 from punchtrio.relay import HubRelayAddress, HubRelayServer, HubRelayService
 from punchtrio.rendezvous import MemoryHub
+from tests.packets import ipv4
 
-from .test_connect_basic import ALTERNATE, PRIMARY, WAN, World, run_pair, wall_clock
+from .test_connect_basic import (
+    ALTERNATE,
+    INNER,
+    PRIMARY,
+    WAN,
+    World,
+    connector_for,
+    run_pair,
+    start_world,
+    wall_clock,
+)
 from .test_connect_matrix import KINDS, behavior, label, punch_model
 
 RELAY = ("203.0.113.20", 7778)
 HUB_KEY = PrivateKey(bytes(range(201, 233)))
-HUB_RELAY = HubRelay(HubRelayAddress(ipaddress.ip_address(RELAY[0]), RELAY[1]), HUB_KEY.public_key())
+HUB_RELAY = HubRelay(
+    HubRelayAddress(ipaddress.ip_address(RELAY[0]), RELAY[1]), HUB_KEY.public_key()
+)
 SETTLE = 5.0
 """Virtual seconds both sides keep running after connecting, before their paths are read."""
 
@@ -77,9 +98,7 @@ def check_connected(events: dict[str, list[object]]) -> None:
 PAIRS = list(itertools.product(KINDS, repeat=2))
 
 
-@pytest.mark.parametrize(
-    ("a", "b"), PAIRS, ids=[f"{label(a)}-{label(b)}" for a, b in PAIRS]
-)
+@pytest.mark.parametrize(("a", "b"), PAIRS, ids=[f"{label(a)}-{label(b)}" for a, b in PAIRS])
 async def test_every_pair_of_nats_connects(
     a: tuple[str, str], b: tuple[str, str], autojump_clock: trio.testing.MockClock
 ) -> None:
@@ -121,4 +140,52 @@ async def test_without_a_relay_the_failure_says_so(autojump_clock: trio.testing.
         failed = events[name][-1]
         assert isinstance(failed, PeerFailed)
         assert failed.stage == "punch"
-        assert failed.reason.endswith("no relay is available (the hub runs none; start it with --relay)")
+        assert failed.reason.endswith(
+            "no relay is available (the hub runs none; start it with --relay)"
+        )
+
+
+async def test_relayed_then_direct_when_the_firewall_opens(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    # Port-restricted cone against an address-dependent mapping: no direct path at first. Then
+    # alice's NAT stops filtering (its mappings stay): bob's upgrade retries get in, and both
+    # sides move to the direct path by themselves, without a restart.
+    world, services, _ = relay_world(behavior(("EI", "APD")), behavior(("AD", "APD")), seed=3)
+    ifaces = {name: MemoryInterface(name) for name in ("alice", "bob")}
+    connectors = {n: connector_for(world, n, ifaces[n], hub_relay=HUB_RELAY) for n in ifaces}
+    changes: dict[str, list[tuple[float, PathChanged]]] = {"alice": [], "bob": []}
+    try:
+        async with world.net, trio.open_nursery() as nursery:
+            await start_world(nursery, world, connectors, services)
+
+            async def collect(name: str) -> None:
+                async for event in connectors[name].events:
+                    if isinstance(event, PathChanged):
+                        changes[name].append((trio.current_time(), event))
+
+            for name in connectors:
+                nursery.start_soon(collect, name)
+            await trio.sleep(20)
+            for name, other in (("alice", "bob"), ("bob", "alice")):
+                assert connectors[name].peers[other].path == "relay"
+            nat = world.nats[0]
+            opened = trio.current_time()
+            nat.behavior = nat.table.behavior = dataclasses.replace(
+                nat.behavior, filtering=Filtering.ENDPOINT_INDEPENDENT
+            )
+            await trio.sleep(60)
+            for name, other in (("alice", "bob"), ("bob", "alice")):
+                assert connectors[name].peers[other].path == "direct"
+                [(when, change)] = changes[name]
+                assert (change.old, change.new, change.relay) == ("relay", "direct", None)
+                # The first upgrade retry after the opening finds it (retries back off from 2 s).
+                assert when - opened < 20
+            packet = ipv4(INNER["alice"], INNER["bob"], b"direct now")
+            await ifaces["alice"].send(packet)
+            with trio.fail_after(5):
+                assert await ifaces["bob"].receive() == packet
+            nursery.cancel_scope.cancel()
+    finally:
+        for iface in ifaces.values():
+            iface.close()

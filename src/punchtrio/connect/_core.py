@@ -287,6 +287,7 @@ class CorePeer:
     relay: str | None = None
     error: tuple[Stage, str] | None = None
     connected: PeerConnected | None = None
+    handshaken: bool = False  # a WireGuard session exists (it may come before our own punch)
 
 
 class ConnectCore:
@@ -477,9 +478,15 @@ class ConnectCore:
             self._events.append(PunchStarted(peer.name, peer.candidates))
             peer.punch_started = now
             self._start_punch(peer, now)
+            if peer.path is not None:
+                # The peer began first: its pings made the puncher choose a path while we waited.
+                self._step(peer, "path", now)
         elif stage == "handshake":
             self._events.append(StageStarted("handshake", peer.name))
             peer.deadline = now + self._handshake_timeout
+            if peer.handshaken:
+                # The peer chose its path first and its initiation already made a session.
+                self._step(peer, "handshake", now)
         elif stage == "established":
             peer.deadline = None
             assert peer.path is not None
@@ -530,7 +537,8 @@ class ConnectCore:
         peer.deadline = now + self._wait_timeout
         self._events.append(StageStarted("wait", peer.name))
         self._actions.append(WaitForRecord(peer.name))
-        self._actions.append(ListenForSignals(peer.name))
+        if self.record is not None:  # a hub takes messages only from registered peers
+            self._actions.append(ListenForSignals(peer.name))
 
     def _on_registered(self, record: PeerRecord, now: float) -> None:
         first = self.record is None
@@ -538,8 +546,10 @@ class ConnectCore:
         self._events.append(Registered(record))
         if first:
             for peer in self._peers.values():
-                waiting = peer.error is None and peer.stage == "wait"
-                if waiting and peer.record is not None and not peer.sent_signal:
+                if peer.error is not None or peer.stage != "wait":
+                    continue
+                self._actions.append(ListenForSignals(peer.name))
+                if peer.record is not None and not peer.sent_signal:
                     self._send_signal(peer)
 
     def _on_register_failed(self, reason: str) -> None:
@@ -698,6 +708,7 @@ class ConnectCore:
         if peer is None or peer.error is not None:
             return
         self._events.append(HandshakeCompleted(peer.name, self._describe(event.endpoint)[0]))
+        peer.handshaken = True
         self._step(peer, "handshake", now)
 
 

@@ -177,8 +177,8 @@ class _Pair:
         "interval",
         "kind",
         "last_ping",
-        "preference",
         "next_send",
+        "preference",
         "priority",
         "remote",
         "rtt",
@@ -213,6 +213,7 @@ class _Pair:
 
 class _Peer:
     __slots__ = (
+        "attempt_at",
         "chosen",
         "failed_reported",
         "guard",
@@ -222,12 +223,11 @@ class _Peer:
         "outstanding",
         "pairs",
         "probes_sent",
-        "attempt_at",
         "public_key",
         "relays",
         "retry_at",
-        "routed",
         "retry_wait",
+        "routed",
         "seen_as",
         "started",
     )

@@ -13,8 +13,8 @@ import errno
 import ipaddress
 import math
 import socket
-import sys
 import ssl
+import sys
 
 import trio
 
