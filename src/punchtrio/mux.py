@@ -315,7 +315,7 @@ class MuxedDevice:
         return self._routes.get(address)
 
     def _routed_send_packet(self, packet: bytes, now: float) -> tuple[bytes, Address] | None:
-        out = self.device.send_packet(packet, now)
+        out: tuple[bytes, Address] | None = self.device.send_packet(packet, now)
         if out is not None:
             send = self._routes.get(out[1])
             if send is not None:

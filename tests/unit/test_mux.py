@@ -394,3 +394,56 @@ def test_a_relay_handler_s_decrypted_packet_is_returned_and_other_results_are_no
     assert mux.receive_datagram(b"\x40\x00\x00\x00", ("203.0.113.1", 3478), 0.0) is None
     assert mux.counters.relay == 1
     assert mux.counters.channel_data == 1
+
+
+class _QueuedDevice:
+    """A stand-in device: every packet becomes a datagram to the address it names."""
+
+    under_load = False
+
+    def __init__(self) -> None:
+        self.queued: list[tuple[bytes, tuple[str, int]]] = []
+
+    def receive_datagram(self, data: bytes, addr: tuple[str, int], now: float) -> bytes | None:
+        return None
+
+    def send_packet(self, packet: bytes, now: float) -> tuple[bytes, tuple[str, int]] | None:
+        host, port = packet.decode().split(":")
+        return b"sealed " + packet, (host, int(port))
+
+    def datagrams_to_send(self) -> list[tuple[bytes, tuple[str, int]]]:
+        out, self.queued = self.queued, []
+        return out
+
+    def get_timer(self) -> float | None:
+        return None
+
+    def handle_timer(self, now: float) -> None:
+        pass
+
+    def next_event(self) -> object:
+        return None
+
+    def peer_stats(self) -> dict[bytes, object]:
+        return {}
+
+
+def test_a_route_hands_what_wireguard_sends_to_a_relay_and_costs_nothing_without_one() -> None:
+    device = _QueuedDevice()
+    muxed = MuxedDevice(device, Mux())
+    assert muxed.send_packet == device.send_packet  # no routes: the device's own method
+    relayed: list[bytes] = []
+    virtual = ("240.0.0.1", 1)
+    muxed.set_route(virtual, relayed.append)
+    assert muxed.routed(virtual) is not None
+    assert muxed.send_packet(b"240.0.0.1:1", 0.0) is None  # consumed by the route
+    assert muxed.send_packet(b"192.0.2.1:5000", 0.0) == (
+        b"sealed 192.0.2.1:5000",
+        ("192.0.2.1", 5000),
+    )
+    device.queued = [(b"handshake", virtual), (b"keepalive", ("192.0.2.1", 5000))]
+    assert muxed.datagrams_to_send() == [(b"keepalive", ("192.0.2.1", 5000))]
+    assert relayed == [b"sealed 240.0.0.1:1", b"handshake"]
+    muxed.set_route(virtual, None)
+    assert muxed.routed(virtual) is None
+    assert muxed.send_packet == device.send_packet
