@@ -185,6 +185,38 @@ def _built(specs: list[NatSpec], prefix: str | None) -> Iterator[Network]:
         yield _Builder(lab).network(specs)
 
 
+@contextlib.contextmanager
+def udp_blocked_between(net: Network, a: Nat, b: Nat) -> Iterator[None]:
+    """Drop every UDP datagram between the internet addresses of NATs ``a`` and ``b``, both ways,
+    while the context is open: a path between two peers that is blocked, then opens.
+
+    The rule sits on the lab's internet (a ``bridge`` table in the ``wan`` namespace, so it drops
+    what crosses the bridge and leaves both NATs' state alone); traffic with the hub and every
+    other NAT passes. Leaving the context deletes the rule. Raises :class:`labs.netns.LabError` if
+    ``nft`` fails.
+    """
+    table = f"ptblock_{a.name}_{b.name}"
+    first, second = a.internet_ip, b.internet_ip
+    net.wan.run(
+        "nft",
+        "-f",
+        "-",
+        input=f"""\
+table bridge {table} {{
+  chain forward {{
+    type filter hook forward priority filter; policy accept;
+    ip saddr {first} ip daddr {second} meta l4proto udp drop
+    ip saddr {second} ip daddr {first} meta l4proto udp drop
+  }}
+}}
+""",
+    )
+    try:
+        yield
+    finally:
+        net.wan.run("nft", "delete", "table", "bridge", table)
+
+
 def cleanup(prefix: str) -> list[str]:
     """Delete every namespace whose name starts with ``prefix + "-"``, killing its processes first.
 

@@ -12,7 +12,7 @@ import subprocess
 import tempfile
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -91,7 +91,8 @@ def start_hub(net: Network, log: Path | None = None) -> subprocess.Popen[bytes]:
     discovery.wait_listening(hub.ns, [(hub.primary_ip, 3478), (hub.alternate_ip, 3479)], proc)
     deadline = time.monotonic() + 10
     while not all(
-        f"{hub.primary_ip}:{port}" in hub.ns.run("ss", "-H", "-tln") for port in (HUB_PORT, RELAY_PORT)
+        f"{hub.primary_ip}:{port}" in hub.ns.run("ss", "-H", "-tln")
+        for port in (HUB_PORT, RELAY_PORT)
     ):
         if proc.poll() is not None or time.monotonic() > deadline:
             raise LabError("punchtrio hub did not start listening")
@@ -164,6 +165,136 @@ def run_pair(net: Network, label: str, a: Host, b: Host, workdir: Path) -> PairR
         with proc.stderr, proc.stdout:
             result.stderr[name] = proc.stderr.read().decode(errors="replace")
     return result
+
+
+@dataclass
+class LivePair:
+    """Two running ``punchtrio up`` processes (see :func:`running_pair`).
+
+    ``started`` is the :func:`time.monotonic` instant both were started; ``events[name]`` holds
+    each side's JSON events and ``arrived[name]`` the monotonic instant each one was read, in the
+    same order. ``result`` is filled in when the context closes.
+    """
+
+    label: str
+    a: Host
+    b: Host
+    names: tuple[str, str]
+    started: float
+    procs: dict[str, subprocess.Popen[bytes]]
+    events: dict[str, list[dict[str, object]]]
+    arrived: dict[str, list[float]]
+    result: PairResult
+
+    def wait_for(
+        self,
+        name: str,
+        event: str,
+        timeout: float,
+        where: Callable[[dict[str, object]], bool] | None = None,
+    ) -> tuple[dict[str, object], float] | None:
+        """The first event of side ``name`` called ``event`` (and matching ``where``) with the
+        monotonic instant it was read, waiting up to ``timeout`` seconds; ``None`` if it did not
+        come or the process exited."""
+        deadline = time.monotonic() + timeout
+        seen = 0
+        while True:
+            events, arrived = self.events[name], self.arrived[name]
+            for index in range(seen, len(events)):
+                item = events[index]
+                if item["event"] == event and (where is None or where(item)):
+                    return item, arrived[index]
+            seen = len(events)
+            if time.monotonic() > deadline or self.procs[name].poll() is not None:
+                return None
+            time.sleep(0.02)
+
+    def ping(self, count: int = 3) -> int:
+        """Ping b's tunnel address (10.99.0.2) from ``a`` ``count`` times, 0.2 s apart; return
+        the number of replies."""
+        argv = self.a.ns.exec("ping", "-n", "-q", "-c", str(count), "-i", "0.2", "-W", "2")
+        out = subprocess.run([*argv, "10.99.0.2"], capture_output=True, text=True, check=False)
+        for part in out.stdout.split(","):
+            if part.strip().endswith("received"):
+                return int(part.split()[0])
+        return 0
+
+
+@contextlib.contextmanager
+def running_pair(net: Network, label: str, a: Host, b: Host, workdir: Path) -> Iterator[LivePair]:
+    """:func:`run_pair` that keeps both tunnels up while the context is open.
+
+    Starts ``punchtrio up`` on ``a`` and ``b`` at once (names ``<label>-a`` / ``<label>-b``,
+    tunnel addresses 10.99.0.1/24 and .2/24), waits for the first ping reply from ``a`` to
+    10.99.0.2 (``result.seconds``, ``None`` when none came within :data:`PING_DEADLINE`) and for
+    both sides' ``peer_connected`` (up to 5 s more), then yields. On leaving, even after an
+    exception, both are stopped with SIGTERM (SIGKILL after 15 s) and ``result`` gets their exit
+    codes and stderr.
+    """
+    names = (f"{label}-a", f"{label}-b")
+    argvs = []
+    for index, name in enumerate(names):
+        key = workdir / f"{name}.key"
+        PrivateKey.generate().write(key)
+        argvs.append(up_argv(name, key, f"10.99.0.{index + 1}/24", names[1 - index]))
+    procs: dict[str, subprocess.Popen[bytes]] = {}
+    start = time.monotonic()
+    for host, name, argv in zip((a, b), names, argvs, strict=True):
+        procs[name] = net.lab.spawn(host.ns, *argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    live = LivePair(
+        label,
+        a,
+        b,
+        names,
+        start,
+        procs,
+        {name: [] for name in names},
+        {name: [] for name in names},
+        PairResult(label, None),
+    )
+    live.result.events = live.events
+    readers = [
+        threading.Thread(
+            target=_collect_timed, args=(proc, live.events[name], live.arrived[name]), daemon=True
+        )
+        for name, proc in procs.items()
+    ]
+    for reader in readers:
+        reader.start()
+    try:
+        live.result.seconds = _first_ping(a, "10.99.0.2", start, list(procs.values()))
+        if live.result.seconds is not None:
+            deadline = time.monotonic() + 5
+            while time.monotonic() < deadline and not all(map(live.result.connected, names)):
+                time.sleep(0.05)
+        yield live
+    finally:
+        for name, proc in procs.items():
+            if proc.poll() is None:
+                proc.terminate()
+            try:
+                proc.wait(timeout=15)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+            live.result.returncodes[name] = proc.returncode
+        for reader in readers:
+            reader.join(timeout=5)
+        for name, proc in procs.items():
+            assert proc.stderr is not None
+            assert proc.stdout is not None
+            with proc.stderr, proc.stdout:
+                live.result.stderr[name] = proc.stderr.read().decode(errors="replace")
+
+
+def _collect_timed(
+    proc: subprocess.Popen[bytes], events: list[dict[str, object]], arrived: list[float]
+) -> None:
+    assert proc.stdout is not None
+    for line in proc.stdout:
+        if line.strip():
+            arrived.append(time.monotonic())  # before the event, so a reader sees both
+            events.append(json.loads(line))
 
 
 def _collect(proc: subprocess.Popen[bytes], events: list[dict[str, object]]) -> None:

@@ -192,16 +192,25 @@ class Mux:
         """Datagrams seen and dropped (see :class:`MuxCounters`)."""
         self._wireguard = wireguard
         self._handlers: dict[Kind, Handler] = {}
+        self._by_source: dict[tuple[Kind, Address], Handler] = {}
 
-    def route(self, kind: Kind, handler: Handler) -> None:
+    def route(self, kind: Kind, handler: Handler, *, source: Address | None = None) -> None:
         """Send every datagram of ``kind`` to ``handler(data, source, now)`` from now on.
 
-        For :attr:`Kind.WIREGUARD` the handler's result, an IP packet or ``None``, is what
-        :meth:`receive_datagram` returns. Raises :class:`MuxError` if ``kind`` is
-        :attr:`Kind.UNKNOWN` or already routed (call :meth:`unroute` first).
+        With ``source``, only the datagrams of ``kind`` from that address (a TURN server's STUN
+        answers and ChannelData), which then never reach the kind's general handler. For
+        :attr:`Kind.WIREGUARD` the handler's result, an IP packet or ``None``, is what
+        :meth:`receive_datagram` returns (WireGuard takes no ``source``). Raises
+        :class:`MuxError` if ``kind`` is :attr:`Kind.UNKNOWN` or already routed (for that source;
+        call :meth:`unroute` first).
         """
         if kind is Kind.UNKNOWN:
             raise MuxError("unknown datagrams are always dropped; they cannot be routed")
+        if source is not None:
+            if kind is Kind.WIREGUARD or (kind, source) in self._by_source:
+                raise MuxError(f"{kind.name} datagrams from {source} cannot be routed")
+            self._by_source[kind, source] = handler
+            return
         if kind in self._handlers or (kind is Kind.WIREGUARD and self._wireguard is not None):
             raise MuxError(f"{kind.name} datagrams already have a handler")
         if kind is Kind.WIREGUARD:
@@ -209,8 +218,12 @@ class Mux:
         else:
             self._handlers[kind] = handler
 
-    def unroute(self, kind: Kind) -> None:
-        """Stop delivering ``kind``; its datagrams are then dropped and counted. No error if unset."""
+    def unroute(self, kind: Kind, *, source: Address | None = None) -> None:
+        """Stop delivering ``kind`` (from ``source`` only, if given); such datagrams then go to
+        the general handler, or are dropped and counted. No error if unset."""
+        if source is not None:
+            self._by_source.pop((kind, source), None)
+            return
         if kind is Kind.WIREGUARD:
             self._wireguard = None
         self._handlers.pop(kind, None)
@@ -256,7 +269,9 @@ class Mux:
             return None
         name = _COUNTER[kind]
         setattr(counters, name, getattr(counters, name) + 1)
-        handler = self._handlers.get(kind)
+        handler = self._by_source.get((kind, addr)) if self._by_source else None
+        if handler is None:
+            handler = self._handlers.get(kind)
         if handler is None:
             counters.unrouted += 1
             return None

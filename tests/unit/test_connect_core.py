@@ -20,7 +20,7 @@ from punchtrio.connect import (
     LookupFailed,
     PeerConnected,
     PeerFailed,
-    PeerKeyLearnt,
+    PeerRecordLoaded,
     PeerSettled,
     RecordFound,
     RegisterDone,
@@ -103,7 +103,7 @@ def test_the_wait_ends_with_the_record_and_a_signal_of_its_revision() -> None:
     actions, _ = drain(core)
     # Our own "punch now" names our record's revision and our NAT word.
     assert actions == [
-        PeerKeyLearnt("bob", KEYS["bob"].public_key()),
+        PeerRecordLoaded("bob", KEYS["bob"].public_key(), core.peer("bob").candidates),
         SendSignal("bob", "punchtrio-punch/1 3 fixed"),
     ]
     assert actions[1] == SendSignal("bob", signal_text(3, False))

@@ -37,6 +37,13 @@ from ..connect import (
     TunnelConfig,
 )
 from ..keys import InvalidKeyError, PrivateKey
+from ..relay import (
+    TurnCredentials,
+    TurnCredentialsError,
+    TurnServer,
+    TurnServerURI,
+    TurnURIError,
+)
 from ..rendezvous import (
     InvalidNetworkSecretError,
     NetworkSecret,
@@ -77,7 +84,8 @@ class UpPlan:
     prefix; ``peers``: names to connect to; ``stun``: STUN servers (``None``: what the hub
     advertises); ``listen_port``: the one UDP port (0: any); ``interface``: the TUN name
     (``""``: the kernel's ``tunN``); ``network_secret``; ``static``: a wg-quick file whose peers
-    are added as static peers.
+    are added as static peers; ``turn``: TURN servers of our own (``--turn``); ``relay=False``
+    never relays (``--no-relay``).
     """
 
     hub: str
@@ -90,6 +98,8 @@ class UpPlan:
     interface: str = ""
     network_secret: NetworkSecret | None = dataclasses.field(default=None, repr=False)
     static: WgQuickConfig | None = dataclasses.field(default=None, repr=False)
+    turn: tuple[TurnServer, ...] = dataclasses.field(default=(), repr=False)
+    relay: bool = True
 
 
 def register(subparsers: Any) -> None:
@@ -128,6 +138,22 @@ def register(subparsers: Any) -> None:
         metavar="NAME",
         help="interface name (default: the config file's name without .conf, else tunN)",
     )
+    up.add_argument(
+        "--turn",
+        metavar="URI",
+        action="append",
+        default=[],
+        help="a TURN server of our own, turn:IP:PORT (UDP; repeat); default: what the hub mints",
+    )
+    up.add_argument("--turn-user", metavar="NAME", help="the user name for --turn")
+    up.add_argument(
+        "--turn-password-file", metavar="FILE", help="a file holding the password for --turn"
+    )
+    up.add_argument(
+        "--no-relay",
+        action="store_true",
+        help="never relay (neither the hub's relay nor TURN): direct and LAN paths only",
+    )
     up.add_argument("--json", action="store_true", help="print events as JSON, one per line")
     up.set_defaults(run=_up)
 
@@ -135,7 +161,9 @@ def register(subparsers: Any) -> None:
 def _up(args: argparse.Namespace) -> int:
     if args.hub is None:
         rendezvous_only = ("name", "key_file", "address", "network_secret_file", "listen_port")
-        if args.peer or args.stun or any(getattr(args, n) is not None for n in rendezvous_only):
+        rendezvous_only += ("turn_user", "turn_password_file")
+        given = args.peer or args.stun or args.turn or args.no_relay
+        if given or any(getattr(args, n) is not None for n in rendezvous_only):
             raise UsageError("--name, --peer, --key-file, --address, --stun ... need --hub URL")
         if not args.config:
             raise UsageError(
@@ -193,7 +221,53 @@ def build_plan(args: argparse.Namespace) -> UpPlan:
     interface = args.interface or ""
     if interface and not _IFNAME.fullmatch(interface):
         raise UsageError(f"--interface {interface[:40]!r} is not a valid interface name")
-    return UpPlan(args.hub, name, key, address, peers, stun, port, interface, secret, static)
+    turn = _turn_servers(args.turn, args.turn_user, args.turn_password_file)
+    return UpPlan(
+        args.hub,
+        name,
+        key,
+        address,
+        peers,
+        stun,
+        port,
+        interface,
+        secret,
+        static,
+        turn,
+        not args.no_relay,
+    )
+
+
+def _turn_servers(
+    uris: list[str], user: str | None, password_file: str | None
+) -> tuple[TurnServer, ...]:
+    """Parse ``--turn URI --turn-user U --turn-password-file F``; raise :class:`UsageError`."""
+    if not uris:
+        if user is not None or password_file is not None:
+            raise UsageError("--turn-user and --turn-password-file need --turn URI")
+        return ()
+    if user is None or password_file is None:
+        raise UsageError("--turn needs --turn-user NAME and --turn-password-file FILE")
+    try:
+        with open(password_file, encoding="utf-8") as file:
+            password = file.read().strip()
+    except (OSError, UnicodeError) as exc:
+        reason = getattr(exc, "strerror", None) or "not readable text"
+        raise UsageError(f"--turn-password-file {password_file}: {reason}") from None
+    servers = []
+    for text in uris:
+        try:
+            uri = TurnServerURI.parse(text)
+            credentials = TurnCredentials(user, password)
+        except (TurnURIError, TurnCredentialsError) as exc:
+            raise UsageError(f"--turn: {exc}") from None
+        if uri.address is None or uri.transport != "udp" or uri.secure:
+            raise UsageError(
+                f"--turn {text[:60]}: give a literal IP address over UDP (turn:IP:PORT); "
+                "TURN over TCP or TLS is not supported by up yet"
+            )
+        servers.append(TurnServer(uri, credentials, 365 * 86400.0))
+    return tuple(servers)
 
 
 def _tunnel_address(
@@ -269,6 +343,8 @@ async def serve_up(
         peers=plan.peers,
         stun_servers=plan.stun,
         network_secret=plan.network_secret,
+        turn_servers=plan.turn,
+        relay=plan.relay,
         **options,
     )
     failure: PunchtrioError | None = None

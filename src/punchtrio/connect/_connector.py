@@ -12,6 +12,7 @@ initiation leaves at once: nothing polls.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import ipaddress
 import math
 import socket
@@ -37,7 +38,7 @@ from ..punch import (
     local_addresses,
     local_networks,
 )
-from ..relay import HubRelayAddress
+from ..relay import HubRelayAddress, TurnServer
 from ..rendezvous import (
     HubClient,
     NetworkSecret,
@@ -60,7 +61,7 @@ from ._core import (
     Gathered,
     ListenForSignals,
     LookupFailed,
-    PeerKeyLearnt,
+    PeerRecordLoaded,
     PeerSettled,
     RecordFound,
     RegisterDone,
@@ -76,11 +77,15 @@ from ._events import ConnectEvent, PathKind, PeerConnected, Stage, StageStarted
 from ._memif import MemoryInterface
 from ._relay_shell import RelayShell, RelayTarget
 from ._relays import RelayLinks
+from ._turn_shell import TurnShell
 
 Address = tuple[str, int]
 
 UNREGISTER_TIMEOUT = 5.0
 """Seconds teardown spends on deleting our record at the rendezvous before giving up."""
+
+TURN_ALLOCATE_WAIT = 2.0
+"""Seconds the first registration waits for a TURN allocation before it goes without one."""
 
 
 @dataclass(frozen=True)
@@ -167,6 +172,9 @@ class Connector:
       (:class:`HubRelay`); ``None`` (default) uses what a hub URL advertises in ``GET /v1/hub``.
       ``relay=False`` never relays. ``relay_stream_after`` (3 s): how long a UDP binding may take
       before the relay is also tried over TCP (at once when no STUN server answered over UDP).
+    - ``turn_servers``: TURN servers (:class:`~punchtrio.relay.TurnServer`: a ``turn:IP:PORT``
+      URI over UDP and its credentials) to allocate a relayed candidate on; ``()`` (default)
+      uses the ones a hub URL mints credentials for (``punchtrio hub --turn``).
     - ``socket_factory(family, type)``: makes the UDP socket (default: the simulated host's
       ``nonblocking_socket`` inside :mod:`punchtrio.netsim`, else :class:`socket.socket`).
     - ``wall_clock``: Unix time for probe timestamps and WireGuard's TAI64N.
@@ -196,6 +204,7 @@ class Connector:
         hub_relay: HubRelay | None = None,
         relay: bool = True,
         relay_stream_after: float = 3.0,
+        turn_servers: Sequence[TurnServer] = (),
         socket_factory: Callable[[int, int], Any] | None = None,
         wall_clock: Callable[[], float] = time.time,
     ) -> None:
@@ -225,6 +234,14 @@ class Connector:
         self._hub_relay = hub_relay
         self._use_relay = relay
         self._relay_stream_after = relay_stream_after
+        for server in turn_servers:
+            if server.uri.address is None or server.uri.transport != "udp" or server.uri.secure:
+                raise ValueError(
+                    f"TURN server {server.uri}: the connector needs a literal IP address and "
+                    "UDP (TURN over TCP or TLS is not supported yet)"
+                )
+        self._turn_servers = tuple(turn_servers)
+        self._turn: TurnShell | None = None
         self._socket_factory = socket_factory
         self._wall_clock = wall_clock
         self._send_events, self.events = trio.open_memory_channel[ConnectEvent](math.inf)
@@ -363,18 +380,32 @@ class Connector:
     ) -> None:
         await self._gather(stun)
         try:
-            await self._register()
+            record = await self._register()
+            if self._use_relay and await self._start_turn(nursery, stun):
+                await self._gather(stun, announce=True, restun=False)
+                record = await self._register()
         except RendezvousError as exc:
             self._feed(RegisterFailed(str(exc)))
             await trio.sleep_forever()
+        self._feed(RegisterDone(record))
         nursery.start_soon(self._refresh, stun)
         if self._use_relay:
             await self._run_relays()
         await trio.sleep_forever()
 
     async def _gather(
-        self, stun: trio.MemoryReceiveChannel[Datagram], *, announce: bool = True
+        self,
+        stun: trio.MemoryReceiveChannel[Datagram],
+        *,
+        announce: bool = True,
+        restun: bool = True,
     ) -> None:
+        if not restun:  # only our TURN candidate is new
+            gathered = self.core.gathered
+            assert gathered is not None
+            turned = tuple(self._with_turn(self.candidates))
+            self._feed(dataclasses.replace(gathered, candidates=turned))
+            return
         if announce:
             self._emit(StageStarted("stun"))
         port = self.listen_port
@@ -396,7 +427,13 @@ class Connector:
             varies = result.mapping_varies
             if not result.candidates:
                 error = "no STUN server answered"
-        self._feed(Gathered(tuple(candidates), varies, error, networks, announce))
+        self._feed(Gathered(tuple(self._with_turn(candidates)), varies, error, networks, announce))
+
+    def _with_turn(self, candidates: Iterable[Candidate]) -> list[Candidate]:
+        """Our candidates, with our TURN allocation's relayed address as the last one."""
+        kept = [c for c in candidates if c.type is not CandidateType.RELAY]
+        relayed = self._turn.candidate if self._turn is not None else None
+        return kept if relayed is None else [*kept, relayed]
 
     async def _stun_addresses(self) -> list[Address]:
         if self._stun_servers is not None:
@@ -432,13 +469,12 @@ class Connector:
             except (OSError, UnicodeError):  # unresolvable, or a label too long for IDNA
                 return None
 
-    async def _register(self) -> None:
+    async def _register(self) -> PeerRecord:
         endpoints = []
         for candidate in self.candidates[:16]:
             with contextlib.suppress(ValueError, PunchtrioError):
                 endpoints.append(candidate.to_endpoint())
-        record = await self.rendezvous.register(endpoints, [self.config.allowed_ip])
-        self._feed(RegisterDone(record))
+        return await self.rendezvous.register(endpoints, [self.config.allowed_ip])
 
     async def _refresh(self, stun: trio.MemoryReceiveChannel[Datagram]) -> None:
         """Re-STUN now and then; register again when our mapping changed."""
@@ -448,7 +484,7 @@ class Connector:
             await self._gather(stun, announce=False)
             if {c.endpoint for c in self.candidates} != before:
                 with contextlib.suppress(RendezvousError):
-                    await self._register()
+                    self._feed(RegisterDone(await self._register()))
 
     # -- driving the core --------------------------------------------------------------------
 
@@ -491,8 +527,10 @@ class Connector:
             for scope in self._scopes[action.peer]:
                 scope.cancel()
             self._done[action.peer].set()
-        elif isinstance(action, PeerKeyLearnt):
+        elif isinstance(action, PeerRecordLoaded):
             self._links.add_peer(action.public_key.raw, trio.current_time())
+            if self._turn is not None:
+                self._turn.add_peer(action.candidates)
         elif isinstance(action, WaitForRecord):
             self._nursery.start_soon(self._lookup, action.peer, True)
         elif isinstance(action, FetchRecord):
@@ -607,6 +645,42 @@ class Connector:
         name = urlsplit(self._hub_url or "").hostname or ip
         return RelayTarget(key.raw, server, server, address.tls, name)
 
+    async def _start_turn(
+        self, nursery: trio.Nursery, stun: trio.MemoryReceiveChannel[Datagram]
+    ) -> bool:
+        """Allocate on the first usable TURN server (ours, or minted by the hub); return whether
+        we got a relayed address (within :data:`TURN_ALLOCATE_WAIT`)."""
+        servers = self._turn_servers
+        if not servers and isinstance(self.rendezvous, HubClient):
+            info = self.rendezvous.hub_info
+            if info is not None and info.turn:
+                servers = await self.rendezvous.turn_servers()
+        usable = [
+            s for s in servers if s.uri.address and s.uri.transport == "udp" and not s.uri.secure
+        ]
+        if not usable:
+            return False
+        server = usable[0]
+        assert server.uri.address is not None
+        address = (str(server.uri.address[0]), int(server.uri.address[1]))
+        turn = self._turn = TurnShell(
+            server,
+            address,
+            sock=self._sock,
+            mux=self._mux,
+            device=self._muxed,
+            puncher=self.core.puncher,
+            changed=self._drain,
+        )
+        self._mux.route(Kind.STUN, turn.on_datagram, source=address)
+        self._mux.route(Kind.CHANNEL_DATA, turn.on_datagram, source=address)
+        nursery.start_soon(turn.run)
+        for name in self.core.names:  # records that arrived before the allocation began
+            turn.add_peer(self.core.peer(name).candidates)
+        with trio.move_on_after(TURN_ALLOCATE_WAIT):
+            await turn.allocated.wait()
+        return turn.relayed is not None
+
     def _deliver_relayed(self, data: bytes, source: Address) -> None:
         if self.tunnel is not None:
             self.tunnel.receive_relayed(data, source)
@@ -614,18 +688,24 @@ class Connector:
     def _describe_path(self, address: Address) -> tuple[str, str | None]:
         """``(endpoint text, relay name)`` of a path: the relay's own address when relayed."""
         link = self._links.link_of(address)
-        if link is None:
-            return _format(address), None
-        return _format(link.server), f"{link.name}/{link.transport}"
+        if link is not None:
+            return _format(link.server), f"{link.name}/{link.transport}"
+        turn = self._turn
+        if turn is not None and turn.owns(address):
+            return _format(turn.address), turn.name
+        return _format(address), None
 
     def _relay_status(self) -> str:
         """Why no relay carried the path either, in one line (for a punch failure)."""
         if not self._use_relay:
             return "relaying is turned off"
         links = self._links.links
-        if not links:
+        turn = self._turn
+        if not links and turn is None:
             return "no relay is available (the hub runs none; start it with --relay)"
         errors = [link.error for link in links if link.error]
+        if turn is not None and turn.error:
+            errors.append(turn.error)
         return errors[0] if errors else "the hub's relay did not carry the probes either"
 
     # -- plumbing ----------------------------------------------------------------------------
@@ -690,6 +770,7 @@ async def open_connector(
     hub_relay: HubRelay | None = None,
     relay: bool = True,
     relay_stream_after: float = 3.0,
+    turn_servers: Sequence[TurnServer] = (),
     socket_factory: Callable[[int, int], Any] | None = None,
     wall_clock: Callable[[], float] = time.time,
 ) -> AsyncIterator[Connector]:
@@ -717,6 +798,7 @@ async def open_connector(
         hub_relay=hub_relay,
         relay=relay,
         relay_stream_after=relay_stream_after,
+        turn_servers=turn_servers,
         socket_factory=socket_factory,
         wall_clock=wall_clock,
     )

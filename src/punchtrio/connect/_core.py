@@ -237,12 +237,13 @@ class SendSignal:
 
 
 @dataclass(frozen=True)
-class PeerKeyLearnt:
-    """``peer``'s WireGuard key is known (and added to the device and the puncher): give it its
-    relayed paths."""
+class PeerRecordLoaded:
+    """A record of ``peer`` was accepted (the first one adds its key to the device and the
+    puncher): give it relayed paths, and permit its ``candidates`` at our TURN allocation."""
 
     peer: str
     public_key: PublicKey
+    candidates: tuple[Candidate, ...]
 
 
 @dataclass(frozen=True)
@@ -252,7 +253,9 @@ class PeerSettled:
     peer: str
 
 
-Action = WaitForRecord | FetchRecord | ListenForSignals | SendSignal | PeerKeyLearnt | PeerSettled
+Action = (
+    WaitForRecord | FetchRecord | ListenForSignals | SendSignal | PeerRecordLoaded | PeerSettled
+)
 """Everything :meth:`ConnectCore.next_action` returns."""
 
 
@@ -357,6 +360,11 @@ class ConnectCore:
     def peer_by_key(self, key: bytes) -> CorePeer | None:
         """Return the peer with this public key, or ``None``."""
         return self._by_key.get(key)
+
+    @property
+    def gathered(self) -> Gathered | None:
+        """The last :class:`Gathered` input, or ``None`` before the first."""
+        return self._gathered
 
     @property
     def candidates(self) -> tuple[Candidate, ...]:
@@ -589,9 +597,9 @@ class ConnectCore:
             peer.key = key.raw
             peer.public_key = key
             self._by_key[key.raw] = peer
-            self._actions.append(PeerKeyLearnt(peer.name, key))
         peer.record = record
         peer.candidates = _candidates(record)
+        self._actions.append(PeerRecordLoaded(peer.name, key, peer.candidates))
         if peer.stage == "established":
             self._repunch(peer, now)
             return

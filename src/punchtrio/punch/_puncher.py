@@ -251,10 +251,14 @@ class _Peer:
         self.retry_at: float | None = None  # next upgrade retry while relayed
         self.retry_wait = 0.0
 
-    def kind_of(self, remote: Address) -> PathKind:
-        if remote in self.relays:
+    def kind_of(self, remote: Address, relayed: Mapping[Address, int]) -> PathKind:
+        if remote in self.relays or remote in relayed:
             return "relay"
         return "lan" if remote in self.lan else "direct"
+
+    def preference_of(self, remote: Address, relayed: Mapping[Address, int]) -> int:
+        preference = self.relays.get(remote)
+        return relayed.get(remote, 0) if preference is None else preference
 
     def direct_pairs(self) -> list[_Pair]:
         return [p for p in self.pairs.values() if p.kind != "relay"]
@@ -312,6 +316,7 @@ class Puncher:
         """Dropped probes by reason (see :data:`DROP_REASONS`)."""
         self.probes_sent = 0
         """Pings and pongs sent, all peers together."""
+        self._relayed: dict[Address, int] = {}
 
     # ------------------------------------------------------------------ peers
 
@@ -396,7 +401,8 @@ class Puncher:
             pairs[remote] = pair
         peer.pairs = pairs
         for pair in pairs.values():
-            before, pair.kind = pair.kind, peer.kind_of(pair.remote)
+            before, pair.kind = pair.kind, peer.kind_of(pair.remote, self._relayed)
+            pair.preference = peer.preference_of(pair.remote, self._relayed)
             if pair is peer.chosen and pair.kind != before and pair.rtt is not None:
                 # Learnt from the peer's ping before its candidates arrived: now we know better.
                 self._events.append(PathChosen(public_key, pair.remote, pair.kind, pair.rtt))
@@ -438,6 +444,23 @@ class Puncher:
                     pair.begin(start, self.settings.fast_interval)
             pair.kind = "relay"
             pair.preference = preference
+
+    def mark_relayed(self, address: Address, preference: int | None) -> None:
+        """Say that ``address``, whoever it turns out to belong to, is reached through a relay.
+
+        For addresses learnt from traffic rather than given in advance: a datagram that a TURN
+        server relayed from a peer who sent to our relayed address directly. A pair with such an
+        address is of kind ``"relay"``, with this ``preference``; ``None`` forgets the address.
+        """
+        if preference is None:
+            self._relayed.pop(address, None)
+        else:
+            self._relayed[address] = int(preference)
+        for peer in self._peers.values():
+            pair = peer.pairs.get(address)
+            if pair is not None:
+                pair.kind = peer.kind_of(address, self._relayed)
+                pair.preference = peer.preference_of(address, self._relayed)
 
     def _relay_start(self, peer: _Peer) -> float:
         """When relayed pairs of the current attempt may start: at once if nothing else can work."""
@@ -611,7 +634,8 @@ class Puncher:
             if len(peer.pairs) >= self.settings.max_pairs:
                 self.counters["pair_limit"] += 1
                 return
-            pair = _Pair(source, peer.kind_of(source), priority)
+            pair = _Pair(source, peer.kind_of(source, self._relayed), priority)
+            pair.preference = peer.preference_of(source, self._relayed)
             peer.pairs[source] = pair
         peer.started = True  # if the peer began first, start with it
         fast = self.settings.fast_interval

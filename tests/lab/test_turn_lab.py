@@ -1,0 +1,88 @@
+"""Through coturn, with real kernel NATs: two symmetric NATs connect over a TURN relay.
+
+The hub runs no relay of its own here; it advertises a real coturn (``turnserver`` in the hub
+namespace, on the hub's alternate address) and mints coturn REST credentials for its registered
+peers (``--turn URI --turn-secret-file F``). Two ``punchtrio up`` behind symmetric NATs need no
+TURN flags: each allocates a relayed address, publishes it, and the tunnel runs relay to relay.
+"""
+
+from __future__ import annotations
+
+import subprocess
+import tempfile
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from labs import discovery
+from labs.scenarios.punch_matrix import HUB_PORT, run_pair
+from labs.topology import Network, build
+
+from tests.conftest import require_root_and
+
+pytestmark = pytest.mark.lab
+
+TURN_PORT = 3480
+SECRET = "lab-turn-secret-0123456789"
+
+
+@pytest.fixture(scope="module")
+def turn_lab() -> Iterator[tuple[Network, Path]]:
+    require_root_and("ip", "nft", "conntrack", "ss", "ping", "turnserver")
+    with tempfile.TemporaryDirectory(prefix="pt-turn-") as tmp, build(["sym", "sym"]) as net:
+        work = Path(tmp)
+        hub = net.hub
+        turn_log = work / "turnserver.log"
+        with turn_log.open("wb") as log:
+            net.lab.spawn(
+                hub.ns,
+                "turnserver", "-n", "--no-cli", "--no-tls", "--no-dtls", "--simple-log",
+                "--log-file", "stdout", "--listening-ip", hub.alternate_ip,
+                "--relay-ip", hub.alternate_ip, "--listening-port", str(TURN_PORT),
+                "--min-port", "49160", "--max-port", "49260", "--realm", "punchtrio.lab",
+                "--lt-cred-mech", "--use-auth-secret", "--static-auth-secret", SECRET,
+                "--fingerprint", "--pidfile", str(work / "turnserver.pid"),
+                "--userdb", str(work / "turndb"),
+                stdout=log, stderr=subprocess.STDOUT,
+            )  # fmt: skip
+        secret_file = work / "turn.secret"
+        secret_file.write_text(SECRET + "\n")
+        uri = f"turn:{hub.alternate_ip}:{TURN_PORT}?transport=udp"
+        hub_proc = net.lab.spawn(
+            hub.ns,
+            *discovery.PUNCHTRIO, "hub", "--listen", f"{hub.primary_ip}:{HUB_PORT}",
+            "--stun", f"{hub.primary_ip}:3478", "--stun-alternate", f"{hub.alternate_ip}:3479",
+            "--turn", uri, "--turn-secret-file", str(secret_file),
+            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+        )  # fmt: skip
+        deadline = time.monotonic() + 15
+        while True:
+            listening = hub.ns.run("ss", "-H", "-tuln")
+            if f"{hub.primary_ip}:{HUB_PORT}" in listening and f":{TURN_PORT}" in listening:
+                break
+            if hub_proc.poll() is not None or time.monotonic() > deadline:
+                pytest.fail(f"hub or turnserver did not start:\n{turn_log.read_text()}")
+            time.sleep(0.05)
+        yield net, work
+
+
+def test_two_symmetric_nats_connect_through_coturn(turn_lab: tuple[Network, Path]) -> None:
+    net, work = turn_lab
+    a, b = (nat.hosts[0] for nat in net.requested)
+    result = run_pair(net, "turn", a, b, work)
+    assert result.seconds is not None, f"no ping reply: {result.stderr} {result.events}"
+    uri = f"turn:{net.hub.alternate_ip}:{TURN_PORT}?transport=udp"
+    for name in ("turn-a", "turn-b"):
+        connected = result.connected(name)
+        assert connected is not None, result.stderr[name]
+        assert connected["path"] == "relay"
+        assert connected.get("relay") == uri, [
+            e for e in result.events[name] if "path" in e["event"] or "connected" in e["event"]
+        ]
+        assert connected["endpoint"] == f"{net.hub.alternate_ip}:{TURN_PORT}"
+        assert result.returncodes[name] == 0, result.stderr[name]
+        # Credentials never reach the output.
+        text = " ".join(str(event) for event in result.events[name]) + result.stderr[name]
+        assert SECRET not in text
+        assert "password" not in text
