@@ -365,6 +365,8 @@ async def test_socket_level_errors(autojump_clock: trio.testing.MockClock) -> No
             await sock.send(b"x")
         with pytest.raises(netsim.UnsupportedSocketError):
             await sock.sendto(b"x", (SERVER, 1))
+        with pytest.raises(netsim.UnsupportedSocketError):
+            await sock.recvmsg(10)
         with pytest.raises(OSError, match="not listening"):
             await sock.accept()
         listener = server.tcp_socket()

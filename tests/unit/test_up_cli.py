@@ -348,3 +348,64 @@ def test_progress_view_prints_plain_steps_off_a_terminal() -> None:
     assert "connected to bob (direct, 192.0.2.1:51820) after 812 ms" in text
     assert "carol failed at the punch stage" in text
     assert "no path" not in text  # the reason is the CLI's one error line, printed once
+
+
+@pytest.mark.parametrize(
+    ("extra", "message"),
+    [
+        (["--turn", "turn:203.0.113.5:3478"], "--turn needs --turn-user NAME"),
+        (["--turn-user", "u"], "--turn-user and --turn-password-file need --turn URI"),
+        (
+            ["--turn", "turns:203.0.113.5:5349", "--turn-user", "u", "--turn-password-file", "PW"],
+            "TURN over TCP or TLS is not supported by up yet",
+        ),
+        (
+            ["--turn", "turn:turn.example:3478", "--turn-user", "u", "--turn-password-file", "PW"],
+            "give a literal IP address over UDP",
+        ),
+        (["--turn", "http://x", "--turn-user", "u", "--turn-password-file", "PW"], "--turn: "),
+        (
+            ["--turn", "turn:203.0.113.5:3478", "--turn-user", "u", "--turn-password-file", "NONE"],
+            "--turn-password-file",
+        ),
+    ],
+)
+def test_bad_turn_options_are_usage_errors_before_anything_starts(
+    tmp_path: pathlib.Path, extra: list[str], message: str
+) -> None:
+    key = tmp_path / "k"
+    PrivateKey.generate().write(key)
+    password = tmp_path / "pw"
+    password.write_text("secret\n")
+    argv = [
+        "--hub", "http://203.0.113.1:7777", "--name", "alice", "--key-file", str(key),
+        "--address", "10.99.0.1/24", "--peer", "bob",
+    ]  # fmt: skip
+    extra = [
+        str(password) if a == "PW" else str(tmp_path / "none") if a == "NONE" else a for a in extra
+    ]
+    args = build_parser().parse_args(["up", *argv, *extra])
+    with pytest.raises(UsageError) as caught:
+        _up.build_plan(args)
+    assert message in str(caught.value)
+    assert "secret" not in str(caught.value)
+
+
+def test_turn_options_become_the_connector_s_turn_servers(tmp_path: pathlib.Path) -> None:
+    key = tmp_path / "k"
+    PrivateKey.generate().write(key)
+    password = tmp_path / "pw"
+    password.write_text("s3cret\n")
+    args = build_parser().parse_args(
+        [
+            "up", "--hub", "http://203.0.113.1:7777", "--name", "alice", "--key-file", str(key),
+            "--address", "10.99.0.1/24", "--peer", "bob", "--turn", "turn:203.0.113.5:3478",
+            "--turn-user", "u", "--turn-password-file", str(password), "--no-relay",
+        ]
+    )  # fmt: skip
+    plan = _up.build_plan(args)
+    [server] = plan.turn
+    assert server.uri.address is not None
+    assert (server.credentials.username, server.credentials.password) == ("u", "s3cret")
+    assert plan.relay is False
+    assert "s3cret" not in repr(plan)

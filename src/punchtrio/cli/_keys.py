@@ -25,7 +25,9 @@ def register(subparsers: Any) -> None:
     )
     keygen.add_argument("--out", metavar="FILE", help="write the key to FILE (mode 0600)")
     keygen.add_argument(
-        "--force", action="store_true", help="replace FILE if it exists (it is left as is otherwise)"
+        "--force",
+        action="store_true",
+        help="replace FILE if it exists (it is left as is otherwise)",
     )
     keygen.set_defaults(run=_keygen)
 

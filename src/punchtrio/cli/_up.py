@@ -160,8 +160,15 @@ def register(subparsers: Any) -> None:
 
 def _up(args: argparse.Namespace) -> int:
     if args.hub is None:
-        rendezvous_only = ("name", "key_file", "address", "network_secret_file", "listen_port")
-        rendezvous_only += ("turn_user", "turn_password_file")
+        rendezvous_only = (
+            "name",
+            "key_file",
+            "address",
+            "network_secret_file",
+            "listen_port",
+            "turn_user",
+            "turn_password_file",
+        )
         given = args.peer or args.stun or args.turn or args.no_relay
         if given or any(getattr(args, n) is not None for n in rendezvous_only):
             raise UsageError("--name, --peer, --key-file, --address, --stun ... need --hub URL")

@@ -639,6 +639,18 @@ class TCPSocket(SocketType):
         """Not simulated on stream sockets: raises :class:`UnsupportedSocketError`."""
         raise UnsupportedSocketError(errno.EOPNOTSUPP, "netsim TCP sockets have no recvfrom_into")
 
+    async def sendmsg(self, *args: Any) -> int:
+        """Not simulated: raises :class:`UnsupportedSocketError`."""
+        raise UnsupportedSocketError(errno.EOPNOTSUPP, "netsim TCP sockets have no sendmsg")
+
+    async def recvmsg(self, *args: Any) -> Any:
+        """Not simulated: raises :class:`UnsupportedSocketError`."""
+        raise UnsupportedSocketError(errno.EOPNOTSUPP, "netsim TCP sockets have no recvmsg")
+
+    async def recvmsg_into(self, *args: Any) -> Any:
+        """Not simulated: raises :class:`UnsupportedSocketError`."""
+        raise UnsupportedSocketError(errno.EOPNOTSUPP, "netsim TCP sockets have no recvmsg_into")
+
     # --- helpers -----------------------------------------------------------------------------
 
     def _check_open(self) -> None:
