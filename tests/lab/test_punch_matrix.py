@@ -136,4 +136,10 @@ def test_the_demo_runs_the_whole_story_in_a_real_lab() -> None:
     assert report["ping_rtt_ms"] > 0
     assert report["transfer_bytes"] == 32 * 1024 * 1024
     assert report["throughput_mbit_s"] > 0
+    # Act 2: a firewall between dave's and erin's NATs: relayed, then direct once it opens.
+    act = report["relay_act"]
+    assert act["paths"] == {"dave": "relay", "erin": "relay"}
+    assert act["relay"] == {"dave": "hub/udp", "erin": "hub/udp"}
+    assert act["upgraded_to"] == {"dave": "direct", "erin": "direct"}
+    assert 0 < act["upgrade_s"] < 60
     assert _demo_namespaces() <= before  # every namespace the demo made is gone

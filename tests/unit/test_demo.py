@@ -33,6 +33,15 @@ async def test_the_netsim_story_reports_a_direct_path(
     assert report.transfer_bytes == _demo.NETSIM_PACKETS * _demo.NETSIM_PACKET_SIZE
     assert not [note for note in report.notes if "did not arrive" in note]
     assert lines[-1] == "everything torn down"
+    # The second act: relayed where no punch works, then direct once the way opens.
+    act = report.relay_act
+    assert act.paths == {"dave": "relay", "erin": "relay"}
+    assert act.relay == {"dave": "hub/udp", "erin": "hub/udp"}
+    assert act.time_to_tunnel_s is not None
+    assert act.time_to_tunnel_s < 1.5
+    assert act.upgraded_to == {"dave": "direct", "erin": "direct"}
+    assert act.upgrade_s is not None
+    assert act.upgrade_s < 5
 
 
 def test_the_netsim_window_stays_within_the_tunnels_inline_writes() -> None:

@@ -84,13 +84,29 @@ class PeerReport:
 
 
 @dataclass
+class RelayAct:
+    """The demo's second act: ``dave`` and ``erin``, with no direct path between them at first
+    (in the lab a firewall drops the UDP between their NATs; in netsim dave's NAT filters what
+    erin's mapping sends), connect through the hub's relay (``paths``, ``relay``,
+    ``time_to_tunnel_s`` from starting both); then the way opens and they move to a direct path
+    by themselves, ``upgrade_s`` after it opened (``upgraded_to``)."""
+
+    paths: dict[str, str | None] = field(default_factory=dict)
+    relay: dict[str, str | None] = field(default_factory=dict)
+    time_to_tunnel_s: float | None = None
+    upgraded_to: dict[str, str | None] = field(default_factory=dict)
+    upgrade_s: float | None = None
+
+
+@dataclass
 class DemoReport:
     """What the demo measured.
 
     ``mode`` is ``"lab"`` (real kernel NATs, wall-clock seconds) or ``"netsim"`` (virtual
     seconds); ``time_to_tunnel_s`` from starting both peers to the first packet through the
     tunnel; ``ping_rtt_ms``; ``transfer_bytes`` moved through the tunnel in ``transfer_s``
-    (``throughput_mbit_s``; in netsim the wall-clock rate of the simulated tunnel).
+    (``throughput_mbit_s``; in netsim the wall-clock rate of the simulated tunnel);
+    ``relay_act`` the second act (:class:`RelayAct`).
     """
 
     mode: str
@@ -100,6 +116,7 @@ class DemoReport:
     transfer_bytes: int = 0
     transfer_s: float | None = None
     throughput_mbit_s: float | None = None
+    relay_act: RelayAct = field(default_factory=RelayAct)
     notes: list[str] = field(default_factory=list)
 
     def to_json(self) -> dict[str, Any]:
@@ -187,6 +204,18 @@ def render(report: DemoReport, console: Console) -> None:
             f"transfer: {report.transfer_bytes / 1e6:.1f} MB in {report.transfer_s:.2f} s "
             f"= {report.throughput_mbit_s:.0f} Mbit/s"
         )
+    act = report.relay_act
+    if act.time_to_tunnel_s is not None:
+        relays = ", ".join(f"{name} via {relay}" for name, relay in act.relay.items())
+        console.print(
+            f"relayed: dave and erin (no direct path between them yet) through the hub's relay "
+            f"({relays}) after {act.time_to_tunnel_s:.2f} {unit}"
+        )
+    if act.upgrade_s is not None:
+        console.print(
+            f"upgraded: the way opened and both moved to a direct path by themselves "
+            f"{act.upgrade_s:.2f} {unit} later"
+        )
     for note in report.notes:
         console.print(note)
 
@@ -251,6 +280,7 @@ async def netsim_story(say: Any, seed: int = 7) -> DemoReport:
         )
         hosts[name] = nat.lan.add_host(name=name)
     hub = MemoryHub()
+    act = _NetsimAct(net, server, hub)
     keys = {name: PrivateKey.generate() for name in hosts}
     ifaces = {name: MemoryInterface(name) for name in hosts}
     try:
@@ -311,6 +341,7 @@ async def netsim_story(say: Any, seed: int = 7) -> DemoReport:
             assert tunnel is not None
             await _transfer(report, alice, bob, lambda: _losses(net, tunnel.counters))
             say(f"moved {report.transfer_bytes} bytes through the simulated tunnel")
+            await _netsim_relay_act(report.relay_act, say, act, hub, nursery)
             nursery.cancel_scope.cancel()
     finally:
         for iface in ifaces.values():
@@ -321,6 +352,119 @@ async def netsim_story(say: Any, seed: int = 7) -> DemoReport:
     )
     say("everything torn down")
     return report
+
+
+class _NetsimAct:
+    """The second act's world, built with the first (a simulation's topology is fixed once it
+    runs): dave behind a port-restricted cone, erin behind an address-dependent mapping, so no
+    punch can join them until dave's NAT stops filtering; the hub's relay on the hub host."""
+
+    def __init__(self, net: Any, server: Host, hub: MemoryHub) -> None:
+        from ..netsim import Filtering, Link, Mapping, NatBehavior
+
+        kinds = {
+            "dave": NatBehavior.port_restricted_cone(),
+            "erin": NatBehavior(Mapping.ADDRESS_DEPENDENT, Filtering.ADDRESS_AND_PORT_DEPENDENT),
+        }
+        self.nats = {
+            name: net.add_nat(
+                f"198.51.100.{number + 3}",
+                behavior=kind,
+                link=Link(latency=0.02),
+                name=f"nat-{name}",
+            )
+            for number, (name, kind) in enumerate(kinds.items())
+        }
+        self.hosts = {name: nat.lan.add_host(name=name) for name, nat in self.nats.items()}
+        self.server = server
+        self.hub = hub
+        self.hub_key = PrivateKey.generate()
+
+
+async def _netsim_relay_act(
+    act: RelayAct, say: Any, world: _NetsimAct, hub: MemoryHub, nursery: trio.Nursery
+) -> None:
+    import dataclasses
+    import ipaddress
+
+    from ..connect import HubRelay, PathChanged
+    from ..netsim import Filtering
+    from ..relay import HubRelayAddress, HubRelayServer, HubRelayService
+
+    def registered(key: bytes, network: str, wall: float) -> bool:
+        return network == "" and any(r.public_key.raw == key for r in hub.records())
+
+    relay_at = (PRIMARY[0], 7778)
+    service = HubRelayService(
+        HubRelayServer(world.hub_key, registered=registered, wall_clock=_wall_clock), relay_at
+    )
+    with world.server.activate():
+        await nursery.start(service.serve)
+    address = HubRelayAddress(ipaddress.ip_address(relay_at[0]), relay_at[1])
+    relay = HubRelay(address, world.hub_key.public_key())
+    say(
+        f"act 2: the hub's relay on {relay_at[0]}:{relay_at[1]}; dave and erin cannot punch through"
+    )
+    tunnel = {"dave": "10.98.0.1", "erin": "10.98.0.2"}
+    ifaces = {name: MemoryInterface(name) for name in world.hosts}
+    connectors: dict[str, Connector] = {}
+    try:
+        start = trio.current_time()
+        for name, host in world.hosts.items():
+            key = PrivateKey.generate()
+            connectors[name] = Connector(
+                name,
+                key,
+                hub.peer(name, key.public_key()),
+                f"{tunnel[name]}/24",
+                peers=["erin" if name == "dave" else "dave"],
+                interface=ifaces[name],
+                stun_servers=[PRIMARY],
+                wall_clock=_wall_clock,
+                wait_timeout=30.0,
+                hub_relay=relay,
+            )
+            with host.activate():
+                await nursery.start(connectors[name].run)
+        connected: dict[str, PeerConnected] = {}
+        async with trio.open_nursery() as waiting:
+            for name, connector in connectors.items():
+                waiting.start_soon(_wait_connected, name, connector, connected, say)
+        ping = ipv4_packet(tunnel["dave"], tunnel["erin"], b"relayed ping")
+        await ifaces["dave"].send(ping)
+        with trio.fail_after(10):
+            await ifaces["erin"].receive()
+        act.time_to_tunnel_s = round(trio.current_time() - start, 3)
+        act.paths = {name: event.path for name, event in connected.items()}
+        act.relay = {name: event.relay for name, event in connected.items()}
+        await trio.sleep(5)
+        nat = world.nats["dave"]
+        nat.behavior = nat.table.behavior = dataclasses.replace(
+            nat.behavior, filtering=Filtering.ENDPOINT_INDEPENDENT
+        )
+        opened = trio.current_time()
+        say("act 2: dave's NAT stops filtering (a firewall rule lifted); nobody restarts")
+        changed: dict[str, PathChanged] = {}
+
+        async def upgrade(name: str) -> None:
+            async for event in connectors[name].events:
+                if isinstance(event, PathChanged) and event.new == "direct":
+                    changed[name] = event
+                    return
+
+        with trio.move_on_after(60):
+            async with trio.open_nursery() as waiting:
+                for name in connectors:
+                    waiting.start_soon(upgrade, name)
+        if len(changed) == len(connectors):
+            act.upgrade_s = round(trio.current_time() - opened, 3)
+            act.upgraded_to = {name: event.new for name, event in changed.items()}
+            say(f"act 2: relay -> direct on both sides {act.upgrade_s:.2f} s (virtual) later")
+        else:
+            raise DemoError("act 2: the relayed pair did not move to the direct path within 60 s")
+    finally:
+        for iface in ifaces.values():
+            iface.close()
 
 
 async def _wait_connected(

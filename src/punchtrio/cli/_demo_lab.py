@@ -3,12 +3,17 @@
 It lives in the package (the repository's ``labs/`` is not installed) and builds only what the
 demo needs, with a random prefix ``ptd`` + 4 hex digits::
 
-    wan (bridge br0, 203.0.113.0/24) -- hub: 203.0.113.1 + .2 (punchtrio hub, STUN on both)
+    wan (bridge br0, 203.0.113.0/24) -- hub: 203.0.113.1 + .2 (punchtrio hub, STUN on both,
+       |                                         its relay on 203.0.113.1:7778)
        |-- nat1 203.0.113.11, port-restricted cone -- alice 10.1.0.11
-       `-- nat2 203.0.113.12, full cone            -- bob   10.2.0.11
+       |-- nat2 203.0.113.12, full cone            -- bob   10.2.0.11
+       |-- nat3 203.0.113.13, port-restricted cone -- dave  10.3.0.11
+       `-- nat4 203.0.113.14, port-restricted cone -- erin  10.4.0.11
 
-Then ``punchtrio nat`` on each host, two ``punchtrio up --hub --json`` started at once, ping and a
-TCP transfer through the tunnel. Every process is stopped and every namespace deleted afterwards,
+Then ``punchtrio nat`` on alice and bob, two ``punchtrio up --hub --json`` started at once, ping
+and a TCP transfer through the tunnel. In the second act a firewall rule in nat3 drops the UDP
+between nat3 and nat4: dave and erin connect through the hub's relay; the rule is deleted, and
+both move to the direct path by themselves. Every process is stopped and every namespace deleted afterwards,
 also on errors and Ctrl-C (:class:`punchtrio._netns.Lab` does that). A failed lab command becomes a
 :class:`~punchtrio.cli._demo.DemoError` at :func:`run_lab_demo`.
 """
@@ -30,10 +35,32 @@ from typing import Any
 
 from .._netns import Lab, LabError, Namespace
 from ..keys import PrivateKey
-from ._demo import ALTERNATE, PRIMARY, TUNNEL, DemoError, DemoReport, PeerReport, nat_kind
+from ._demo import (
+    ALTERNATE,
+    PRIMARY,
+    TUNNEL,
+    DemoError,
+    DemoReport,
+    PeerReport,
+    RelayAct,
+    nat_kind,
+)
 
 HUB_HTTP = (PRIMARY[0], 7777)
+HUB_RELAY = (PRIMARY[0], 7778)
 NATS = {"alice": "port", "bob": "full"}
+ACT2 = {"dave": "port", "erin": "port"}
+ACT2_TUNNEL = {"dave": "10.98.0.1", "erin": "10.98.0.2"}
+UPGRADE_TIMEOUT = 60.0
+"""Seconds act 2 waits for both sides to move to the direct path once the firewall opens."""
+_BLOCK = """table ip ptblock {
+  chain forward {
+    type filter hook forward priority filter; policy accept;
+    meta l4proto udp ip daddr 203.0.113.14 drop
+    meta l4proto udp ip saddr 203.0.113.14 drop
+  }
+}
+"""
 TRANSFER_BYTES = 32 * 1024 * 1024
 PUNCHTRIO = (sys.executable, "-m", "punchtrio.cli")
 COMMAND_TIMEOUT = 30  # seconds for any one lab command unless a step says otherwise
@@ -100,7 +127,7 @@ table ip ptdemo {{
 """
 
 
-def _build(lab: Lab) -> tuple[Namespace, dict[str, Namespace]]:
+def _build(lab: Lab) -> tuple[Namespace, dict[str, Namespace], dict[str, Namespace]]:
     wan = lab.namespace("wan")
     with contextlib.suppress(LabError):  # only present with br_netfilter loaded
         _sh(wan, "sysctl", "-q", "-w", "net.bridge.bridge-nf-call-iptables=0")
@@ -112,7 +139,7 @@ def _build(lab: Lab) -> tuple[Namespace, dict[str, Namespace]]:
     for address in (PRIMARY[0], ALTERNATE[0]):
         _sh(hub, "ip", "addr", "add", f"{address}/24", "dev", "wan0")
     hosts = {}
-    for number, (name, kind) in enumerate(NATS.items(), start=1):
+    for number, (name, kind) in enumerate({**NATS, **ACT2}.items(), start=1):
         nat = lab.namespace(f"nat{number}")
         _sh(nat, "sysctl", "-q", "-w", "net.ipv4.ip_forward=1")
         lab.veth(nat, "wan0", wan, f"nat{number}")
@@ -125,7 +152,8 @@ def _build(lab: Lab) -> tuple[Namespace, dict[str, Namespace]]:
         _sh(host, "ip", "route", "add", "default", "via", f"10.{number}.0.1")
         _sh(nat, "nft", "-f", "-", input=_ruleset(kind))
         hosts[name] = host
-    return hub, hosts
+    act2 = {name: hosts.pop(name) for name in ACT2}
+    return hub, hosts, act2
 
 
 def _wait_for(
@@ -151,6 +179,8 @@ def _start_hub(lab: Lab, hub: Namespace) -> None:
         f"{PRIMARY[0]}:{PRIMARY[1]}",
         "--stun-alternate",
         f"{ALTERNATE[0]}:{ALTERNATE[1]}",
+        "--relay",
+        f"{HUB_RELAY[0]}:{HUB_RELAY[1]}",
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
     )
@@ -158,7 +188,8 @@ def _start_hub(lab: Lab, hub: Namespace) -> None:
     def listening() -> bool:
         tcp = _sh(hub, "ss", "-H", "-tln")
         udp = _sh(hub, "ss", "-H", "-uln")
-        return f"{HUB_HTTP[0]}:{HUB_HTTP[1]}" in tcp and f"{ALTERNATE[0]}:{ALTERNATE[1]}" in udp
+        http, relay = f"{HUB_HTTP[0]}:{HUB_HTTP[1]}", f"{HUB_RELAY[0]}:{HUB_RELAY[1]}"
+        return http in tcp and relay in tcp and f"{ALTERNATE[0]}:{ALTERNATE[1]}" in udp
 
     _wait_for(listening, "punchtrio hub", proc)
 
@@ -246,9 +277,10 @@ def _run_lab_demo(say: Callable[[str], Any]) -> DemoReport:
     report = DemoReport("lab")
     lab = Lab(prefix="ptd" + secrets.token_hex(2), stop_timeout=STOP_TIMEOUT)
     with lab, tempfile.TemporaryDirectory(prefix="ptd-") as tmp:
-        hub, hosts = _build(lab)
+        hub, hosts, act2 = _build(lab)
         say(
-            f"built namespaces {lab.prefix}-*: a hub, alice behind a port NAT, bob behind a full-cone NAT"
+            f"built namespaces {lab.prefix}-*: a hub, alice behind a port NAT, bob behind a "
+            "full-cone NAT, dave and erin behind port NATs"
         )
         _start_hub(lab, hub)
         say(
@@ -259,34 +291,8 @@ def _run_lab_demo(say: Callable[[str], Any]) -> DemoReport:
             say(
                 f"punchtrio nat: {peer.name} is behind a {peer.kind} NAT ({peer.mapping} mapping, {peer.filtering} filtering)"
             )
-        ups: dict[str, subprocess.Popen[bytes]] = {}
-        events: dict[str, list[dict[str, Any]]] = {name: [] for name in hosts}
-        argvs = {}
-        for name in hosts:
-            key = Path(tmp) / f"{name}.key"
-            PrivateKey.generate().write(key)
-            other = "bob" if name == "alice" else "alice"
-            argvs[name] = [
-                *PUNCHTRIO,
-                "up",
-                "--hub",
-                f"http://{HUB_HTTP[0]}:{HUB_HTTP[1]}",
-                "--name",
-                name,
-                "--key-file",
-                str(key),
-                "--address",
-                f"{TUNNEL[name]}/24",
-                "--peer",
-                other,
-                "--json",
-            ]
         start = time.monotonic()
-        for name, ns in hosts.items():
-            ups[name] = lab.spawn(
-                ns, *argvs[name], stdout=subprocess.PIPE, stderr=subprocess.DEVNULL
-            )
-            threading.Thread(target=_collect, args=(ups[name], events[name]), daemon=True).start()
+        ups, events = _start_ups(lab, hosts, TUNNEL, Path(tmp))
         say("started `punchtrio up --hub ...` for alice and bob at once")
         try:
             report.time_to_tunnel_s = round(
@@ -312,8 +318,94 @@ def _run_lab_demo(say: Callable[[str], Any]) -> DemoReport:
         say(f"ping -c 5: {report.ping_rtt_ms} ms average round trip")
         _transfer(lab, hosts, report)
         say(f"TCP transfer alice -> bob: {report.transfer_bytes / 1e6:.0f} MB")
+        _relay_act(lab, act2, report.relay_act, Path(tmp), say)
     say("everything torn down (processes stopped, namespaces deleted)")
     return report
+
+
+def _start_ups(
+    lab: Lab, hosts: dict[str, Namespace], tunnel: dict[str, str], tmp: Path
+) -> tuple[dict[str, subprocess.Popen[bytes]], dict[str, list[dict[str, Any]]]]:
+    """Start ``punchtrio up --hub ... --json`` on both hosts at once, each reaching the other;
+    return the processes and the lists their JSON events are collected into."""
+    ups: dict[str, subprocess.Popen[bytes]] = {}
+    events: dict[str, list[dict[str, Any]]] = {name: [] for name in hosts}
+    names = list(hosts)
+    argvs = {}
+    for name in names:
+        key = tmp / f"{name}.key"
+        PrivateKey.generate().write(key)
+        other = names[1] if name == names[0] else names[0]
+        argvs[name] = [
+            *PUNCHTRIO,
+            "up",
+            "--hub",
+            f"http://{HUB_HTTP[0]}:{HUB_HTTP[1]}",
+            "--name",
+            name,
+            "--key-file",
+            str(key),
+            "--address",
+            f"{tunnel[name]}/24",
+            "--peer",
+            other,
+            "--json",
+        ]
+    for name, ns in hosts.items():
+        ups[name] = lab.spawn(ns, *argvs[name], stdout=subprocess.PIPE, stderr=subprocess.DEVNULL)
+        threading.Thread(target=_collect, args=(ups[name], events[name]), daemon=True).start()
+    return ups, events
+
+
+def _relay_act(
+    lab: Lab, hosts: dict[str, Namespace], act: RelayAct, tmp: Path, say: Callable[[str], Any]
+) -> None:
+    """Act 2: relayed while a firewall drops the UDP between nat3 and nat4, direct once it opens."""
+    firewall = Namespace(f"{lab.prefix}-nat3")  # dave's NAT, made by _build
+    _sh(firewall, "nft", "-f", "-", input=_BLOCK)
+    say("act 2: a firewall in dave's NAT drops all UDP to and from erin's NAT")
+    start = time.monotonic()
+    ups, events = _start_ups(lab, hosts, ACT2_TUNNEL, tmp)
+    act.time_to_tunnel_s = round(
+        _ping(hosts["dave"], ACT2_TUNNEL["erin"], start, list(ups.values())), 3
+    )
+    deadline = time.monotonic() + 5
+    while time.monotonic() < deadline and not all(_connected(e) for e in events.values()):
+        time.sleep(0.05)
+    for name in hosts:
+        connected = _connected(events[name]) or {}
+        act.paths[name] = connected.get("path")
+        act.relay[name] = connected.get("relay")
+    say(
+        f"act 2: dave and erin connected through the hub's relay "
+        f"({', '.join(f'{n}: {act.relay[n]}' for n in hosts)}); first ping after "
+        f"{act.time_to_tunnel_s:.2f} s"
+    )
+    time.sleep(3)
+    _sh(firewall, "nft", "delete", "table", "ip", "ptblock")
+    opened = time.monotonic()
+    say("act 2: the firewall rule is deleted; nobody restarts")
+
+    def upgraded(name: str) -> dict[str, Any] | None:
+        return next(
+            (
+                e
+                for e in events[name]
+                if e.get("event") == "path_changed" and e.get("to") == "direct"
+            ),
+            None,
+        )
+
+    while time.monotonic() < opened + UPGRADE_TIMEOUT and not all(map(upgraded, hosts)):
+        time.sleep(0.05)
+    if not all(map(upgraded, hosts)):
+        raise DemoError(
+            f"act 2: no path_changed to direct within {UPGRADE_TIMEOUT:.0f} s of the firewall opening"
+        )
+    act.upgrade_s = round(time.monotonic() - opened, 3)
+    act.upgraded_to = dict.fromkeys(hosts, "direct")
+    _sh(hosts["dave"], "ping", "-n", "-q", "-c", "1", "-w", "5", ACT2_TUNNEL["erin"])
+    say(f"act 2: relay -> direct on both sides {act.upgrade_s:.2f} s after the firewall opened")
 
 
 def _transfer(lab: Lab, hosts: dict[str, Namespace], report: DemoReport) -> None:
