@@ -67,6 +67,7 @@ class _Pair:
     first_ping: list[float] = field(default_factory=list)
     paths: set[str] = field(default_factory=set)
     cpu: dict[str, list[float]] = field(default_factory=lambda: {"hub": [], "a": [], "b": []})
+    lost: list[float] = field(default_factory=list)
 
 
 @dataclass
@@ -159,6 +160,21 @@ def _transfer(pair: LivePair, hub_pid: int, into: _Pair) -> float | None:
     return speed
 
 
+def _tunnel_loss(pair: LivePair) -> float | None:
+    """The share of the bytes a's WireGuard sent to b that b's WireGuard did not receive, from
+    both sides' ``down`` events (``None`` if either is missing). Counts the whole connection:
+    the transfer, the pings and the handshake."""
+    counts = []
+    for name, key in zip(pair.names, ("tx_bytes", "rx_bytes"), strict=True):
+        down = pair.events[name][-1] if pair.events[name] else {}
+        peers = down.get("peers") if down.get("event") == "down" else None
+        if not isinstance(peers, list) or len(peers) != 1:
+            return None
+        counts.append(int(peers[0][key]))
+    sent, received = counts
+    return None if sent == 0 else 1 - received / sent
+
+
 def _ping_summary(text: str) -> tuple[int, int]:
     """(transmitted, received) from ping's summary line."""
     sent = received = 0
@@ -230,6 +246,9 @@ def run() -> str:
                     speed = _transfer(pair, hub.pid, measured[kind])
                     if speed is None:
                         failures.append(f"{label} round {round_number}: iperf3 failed")
+                lost = _tunnel_loss(pair)
+                if lost is not None and speed is not None:
+                    measured[kind].lost.append(lost * 100)
                 print(f"    {label}: {_paths(pair)}, {pair.result.seconds}, {speed}", flush=True)
         a, b = pairs["port/port"]
         blocks = [BLOCKED_FOR_S + n / max(1, ROUNDS) for n in range(ROUNDS)] + [LONG_BLOCK_S]
@@ -281,7 +300,7 @@ def _section(
         )
         rows.append(
             f"| {label} ({kind}) | {', '.join(sorted(m.paths))} "
-            f"| {_spread(m.mbits, ' Mbit/s', 0)} | {cpu} "
+            f"| {_spread(m.mbits, ' Mbit/s', 0)} | {cpu} | {_spread(m.lost, ' %', 1)} "
             f"| {_spread(m.first_ping, ' s')} | {beyond} | {target} |"
         )
     udp_direct = _ratio(measured["relay over UDP"].mbits, measured["direct"].mbits)
@@ -308,6 +327,9 @@ def _section(
         "(10.99.0.1 -> 10.99.0.2). sym/sym can only meet through the relay, both sides over UDP; "
         "in udp-blocked/full the blocked side reaches the relay over TCP and the other side over "
         "UDP. CPU: each process's CPU time during the transfer in % of one core (all threads). "
+        "Tunnel bytes lost: 1 - (bytes b's WireGuard received) / (bytes a's WireGuard sent), "
+        "from both sides' `down` events: datagrams lost on the way (the inner TCP slows down "
+        "for each loss). "
         "First ping: from starting both `punchtrio up --hub` at once, as in "
         "`benchmarks/punch_lab.py`; the baseline, two Python processes importing punchtrio "
         f"started at once on the same hosts, took {base:.2f} s in this run. Command: "
@@ -315,9 +337,9 @@ def _section(
         "other work, and the peers, the hub and iperf3 all run on them: the numbers are noisy; "
         "the ratios, measured in the same run, are what to compare.",
         "",
-        "| pair | paths (a / b) | TCP a -> b | CPU % hub / a / b | first ping | beyond startup "
-        f"| first ping <= {TUNNEL_TARGET_S} s |",
-        "|---|---|---|---|---|---|---|",
+        "| pair | paths (a / b) | TCP a -> b | CPU % hub / a / b | tunnel bytes lost a -> b "
+        f"| first ping | beyond startup | first ping <= {TUNNEL_TARGET_S} s |",
+        "|---|---|---|---|---|---|---|---|",
         *rows,
         "",
         "| ratio | measured | goal |",

@@ -325,6 +325,45 @@ def test_a_path_found_while_waiting_moves_on_when_the_punch_starts() -> None:
     assert core.peer("bob").stage == "handshake"
 
 
+def test_a_relayed_peer_s_record_is_fetched_again_every_minute() -> None:
+    # While relayed, the direct-path retries must aim at the peer's current candidates.
+    core, other = _punching("alice")
+    key = core.peer(other).key
+    assert key is not None
+    core.puncher.set_relays(key, {("240.0.0.1", 1): 0}, 0.0)
+    for _ in range(40):  # no direct pair answers; the relayed one does (played here)
+        when = core.get_timer()
+        assert when is not None
+        if when >= 1.0:
+            break
+        core.handle_timer(when)
+        for data, address in core.datagrams_to_send():
+            if address == ("240.0.0.1", 1):
+                _answer(core, other, data, address, when)
+    assert core.peer(other).path == "relay"
+    core.handle(WireGuardEvent(HandshakeCompleted(key, ("240.0.0.1", 1))), 1.0)
+    assert core.peer(other).stage == "established"
+    drain(core)
+    core.handle_timer(61.5)
+    assert FetchRecord(other) in drain(core)[0]
+    core.handle(RecordFound(other, record(other, 2)), 61.6)
+    core.handle_timer(122.0)
+    assert FetchRecord(other) in drain(core)[0]
+
+
+def _answer(
+    core: ConnectCore, other: str, ping: bytes, address: tuple[str, int], now: float
+) -> None:
+    from punchtrio.punch import PONG, build_probe, derive_probe_key, key_id
+
+    peer_key = KEYS[other]
+    probe_key = derive_probe_key(peer_key.raw, core.public_key.raw)
+    pong = build_probe(
+        PONG, ping[8:20], key_id(peer_key.public_key().raw), WALL, probe_key, address
+    )
+    core.receive_probe(pong, address, now)
+
+
 def test_inputs_for_unknown_peers_are_errors() -> None:
     core = make_core()
     with pytest.raises(CoreError):

@@ -54,6 +54,10 @@ from ._events import (
 Address = tuple[str, int]
 Network = ipaddress.IPv4Network | ipaddress.IPv6Network
 
+RELAYED_REFRESH = 60.0
+"""Seconds between fetches of a relayed peer's record: its candidates may have changed (a new
+NAT mapping), and the direct-path retries should aim at the current ones."""
+
 SIGNAL_PREFIX = "punchtrio-punch/1"
 """First word of the "punch now" signal: ``punchtrio-punch/1 <sender's revision> <nat>``."""
 
@@ -406,7 +410,7 @@ class ConnectCore:
                 peer.deadline = None
                 self._timeout(peer, now)
             if peer.repunch_at is not None and peer.repunch_at <= now:
-                peer.repunch_at = None
+                peer.repunch_at = now + RELAYED_REFRESH if peer.path == "relay" else None
                 self._actions.append(FetchRecord(peer.name))
         self._after_puncher(now)
 
@@ -497,6 +501,8 @@ class ConnectCore:
                 self._step(peer, "handshake", now)
         elif stage == "established":
             peer.deadline = None
+            if peer.path == "relay":
+                peer.repunch_at = now + RELAYED_REFRESH
             assert peer.path is not None
             assert peer.endpoint is not None
             elapsed = round((now - self.started_at) * 1000, 3)
@@ -702,6 +708,8 @@ class ConnectCore:
         self._events.append(
             PathChosen(peer.name, event.kind, endpoint, event.rtt * 1000, upgrade, relay)
         )
+        if peer.stage == "established" and event.kind == "relay" and peer.repunch_at is None:
+            peer.repunch_at = now + RELAYED_REFRESH
         if peer.connected is not None and before is not None and before != event.kind:
             elapsed = round((now - self.started_at) * 1000, 3)
             self._events.append(
