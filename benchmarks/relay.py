@@ -365,7 +365,11 @@ def _section(
         "2 s later, then 4, 8 ... up to 60 s after each failed round (each round again about "
         f"8.5 s of probes): the {LONG_BLOCK_S:.0f} s run is found by the first retry round, while "
         "a path that opens between two rounds waits for the next one (up to a minute after a "
-        "long outage).",
+        "long outage). The short blocks are spread over one second on purpose: the probes then "
+        "go out once a second in step with the first ping (both follow the punch start), so a "
+        "block always lifted exactly 5 s after the first ping would always end just before a "
+        "probe. The block is a rule on the lab's internet bridge, not in a NAT, so both NATs "
+        "keep their state and the hub stays reachable.",
     ]
     if failures:
         lines += ["", "Failures in this run: " + "; ".join(failures) + "."]

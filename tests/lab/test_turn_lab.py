@@ -1,9 +1,10 @@
-"""Through coturn, with real kernel NATs: two symmetric NATs connect over a TURN relay.
+"""Through coturn, with real kernel NATs: pairs no punch can join connect over TURN.
 
 The hub runs no relay of its own here; it advertises a real coturn (``turnserver`` in the hub
-namespace, on the hub's alternate address) and mints coturn REST credentials for its registered
-peers (``--turn URI --turn-secret-file F``). Two ``punchtrio up`` behind symmetric NATs need no
-TURN flags: each allocates a relayed address, publishes it, and the tunnel runs relay to relay.
+namespace, on the hub's alternate address, UDP and TCP) and mints coturn REST credentials for its
+registered peers (``--turn URI --turn-secret-file F``). The ``punchtrio up`` processes need no
+TURN flags: each allocates a relayed address (over TCP when its network drops UDP), publishes it,
+and the tunnel runs relay to relay.
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ from pathlib import Path
 import pytest
 from labs import discovery
 from labs.scenarios.punch_matrix import HUB_PORT, run_pair
-from labs.topology import Network, build
+from labs.topology import Host, NatSpec, Network, build
 
 from tests.conftest import require_root_and
 
@@ -30,7 +31,8 @@ SECRET = "lab-turn-secret-0123456789"
 @pytest.fixture(scope="module")
 def turn_lab() -> Iterator[tuple[Network, Path]]:
     require_root_and("ip", "nft", "conntrack", "ss", "ping", "turnserver")
-    with tempfile.TemporaryDirectory(prefix="pt-turn-") as tmp, build(["sym", "sym"]) as net:
+    specs = ["sym", "sym", "port", NatSpec("full", block_udp=True)]
+    with tempfile.TemporaryDirectory(prefix="pt-turn-") as tmp, build(specs) as net:
         work = Path(tmp)
         hub = net.hub
         turn_log = work / "turnserver.log"
@@ -48,12 +50,12 @@ def turn_lab() -> Iterator[tuple[Network, Path]]:
             )  # fmt: skip
         secret_file = work / "turn.secret"
         secret_file.write_text(SECRET + "\n")
-        uri = f"turn:{hub.alternate_ip}:{TURN_PORT}?transport=udp"
+        uri = f"turn:{hub.alternate_ip}:{TURN_PORT}?transport="
         hub_proc = net.lab.spawn(
             hub.ns,
             *discovery.PUNCHTRIO, "hub", "--listen", f"{hub.primary_ip}:{HUB_PORT}",
             "--stun", f"{hub.primary_ip}:3478", "--stun-alternate", f"{hub.alternate_ip}:3479",
-            "--turn", uri, "--turn-secret-file", str(secret_file),
+            "--turn", uri + "udp", "--turn", uri + "tcp", "--turn-secret-file", str(secret_file),
             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
         )  # fmt: skip
         deadline = time.monotonic() + 15
@@ -67,19 +69,28 @@ def turn_lab() -> Iterator[tuple[Network, Path]]:
         yield net, work
 
 
-def test_two_symmetric_nats_connect_through_coturn(turn_lab: tuple[Network, Path]) -> None:
+def _pairs(net: Network) -> dict[str, tuple[Host, Host]]:
+    sym1, sym2, port, blocked = (nat.hosts[0] for nat in net.requested)
+    return {"sym/sym": (sym1, sym2), "port/sym": (port, sym2), "udp-blocked/sym": (blocked, sym1)}
+
+
+@pytest.mark.parametrize("label", ["sym/sym", "port/sym", "udp-blocked/sym"])
+def test_pairs_no_punch_joins_connect_through_coturn(
+    turn_lab: tuple[Network, Path], label: str
+) -> None:
     net, work = turn_lab
-    a, b = (nat.hosts[0] for nat in net.requested)
-    result = run_pair(net, "turn", a, b, work)
+    net.flush_conntrack()
+    a, b = _pairs(net)[label]
+    slug = label.replace("/", "-")
+    result = run_pair(net, slug, a, b, work)
     assert result.seconds is not None, f"no ping reply: {result.stderr} {result.events}"
-    uri = f"turn:{net.hub.alternate_ip}:{TURN_PORT}?transport=udp"
-    for name in ("turn-a", "turn-b"):
+    uri = f"turn:{net.hub.alternate_ip}:{TURN_PORT}?transport="
+    for name, host in ((f"{slug}-a", a), (f"{slug}-b", b)):
         connected = result.connected(name)
         assert connected is not None, result.stderr[name]
         assert connected["path"] == "relay"
-        assert connected.get("relay") == uri, [
-            e for e in result.events[name] if "path" in e["event"] or "connected" in e["event"]
-        ]
+        transport = "tcp" if host.nat.block_udp else "udp"
+        assert connected.get("relay") == uri + transport, connected
         assert connected["endpoint"] == f"{net.hub.alternate_ip}:{TURN_PORT}"
         assert result.returncodes[name] == 0, result.stderr[name]
         # Credentials never reach the output.

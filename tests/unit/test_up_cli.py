@@ -357,11 +357,11 @@ def test_progress_view_prints_plain_steps_off_a_terminal() -> None:
         (["--turn-user", "u"], "--turn-user and --turn-password-file need --turn URI"),
         (
             ["--turn", "turns:203.0.113.5:5349", "--turn-user", "u", "--turn-password-file", "PW"],
-            "TURN over TCP or TLS is not supported by up yet",
+            "TURN over TLS is not supported by up yet",
         ),
         (
             ["--turn", "turn:turn.example:3478", "--turn-user", "u", "--turn-password-file", "PW"],
-            "give a literal IP address over UDP",
+            "give a literal IP address",
         ),
         (["--turn", "http://x", "--turn-user", "u", "--turn-password-file", "PW"], "--turn: "),
         (

@@ -143,7 +143,10 @@ def register(subparsers: Any) -> None:
         metavar="URI",
         action="append",
         default=[],
-        help="a TURN server of our own, turn:IP:PORT (UDP; repeat); default: what the hub mints",
+        help=(
+            "a TURN server of our own, turn:IP:PORT[?transport=tcp] (repeat; TCP is used when "
+            "UDP is blocked); default: what the hub mints"
+        ),
     )
     up.add_argument("--turn-user", metavar="NAME", help="the user name for --turn")
     up.add_argument(
@@ -268,10 +271,10 @@ def _turn_servers(
             credentials = TurnCredentials(user, password)
         except (TurnURIError, TurnCredentialsError) as exc:
             raise UsageError(f"--turn: {exc}") from None
-        if uri.address is None or uri.transport != "udp" or uri.secure:
+        if uri.address is None or uri.secure:
             raise UsageError(
-                f"--turn {text[:60]}: give a literal IP address over UDP (turn:IP:PORT); "
-                "TURN over TCP or TLS is not supported by up yet"
+                f"--turn {text[:60]}: give a literal IP address (turn:IP:PORT, "
+                "?transport=tcp for TCP); TURN over TLS is not supported by up yet"
             )
         servers.append(TurnServer(uri, credentials, 365 * 86400.0))
     return tuple(servers)

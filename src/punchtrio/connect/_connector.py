@@ -173,8 +173,9 @@ class Connector:
       ``relay=False`` never relays. ``relay_stream_after`` (3 s): how long a UDP binding may take
       before the relay is also tried over TCP (at once when no STUN server answered over UDP).
     - ``turn_servers``: TURN servers (:class:`~punchtrio.relay.TurnServer`: a ``turn:IP:PORT``
-      URI over UDP and its credentials) to allocate a relayed candidate on; ``()`` (default)
-      uses the ones a hub URL mints credentials for (``punchtrio hub --turn``).
+      URI over UDP or TCP and its credentials) to allocate a relayed candidate on, over UDP, or
+      over TCP when UDP seems blocked; ``()`` (default) uses the ones a hub URL mints
+      credentials for (``punchtrio hub --turn``).
     - ``socket_factory(family, type)``: makes the UDP socket (default: the simulated host's
       ``nonblocking_socket`` inside :mod:`punchtrio.netsim`, else :class:`socket.socket`).
     - ``wall_clock``: Unix time for probe timestamps and WireGuard's TAI64N.
@@ -235,10 +236,10 @@ class Connector:
         self._use_relay = relay
         self._relay_stream_after = relay_stream_after
         for server in turn_servers:
-            if server.uri.address is None or server.uri.transport != "udp" or server.uri.secure:
+            if server.uri.address is None or server.uri.secure:
                 raise ValueError(
-                    f"TURN server {server.uri}: the connector needs a literal IP address and "
-                    "UDP (TURN over TCP or TLS is not supported yet)"
+                    f"TURN server {server.uri}: the connector needs a literal IP address, over "
+                    "UDP or TCP (TURN over TLS is not supported yet)"
                 )
         self._turn_servers = tuple(turn_servers)
         self._turn: TurnShell | None = None
@@ -655,8 +656,11 @@ class Connector:
             info = self.rendezvous.hub_info
             if info is not None and info.turn:
                 servers = await self.rendezvous.turn_servers()
+        # Over UDP unless the network drops UDP (no STUN answer): then over TCP.
+        blocked = not any(c.type is CandidateType.SRFLX for c in self.candidates)
+        wanted = "tcp" if blocked else "udp"
         usable = [
-            s for s in servers if s.uri.address and s.uri.transport == "udp" and not s.uri.secure
+            s for s in servers if s.uri.address and s.uri.transport == wanted and not s.uri.secure
         ]
         if not usable:
             return False
@@ -671,9 +675,11 @@ class Connector:
             device=self._muxed,
             puncher=self.core.puncher,
             changed=self._drain,
+            deliver=self._deliver_relayed,
         )
-        self._mux.route(Kind.STUN, turn.on_datagram, source=address)
-        self._mux.route(Kind.CHANNEL_DATA, turn.on_datagram, source=address)
+        if turn.transport == "udp":
+            self._mux.route(Kind.STUN, turn.on_datagram, source=address)
+            self._mux.route(Kind.CHANNEL_DATA, turn.on_datagram, source=address)
         nursery.start_soon(turn.run)
         for name in self.core.names:  # records that arrived before the allocation began
             turn.add_peer(self.core.peer(name).candidates)

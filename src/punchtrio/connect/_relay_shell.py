@@ -50,7 +50,7 @@ class RelayTarget:
     server_hostname: str | None = None
 
 
-class _Notify:
+class Notify:
     """A task status that sets an event when the task reports it started."""
 
     def __init__(self, event: trio.Event) -> None:
@@ -200,7 +200,7 @@ class RelayShell:
             async def carry() -> None:
                 try:
                     on_frame = functools.partial(self._on_stream_frame, link)
-                    await stream.run(on_frame, task_status=_Notify(connected))
+                    await stream.run(on_frame, task_status=Notify(connected))
                 except PunchtrioError as exc:
                     link.error = f"the hub's relay over {link.transport.upper()}: {exc}"
                 nursery.cancel_scope.cancel()

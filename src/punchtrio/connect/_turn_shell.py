@@ -1,4 +1,5 @@
-"""The Trio shell of a connector's TURN allocation (RFC 8656), over the shared UDP socket.
+"""The Trio shell of a connector's TURN allocation (RFC 8656): over the shared UDP socket, or
+over a TCP connection of its own when the network drops UDP.
 
 The protocol is :class:`punchtrio.relay.TurnClient`'s; this shell sends what it queues to the
 server, runs its timer, and routes: a peer's relayed candidate (an address on a TURN server) is
@@ -13,17 +14,26 @@ from __future__ import annotations
 import contextlib
 import math
 from collections.abc import Callable, Iterable
-from typing import Any
+from typing import Any, Literal
 
 import trio
 
+from .._exceptions import PunchtrioError
 from ..mux import Mux, MuxedDevice
 from ..punch import Candidate, CandidateType, Puncher
-from ..relay import TurnAllocated, TurnClient, TurnFailed, TurnServer
+from ..relay import (
+    RelayStream,
+    TurnAllocated,
+    TurnClient,
+    TurnFailed,
+    TurnServer,
+    TurnStreamDecoder,
+)
+from ._relay_shell import Notify
 
 Address = tuple[str, int]
 
-PREFERENCE = 1
+PREFERENCE = {"udp": 1, "tcp": 2}
 """TURN over UDP ranks between the hub's relay over UDP (0) and any relay over a stream (2)."""
 
 
@@ -45,11 +55,15 @@ class TurnShell:
         device: MuxedDevice,
         puncher: Puncher,
         changed: Callable[[], None],
+        deliver: Callable[[bytes, Address], None],
     ) -> None:
         self.server = server
         self.address = address
         self.name = str(server.uri)
-        self._client = TurnClient(address, server.credentials, transport="udp")
+        self.transport: Literal["udp", "tcp"] = "tcp" if server.uri.transport == "tcp" else "udp"
+        self._client = TurnClient(address, server.credentials, transport=self.transport)
+        self._deliver = deliver
+        self._stream: RelayStream | None = None
         self._sock = sock
         self._mux = mux
         self._device = device
@@ -75,7 +89,35 @@ class TurnShell:
 
     async def run(self) -> None:
         """Allocate and keep the allocation, its permissions and channels alive until cancelled;
-        the allocation is deleted (LIFETIME 0) on the way out."""
+        the allocation is deleted (LIFETIME 0) on the way out. Over TCP, a connection that fails
+        or drops fails the allocation (:attr:`error`); it is not made again."""
+        if self.transport == "udp":
+            await self._allocate()
+            return
+        stream = self._stream = RelayStream(self.address, decoder_factory=TurnStreamDecoder)
+        connected = trio.Event()
+        async with trio.open_nursery() as nursery:
+
+            async def carry() -> None:
+                try:
+                    await stream.run(self._on_stream_frame, task_status=Notify(connected))
+                except PunchtrioError as exc:
+                    self.error = f"TURN server {self.name}: {exc}"
+                self.relayed = None
+                self.allocated.set()
+                self._changed()
+                nursery.cancel_scope.cancel()
+
+            nursery.start_soon(carry)
+            await connected.wait()
+            await self._allocate()
+
+    def _on_stream_frame(self, frame: bytes, now: float) -> None:
+        unwrapped = self._unwrap(frame, now)
+        if unwrapped is not None:
+            self._deliver(*unwrapped)
+
+    async def _allocate(self) -> None:
         client = self._client
         client.allocate(trio.current_time())
         self._service()
@@ -108,15 +150,21 @@ class TurnShell:
     def on_datagram(self, data: bytes, addr: Address, now: float) -> bytes | None:
         """What the TURN server sent (STUN or ChannelData): a relayed datagram goes on through
         the mux, as if from the peer's address."""
-        got = self._client.receive(data, now, source=addr)
+        unwrapped = self._unwrap(data, now)
+        if unwrapped is None:
+            return None
+        return self._mux.receive_datagram(unwrapped[0], unwrapped[1], now)
+
+    def _unwrap(self, data: bytes, now: float) -> tuple[bytes, Address] | None:
+        got = self._client.receive(data, now, source=self.address)
         self._service()
         if got is None:
             return None
         peer, payload = got
         if peer not in self._routed:
             self._route(peer)  # a peer that reached our relayed address directly
-            self._puncher.mark_relayed(peer, PREFERENCE)
-        return self._mux.receive_datagram(payload, peer, now)
+            self._puncher.mark_relayed(peer, PREFERENCE[self.transport])
+        return payload, peer
 
     # -- plumbing ------------------------------------------------------------------------
 
@@ -125,20 +173,29 @@ class TurnShell:
             return
         self._routed.add(address)
         self._client.add_peer(address, trio.current_time())
-        client, server, sock = self._client, self.address, self._sock
+        if self.transport == "tcp":
+            self._puncher.mark_relayed(address, PREFERENCE["tcp"])
+        client = self._client
+        put = self._put
 
         def send(datagram: bytes) -> None:
             frame = client.wrap(address, datagram)
             if frame is not None:
-                with contextlib.suppress(OSError):
-                    sock.sendto(frame, server)
+                put(frame)
 
         self._device.set_route(address, send)
 
+    def _put(self, data: bytes) -> None:
+        """Send one message (already framed for a stream) to the server."""
+        if self._stream is not None:
+            self._stream.send_nowait(data)
+            return
+        with contextlib.suppress(OSError):
+            self._sock.sendto(data, self.address)
+
     def _flush(self) -> None:
         for data in self._client.datagrams_to_send():
-            with contextlib.suppress(OSError):
-                self._sock.sendto(data, self.address)
+            self._put(data)
 
     def _service(self) -> None:
         self._flush()
