@@ -364,6 +364,55 @@ def _answer(
     core.receive_probe(pong, address, now)
 
 
+def test_a_lan_address_first_seen_in_a_ping_is_connected_as_lan() -> None:
+    # Bob's ping (from his LAN address) arrives before his record: the path is "direct" at first;
+    # once the record says it is his host candidate on our network, it is connected as "lan".
+    core = make_core("alice")
+    core.add_peer("bob", 0.0)
+    networks = (ipaddress.ip_network("10.0.0.0/24"),)
+    core.handle(
+        Gathered((Candidate(CandidateType.HOST, "10.0.0.2", 51820),), False, None, networks), 0.0
+    )
+    core.handle(RegisterDone(record("alice", 1)), 0.0)
+    lan = PeerRecord(
+        "bob",
+        KEYS["bob"].public_key(),
+        (Candidate(CandidateType.HOST, "10.0.0.3", 51820).to_endpoint(),),
+        (ipaddress.ip_network("10.99.0.2/32"),),
+        1,
+        300.0,
+    )
+    core.handle(RecordFound("bob", lan), 0.0)
+    key = KEYS["bob"].public_key().raw
+    core.puncher.start(key, [], 0.0)  # as if bob's ping had started it: no candidates known yet
+    core.puncher.receive_datagram(_ping_from("bob", core), ("10.0.0.3", 51820), 0.01)
+    _answer_first_ping_to(core, "bob", ("10.0.0.3", 51820))
+    assert core.peer("bob").path == "direct"
+    core.handle(WireGuardEvent(HandshakeCompleted(key, ("10.0.0.3", 51820))), 0.03)
+    drain(core)
+    core.handle(SignalReceived("bob", "punchtrio-punch/1 1 fixed"), 0.04)
+    events = drain(core)[1]
+    connected = [e for e in events if isinstance(e, PeerConnected)]
+    assert [e.path for e in connected] == ["lan"]
+
+
+def _ping_from(other: str, core: ConnectCore) -> bytes:
+    from punchtrio.punch import PING, build_probe, derive_probe_key, key_id
+
+    peer_key = KEYS[other]
+    probe_key = derive_probe_key(peer_key.raw, core.public_key.raw)
+    return build_probe(PING, bytes(12), key_id(peer_key.public_key().raw), WALL, probe_key, None)
+
+
+def _answer_first_ping_to(core: ConnectCore, other: str, address: tuple[str, int]) -> None:
+    core.handle_timer(0.02)
+    for data, to in core.datagrams_to_send():
+        if to == address and data[5] == 1:  # our ping (the pong to bob's ping is kind 2)
+            _answer(core, other, data, address, 0.02)
+            return
+    raise AssertionError("no ping to answer")
+
+
 def test_inputs_for_unknown_peers_are_errors() -> None:
     core = make_core()
     with pytest.raises(CoreError):

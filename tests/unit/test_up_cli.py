@@ -409,3 +409,19 @@ def test_turn_options_become_the_connector_s_turn_servers(tmp_path: pathlib.Path
     assert (server.credentials.username, server.credentials.password) == ("u", "s3cret")
     assert plan.relay is False
     assert "s3cret" not in repr(plan)
+
+
+def test_the_down_event_shows_a_relayed_peer_at_its_relay_not_its_internal_name() -> None:
+    class Described:
+        def describe_path(self, address: tuple[str, int]) -> tuple[str, str | None]:
+            if address == ("240.0.0.1", 1):
+                return "203.0.113.1:7778", "hub/udp"
+            return f"{address[0]}:{address[1]}", None
+
+    stats = [{"endpoint": ["240.0.0.1", 1]}, {"endpoint": ["192.0.2.1", 51820]}, {"endpoint": None}]
+    shown = _up._relayed_stats(Described(), stats)  # type: ignore[arg-type]
+    assert shown == [
+        {"endpoint": ["203.0.113.1", 7778], "relay": "hub/udp"},
+        {"endpoint": ["192.0.2.1", 51820]},
+        {"endpoint": None},
+    ]

@@ -385,7 +385,7 @@ async def serve_up(
                             failure = ConnectError(event.peer, event.stage, event.reason)
                             break
             finally:
-                down["peers"] = _stats(tunnel)
+                down["peers"] = _relayed_stats(connector, _stats(tunnel))
             nursery.cancel_scope.cancel()
     finally:
         if down["interface"]:  # the tunnel existed: say it is gone (also when cancelled)
@@ -494,6 +494,19 @@ async def _run(config: Any, name: str, emit: Callable[[str, dict[str, Any]], Non
                 break
             stats = _stats(tunnel)
     emit("down", {"interface": tunnel.name, "peers": stats, "shell": _fields(tunnel.counters)})
+
+
+def _relayed_stats(connector: Connector, stats: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Per-peer stats with a relayed endpoint shown as the relay's address and name."""
+    for entry in stats:
+        endpoint = entry.get("endpoint")
+        if isinstance(endpoint, list) and len(endpoint) == 2:
+            text, relay = connector.describe_path((str(endpoint[0]), int(endpoint[1])))
+            if relay is not None:
+                host, _, port = text.rpartition(":")
+                entry["endpoint"] = [host.strip("[]"), int(port)]
+                entry["relay"] = relay
+    return stats
 
 
 def _stats(tunnel: UserspaceTunnel) -> list[dict[str, Any]]:

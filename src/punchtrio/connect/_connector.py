@@ -262,7 +262,7 @@ class Connector:
             wait_timeout=wait_timeout,
             handshake_timeout=handshake_timeout,
             repunch_delay=restun_interval / 10,
-            describe_path=self._describe_path,
+            describe_path=self.describe_path,
             relay_status=self._relay_status,
             start=0.0,
         )
@@ -691,8 +691,14 @@ class Connector:
         if self.tunnel is not None:
             self.tunnel.receive_relayed(data, source)
 
-    def _describe_path(self, address: Address) -> tuple[str, str | None]:
-        """``(endpoint text, relay name)`` of a path: the relay's own address when relayed."""
+    def describe_path(self, address: Address) -> tuple[str, str | None]:
+        """Return ``(endpoint text, relay name or None)`` for an address WireGuard sends to.
+
+        A relayed path is named internally by a virtual address (240.0.0.0/4) or a TURN
+        relayed address; this gives what a person should see: the relay server's ``"ip:port"``
+        and the relay's name (``"hub/udp"``, ``"hub/tcp"``, a TURN URI). Any other address is
+        returned as ``"ip:port"`` with ``None``.
+        """
         link = self._links.link_of(address)
         if link is not None:
             return _format(link.server), f"{link.name}/{link.transport}"

@@ -490,8 +490,11 @@ class ConnectCore:
             self._events.append(PunchStarted(peer.name, peer.candidates))
             peer.punch_started = now
             self._start_punch(peer, now)
-            if peer.path is not None:
-                # The peer began first: its pings made the puncher choose a path while we waited.
+            # A path chosen while we waited (the peer began first) is classified again now that
+            # the record is here (a peer-reflexive address may be its LAN address): that event
+            # comes first, then the stage moves on with the path as it now is.
+            self._after_puncher(now)
+            if peer.stage == "punch" and peer.path is not None:
                 self._step(peer, "path", now)
         elif stage == "handshake":
             self._events.append(StageStarted("handshake", peer.name))
