@@ -37,11 +37,16 @@ __all__ = [
     "MuxCounters",
     "MuxError",
     "MuxedDevice",
+    "Route",
     "classify",
     "serve_mux",
 ]
 
 Address = tuple[str, int]
+Route = Callable[[bytes], "tuple[bytes, Address] | None"]
+"""A relayed path's sender (:meth:`MuxedDevice.set_route`): ``route(datagram)`` returns
+``(frame, server)`` for the shell to send on the socket, or ``None`` if it sent it itself."""
+
 Handler = Callable[[bytes, Address, float], object]
 """A receiver of one demultiplexed datagram: ``handler(data, source, now)``.
 
@@ -295,7 +300,7 @@ class MuxedDevice:
         self.receive_datagram: Callable[[bytes, Address, float], bytes | None] = (
             mux.receive_datagram
         )
-        self._routes: dict[Address, Callable[[bytes], object]] = {}
+        self._routes: dict[Address, Route] = {}
         self.send_packet: Callable[[bytes, float], tuple[bytes, Address] | None] = (
             device.send_packet
         )
@@ -305,18 +310,20 @@ class MuxedDevice:
         self.next_event: Callable[[], Any] = device.next_event
         self.peer_stats: Callable[[], Mapping[bytes, Any]] = device.peer_stats
 
-    def set_route(self, address: Address, send: Callable[[bytes], object] | None) -> None:
-        """Hand what WireGuard sends to ``address`` to ``send(datagram)`` instead of the socket.
+    def set_route(self, address: Address, route: Route | None) -> None:
+        """Hand what WireGuard sends to ``address`` to ``route(datagram)`` first.
 
         This is how a relayed path works: ``address`` names the path in WireGuard's endpoint
-        table, and ``send`` wraps the datagram for the relay and sends it there (its result is
-        ignored). ``None`` removes the route. While no route is set, sending is the device's own
-        method, with no cost per packet.
+        table, and ``route`` wraps the datagram for the relay. It returns ``(frame, server)``
+        to have the shell send ``frame`` to ``server`` on the socket instead (in the same
+        batch, so runs to one relay still go out as one UDP GSO send), or ``None`` when it sent
+        the datagram itself (a relay over a stream) or dropped it. ``None`` removes the route.
+        While no route is set, sending is the device's own method, with no cost per packet.
         """
-        if send is None:
+        if route is None:
             self._routes.pop(address, None)
         else:
-            self._routes[address] = send
+            self._routes[address] = route
         device = self.device
         if self._routes:
             self.send_packet = self._routed_send_packet
@@ -325,28 +332,27 @@ class MuxedDevice:
             self.send_packet = device.send_packet
             self.datagrams_to_send = device.datagrams_to_send
 
-    def routed(self, address: Address) -> Callable[[bytes], object] | None:
-        """Return the sender routed for ``address`` (see :meth:`set_route`), or ``None``."""
+    def routed(self, address: Address) -> Route | None:
+        """Return the route set for ``address`` (see :meth:`set_route`), or ``None``."""
         return self._routes.get(address)
 
     def _routed_send_packet(self, packet: bytes, now: float) -> tuple[bytes, Address] | None:
         out: tuple[bytes, Address] | None = self.device.send_packet(packet, now)
         if out is not None:
-            send = self._routes.get(out[1])
-            if send is not None:
-                send(out[0])
-                return None
+            route = self._routes.get(out[1])
+            if route is not None:
+                return route(out[0])
         return out
 
     def _routed_datagrams(self) -> list[tuple[bytes, Address]]:
         routes = self._routes
         out = []
         for data, address in self.device.datagrams_to_send():
-            send = routes.get(address)
-            if send is None:
+            route = routes.get(address)
+            if route is None:
                 out.append((data, address))
-            else:
-                send(data)
+            elif (wrapped := route(data)) is not None:
+                out.append(wrapped)
         return out
 
     @property

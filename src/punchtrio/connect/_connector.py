@@ -507,10 +507,13 @@ class Connector:
         routed = self._muxed.routed
         sock = self._sock
         for data, address in core.datagrams_to_send():
-            relay = routed(address)
-            if relay is not None:
-                relay(data)
-            elif sock is not None:
+            route = routed(address)
+            if route is not None:
+                wrapped = route(data)
+                if wrapped is None:
+                    continue  # sent on a stream
+                data, address = wrapped
+            if sock is not None:
                 with contextlib.suppress(OSError):
                     sock.sendto(data, address)
         if self._nursery is not None:

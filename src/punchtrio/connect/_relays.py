@@ -16,7 +16,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Literal, Protocol
 
-from ..mux import MuxedDevice
+from ..mux import MuxedDevice, Route
 from ..punch import Puncher
 
 Address = tuple[str, int]
@@ -138,10 +138,18 @@ class RelayLinks:
         self._puncher.set_relays(key, paths, now)
 
     @staticmethod
-    def _sender(link: RelayLink, key: bytes) -> Callable[[bytes], object]:
-        # The link's client and transport are read at each send: a stream that reconnects
-        # replaces both, and the routes stay valid.
-        def relay(datagram: bytes) -> object:
-            return link.send(link.client.wrap(key, datagram))
+    def _sender(link: RelayLink, key: bytes) -> Route:
+        if link.transport == "udp":
+            wrap, server = link.client.wrap, link.server
 
-        return relay
+            def datagram_relay(datagram: bytes) -> tuple[bytes, Address]:
+                return wrap(key, datagram), server  # the shell sends it, GSO-batched
+
+            return datagram_relay
+
+        # A stream link's client and transport are read at each send: a stream that
+        # reconnects replaces both, and the routes stay valid.
+        def stream_relay(datagram: bytes) -> None:
+            link.send(link.client.wrap(key, datagram))
+
+        return stream_relay

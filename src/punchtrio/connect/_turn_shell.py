@@ -176,12 +176,17 @@ class TurnShell:
         if self.transport == "tcp":
             self._puncher.mark_relayed(address, PREFERENCE["tcp"])
         client = self._client
-        put = self._put
+        put, server = self._put, self.address
+        stream = self.transport == "tcp"
 
-        def send(datagram: bytes) -> None:
+        def send(datagram: bytes) -> tuple[bytes, Address] | None:
             frame = client.wrap(address, datagram)
-            if frame is not None:
+            if frame is None:
+                return None  # no channel or permission yet: dropped
+            if stream:
                 put(frame)
+                return None
+            return frame, server  # the shell sends it, GSO-batched
 
         self._device.set_route(address, send)
 
