@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 from labs import discovery
-from labs.scenarios.punch_matrix import HUB_PORT, run_pair
+from labs.scenarios.punch_matrix import HUB_PORT, run_pair, running_pair
 from labs.topology import Host, NatSpec, Network, build
 
 from tests.conftest import require_root_and
@@ -25,6 +25,8 @@ from tests.conftest import require_root_and
 pytestmark = pytest.mark.lab
 
 TURN_PORT = 3480
+CREDENTIAL_TTL = 60
+"""Seconds the hub's TURN credentials last here (its minimum): the renewal test outlives them."""
 SECRET = "lab-turn-secret-0123456789"
 
 
@@ -56,6 +58,7 @@ def turn_lab() -> Iterator[tuple[Network, Path]]:
             *discovery.PUNCHTRIO, "hub", "--listen", f"{hub.primary_ip}:{HUB_PORT}",
             "--stun", f"{hub.primary_ip}:3478", "--stun-alternate", f"{hub.alternate_ip}:3479",
             "--turn", uri + "udp", "--turn", uri + "tcp", "--turn-secret-file", str(secret_file),
+            "--turn-ttl", str(CREDENTIAL_TTL),
             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
         )  # fmt: skip
         deadline = time.monotonic() + 15
@@ -97,3 +100,25 @@ def test_pairs_no_punch_joins_connect_through_coturn(
         text = " ".join(str(event) for event in result.events[name]) + result.stderr[name]
         assert SECRET not in text
         assert "password" not in text
+
+
+def test_a_relayed_tunnel_outlives_its_turn_credentials(turn_lab: tuple[Network, Path]) -> None:
+    # The hub's credentials last 60 s; the connector fetches new ones half-way, which makes a
+    # new allocation (a new relayed address) that it publishes, and the peer follows it.
+    net, work = turn_lab
+    net.flush_conntrack()
+    sym1, sym2, _, _ = (nat.hosts[0] for nat in net.requested)
+    with running_pair(net, "renew", sym1, sym2, work) as pair:
+        assert pair.result.seconds is not None, pair.result.stderr
+        deadline = time.monotonic() + 2.5 * CREDENTIAL_TTL
+        lost = 0
+        while time.monotonic() < deadline:
+            argv = sym1.ns.exec("ping", "-n", "-q", "-c", "1", "-w", "2", "10.99.0.2")
+            lost += subprocess.run(argv, capture_output=True, check=False).returncode != 0
+            time.sleep(3)
+        # A rotation costs a few seconds at most (the peer refetches records every minute).
+        assert lost <= 8, f"{lost} pings lost over {2.5 * CREDENTIAL_TTL:.0f} s"
+        final = sym1.ns.exec("ping", "-n", "-q", "-c", "3", "-w", "10", "10.99.0.2")
+        assert subprocess.run(final, capture_output=True, check=False).returncode == 0
+    for name, code in pair.result.returncodes.items():
+        assert code == 0, pair.result.stderr[name]

@@ -111,9 +111,16 @@ def test_any_loss_reorder_and_duplication_delivers_the_bytes_in_order(
     assert server.peer_finished
     assert client.state in (TcpState.TIME_WAIT, TcpState.CLOSED)
     assert client.error is None
-    assert server.error is None
     assert events(client)[0] == TcpEstablished()
-    assert events(server)[-1] == TcpTerminated(None)
+    if server.error is None:
+        assert events(server)[-1] == TcpTerminated(None)
+    else:
+        # Every byte arrived and both FINs were seen, but on a lossy wire the client's last ACK
+        # and all its answers to the server's retransmitted FIN can be lost until the client's
+        # TIME-WAIT (60 s) ends: the server in LAST-ACK then times out, as a real one does.
+        assert loss > 0
+        assert isinstance(server.error, TimeoutError)
+        assert events(server)[-1] == TcpTerminated(server.error)
 
 
 def test_a_perfect_wire_needs_no_retransmission() -> None:

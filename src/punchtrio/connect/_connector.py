@@ -243,6 +243,7 @@ class Connector:
                 )
         self._turn_servers = tuple(turn_servers)
         self._turn: TurnShell | None = None
+        self._turn_changed = trio.Event()
         self._socket_factory = socket_factory
         self._wall_clock = wall_clock
         self._send_events, self.events = trio.open_memory_channel[ConnectEvent](math.inf)
@@ -677,7 +678,7 @@ class Connector:
             mux=self._mux,
             device=self._muxed,
             puncher=self.core.puncher,
-            changed=self._drain,
+            changed=self._turn_moved,
             deliver=self._deliver_relayed,
         )
         if turn.transport == "udp":
@@ -688,7 +689,41 @@ class Connector:
             turn.add_peer(self.core.peer(name).candidates)
         with trio.move_on_after(TURN_ALLOCATE_WAIT):
             await turn.allocated.wait()
+        nursery.start_soon(self._follow_turn, turn, stun)
+        if not self._turn_servers:  # minted by the hub: fetch fresh ones before they expire
+            nursery.start_soon(self._renew_turn, turn)
         return turn.relayed is not None
+
+    def _turn_moved(self) -> None:
+        """Our relayed address appeared, changed or went away: publish what we have now."""
+        self._drain()
+        self._turn_changed.set()
+
+    async def _follow_turn(
+        self, turn: TurnShell, stun: trio.MemoryReceiveChannel[Datagram]
+    ) -> None:
+        published = turn.relayed
+        while True:
+            await self._turn_changed.wait()
+            self._turn_changed = trio.Event()
+            if turn.relayed == published or self.core.record is None:
+                continue
+            published = turn.relayed
+            await self._gather(stun, restun=False)
+            with contextlib.suppress(RendezvousError):
+                self._feed(RegisterDone(await self._register()))
+
+    async def _renew_turn(self, turn: TurnShell) -> None:
+        """Hub-minted TURN credentials expire (``ttl``): fetch new ones half-way through."""
+        assert isinstance(self.rendezvous, HubClient)
+        ttl = turn.server.ttl
+        while True:
+            await trio.sleep(max(60.0, ttl / 2))
+            with contextlib.suppress(RendezvousError):
+                for server in await self.rendezvous.turn_servers():
+                    if server.uri == turn.server.uri:
+                        turn.update_credentials(server.credentials)
+                        ttl = server.ttl
 
     def _deliver_relayed(self, data: bytes, source: Address) -> None:
         if self.tunnel is not None:

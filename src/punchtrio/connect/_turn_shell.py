@@ -25,6 +25,7 @@ from ..relay import (
     RelayStream,
     TurnAllocated,
     TurnClient,
+    TurnCredentials,
     TurnFailed,
     TurnServer,
     TurnStreamDecoder,
@@ -133,6 +134,12 @@ class TurnShell:
         finally:
             client.close(trio.current_time())
             self._flush()
+
+    def update_credentials(self, credentials: TurnCredentials) -> None:
+        """Sign from now on with ``credentials`` (fresh REST credentials; a new user name
+        re-allocates at the next refresh, and :attr:`relayed` then changes)."""
+        self._client.update_credentials(credentials)
+        self._service()
 
     def add_peer(self, candidates: Iterable[Candidate]) -> None:
         """Permit the peer's addresses and route its relayed candidates through our allocation."""
