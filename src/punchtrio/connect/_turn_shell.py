@@ -183,17 +183,12 @@ class TurnShell:
         if self.transport == "tcp":
             self._puncher.mark_relayed(address, PREFERENCE["tcp"])
         client = self._client
-        put, server = self._put, self.address
-        stream = self.transport == "tcp"
+        put = self._put
 
-        def send(datagram: bytes) -> tuple[bytes, Address] | None:
+        def send(datagram: bytes) -> None:
             frame = client.wrap(address, datagram)
-            if frame is None:
-                return None  # no channel or permission yet: dropped
-            if stream:
-                put(frame)
-                return None
-            return frame, server  # the shell sends it, GSO-batched
+            if frame is not None:  # else no channel or permission yet: dropped
+                put(frame)  # one by one, as for the hub's relay (see RelayLinks)
 
         self._device.set_route(address, send)
 

@@ -83,7 +83,7 @@ class HubRelayService:
         self.bound: tuple[str, int] | None = None
         """The bound ``(ip, port)`` once serving."""
         self._sock: socket.socket | None = None
-        self._gso = True  # until the kernel refuses (then one sendto per frame)
+        self._gso = False
         self._writers: dict[int, BoundedWriter] = {}
         self.counters: dict[str, int] = dict.fromkeys(
             ("udp_send_dropped", "send_errors", "stream_dropped", "streams", "streams_refused",
@@ -103,7 +103,9 @@ class HubRelayService:
         """
         sock, listeners = await self._bind()
         self._sock = sock
-        self._gso = isinstance(sock, socket.socket)  # the kernel's, not a simulated one
+        # Forwarded frames leave one sendto each: a GSO burst overran the peer's socket in the
+        # lab (send_datagrams with gso=False is the tunnel's sender without segmentation).
+        self._gso = False
         host, port = sock.getsockname()[:2]
         self.bound = (host, port)
         try:
@@ -180,8 +182,6 @@ class HubRelayService:
             else:
                 datagrams.append((frame, route))
         if datagrams and self._sock is not None:
-            # The tunnel's batch sender: runs of equal-sized frames to one peer leave as one UDP
-            # GSO send, as they arrived (the sender's tunnel batches the same way).
             sock = self._sock
             _, failed, self._gso = send_datagrams(datagrams, lambda host: sock, gso=self._gso)
             counters["udp_send_dropped"] += failed
