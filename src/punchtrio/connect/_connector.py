@@ -244,6 +244,7 @@ class Connector:
         self._turn_servers = tuple(turn_servers)
         self._turn: TurnShell | None = None
         self._turn_changed = trio.Event()
+        self._turn_note: str | None = None  # why TURN is not used, when it should have been
         self._socket_factory = socket_factory
         self._wall_clock = wall_clock
         self._send_events, self.events = trio.open_memory_channel[ConnectEvent](math.inf)
@@ -383,12 +384,13 @@ class Connector:
         await self._gather(stun)
         try:
             record = await self._register()
-            if self._use_relay and await self._start_turn(nursery, stun):
-                await self._gather(stun, announce=True, restun=False)
-                record = await self._register()
         except RendezvousError as exc:
             self._feed(RegisterFailed(str(exc)))
             await trio.sleep_forever()
+        if self._use_relay and await self._start_turn(nursery, stun):
+            await self._gather(stun, announce=True, restun=False)
+            with contextlib.suppress(RendezvousError):  # the first record stands
+                record = await self._register()
         self._feed(RegisterDone(record))
         nursery.start_soon(self._refresh, stun)
         if self._use_relay:
@@ -659,7 +661,11 @@ class Connector:
         if not servers and isinstance(self.rendezvous, HubClient):
             info = self.rendezvous.hub_info
             if info is not None and info.turn:
-                servers = await self.rendezvous.turn_servers()
+                try:
+                    servers = await self.rendezvous.turn_servers()
+                except RendezvousError as exc:  # no TURN then; the rest goes on
+                    self._turn_note = f"the hub gave no TURN credentials: {exc}"
+                    return False
         # Over UDP unless the network drops UDP (no STUN answer): then over TCP.
         blocked = not any(c.type is CandidateType.SRFLX for c in self.candidates)
         wanted = "tcp" if blocked else "udp"
@@ -751,11 +757,13 @@ class Connector:
             return "relaying is turned off"
         links = self._links.links
         turn = self._turn
-        if not links and turn is None:
+        if not links and turn is None and self._turn_note is None:
             return "no relay is available (the hub runs none; start it with --relay)"
         errors = [link.error for link in links if link.error]
         if turn is not None and turn.error:
             errors.append(turn.error)
+        if self._turn_note is not None:
+            errors.append(self._turn_note)
         return errors[0] if errors else "the hub's relay did not carry the probes either"
 
     # -- plumbing ----------------------------------------------------------------------------
