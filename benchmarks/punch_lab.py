@@ -25,7 +25,7 @@ PAIRS = ("port/port", "full/sym", "same-nat")
 TARGET_S = 1.5
 
 
-def _startup(a: Host, b: Host) -> float:
+def startup_seconds(a: Host, b: Host) -> float:
     """Seconds until two ``punchtrio up --help`` started at once (one per host) have both exited."""
     start = time.monotonic()
     procs = [
@@ -48,7 +48,7 @@ def run() -> str:
         for label in PAIRS:
             a, b = pairs[label]
             times, paths = [], set()
-            base = statistics.median(_startup(a, b) for _ in range(RUNS))
+            base = statistics.median(startup_seconds(a, b) for _ in range(RUNS))
             for run_number in range(RUNS):
                 net.flush_conntrack()
                 slug = f"{label.replace('/', '-')}-{run_number}"

@@ -31,7 +31,6 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from labs import discovery
 from labs.netns import LabError, require_binaries
 from labs.scenarios.punch_matrix import (
     MATRIX_SPECS,
@@ -41,6 +40,8 @@ from labs.scenarios.punch_matrix import (
     start_hub,
 )
 from labs.topology import Host, Network, build, udp_blocked_between
+
+from benchmarks.punch_lab import startup_seconds
 
 NAME = "relay"
 SECONDS = int(os.environ.get("PUNCHTRIO_BENCH_SECONDS", "5"))
@@ -79,20 +80,6 @@ class _Upgrade:
     seconds: float
     sent: int
     lost: int
-
-
-def _startup(a: Host, b: Host) -> float:
-    """Seconds until two ``punchtrio up --help`` started at once (one per host) have both exited."""
-    start = time.monotonic()
-    procs = [
-        subprocess.Popen(
-            host.ns.exec(*discovery.PUNCHTRIO, "up", "--help"), stdout=subprocess.DEVNULL
-        )
-        for host in (a, b)
-    ]
-    for proc in procs:
-        proc.wait()
-    return time.monotonic() - start
 
 
 def _cpu_seconds(pid: int) -> float:
@@ -231,7 +218,7 @@ def run() -> str:
     with tempfile.TemporaryDirectory(prefix="pt-relay-") as tmp, build(MATRIX_SPECS) as net:
         hub = start_hub(net, Path(tmp) / "hub.log")
         pairs = matrix_pairs(net)
-        base = statistics.median(_startup(*pairs["sym/sym"]) for _ in range(ROUNDS))
+        base = statistics.median(startup_seconds(*pairs["sym/sym"]) for _ in range(ROUNDS))
         for round_number in range(ROUNDS):
             for kind, label in PAIRS.items():
                 a, b = pairs[label]
