@@ -37,7 +37,6 @@ __all__ = [
     "MuxCounters",
     "MuxError",
     "MuxedDevice",
-    "Route",
     "classify",
     "serve_mux",
 ]
