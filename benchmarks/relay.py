@@ -37,6 +37,7 @@ from labs.scenarios.punch_matrix import (
     LivePair,
     matrix_pairs,
     running_pair,
+    start_coturn,
     start_hub,
 )
 from labs.topology import Host, Network, build, udp_blocked_between
@@ -55,6 +56,9 @@ LONG_BLOCK_S = 15.0
 """The block of the last upgrade run: longer than the direct probes' first round (about 8.5 s)."""
 UPGRADE_TIMEOUT_S = 30.0
 PAIRS = {"direct": "port/port", "relay over UDP": "sym/sym", "relay over TCP": "udp-blocked/full"}
+COTURN = ("coturn over UDP", "sym/sym")
+"""The same symmetric pair, relayed by a real coturn instead (the hub then runs no relay)."""
+COTURN_SECRET = "benchmark-turn-secret-0123"
 TUNNEL_TARGET_S = 1.5
 UPGRADE_TARGET_S = 5.0
 RATIO_TARGET = 0.5
@@ -245,7 +249,42 @@ def run() -> str:
                 print(f"    upgrade: {upgrades[-1]}", flush=True)
             except LabError as error:
                 failures.append(f"upgrade after {blocked:.1f} s: {error}")
+        _through_coturn(net, hub, pairs[COTURN[1]], Path(tmp), measured, failures)
     return _section(measured, base, upgrades, failures, time.monotonic() - began)
+
+
+def _through_coturn(
+    net: Network,
+    hub: subprocess.Popen[bytes],
+    pair_hosts: tuple[Host, Host],
+    workdir: Path,
+    measured: dict[str, _Pair],
+    failures: list[str],
+) -> None:
+    """The relayed pair again, through coturn: a hub without a relay that mints TURN credentials."""
+    hub.terminate()
+    hub.wait(timeout=15)
+    uris, turnserver = start_coturn(net, workdir, COTURN_SECRET)
+    secret = workdir / "turn.secret"
+    secret.write_text(COTURN_SECRET + "\n")
+    start_hub(net, workdir / "hub-turn.log", relay=False, turn=uris[:1], turn_secret_file=secret)
+    kind, label = COTURN
+    into = measured.setdefault(kind, _Pair())
+    for round_number in range(ROUNDS):
+        net.flush_conntrack()
+        with running_pair(net, f"coturn-{round_number}", *pair_hosts, workdir) as pair:
+            into.paths.add(_paths(pair))
+            if pair.result.seconds is None:
+                failures.append(f"{label} through coturn round {round_number}: no ping")
+                continue
+            into.first_ping.append(pair.result.seconds)
+            speed = _transfer(pair, turnserver.pid, into)
+            if speed is None:
+                failures.append(f"{label} through coturn round {round_number}: iperf3 failed")
+        lost = _tunnel_loss(pair)
+        if lost is not None and speed is not None:
+            into.lost.append(lost * 100)
+        print(f"    coturn {label}: {_paths(pair)}, {pair.result.seconds}, {speed}", flush=True)
 
 
 def _spread(values: list[float], unit: str, digits: int = 2) -> str:
@@ -276,8 +315,8 @@ def _section(
     took: float,
 ) -> str:
     rows = []
-    for kind, label in PAIRS.items():
-        m = measured[kind]
+    for kind, label in [*PAIRS.items(), COTURN]:
+        m = measured.get(kind, _Pair())
         median = statistics.median(m.first_ping) if m.first_ping else None
         target = "" if kind == "direct" else _verdict(median, TUNNEL_TARGET_S, at_least=False)
         beyond = "" if median is None else f"{median - base:.2f} s"
@@ -292,6 +331,7 @@ def _section(
         )
     udp_direct = _ratio(measured["relay over UDP"].mbits, measured["direct"].mbits)
     tcp_udp = _ratio(measured["relay over TCP"].mbits, measured["relay over UDP"].mbits)
+    hub_coturn = _ratio(measured["relay over UDP"].mbits, measured.get(COTURN[0], _Pair()).mbits)
     short = [u for u in upgrades if u.blocked < LONG_BLOCK_S]
     long = [u for u in upgrades if u.blocked >= LONG_BLOCK_S]
     short_median = statistics.median(u.seconds for u in short) if short else None
@@ -313,7 +353,8 @@ def _section(
         f"(min-max). Throughput: one TCP stream (`iperf3 -t {SECONDS}`) a -> b through the tunnel "
         "(10.99.0.1 -> 10.99.0.2). sym/sym can only meet through the relay, both sides over UDP; "
         "in udp-blocked/full the blocked side reaches the relay over TCP and the other side over "
-        "UDP. CPU: each process's CPU time during the transfer in % of one core (all threads). "
+        "UDP; last, the same sym/sym pair through a real coturn (the hub restarted without its "
+        "relay, minting coturn REST credentials), CPU of turnserver in the hub column. CPU: each process's CPU time during the transfer in % of one core (all threads). "
         "Tunnel bytes lost: 1 - (bytes b's WireGuard received) / (bytes a's WireGuard sent), "
         "from both sides' `down` events: datagrams lost on the way (the inner TCP slows down "
         "for each loss). "
@@ -335,6 +376,8 @@ def _section(
         f"| >= {RATIO_TARGET}x: {_verdict(udp_direct, RATIO_TARGET, at_least=True)} |",
         f"| relay over TCP / relay over UDP | {ratio(tcp_udp)} "
         f"| >= {RATIO_TARGET}x: {_verdict(tcp_udp, RATIO_TARGET, at_least=True)} |",
+        f"| hub relay over UDP / coturn over UDP | {ratio(hub_coturn)} "
+        f"| >= 1.0x: {_verdict(hub_coturn, 1.0, at_least=True)} |",
         "",
         "Upgrade to direct: a port/port pair with UDP between its two NATs dropped on the lab's "
         "internet connects through the relay; the block is lifted some seconds after the first "

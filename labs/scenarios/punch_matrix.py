@@ -68,10 +68,19 @@ class PairResult:
         return None if event is None else str(event["path"])
 
 
-def start_hub(net: Network, log: Path | None = None) -> subprocess.Popen[bytes]:
-    """Start ``punchtrio hub`` with embedded STUN (203.0.113.1:3478, alternate .2:3479) and its
-    relay (UDP and TCP on :data:`RELAY_PORT`) in the hub namespace and wait until it listens; it
-    stops when the lab closes."""
+def start_hub(
+    net: Network,
+    log: Path | None = None,
+    *,
+    relay: bool = True,
+    turn: Sequence[str] = (),
+    turn_secret_file: Path | None = None,
+    turn_ttl: int | None = None,
+) -> subprocess.Popen[bytes]:
+    """Start ``punchtrio hub`` with embedded STUN (203.0.113.1:3478, alternate .2:3479) and, with
+    ``relay``, its relay (UDP and TCP on :data:`RELAY_PORT`) in the hub namespace, and wait until
+    it listens; it stops when the lab closes. ``turn`` URIs (with ``turn_secret_file`` and
+    optionally ``turn_ttl``) make it mint TURN credentials (see :func:`start_coturn`)."""
     hub = net.hub
     argv = [
         *discovery.PUNCHTRIO,
@@ -82,22 +91,60 @@ def start_hub(net: Network, log: Path | None = None) -> subprocess.Popen[bytes]:
         f"{hub.primary_ip}:3478",
         "--stun-alternate",
         f"{hub.alternate_ip}:3479",
-        "--relay",
-        f"{hub.primary_ip}:{RELAY_PORT}",
     ]
+    if relay:
+        argv += ["--relay", f"{hub.primary_ip}:{RELAY_PORT}"]
+    for uri in turn:
+        argv += ["--turn", uri]
+    if turn:
+        argv += ["--turn-secret-file", str(turn_secret_file)]
+    if turn_ttl is not None:
+        argv += ["--turn-ttl", str(turn_ttl)]
     with contextlib.ExitStack() as stack:
         out: Any = subprocess.DEVNULL if log is None else stack.enter_context(log.open("wb"))
         proc = net.lab.spawn(hub.ns, *argv, stdout=out, stderr=subprocess.STDOUT)
     discovery.wait_listening(hub.ns, [(hub.primary_ip, 3478), (hub.alternate_ip, 3479)], proc)
     deadline = time.monotonic() + 10
-    while not all(
-        f"{hub.primary_ip}:{port}" in hub.ns.run("ss", "-H", "-tln")
-        for port in (HUB_PORT, RELAY_PORT)
-    ):
+    ports = (HUB_PORT, RELAY_PORT) if relay else (HUB_PORT,)
+    while not all(f"{hub.primary_ip}:{port}" in hub.ns.run("ss", "-H", "-tln") for port in ports):
         if proc.poll() is not None or time.monotonic() > deadline:
             raise LabError("punchtrio hub did not start listening")
         time.sleep(0.05)
     return proc
+
+
+TURN_PORT = 3480
+"""coturn's port (UDP and TCP) on the hub's alternate address, beside the hub's STUN."""
+
+
+def start_coturn(
+    net: Network, workdir: Path, secret: str
+) -> tuple[list[str], subprocess.Popen[bytes]]:
+    """Start a real coturn (``turnserver``) in the hub namespace on the hub's alternate address,
+    :data:`TURN_PORT`, with coturn's REST credentials for ``secret``; wait until it listens and
+    return its ``turn:`` URIs (UDP, TCP) for :func:`start_hub`, and the process. It stops when
+    the lab closes."""
+    hub = net.hub
+    log = workdir / "turnserver.log"
+    with log.open("wb") as out:
+        proc = net.lab.spawn(
+            hub.ns,
+            "turnserver", "-n", "--no-cli", "--no-tls", "--no-dtls", "--simple-log",
+            "--log-file", "stdout", "--listening-ip", hub.alternate_ip,
+            "--relay-ip", hub.alternate_ip, "--listening-port", str(TURN_PORT),
+            "--min-port", "49160", "--max-port", "49260", "--realm", "punchtrio.lab",
+            "--lt-cred-mech", "--use-auth-secret", "--static-auth-secret", secret,
+            "--fingerprint", "--pidfile", str(workdir / "turnserver.pid"),
+            "--userdb", str(workdir / "turndb"),
+            stdout=out, stderr=subprocess.STDOUT,
+        )  # fmt: skip
+    deadline = time.monotonic() + 15
+    while f"{hub.alternate_ip}:{TURN_PORT}" not in hub.ns.run("ss", "-H", "-tln"):
+        if proc.poll() is not None or time.monotonic() > deadline:
+            raise LabError(f"turnserver did not start: {log.read_text(errors='replace')[-500:]}")
+        time.sleep(0.05)
+    base = f"turn:{hub.alternate_ip}:{TURN_PORT}?transport="
+    return [base + "udp", base + "tcp"], proc
 
 
 def up_argv(name: str, key_file: Path, address: str, peer: str) -> list[str]:

@@ -16,15 +16,19 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from labs import discovery
-from labs.scenarios.punch_matrix import HUB_PORT, run_pair, running_pair
+from labs.scenarios.punch_matrix import (
+    TURN_PORT,
+    run_pair,
+    running_pair,
+    start_coturn,
+    start_hub,
+)
 from labs.topology import Host, NatSpec, Network, build
 
 from tests.conftest import require_root_and
 
 pytestmark = pytest.mark.lab
 
-TURN_PORT = 3480
 CREDENTIAL_TTL = 60
 """Seconds the hub's TURN credentials last here (its minimum): the renewal test outlives them."""
 SECRET = "lab-turn-secret-0123456789"
@@ -36,39 +40,17 @@ def turn_lab() -> Iterator[tuple[Network, Path]]:
     specs = ["sym", "sym", "port", NatSpec("full", block_udp=True)]
     with tempfile.TemporaryDirectory(prefix="pt-turn-") as tmp, build(specs) as net:
         work = Path(tmp)
-        hub = net.hub
-        turn_log = work / "turnserver.log"
-        with turn_log.open("wb") as log:
-            net.lab.spawn(
-                hub.ns,
-                "turnserver", "-n", "--no-cli", "--no-tls", "--no-dtls", "--simple-log",
-                "--log-file", "stdout", "--listening-ip", hub.alternate_ip,
-                "--relay-ip", hub.alternate_ip, "--listening-port", str(TURN_PORT),
-                "--min-port", "49160", "--max-port", "49260", "--realm", "punchtrio.lab",
-                "--lt-cred-mech", "--use-auth-secret", "--static-auth-secret", SECRET,
-                "--fingerprint", "--pidfile", str(work / "turnserver.pid"),
-                "--userdb", str(work / "turndb"),
-                stdout=log, stderr=subprocess.STDOUT,
-            )  # fmt: skip
+        uris, _ = start_coturn(net, work, SECRET)
         secret_file = work / "turn.secret"
         secret_file.write_text(SECRET + "\n")
-        uri = f"turn:{hub.alternate_ip}:{TURN_PORT}?transport="
-        hub_proc = net.lab.spawn(
-            hub.ns,
-            *discovery.PUNCHTRIO, "hub", "--listen", f"{hub.primary_ip}:{HUB_PORT}",
-            "--stun", f"{hub.primary_ip}:3478", "--stun-alternate", f"{hub.alternate_ip}:3479",
-            "--turn", uri + "udp", "--turn", uri + "tcp", "--turn-secret-file", str(secret_file),
-            "--turn-ttl", str(CREDENTIAL_TTL),
-            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-        )  # fmt: skip
-        deadline = time.monotonic() + 15
-        while True:
-            listening = hub.ns.run("ss", "-H", "-tuln")
-            if f"{hub.primary_ip}:{HUB_PORT}" in listening and f":{TURN_PORT}" in listening:
-                break
-            if hub_proc.poll() is not None or time.monotonic() > deadline:
-                pytest.fail(f"hub or turnserver did not start:\n{turn_log.read_text()}")
-            time.sleep(0.05)
+        start_hub(
+            net,
+            work / "hub.log",
+            relay=False,
+            turn=uris,
+            turn_secret_file=secret_file,
+            turn_ttl=CREDENTIAL_TTL,
+        )
         yield net, work
 
 
