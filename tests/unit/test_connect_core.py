@@ -388,8 +388,10 @@ def test_a_lan_address_first_seen_in_a_ping_is_connected_as_lan() -> None:
     core.puncher.receive_datagram(_ping_from("bob", core), ("10.0.0.3", 51820), 0.01)
     _answer_first_ping_to(core, "bob", ("10.0.0.3", 51820))
     assert core.peer("bob").path == "direct"
-    core.handle(WireGuardEvent(HandshakeCompleted(key, ("10.0.0.3", 51820))), 0.03)
     drain(core)
+    # Bob's session ends our wait (as his signal would), and the path is classified again with
+    # his record before the tunnel counts as connected.
+    core.handle(WireGuardEvent(HandshakeCompleted(key, ("10.0.0.3", 51820))), 0.03)
     core.handle(SignalReceived("bob", "punchtrio-punch/1 1 fixed"), 0.04)
     events = drain(core)[1]
     connected = [e for e in events if isinstance(e, PeerConnected)]
@@ -467,3 +469,22 @@ def test_the_docs_show_the_diagram_drawn_from_the_table() -> None:
         if stage != target:
             assert f"{stage} --> {target}: {event}" in diagram
     assert diagram in DOCS.read_text()
+
+
+def test_a_session_the_peer_made_while_we_waited_ends_the_wait() -> None:
+    # The peer punched first and its handshake reached us before its signal counted here.
+    core = make_core("bob")
+    core.add_peer("alice", 0.0)
+    core.handle(gathered(), 0.0)
+    core.handle(RegisterDone(record("bob", 1)), 0.0)
+    core.handle(RecordFound("alice", record("alice", 1)), 0.0)
+    key = core.peer("alice").key
+    assert key is not None
+    core.handle(WireGuardEvent(HandshakeCompleted(key, ("192.0.2.1", 5000))), 0.1)
+    # No signal, yet the session ends the wait; the punch then finds the path, and the session
+    # already made completes the stages.
+    assert core.peer("alice").stage == "punch"
+    core.handle_timer(0.1)
+    ping, address = core.datagrams_to_send()[0]
+    _answer(core, "alice", ping, address, 0.12)
+    assert core.peer("alice").stage == "established"

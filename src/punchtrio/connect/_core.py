@@ -82,6 +82,7 @@ TRANSITIONS: dict[tuple[Stage, Input], Stage | Literal["failed"]] = {
     ("wait", "record"): "wait",
     ("wait", "signal"): "punch",
     ("wait", "no_signalling"): "punch",
+    ("wait", "handshake"): "punch",
     ("wait", "timeout"): FAILED,
     ("wait", "failed"): FAILED,
     ("register", "failed"): FAILED,
@@ -99,7 +100,9 @@ TRANSITIONS: dict[tuple[Stage, Input], Stage | Literal["failed"]] = {
 
 A peer starts in ``"wait"`` once our candidates are known (``"register"`` while our own
 registration is outstanding only matters for failing). ``"record"`` is the peer's record arriving,
-``"signal"`` its "punch now" signal (counted only once we hold a record at least as new), ``"path"``
+``"signal"`` its "punch now" signal (counted only once we hold a record at least as new; a
+WireGuard session the peer made with us while we waited counts as well: it proves the peer is
+punching), ``"path"``
 the puncher choosing a path, ``"handshake"`` a completed WireGuard handshake, ``"timeout"`` the
 stage's deadline passing, ``"failed"`` an error (a refused lookup, an unusable record, our own
 registration refused). An input with no row for the peer's stage is ignored.
