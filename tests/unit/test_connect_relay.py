@@ -26,8 +26,8 @@ from punchtrio.connect import (
     PeerState,
 )
 from punchtrio.netsim import Filtering, NatBehavior
-from punchtrio.relay import HubRelayAddress, HubRelayServer, HubRelayService
-from punchtrio.rendezvous import MemoryHub
+from punchtrio.relay import HubRelayServer, HubRelayService
+from punchtrio.rendezvous import HubRelayAddress, MemoryHub
 from tests.packets import ipv4
 
 from .test_connect_basic import (

@@ -15,7 +15,6 @@ import trio
 
 from punchtrio import PrivateKey
 from punchtrio.relay import (
-    HubRelayAddress,
     HubRelayClient,
     HubRelayServeError,
     HubRelayServer,
@@ -26,7 +25,7 @@ from punchtrio.relay import (
     encode_hub_stream_frame,
     server_tls_context,
 )
-from punchtrio.rendezvous import HubInfo
+from punchtrio.rendezvous import HubInfo, HubRelayAddress
 from punchtrio.rendezvous._hub import KeyDirectory
 from tests.unit.hub_harness import Hub
 

@@ -389,7 +389,8 @@ async def _netsim_relay_act(
 
     from ..connect import HubRelay, PathChanged
     from ..netsim import Filtering
-    from ..relay import HubRelayAddress, HubRelayServer, HubRelayService
+    from ..relay import HubRelayServer, HubRelayService
+    from ..rendezvous import HubRelayAddress
 
     def registered(key: bytes, network: str, wall: float) -> bool:
         return network == "" and any(r.public_key.raw == key for r in hub.records())

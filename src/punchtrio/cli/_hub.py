@@ -25,7 +25,7 @@ from ._main import UsageError
 if TYPE_CHECKING:
     import ssl
 
-    from ..relay._turn_credentials import TurnServerURI
+    from ..relay import TurnServerURI
     from ..rendezvous._hub import HubConfig
     from ..rendezvous._serve import HubListeners
 
@@ -175,8 +175,8 @@ MAX_TURN_SECRET_BYTES = 4096
 
 def _turn_options(args: argparse.Namespace) -> tuple[tuple[TurnServerURI, ...], bytes | None]:
     """Return the parsed ``--turn`` URIs and the ``--turn-secret-file`` secret (``UsageError``)."""
-    from ..relay._turn_credentials import TurnServerURI, TurnURIError
-    from ..rendezvous._models import MAX_TURN_SERVERS
+    from ..relay import TurnServerURI, TurnURIError
+    from ..rendezvous import MAX_TURN_SERVERS
 
     uris = []
     for text in args.turn:
@@ -278,7 +278,7 @@ def _run(args: argparse.Namespace) -> int:
     relay = None if args.relay is None else _address(args.relay, "--relay")
     relay_tls = None
     if relay is not None and args.tls_cert and args.tls_key:
-        from ..relay._hub_serve import server_tls_context
+        from ..relay import server_tls_context
 
         relay_tls = server_tls_context(args.tls_cert, args.tls_key)
     serve = partial(
@@ -313,10 +313,8 @@ async def _serve_with_relay(
     import dataclasses
     import ipaddress
 
-    from ..relay._hub_serve import HubRelayServeError, HubRelayService
-    from ..relay._hub_server import HubRelayServer
-    from ..rendezvous._hub import KeyDirectory
-    from ..rendezvous._models import HubRelayAddress
+    from ..relay import HubRelayServeError, HubRelayServer, HubRelayService
+    from ..rendezvous import HubRelayAddress, KeyDirectory
     from ..rendezvous._serve import HubServeError
 
     directory = KeyDirectory()
@@ -372,7 +370,7 @@ def _server_gc() -> Iterator[None]:
 
 async def _until_signal(serve: Callable[..., Awaitable[None]], config: HubConfig) -> None:
     """Serve until SIGINT or SIGTERM, then stop cleanly (exit status 0)."""
-    from ..relay._hub_serve import HubRelayServeError
+    from ..relay import HubRelayServeError
     from ..rendezvous._serve import HubServeError
 
     failure: HubServeError | HubRelayServeError | None = None

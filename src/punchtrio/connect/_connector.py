@@ -38,9 +38,10 @@ from ..punch import (
     local_addresses,
     local_networks,
 )
-from ..relay import HubRelayAddress, TurnServer
+from ..relay import TurnServer
 from ..rendezvous import (
     HubClient,
+    HubRelayAddress,
     NetworkSecret,
     PeerRecord,
     Rendezvous,

@@ -10,7 +10,6 @@ See ``docs/relay.md``.
 """
 
 # -- the hub's own relay (punchtrio.relay._hub*) ---------------------------------------------
-from ..rendezvous._models import HubRelayAddress
 from ._hub_client import HubRelayClient, RelayBound, RelayRefused
 from ._hub_frames import (
     MAX_FRAME,
@@ -74,7 +73,6 @@ __all__: list[str] = [
     "ChannelBound",
     "ChannelFailed",
     "FrameType",
-    "HubRelayAddress",
     "HubRelayClient",
     "HubRelayFrameError",
     "HubRelayLimits",

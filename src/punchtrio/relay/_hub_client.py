@@ -16,7 +16,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from ..keys import PrivateKey, PublicKey
-from ..rendezvous._auth import NetworkSecret, keyed_mac, peer_mac_key
+from ..rendezvous import NetworkSecret, keyed_mac, peer_mac_key
 from ._hub_frames import (
     DATA_HEADER_LEN,
     DELIVER_PREFIX,

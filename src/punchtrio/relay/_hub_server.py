@@ -20,8 +20,8 @@ from dataclasses import dataclass
 
 from .._exceptions import PunchtrioError
 from ..keys import PrivateKey, PublicKey
-from ..rendezvous._auth import NetworkSecret, hub_mac_key, keyed_mac
-from ..wireguard._ratelimit import RateLimiter, source_key
+from ..rendezvous import NetworkSecret, hub_mac_key, keyed_mac
+from ..wireguard import RateLimiter, source_key
 from ._hub_frames import (
     COOKIE_LEN,
     DATA_HEADER_LEN,

@@ -40,8 +40,11 @@ from dataclasses import dataclass
 from typing import Literal
 
 from .._exceptions import PunchtrioError
-from ..stun._layers import (
+from ..stun import (
     MAGIC_COOKIE,
+    RC,
+    RM,
+    RTO,
     ChannelNumber,
     Data,
     ErrorCode,
@@ -63,7 +66,6 @@ from ..stun._layers import (
     parse_message,
     verify_integrity,
 )
-from ..stun._transaction import RC, RM, RTO
 from ._turn_credentials import TurnCredentials
 from ._turn_stream import TurnStreamDecoder, TurnStreamError, pad_channel_data
 

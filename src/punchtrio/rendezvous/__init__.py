@@ -1,7 +1,7 @@
 """Rendezvous: the hub's wire models and request signing, the hub itself, and its clients.
 
 Names are re-exported here explicitly; the implementation lives in private modules. The hub server
-(``HubConfig``, ``create_app``) loads Starlette, so it is imported on first use: clients stay light.
+(``HubConfig``, ``KeyDirectory``, ``create_app``) loads Starlette, so it is imported on first use: clients stay light.
 """
 
 from typing import TYPE_CHECKING
@@ -20,6 +20,9 @@ from ._auth import (
     RequestSigner,
     RequestVerifier,
     VerifiedRequest,
+    hub_mac_key,
+    keyed_mac,
+    peer_mac_key,
 )
 from ._client import MAX_RESPONSE_BYTES, Backoff, HubClient
 from ._memory import MemoryHub, MemoryRendezvous
@@ -29,9 +32,11 @@ from ._models import (
     MAX_BODY_BYTES,
     MAX_ENDPOINTS,
     MAX_SIGNAL_BYTES,
+    MAX_TURN_SERVERS,
     Endpoint,
     EndpointType,
     HubInfo,
+    HubRelayAddress,
     PeerRecord,
     RegisterRequest,
     SignalMessage,
@@ -69,7 +74,7 @@ from ._store import (
 )
 
 if TYPE_CHECKING:
-    from ._hub import HubConfig, create_app
+    from ._hub import HubConfig, KeyDirectory, create_app
 
 __all__ = [
     "API_VERSION",
@@ -84,6 +89,7 @@ __all__ = [
     "MAX_ENDPOINTS",
     "MAX_RESPONSE_BYTES",
     "MAX_SIGNAL_BYTES",
+    "MAX_TURN_SERVERS",
     "AllowedIPsConflictError",
     "AuthenticationError",
     "Backoff",
@@ -93,7 +99,9 @@ __all__ = [
     "HubClient",
     "HubConfig",
     "HubInfo",
+    "HubRelayAddress",
     "InvalidNetworkSecretError",
+    "KeyDirectory",
     "MemoryHub",
     "MemoryRendezvous",
     "MemoryStore",
@@ -126,15 +134,18 @@ __all__ = [
     "VerifiedRequest",
     "create_app",
     "error_reason",
+    "hub_mac_key",
+    "keyed_mac",
     "messages_from_json",
     "parse_address",
     "parse_allowed_ip",
+    "peer_mac_key",
     "validate_name",
 ]
 
 
 def __getattr__(name: str) -> object:
-    if name in ("HubConfig", "create_app"):
+    if name in ("HubConfig", "KeyDirectory", "create_app"):
         from . import _hub
 
         return getattr(_hub, name)

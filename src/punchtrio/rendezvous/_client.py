@@ -51,7 +51,7 @@ from ._protocol import (
 )
 
 if TYPE_CHECKING:
-    from ..relay._turn_credentials import TurnServer
+    from ..relay import TurnServer
 
 log = logging.getLogger("punchtrio.rendezvous")
 
@@ -397,7 +397,7 @@ class HubClient:
         :class:`RendezvousUnavailableError`, :class:`RendezvousProtocolError` (a malformed
         answer). Never logs the credentials.
         """
-        from ..relay._turn_credentials import TurnCredentialsError, TurnServer
+        from ..relay import TurnCredentialsError, TurnServer
 
         if self._registration is None:
             raise NotRegisteredError(f"{self._name} must register before asking for TURN servers")

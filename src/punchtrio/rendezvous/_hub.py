@@ -26,7 +26,7 @@ from starlette.routing import Route
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from ..keys import PrivateKey
-from ..relay._turn_credentials import TurnServer, TurnServerURI, rest_credentials
+from ..relay import TurnServer, TurnServerURI, rest_credentials
 from ._auth import (
     DEFAULT_WINDOW,
     HEADER_KEY,

@@ -21,7 +21,7 @@ from .._exceptions import PunchtrioError
 from ..keys import InvalidKeyError, PublicKey
 
 if TYPE_CHECKING:
-    from ..relay._turn_credentials import TurnServerURI
+    from ..relay import TurnServerURI
 
 IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
 IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
@@ -593,7 +593,7 @@ MAX_TURN_SERVERS = 8
 def _turn_uris_from_json(value: object) -> tuple[TurnServerURI, ...]:
     # Imported here: punchtrio.relay's package imports the TURN client, which these models do not
     # need, and importing it at module level could make an import cycle with the hub relay.
-    from ..relay._turn_credentials import TurnServerURI, TurnURIError
+    from ..relay import TurnServerURI, TurnURIError
 
     if not isinstance(value, list) or len(value) > MAX_TURN_SERVERS:
         raise ValidationError(f"turn must be a list of at most {MAX_TURN_SERVERS} URIs")
@@ -604,7 +604,7 @@ def _turn_uris_from_json(value: object) -> tuple[TurnServerURI, ...]:
 
 
 def _check_turn_uris(value: object) -> None:
-    from ..relay._turn_credentials import TurnServerURI
+    from ..relay import TurnServerURI
 
     if not isinstance(value, tuple) or len(value) > MAX_TURN_SERVERS:
         raise ValidationError(f"turn must be a tuple of at most {MAX_TURN_SERVERS} URIs")

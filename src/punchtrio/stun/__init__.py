@@ -67,6 +67,9 @@ from ._server import (
     StunServerError,
 )
 from ._transaction import (
+    RC,
+    RM,
+    RTO,
     BindingFailed,
     BindingSucceeded,
     BindingTimedOut,
@@ -79,7 +82,10 @@ __all__ = [
     "ATTRIBUTE_TYPES",
     "MAGIC_COOKIE",
     "MAPPING_BEHAVIOURS",
+    "RC",
     "RESPONSE_ALLOWANCE",
+    "RM",
+    "RTO",
     "BindingFailed",
     "BindingSucceeded",
     "BindingTimedOut",

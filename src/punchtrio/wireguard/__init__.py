@@ -20,6 +20,7 @@ from ._messages import (
     parse_message,
 )
 from ._noise import HandshakeError
+from ._ratelimit import RateLimiter, source_key
 
 __all__ = [
     "COOKIE_REPLY_SIZE",
@@ -41,8 +42,10 @@ __all__ = [
     "MessageError",
     "PeerConfig",
     "PeerStats",
+    "RateLimiter",
     "Response",
     "Timers",
     "Transport",
     "parse_message",
+    "source_key",
 ]
