@@ -42,9 +42,9 @@ __all__ = [
 ]
 
 Address = tuple[str, int]
-Route = Callable[[bytes], "tuple[bytes, Address] | None"]
-"""A relayed path's sender (:meth:`MuxedDevice.set_route`): ``route(datagram)`` returns
-``(frame, server)`` for the shell to send on the socket, or ``None`` if it sent it itself."""
+Route = Callable[[bytes], object]
+"""A relayed path's sender (:meth:`MuxedDevice.set_route`): ``route(datagram)`` wraps the datagram
+and sends it to the relay; its result is ignored."""
 
 Handler = Callable[[bytes, Address, float], object]
 """A receiver of one demultiplexed datagram: ``handler(data, source, now)``.
@@ -310,14 +310,12 @@ class MuxedDevice:
         self.peer_stats: Callable[[], Mapping[bytes, Any]] = device.peer_stats
 
     def set_route(self, address: Address, route: Route | None) -> None:
-        """Hand what WireGuard sends to ``address`` to ``route(datagram)`` first.
+        """Hand what WireGuard sends to ``address`` to ``route(datagram)`` instead of the socket.
 
         This is how a relayed path works: ``address`` names the path in WireGuard's endpoint
-        table, and ``route`` wraps the datagram for the relay. It returns ``(frame, server)``
-        to have the shell send ``frame`` to ``server`` on the socket instead (in the same
-        batch, so runs to one relay still go out as one UDP GSO send), or ``None`` when it sent
-        the datagram itself (a relay over a stream) or dropped it. ``None`` removes the route.
-        While no route is set, sending is the device's own method, with no cost per packet.
+        table, and ``route`` wraps the datagram for the relay and sends it there (its result is
+        ignored). ``None`` removes the route. While no route is set, sending is the device's own
+        method, with no cost per packet.
         """
         if route is None:
             self._routes.pop(address, None)
@@ -340,7 +338,8 @@ class MuxedDevice:
         if out is not None:
             route = self._routes.get(out[1])
             if route is not None:
-                return route(out[0])
+                route(out[0])
+                return None
         return out
 
     def _routed_datagrams(self) -> list[tuple[bytes, Address]]:
@@ -350,8 +349,8 @@ class MuxedDevice:
             route = routes.get(address)
             if route is None:
                 out.append((data, address))
-            elif (wrapped := route(data)) is not None:
-                out.append(wrapped)
+            else:
+                route(data)
         return out
 
     @property

@@ -513,11 +513,8 @@ class Connector:
         for data, address in core.datagrams_to_send():
             route = routed(address)
             if route is not None:
-                wrapped = route(data)
-                if wrapped is None:
-                    continue  # sent on a stream
-                data, address = wrapped
-            if sock is not None:
+                route(data)
+            elif sock is not None:
                 with contextlib.suppress(OSError):
                     sock.sendto(data, address)
         if self._nursery is not None:

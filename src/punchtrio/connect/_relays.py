@@ -139,11 +139,10 @@ class RelayLinks:
 
     @staticmethod
     def _sender(link: RelayLink, key: bytes) -> Route:
-        # Each relayed datagram is sent on its own, not handed back for the tunnel's GSO batch:
-        # a GSO burst of 40-odd frames reaches the hub's relay faster than it drains its socket
-        # (it reads frame by frame), and in the lab the relayed TCP then fell from 75 Mbit/s
-        # to 1 Mbit/s with half the frames lost. A stream link's client and transport are read
-        # at each send: a stream that reconnects replaces both, and the routes stay valid.
+        # Each relayed datagram is sent on its own, not in GSO bursts: a burst of 40-odd frames
+        # reached the hub's relay faster than it drains its socket (it reads frame by frame),
+        # and in the lab the relayed TCP fell from 75 to 1 Mbit/s. A link's client and
+        # transport are read at each send: a stream that reconnects replaces both.
         def relay(datagram: bytes) -> None:
             link.send(link.client.wrap(key, datagram))
 

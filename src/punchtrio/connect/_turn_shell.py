@@ -188,7 +188,7 @@ class TurnShell:
         def send(datagram: bytes) -> None:
             frame = client.wrap(address, datagram)
             if frame is not None:  # else no channel or permission yet: dropped
-                put(frame)  # one by one, as for the hub's relay (see RelayLinks)
+                put(frame)  # one by one, as for the hub's relay (see RelayLinks._sender)
 
         self._device.set_route(address, send)
 

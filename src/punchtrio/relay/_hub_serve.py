@@ -19,7 +19,6 @@ import sys
 import trio
 
 from .._exceptions import PunchtrioError
-from ..tunnel import send_datagrams
 from ._hub_frames import HubRelayFrameError, HubStreamDecoder, encode_hub_stream_frame
 from ._hub_server import TICK, HubRelayServer
 from ._stream import DEFAULT_MAX_BUFFER, BoundedWriter
@@ -83,7 +82,6 @@ class HubRelayService:
         self.bound: tuple[str, int] | None = None
         """The bound ``(ip, port)`` once serving."""
         self._sock: socket.socket | None = None
-        self._gso = False
         self._writers: dict[int, BoundedWriter] = {}
         self.counters: dict[str, int] = dict.fromkeys(
             ("udp_send_dropped", "send_errors", "stream_dropped", "streams", "streams_refused",
@@ -103,9 +101,6 @@ class HubRelayService:
         """
         sock, listeners = await self._bind()
         self._sock = sock
-        # Forwarded frames leave one sendto each: a GSO burst overran the peer's socket in the
-        # lab (send_datagrams with gso=False is the tunnel's sender without segmentation).
-        self._gso = False
         host, port = sock.getsockname()[:2]
         self.bound = (host, port)
         try:
@@ -171,20 +166,22 @@ class HubRelayService:
         out = self.server.datagrams_to_send()
         if not out:
             return
+        # One sendto per frame: GSO bursts overran the peer's socket in the lab.
+        sendto = self._sock.sendto if self._sock is not None else None
         writers = self._writers
         counters = self.counters
-        datagrams: list[tuple[bytes, tuple[str, int]]] = []
         for frame, route in out:
             if isinstance(route, int):
                 writer = writers.get(route)
                 if writer is not None and not writer.send_nowait(encode_hub_stream_frame(frame)):
                     counters["stream_dropped"] += 1
-            else:
-                datagrams.append((frame, route))
-        if datagrams and self._sock is not None:
-            sock = self._sock
-            _, failed, self._gso = send_datagrams(datagrams, lambda host: sock, gso=self._gso)
-            counters["udp_send_dropped"] += failed
+            elif sendto is not None:
+                try:
+                    sendto(frame, route)
+                except BlockingIOError:
+                    counters["udp_send_dropped"] += 1
+                except OSError:
+                    counters["send_errors"] += 1
 
     async def _udp_loop(self, sock: socket.socket) -> None:
         recvfrom = sock.recvfrom

@@ -6,7 +6,7 @@ socket and a TUN device; :func:`load_wgquick` reads a wg-quick configuration fil
 
 from ._interface import Tunnel
 from ._tun import TunDevice, TunnelError
-from ._userspace import TunnelCounters, UserspaceTunnel, open_userspace_tunnel, send_datagrams
+from ._userspace import TunnelCounters, UserspaceTunnel, open_userspace_tunnel
 from ._wgquick import (
     DEFAULT_MTU,
     ConfigError,
@@ -31,5 +31,4 @@ __all__ = [
     "load_wgquick",
     "open_userspace_tunnel",
     "parse_wgquick",
-    "send_datagrams",
 ]

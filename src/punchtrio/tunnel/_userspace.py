@@ -412,13 +412,38 @@ class UserspaceTunnel:
 
     def _send_batch(self, batch: list[tuple[bytes, Address]]) -> None:
         """Send datagrams; runs of equal size to one address go out as one UDP GSO ``sendmsg``."""
-        sent, errors, self._gso = send_datagrams(batch, self._socket_for, gso=self._gso)
         counters = self.counters
-        counters.datagrams_sent += sent
-        counters.send_errors += errors
-
-    def _socket_for(self, host: str) -> socket.socket | None:
-        return self._socket6 if ":" in host else self._socket4
+        i, n = 0, len(batch)
+        while i < n:
+            data, addr = batch[i]
+            size = len(data)
+            j = i + 1
+            if self._gso and size:
+                # The kernel cuts a GSO send into ``size`` pieces; only the last may be shorter.
+                limit = min(n, i + GSO_MAX_SEGMENTS, i + GSO_MAX_BYTES // size)
+                while j < limit and batch[j][1] == addr:
+                    length = len(batch[j][0])
+                    if length > size:
+                        break
+                    j += 1
+                    if length < size:
+                        break
+            sock = self._socket6 if ":" in addr[0] else self._socket4
+            try:
+                if sock is None:
+                    raise OSError(f"no UDP socket for the address family of {addr[0]}")
+                if j - i == 1:
+                    sock.sendto(data, addr)
+                else:
+                    segment = [(socket.SOL_UDP, UDP_SEGMENT, _GSO_SIZE.pack(size))]
+                    sock.sendmsg([d for d, _ in batch[i:j]], segment, 0, addr)
+                counters.datagrams_sent += j - i
+            except OSError as exc:
+                if j - i > 1 and exc.errno in _NO_GSO:
+                    self._gso = False  # this kernel or route cannot segment: one by one from now
+                    continue
+                counters.send_errors += j - i
+            i = j
 
     def _flush(self) -> None:
         """Send what the device queued, hand its events out and re-arm the timer."""
@@ -450,56 +475,6 @@ class UserspaceTunnel:
             self.device.handle_timer(trio.current_time())
             self._armed = math.inf  # _flush stores the device's next deadline
             self._flush()
-
-
-def send_datagrams(
-    batch: list[tuple[bytes, Address]],
-    socket_for: Callable[[str], socket.socket | None],
-    *,
-    gso: bool,
-) -> tuple[int, int, bool]:
-    """Send ``(datagram, address)`` pairs in order; return ``(sent, failed, gso)``.
-
-    With ``gso``, runs of equal-sized datagrams to one address (the last may be shorter) go out
-    as one UDP GSO ``sendmsg`` (at most :data:`GSO_MAX_SEGMENTS` and :data:`GSO_MAX_BYTES`);
-    if the kernel or route refuses, the run is sent one by one and the returned ``gso`` is
-    ``False`` (the caller keeps it for its next batch). ``socket_for(host)`` picks the socket
-    for an address (``None``: none for its family, counted as failed). Never raises
-    :class:`OSError`: failures are counted.
-    """
-    sent = failed = 0
-    i, n = 0, len(batch)
-    while i < n:
-        data, addr = batch[i]
-        size = len(data)
-        j = i + 1
-        if gso and size:
-            # The kernel cuts a GSO send into ``size`` pieces; only the last may be shorter.
-            limit = min(n, i + GSO_MAX_SEGMENTS, i + GSO_MAX_BYTES // size)
-            while j < limit and batch[j][1] == addr:
-                length = len(batch[j][0])
-                if length > size:
-                    break
-                j += 1
-                if length < size:
-                    break
-        sock = socket_for(addr[0])
-        try:
-            if sock is None:
-                raise OSError(f"no UDP socket for the address family of {addr[0]}")
-            if j - i == 1:
-                sock.sendto(data, addr)
-            else:
-                segment = [(socket.SOL_UDP, UDP_SEGMENT, _GSO_SIZE.pack(size))]
-                sock.sendmsg([d for d, _ in batch[i:j]], segment, 0, addr)
-            sent += j - i
-        except OSError as exc:
-            if j - i > 1 and exc.errno in _NO_GSO:
-                gso = False  # this kernel or route cannot segment: one by one from now
-                continue
-            failed += j - i
-        i = j
-    return sent, failed, gso
 
 
 class _TunWriter:
