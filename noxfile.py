@@ -129,9 +129,12 @@ def wheel(session: nox.Session) -> None:
 
 @nox.session(python=PYTHONS)
 def tests(session: nox.Session) -> None:
-    """The unprivileged suite: sans-IO cores, vectors, hypothesis, in-process servers."""
+    """The unprivileged suite: sans-IO cores, vectors, hypothesis, in-process servers.
+
+    It runs on every core (pytest-xdist): nothing in it shares state between tests.
+    """
     session.install("-e", ".[test]")
-    session.run("pytest", "-m", f"not ({ROOT_MARKERS})", *session.posargs)
+    session.run("pytest", "-n", "auto", "-m", f"not ({ROOT_MARKERS})", *session.posargs)
 
 
 @nox.session(python="3.11")

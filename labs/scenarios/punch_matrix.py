@@ -85,6 +85,8 @@ def start_hub(
     argv = [
         *discovery.PUNCHTRIO,
         "hub",
+        "--store",
+        "memory",
         "--listen",
         f"{hub.primary_ip}:{HUB_PORT}",
         "--stun",
@@ -268,8 +270,22 @@ class LivePair:
 
 
 @contextlib.contextmanager
-def running_pair(net: Network, label: str, a: Host, b: Host, workdir: Path) -> Iterator[LivePair]:
+def running_pair(
+    net: Network,
+    label: str,
+    a: Host,
+    b: Host,
+    workdir: Path,
+    *,
+    interfaces: tuple[str, str] | None = None,
+    extra: tuple[str, ...] = (),
+) -> Iterator[LivePair]:
     """:func:`run_pair` that keeps both tunnels up while the context is open.
+
+    ``interfaces`` names the two TUN devices (``--interface``; default: the kernel's ``tunN``);
+    names unique on the machine keep the sockets in ``/var/run/wireguard`` and
+    ``/run/punchtrio``, which all namespaces share, apart. ``extra`` is added to both command
+    lines (``--metrics 127.0.0.1:9586``: each side's own loopback, in its own namespace).
 
     Starts ``punchtrio up`` on ``a`` and ``b`` at once (names ``<label>-a`` / ``<label>-b``,
     tunnel addresses 10.99.0.1/24 and .2/24), waits for the first ping reply from ``a`` to
@@ -283,7 +299,10 @@ def running_pair(net: Network, label: str, a: Host, b: Host, workdir: Path) -> I
     for index, name in enumerate(names):
         key = workdir / f"{name}.key"
         PrivateKey.generate().write(key)
-        argvs.append(up_argv(name, key, f"10.99.0.{index + 1}/24", names[1 - index]))
+        argv = up_argv(name, key, f"10.99.0.{index + 1}/24", names[1 - index])
+        if interfaces is not None:
+            argv += ["--interface", interfaces[index]]
+        argvs.append([*argv, *extra])
     procs: dict[str, subprocess.Popen[bytes]] = {}
     start = time.monotonic()
     for host, name, argv in zip((a, b), names, argvs, strict=True):

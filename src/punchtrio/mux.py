@@ -46,6 +46,11 @@ Route = Callable[[bytes], object]
 """A relayed path's sender (:meth:`MuxedDevice.set_route`): ``route(datagram)`` wraps the datagram
 and sends it to the relay; its result is ignored."""
 
+Wrap = Callable[[bytes], tuple[bytes, Address]]
+"""A relayed path over the shared socket (:meth:`MuxedDevice.set_route`): ``wrap(datagram)``
+returns the frame carrying the datagram and the relay's ``(ip, port)``, for the tunnel to send
+with the rest of its batch (equal-sized runs in one GSO send)."""
+
 Handler = Callable[[bytes, Address, float], object]
 """A receiver of one demultiplexed datagram: ``handler(data, source, now)``.
 
@@ -300,27 +305,37 @@ class MuxedDevice:
             mux.receive_datagram
         )
         self._routes: dict[Address, Route] = {}
+        self._wraps: dict[Address, Wrap] = {}
         self.send_packet: Callable[[bytes, float], tuple[bytes, Address] | None] = (
             device.send_packet
         )
         self.datagrams_to_send: Callable[[], list[tuple[bytes, Address]]] = device.datagrams_to_send
         self.get_timer: Callable[[], float | None] = device.get_timer
         self.handle_timer: Callable[[float], None] = device.handle_timer
+        self.process_handshakes: Callable[[float, int], bool] = device.process_handshakes
         self.next_event: Callable[[], Any] = device.next_event
         self.peer_stats: Callable[[], Mapping[bytes, Any]] = device.peer_stats
 
-    def set_route(self, address: Address, route: Route | None) -> None:
+    def set_route(self, address: Address, route: Route | None, *, wrap: Wrap | None = None) -> None:
         """Hand what WireGuard sends to ``address`` to ``route(datagram)`` instead of the socket.
 
         This is how a relayed path works: ``address`` names the path in WireGuard's endpoint
         table, and ``route`` wraps the datagram for the relay and sends it there (its result is
-        ignored). ``None`` removes the route. While no route is set, sending is the device's own
-        method, with no cost per packet.
+        ignored). With ``wrap`` (a relay reached over the shared socket, see :data:`Wrap`), the
+        tunnel's own send paths (:attr:`send_packet`, :attr:`datagrams_to_send`) return the
+        wrapped frame addressed to the relay instead, so it leaves in the tunnel's batches;
+        :meth:`routed` callers still get ``route``. ``None`` removes the route. While no route
+        is set, sending is the device's own method, with no cost per packet.
         """
         if route is None:
             self._routes.pop(address, None)
+            self._wraps.pop(address, None)
         else:
             self._routes[address] = route
+            if wrap is None:
+                self._wraps.pop(address, None)
+            else:
+                self._wraps[address] = wrap
         device = self.device
         if self._routes:
             self.send_packet = self._routed_send_packet
@@ -338,20 +353,33 @@ class MuxedDevice:
         if out is not None:
             route = self._routes.get(out[1])
             if route is not None:
+                wrap = self._wraps.get(out[1])
+                if wrap is not None:
+                    return wrap(out[0])
                 route(out[0])
                 return None
         return out
 
     def _routed_datagrams(self) -> list[tuple[bytes, Address]]:
         routes = self._routes
+        wraps = self._wraps
         out = []
         for data, address in self.device.datagrams_to_send():
             route = routes.get(address)
             if route is None:
                 out.append((data, address))
             else:
-                route(data)
+                wrap = wraps.get(address)
+                if wrap is not None:
+                    out.append(wrap(data))
+                else:
+                    route(data)
         return out
+
+    @property
+    def handshake_queue_room(self) -> int:
+        """The device's ``handshake_queue_room`` (messages its handshake queue can still take)."""
+        return int(self.device.handshake_queue_room)
 
     @property
     def under_load(self) -> bool:

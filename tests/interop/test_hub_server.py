@@ -39,10 +39,13 @@ pytestmark = pytest.mark.interop
 
 
 class RunningHub:
-    def __init__(self, process: subprocess.Popen[str], url: str, stun_port: int, log: Path) -> None:
+    def __init__(
+        self, process: subprocess.Popen[str], url: str, stun_port: int, log: Path, metrics: str
+    ) -> None:
         self.process = process
         self.log = log
         self.url = url
+        self.metrics_url = metrics
         self.stun_port = stun_port
         self.port = int(url.rsplit(":", 1)[1])
 
@@ -52,27 +55,29 @@ def hub(tmp_path: Path) -> Iterator[RunningHub]:
     key = tmp_path / "hub.key"
     PrivateKey.generate().write(key)
     command = [
-        sys.executable, "-m", "punchtrio.cli", "hub",
+        sys.executable, "-m", "punchtrio.cli", "hub", "--store", "memory",
         "--listen", "127.0.0.1:0", "--stun", "127.0.0.1:0",
         "--key-file", str(key), "--rate", "0", "--max-wait", "20",
+        "--metrics", "127.0.0.1:0",
     ]  # fmt: skip
     log = tmp_path / "hub.log"
     with log.open("w") as sink:
         process = subprocess.Popen(command, stderr=sink, text=True)
     try:
-        url, stun_port = None, None
+        url, stun_port, metrics = None, None, ""
         for _ in range(300):
             text = log.read_text()
             url_match = re.search(r"serving (http://\S+)", text)
             stun_match = re.search(r"STUN on \S+ port (\d+)", text)
-            if url_match and stun_match:
-                url, stun_port = url_match[1], int(stun_match[1])
+            metrics_match = re.search(r"metrics on (http://\S+)", text)
+            if url_match and stun_match and metrics_match:
+                url, stun_port, metrics = url_match[1], int(stun_match[1]), metrics_match[1]
                 break
             assert process.poll() is None, f"the hub exited early: {text}"
             time.sleep(0.05)
         assert url is not None, "the hub did not start within 15 s"
         assert stun_port is not None
-        yield RunningHub(process, url, stun_port, log)
+        yield RunningHub(process, url, stun_port, log, metrics)
     finally:
         if process.poll() is None:
             process.send_signal(signal.SIGTERM)
@@ -103,7 +108,7 @@ async def test_signed_register_lookup_and_long_poll(hub: RunningHub) -> None:
         async with trio.open_nursery() as nursery:
             nursery.start_soon(wait_for_bob)
             for _ in range(200):  # until the hub reports the open wait
-                if "punchtrio_hub_open_waits 1" in (await http.get("/metrics")).text:
+                if "punchtrio_hub_open_waits 1.0" in (await http.get(hub.metrics_url)).text:
                     break
                 await trio.sleep(0.05)
             created = await http.put("/v1/peers/bob", json=_registration(bob_key), auth=bob)
@@ -212,7 +217,16 @@ def test_sigterm_stops_the_hub_cleanly(hub: RunningHub) -> None:
 
 def test_hub_refuses_an_address_in_use(hub: RunningHub) -> None:
     result = subprocess.run(
-        [sys.executable, "-m", "punchtrio.cli", "hub", "--listen", f"127.0.0.1:{hub.port}"],
+        [
+            sys.executable,
+            "-m",
+            "punchtrio.cli",
+            "hub",
+            "--store",
+            "memory",
+            "--listen",
+            f"127.0.0.1:{hub.port}",
+        ],
         capture_output=True,
         text=True,
         timeout=30,
@@ -232,18 +246,18 @@ async def test_an_abandoned_long_poll_releases_its_wait(hub: RunningHub) -> None
         await stream.send_all(f"GET {target} HTTP/1.1\r\nHost: hub\r\n{headers}\r\n".encode())
         gauges = []
         for _ in range(100):
-            gauges.append((await http.get("/metrics")).text)
-            if "punchtrio_hub_open_waits 1\n" in gauges[-1]:
+            gauges.append((await http.get(hub.metrics_url)).text)
+            if "punchtrio_hub_open_waits 1.0\n" in gauges[-1]:
                 break
             await trio.sleep(0.05)
-        assert "punchtrio_hub_open_waits 1\n" in gauges[-1]
+        assert "punchtrio_hub_open_waits 1.0\n" in gauges[-1]
         await stream.aclose()
         for _ in range(100):
-            gauges.append((await http.get("/metrics")).text)
-            if "punchtrio_hub_open_waits 0\n" in gauges[-1]:
+            gauges.append((await http.get(hub.metrics_url)).text)
+            if "punchtrio_hub_open_waits 0.0\n" in gauges[-1]:
                 break
             await trio.sleep(0.05)
-        assert "punchtrio_hub_open_waits 0\n" in gauges[-1]
+        assert "punchtrio_hub_open_waits 0.0\n" in gauges[-1]
 
 
 def test_tls_hub_serves_https(tmp_path: Path) -> None:
@@ -257,7 +271,7 @@ def test_tls_hub_serves_https(tmp_path: Path) -> None:
     subprocess.run(openssl, check=True, capture_output=True)
     log = tmp_path / "hub.log"
     command = [
-        sys.executable, "-m", "punchtrio.cli", "hub", "--listen", "127.0.0.1:0",
+        sys.executable, "-m", "punchtrio.cli", "hub", "--store", "memory", "--listen", "127.0.0.1:0",
         "--tls-cert", str(cert), "--tls-key", str(key),
     ]  # fmt: skip
     with log.open("w") as sink:

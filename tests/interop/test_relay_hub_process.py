@@ -51,9 +51,10 @@ class Progress:
 
 
 class RunningHub:
-    def __init__(self, url: str, relay: tuple[str, int]) -> None:
+    def __init__(self, url: str, relay: tuple[str, int], metrics_url: str) -> None:
         self.url = url
         self.relay = relay
+        self.metrics_url = metrics_url
 
 
 @pytest.fixture
@@ -62,9 +63,9 @@ def hub(tmp_path: Path) -> Iterator[RunningHub]:
     key = tmp_path / "hub.key"
     PrivateKey.generate().write(key)
     command = [
-        sys.executable, "-m", "punchtrio.cli", "hub",
+        sys.executable, "-m", "punchtrio.cli", "hub", "--store", "memory",
         "--listen", "127.0.0.1:0", "--relay", "127.0.0.1:0",
-        "--key-file", str(key), "--rate", "0",
+        "--key-file", str(key), "--rate", "0", "--metrics", "127.0.0.1:0",
     ]  # fmt: skip
     log = tmp_path / "hub.log"
     with log.open("w") as sink:
@@ -75,8 +76,9 @@ def hub(tmp_path: Path) -> Iterator[RunningHub]:
             text = log.read_text()
             url = re.search(r"serving (http://\S+)", text)
             relay = re.search(r"relay on (\S+) port (\d+)", text)
-            if url and relay:
-                found = RunningHub(url[1], (relay[1], int(relay[2])))
+            metrics = re.search(r"metrics on (http://\S+)", text)
+            if url and relay and metrics:
+                found = RunningHub(url[1], (relay[1], int(relay[2])), metrics[1])
                 break
             assert process.poll() is None, f"the hub exited early: {text}"
             time.sleep(0.05)
@@ -173,11 +175,11 @@ async def test_registered_peers_exchange_frames_over_udp_and_tcp(hub: RunningHub
 
         metrics = ""
         with trio.fail_after(10):
-            while 'dropped_frames_total{reason="unbound"} 1' not in metrics:
-                metrics = (await http.get("/metrics")).text
+            while 'dropped_frames_total{reason="unbound"} 1.0' not in metrics:
+                metrics = (await http.get(hub.metrics_url)).text
                 await trio.sleep(0.05)
-        assert "punchtrio_hub_relay_forwarded_frames_total 4" in metrics
-        assert "punchtrio_hub_relay_bound_peers 2" in metrics  # carol's stream closed
-        assert 'punchtrio_hub_relay_binds_total{result="not_registered"} 1' in metrics
+        assert "punchtrio_hub_relay_forwarded_frames_total 4.0" in metrics
+        assert "punchtrio_hub_relay_bound_peers 2.0" in metrics  # carol's stream closed
+        assert 'punchtrio_hub_relay_binds_total{result="not_registered"} 1.0' in metrics
         for sock in (alice_sock, bob_sock, stranger_sock):
             sock.close()

@@ -42,7 +42,16 @@ class HubProcess:
 
     def start(self) -> None:
         self.process = subprocess.Popen(
-            [*PUNCHTRIO, "hub", "--listen", f"127.0.0.1:{self.port}", "--ttl", "60"],
+            [
+                *PUNCHTRIO,
+                "hub",
+                "--store",
+                "memory",
+                "--listen",
+                f"127.0.0.1:{self.port}",
+                "--ttl",
+                "60",
+            ],
             stdout=subprocess.DEVNULL,
             stderr=subprocess.PIPE,
         )

@@ -123,7 +123,7 @@ def test_we_initiate_then_ping_both_ways(tmp_path: Path) -> None:
         assert _handshake_time(s) > 0
         (peer,) = stats["peers"]
         assert peer["public_key"] == s.their_public
-        assert peer["endpoint"] == [UNDERLAY[1], UDP_PORT]
+        assert peer["endpoint"] == f"{UNDERLAY[1]}:{UDP_PORT}"
         assert peer["rx_bytes"] > 0
         assert peer["tx_bytes"] > 0
         assert peer["last_handshake"] > 0
@@ -138,7 +138,7 @@ def test_they_initiate_then_ping_both_ways(tmp_path: Path) -> None:
         assert sent.get("2", 0) >= 1  # we answered...
         assert "1" not in sent  # ...and never initiated (we had no endpoint)
         # we learned their endpoint from the authenticated initiation
-        assert stats["peers"][0]["endpoint"] == [UNDERLAY[1], UDP_PORT]
+        assert stats["peers"][0]["endpoint"] == f"{UNDERLAY[1]}:{UDP_PORT}"
         assert _handshake_time(s) > 0
 
 

@@ -23,9 +23,11 @@ from labs.scenarios.punch_matrix import (
     PairResult,
     matrix_pairs,
     run_pair,
+    running_pair,
     start_hub,
 )
 from labs.topology import Host, Network, build
+from prometheus_client.parser import text_string_to_metric_families
 
 from tests.conftest import require_root_and
 
@@ -108,6 +110,53 @@ def test_pair_pings_through_the_tunnel(
             endpoint = str(result.connected(name)["endpoint"])  # type: ignore[index]
             assert endpoint.startswith(host.nat.public_ip + ":")
     assert _tun_devices(a) == _tun_devices(b) == ""
+
+
+def _scrape(host: Host) -> dict[str, float]:
+    """The metrics of the ``up`` in ``host``'s namespace (its own loopback), parsed by
+    prometheus-client: ``{'name{label="value"}': value}``, labels sorted."""
+    fetch = "import sys, urllib.request; sys.stdout.write(urllib.request.urlopen(sys.argv[1], timeout=5).read().decode())"
+    argv = host.ns.exec(sys.executable, "-c", fetch, "http://127.0.0.1:9586/metrics")
+    text = subprocess.run(argv, capture_output=True, text=True, check=True, timeout=10).stdout
+    parsed = {}
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            labels = ",".join(f'{k}="{v}"' for k, v in sorted(sample.labels.items()))
+            parsed[f"{sample.name}{{{labels}}}" if labels else sample.name] = sample.value
+    return parsed
+
+
+def test_up_serves_metrics_that_follow_the_traffic_and_logs_no_key(
+    matrix: tuple[Network, dict[str, tuple[Host, Host]], Path],
+) -> None:
+    """A real ``punchtrio up -v --metrics 127.0.0.1:9586`` pair: the per-peer counters grow with
+    a ping through the tunnel; neither side's debug log or events show its private key."""
+    require_root_and("ip", "nft", "conntrack", "ping")
+    net, pairs, workdir = matrix
+    a, b = pairs["full/full"]
+    net.flush_conntrack()
+    extra = ("--metrics", "127.0.0.1:9586", "-v")
+    with running_pair(net, "metrics", a, b, workdir, extra=extra) as live:
+        assert live.result.seconds is not None, live.result.stderr
+        first = _scrape(a)
+        assert live.ping(5) >= 4
+        later = _scrape(a)
+    peer = 'peer="metrics-b"'
+    assert first[f"punchtrio_peer_connected{{{peer}}}"] == 1
+    assert first[f'punchtrio_peer_path{{path="direct",{peer}}}'] == 1
+    assert first[f"punchtrio_peer_handshakes_total{{{peer}}}"] >= 1
+    for counter in ("transmit_packets", "receive_packets"):
+        name = f"punchtrio_peer_{counter}_total{{{peer}}}"
+        assert later[name] >= first[name] + 4, (counter, first[name], later[name])
+    name = f"punchtrio_peer_receive_bytes_total{{{peer}}}"
+    assert later[name] >= first[name] + 4 * 84  # 4 replies of 84-byte IP packets, at least
+    for name in live.names:
+        assert live.result.returncodes[name] == 0, live.result.stderr[name]
+        assert "debug:" in live.result.stderr[name]  # -v reached the logging
+        key = (workdir / f"{name}.key").read_text().strip()
+        events = json.dumps(live.result.events[name])
+        assert key not in live.result.stderr[name]
+        assert key not in events
 
 
 def _demo_namespaces() -> set[str]:

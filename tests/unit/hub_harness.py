@@ -12,12 +12,16 @@ from typing import Any
 
 import httpx
 import trio
+from prometheus_client.parser import text_string_to_metric_families
+from prometheus_client.registry import Collector
 
 from punchtrio import PrivateKey
+from punchtrio.metrics import hub_registry, render
 from punchtrio.rendezvous import (
     Endpoint,
     EndpointType,
     HubConfig,
+    HubCounters,
     MemoryStore,
     NetworkSecret,
     RegisterRequest,
@@ -53,9 +57,11 @@ class ClockAuth(httpx.Auth):
 class Peer:
     """A key (and optional network secret) talking to the hub."""
 
-    def __init__(self, hub: Hub, network: NetworkSecret | None = None) -> None:
+    def __init__(
+        self, hub: Hub, network: NetworkSecret | None = None, key: PrivateKey | None = None
+    ) -> None:
         self.hub = hub
-        self.key = PrivateKey.generate()
+        self.key = key or PrivateKey.generate()
         self.signer = RequestSigner(self.key, hub.key.public_key(), network)
         self.auth = ClockAuth(self.signer)
 
@@ -107,6 +113,8 @@ class Hub:
     ) -> None:
         self.key = PrivateKey.generate()
         config.setdefault("rate", 0.0)
+        self.counters = HubCounters()
+        config.setdefault("counters", self.counters)
         self.config = HubConfig(self.key, networks, **config)
         self.store = MemoryStore(limits, clock=hub_clock)
         self.app = create_app(self.config, self.store, clock=hub_clock)
@@ -114,11 +122,29 @@ class Hub:
             transport=httpx.ASGITransport(self.app), base_url="http://hub.test"
         )
 
-    def peer(self, network: NetworkSecret | None = None) -> Peer:
-        return Peer(self, network)
+    def peer(self, network: NetworkSecret | None = None, key: PrivateKey | None = None) -> Peer:
+        return Peer(self, network, key)
+
+    def scrape(self, *collectors: Collector) -> dict[str, float]:
+        """What ``punchtrio hub --metrics`` would serve now, with ``collectors`` (the relay's),
+        parsed: ``{'name{label="value",...}': value}``, labels sorted by name."""
+        registry = hub_registry(self.store, self.counters)
+        for collector in collectors:
+            registry.register(collector)
+        return samples(render(registry).decode())
 
     async def __aenter__(self) -> Hub:
         return self
 
     async def __aexit__(self, *exc: object) -> None:
         await self.http.aclose()
+
+
+def samples(text: str) -> dict[str, float]:
+    """Prometheus text parsed by prometheus-client: ``{'name{a="1",b="2"}': value}``."""
+    parsed = {}
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            labels = ",".join(f'{k}="{v}"' for k, v in sorted(sample.labels.items()))
+            parsed[f"{sample.name}{{{labels}}}" if labels else sample.name] = sample.value
+    return parsed

@@ -148,10 +148,11 @@ async def test_without_a_relay_the_failure_says_so(autojump_clock: trio.testing.
 async def test_relayed_then_direct_when_the_firewall_opens(
     autojump_clock: trio.testing.MockClock,
 ) -> None:
-    # Port-restricted cone against an address-dependent mapping: no direct path at first. Then
-    # alice's NAT stops filtering (its mappings stay): bob's upgrade retries get in, and both
-    # sides move to the direct path by themselves, without a restart.
-    world, services, _ = relay_world(behavior(("EI", "APD")), behavior(("AD", "APD")), seed=3)
+    # Two NATs that map per destination (so birthday probing cannot help either), the one
+    # filtering by port: no direct path at first. Then alice's NAT stops filtering (its mappings
+    # stay): bob's upgrade retries get in, and both sides move to the direct path by themselves,
+    # without a restart.
+    world, services, _ = relay_world(behavior(("AD", "APD")), behavior(("AD", "AD")), seed=3)
     ifaces = {name: MemoryInterface(name) for name in ("alice", "bob")}
     connectors = {n: connector_for(world, n, ifaces[n], hub_relay=HUB_RELAY) for n in ifaces}
     changes: dict[str, list[tuple[float, PathChanged]]] = {"alice": [], "bob": []}

@@ -9,9 +9,11 @@ import pytest
 import trio
 import trio.lowlevel
 
+from punchtrio import PrivateKey
 from punchtrio.rendezvous import (
     HEADER_MAC,
     HEADER_NETWORK,
+    AddressPolicy,
     HubInfo,
     NetworkSecret,
     PeerRecord,
@@ -240,8 +242,10 @@ async def test_lookup_sweep_from_another_network_is_uniform() -> None:
 
 
 async def test_allowed_ips_overlapping_another_peer_conflict() -> None:
-    async with Hub() as hub:
-        alice, bob = hub.peer(), hub.peer()
+    keys = PrivateKey.generate(), PrivateKey.generate()
+    routers = AddressPolicy(route_keys=frozenset(key.public_key() for key in keys))
+    async with Hub(addresses=routers) as hub:
+        alice, bob = hub.peer(key=keys[0]), hub.peer(key=keys[1])
         assert (
             await alice.put("alice", alice.body(allowed=["10.8.0.0/24", "fd00::/64"]))
         ).status_code == 201
@@ -404,12 +408,12 @@ async def test_too_many_waiters_get_503(autojump_clock: trio.abc.Clock) -> None:
 
 async def test_rate_limit_per_source(autojump_clock: trio.abc.Clock) -> None:
     async with Hub(rate=2.0, burst=5.0) as hub:
-        codes = [(await hub.http.get("/healthz")).status_code for _ in range(8)]
+        codes = [(await hub.http.get("/v1/hub")).status_code for _ in range(8)]
         assert codes == [200] * 5 + [429] * 3
-        limited = await hub.http.get("/v1/hub")
+        limited = await hub.http.get("/v1/peers/alice")
         assert limited.json() == {"error": "rate limit exceeded"}
         await trio.sleep(1)
-        assert [(await hub.http.get("/healthz")).status_code for _ in range(3)] == [200, 200, 429]
+        assert [(await hub.http.get("/v1/hub")).status_code for _ in range(3)] == [200, 200, 429]
 
 
 async def test_metrics_count_requests_and_gauges(autojump_clock: trio.abc.Clock) -> None:
@@ -418,21 +422,15 @@ async def test_metrics_count_requests_and_gauges(autojump_clock: trio.abc.Clock)
         await alice.put("alice")
         await alice.get("nobody")
         await hub.http.get("/v1/peers/alice")
-        text = (await hub.http.get("/metrics")).text
-        assert "punchtrio_hub_peers 1\n" in text
-        assert "punchtrio_hub_open_waits 0\n" in text
-        assert (
-            'punchtrio_hub_requests_total{route="/v1/peers/{name}",method="PUT",status="201"} 1'
-            in text
-        )
-        assert (
-            'punchtrio_hub_requests_total{route="/v1/peers/{name}",method="GET",status="404"} 1'
-            in text
-        )
-        assert (
-            'punchtrio_hub_requests_total{route="/v1/peers/{name}",method="GET",status="401"} 1'
-            in text
-        )
+        assert (await hub.http.get("/metrics")).status_code == 404  # not on the API listener
+        metrics = hub.scrape()
+        assert metrics["punchtrio_hub_peers"] == 1
+        assert metrics["punchtrio_hub_open_waits"] == 0
+        requests = 'punchtrio_hub_requests_total{{method="{}",route="{}",status="{}"}}'
+        assert metrics[requests.format("PUT", "/v1/peers/{name}", 201)] == 1
+        assert metrics[requests.format("GET", "/v1/peers/{name}", 404)] == 1
+        assert metrics[requests.format("GET", "/v1/peers/{name}", 401)] == 1
+        assert metrics[requests.format("GET", "other", 404)] == 1  # the /metrics above
 
 
 async def test_1000_concurrent_registrations_distinct_and_contested() -> None:

@@ -84,7 +84,17 @@ def test_short_network_secret_is_refused(
 
 def _run_hub(*argv: str) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
-        [sys.executable, "-m", "punchtrio.cli", "hub", "--listen", "127.0.0.1:0", *argv],
+        [
+            sys.executable,
+            "-m",
+            "punchtrio.cli",
+            "hub",
+            "--store",
+            "memory",
+            "--listen",
+            "127.0.0.1:0",
+            *argv,
+        ],
         capture_output=True,
         text=True,
         timeout=60,

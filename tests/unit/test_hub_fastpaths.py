@@ -123,7 +123,6 @@ _OLD_ROUTES = (
     (re.compile(r"/v1/peers/[^/]+/messages"), "/v1/peers/{name}/messages"),
     (re.compile(r"/v1/hub"), "/v1/hub"),
     (re.compile(r"/healthz"), "/healthz"),
-    (re.compile(r"/metrics"), "/metrics"),
 )
 
 

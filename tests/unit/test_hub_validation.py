@@ -10,6 +10,9 @@ from typing import Any
 import pytest
 import trio
 
+from punchtrio import PrivateKey
+from punchtrio.rendezvous import AddressPolicy
+
 from .hub_harness import Hub, Peer, hub_clock
 
 TEN_MIB = 10 * 1024 * 1024
@@ -156,8 +159,9 @@ async def test_private_addresses_are_valid_host_candidates(endpoint: str) -> Non
 
 
 async def test_64_allowed_ips_are_accepted() -> None:
-    async with Hub() as hub:
-        peer = hub.peer()
+    key = PrivateKey.generate()
+    async with Hub(addresses=AddressPolicy(route_keys=frozenset({key.public_key()}))) as hub:
+        peer = hub.peer(key=key)
         allowed = [f"10.{n}.0.0/16" for n in range(64)]
         reply = await peer.put("alice", _body(peer, allowed_ips=allowed))
         assert reply.status_code == 201

@@ -88,7 +88,7 @@ def test_real_wireguard_messages_of_every_type_are_wireguard() -> None:
     [
         (b"", Kind.UNKNOWN),
         (b"\x00", Kind.UNKNOWN),
-        (StunTransaction(("203.0.113.1", 3478), 0.0).request, Kind.STUN),
+        pytest.param(StunTransaction(("203.0.113.1", 3478), 0.0).request, Kind.STUN, id="stun"),
         # STUN header with a length that does not match the datagram: not STUN.
         (b"\x00\x01\x00\x04\x21\x12\xa4\x42" + bytes(12), Kind.UNKNOWN),
         # First two bits 01: not STUN even with the cookie (it is TURN ChannelData).
@@ -407,6 +407,9 @@ class _QueuedDevice:
     def receive_datagram(self, data: bytes, addr: tuple[str, int], now: float) -> bytes | None:
         return None
 
+    def process_handshakes(self, now: float, limit: int) -> bool:
+        return False
+
     def send_packet(self, packet: bytes, now: float) -> tuple[bytes, tuple[str, int]] | None:
         host, port = packet.decode().split(":")
         return b"sealed " + packet, (host, int(port))
@@ -447,3 +450,27 @@ def test_a_route_hands_what_wireguard_sends_to_a_relay_and_costs_nothing_without
     muxed.set_route(virtual, None)
     assert muxed.routed(virtual) is None
     assert muxed.send_packet == device.send_packet
+
+
+def test_a_route_with_wrap_returns_the_relay_frame_for_the_tunnel_to_send() -> None:
+    device = _QueuedDevice()
+    muxed = MuxedDevice(device, Mux())
+    virtual, relay = ("240.0.0.1", 1), ("203.0.113.1", 7778)
+    sent_by_route: list[bytes] = []
+    muxed.set_route(virtual, sent_by_route.append, wrap=lambda data: (b"frame " + data, relay))
+    # The tunnel's send paths get the wrapped frame addressed to the relay...
+    assert muxed.send_packet(b"240.0.0.1:1", 0.0) == (b"frame sealed 240.0.0.1:1", relay)
+    device.queued = [(b"handshake", virtual), (b"keepalive", ("192.0.2.1", 5000))]
+    assert muxed.datagrams_to_send() == [
+        (b"frame handshake", relay),
+        (b"keepalive", ("192.0.2.1", 5000)),
+    ]
+    assert sent_by_route == []
+    # ...while other callers (the puncher's probes) still send through the route itself.
+    route = muxed.routed(virtual)
+    assert route is not None
+    route(b"probe")
+    assert sent_by_route == [b"probe"]
+    muxed.set_route(virtual, sent_by_route.append)  # the same path without wrap: route only
+    assert muxed.send_packet(b"240.0.0.1:1", 0.0) is None
+    assert sent_by_route[-1] == b"sealed 240.0.0.1:1"

@@ -84,6 +84,9 @@ class _LoopbackDevice:
     def receive_datagram(self, data: bytes, addr: tuple[str, int], now: float) -> bytes | None:
         return b"decrypted " + data
 
+    def process_handshakes(self, now: float, limit: int) -> bool:
+        return False
+
     def send_packet(self, packet: bytes, now: float) -> tuple[bytes, tuple[str, int]] | None:
         return b"encrypted " + packet, self.peer
 

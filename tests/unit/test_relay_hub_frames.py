@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import socket
+
 import pytest
 import trio
 from hypothesis import given
@@ -154,3 +156,20 @@ async def test_bounded_writer_drops_whole_frames_when_full() -> None:
         writer.close()
     assert not writer.send_nowait(b"x")
     assert writer.sent_bytes == 10
+
+
+async def test_bounded_writer_writes_a_full_queue_through_to_the_socket() -> None:
+    left, right = socket.socketpair()
+    left.setblocking(False)
+    writer = BoundedWriter(max_buffer=10)
+    assert writer.send_nowait(b"12345678")
+    assert not writer.send_nowait(b"abcdef")  # no write-through yet: dropped
+    writer.write_through(left.fileno())
+    assert writer.send_nowait(b"abcdef")  # the queue went to the socket, this one is queued
+    assert (writer.direct_writes, writer.sent_bytes, writer.buffered) == (1, 8, 6)
+    assert right.recv(100) == b"12345678"
+    writer.close()  # closing stops writing through
+    assert not writer.send_nowait(b"x")
+    assert writer.direct_writes == 1
+    left.close()
+    right.close()

@@ -14,6 +14,7 @@ import pytest
 import trio
 
 from punchtrio import PrivateKey
+from punchtrio.metrics import TextCollector
 from punchtrio.relay import (
     HubRelayClient,
     HubRelayServeError,
@@ -273,13 +274,11 @@ async def test_the_hub_publishes_the_relay_counts_it_and_keeps_the_directory() -
     directory = KeyDirectory(clock=lambda: 1_800_000_000.0 + trio.current_time())
     setup = Setup()
     relay = HubRelayAddress(None, 7778, True)
-    async with Hub(
-        relay=relay, directory=directory, relay_metrics=setup.server.metrics_lines
-    ) as hub:
+    async with Hub(relay=relay, directory=directory) as hub:
         info = HubInfo.from_json((await hub.http.get("/v1/hub")).json())
         assert info.relay == relay
-        metrics = (await hub.http.get("/metrics")).text
-        assert "punchtrio_hub_relay_bound_peers 0" in metrics
+        metrics = hub.scrape(TextCollector(setup.server.metrics_lines))
+        assert metrics["punchtrio_hub_relay_bound_peers"] == 0
         peer = hub.peer()
         key = peer.key.public_key().raw
         assert not directory.is_registered(key, "", hub_now())
@@ -306,7 +305,17 @@ def test_directory_entries_expire() -> None:
 
 
 def _hub_cli(*argv: str) -> subprocess.CompletedProcess[str]:
-    command = [sys.executable, "-m", "punchtrio.cli", "hub", "--listen", "127.0.0.1:0", *argv]
+    command = [
+        sys.executable,
+        "-m",
+        "punchtrio.cli",
+        "hub",
+        "--store",
+        "memory",
+        "--listen",
+        "127.0.0.1:0",
+        *argv,
+    ]
     return subprocess.run(command, capture_output=True, text=True, timeout=30, check=False)
 
 
@@ -334,3 +343,36 @@ def test_cli_relay_port_in_use_is_one_line_and_starts_nothing(kind: int) -> None
     assert lines == [
         f"punchtrio: error: cannot serve the relay on 127.0.0.1:{port}: Address already in use"
     ]
+
+
+async def test_a_gso_burst_is_read_with_gro_split_and_forwarded_in_order() -> None:
+    setup = Setup()
+    service = HubRelayService(setup.server, (LOOPBACK, 0))
+    async with trio.open_nursery() as nursery:
+        relay = await nursery.start(service.serve)
+        assert service.gro
+        assert service.gso
+        sender, receiver = setup.client(), setup.client()
+        sock_a, sock_b = await _udp_socket(), await _udp_socket()
+        await _udp_bind(sender, sock_a, relay)
+        await _udp_bind(receiver, sock_b, relay)
+        # 40 equal frames and a shorter last one: one GSO send, as a tunnel sends a burst.
+        payloads = [bytes([n]) * 1200 for n in range(40)] + [b"tail"]
+        frames = [sender.wrap(receiver.public_key, payload) for payload in payloads]
+        segment = [(socket.SOL_UDP, 103, len(frames[0]).to_bytes(2, sys.byteorder))]
+        await sock_a.sendmsg(frames, segment, 0, relay)
+        got = []
+        with trio.fail_after(5):
+            while len(got) < len(payloads):
+                data, _ = await sock_b.recvfrom(65536)
+                unwrapped = receiver.receive_frame(data, trio.current_time())
+                assert unwrapped is not None
+                got.append(unwrapped)
+        sock_a.close()
+        sock_b.close()
+        nursery.cancel_scope.cancel()
+    assert got == [(sender.public_key, payload) for payload in payloads]
+    # The burst was read in fewer reads than frames and forwarded in fewer sends than frames.
+    assert service.counters["udp_reads"] < 10
+    assert service.counters["udp_sends"] < 10
+    assert setup.server.counters["forwarded"] == len(payloads)

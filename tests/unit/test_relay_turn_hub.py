@@ -81,8 +81,11 @@ async def test_registered_peers_get_rest_credentials() -> None:
         mallory = hub.peer()
         assert (await hub.http.get("/v1/peers/alice/turn", auth=mallory.auth)).status_code == 404
         assert (await hub.http.get("/v1/peers/bob/turn", auth=alice.auth)).status_code == 404
-        metrics = (await hub.http.get("/metrics")).text
-        assert 'route="/v1/peers/{name}/turn",method="GET",status="200"' in metrics
+        metrics = hub.scrape()
+        turn = (
+            'punchtrio_hub_requests_total{method="GET",route="/v1/peers/{name}/turn",status="200"}'
+        )
+        assert metrics[turn] == 1
 
 
 async def test_a_hub_without_turn_answers_404() -> None:

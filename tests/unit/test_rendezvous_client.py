@@ -30,6 +30,7 @@ from punchtrio.rendezvous import (
     NetworkSecret,
     NotRegisteredError,
     PeerNotFoundError,
+    RegisterRequest,
     Rendezvous,
     RendezvousProtocolError,
     RendezvousRefusedError,
@@ -208,7 +209,7 @@ async def test_a_name_belongs_to_its_first_key(make_peer: PeerFactory) -> None:
 
 async def test_overlapping_allowed_ips_are_refused(make_peer: PeerFactory) -> None:
     alice, bob = make_peer("alice"), make_peer("bob")
-    await alice.register([EP_A], ["10.9.0.0/24"])
+    await alice.register([EP_A], ["10.9.0.7/32"])
     with pytest.raises(RendezvousRefusedError):
         await bob.register([EP_B], ["10.9.0.7/32"])
     with pytest.raises(PeerNotFoundError):
@@ -301,34 +302,76 @@ async def test_hub_restart_during_a_wait(autojump_clock: trio.abc.Clock) -> None
         assert result[0].public_key == bob.public_key
 
 
-async def test_idle_client_reregisters_after_restart(autojump_clock: trio.abc.Clock) -> None:
-    """Nothing in flight: the refresh task puts the record back at its next refresh."""
+async def test_idle_client_reregisters_at_once_after_restart(
+    autojump_clock: trio.abc.Clock,
+) -> None:
+    """Nothing else in flight: the client's watch on its own record drops with the hub, and the
+    record is back within a second, not at the next refresh (ttl/3 = 20 s)."""
     hub = RestartableHub(keep_key=True, ttl=60.0)
     async with hub_client(hub, "alice") as alice, hub_client(hub, "bob") as bob:
         await alice.register([EP_A])
+        await trio.sleep(1)
         hub.stop()
         hub.start()
-        with pytest.raises(PeerNotFoundError):
-            await bob.lookup("alice")
-        await trio.sleep(21)  # refresh every ttl/3
+        await trio.sleep(1)
         assert (await bob.lookup("alice")).public_key == alice.public_key
 
 
-async def test_name_taken_while_the_hub_was_empty(autojump_clock: trio.abc.Clock) -> None:
-    """Another key registers alice's name on the restarted, empty hub: alice's refresh is refused
-    for good, changes nothing, and her later calls report it."""
+def _squat(hub: RestartableHub, name: str, key: PrivateKey) -> None:
+    """Register ``name`` for ``key`` in the restarted hub's store before any client runs."""
+    assert hub.app is not None
+    request = RegisterRequest(key.public_key(), (EP_B,))
+    coroutine = hub.app.state.hub.store.put("", name, request, hub.config.get("ttl", 300.0))
+    try:  # a memory store's put never suspends: this runs it to completion now
+        coroutine.send(None)
+    except StopIteration:
+        return
+    raise AssertionError("the store's put suspended")
+
+
+async def test_a_name_squatted_in_the_gap_comes_back_when_the_squatter_lets_go(
+    autojump_clock: trio.abc.Clock, caplog: pytest.LogCaptureFixture
+) -> None:
+    hub = RestartableHub(keep_key=True, ttl=60.0)
+    async with hub_client(hub, "alice") as alice, hub_client(hub, "bob") as bob:
+        await alice.register([EP_A])
+        await trio.sleep(1)  # alice's watch is polling when the hub goes down
+        hub.stop()
+        hub.start()
+        _squat(hub, "alice", PrivateKey.generate())
+        await trio.sleep(5)
+        assert "refuses the record of alice: name is registered to another key" in caplog.text
+        await trio.sleep(80)  # the squatter's record expired at 61 s; alice's retries took it back
+        assert (await bob.lookup("alice")).public_key == alice.public_key
+        assert "accepts the record of alice again" in caplog.text
+
+
+async def test_a_name_kept_by_another_key_is_refused_for_good(
+    autojump_clock: trio.abc.Clock, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Another key took alice's name on the restarted, empty hub and keeps refreshing it: alice
+    retries for the TTL and a third, then reports the refusal; her later calls raise it."""
     hub = RestartableHub(keep_key=True, ttl=60.0)
     async with hub_client(hub, "alice") as alice:
         await alice.register([EP_A])
+        await trio.sleep(1)
         hub.stop()
         hub.start()
-        mallory = hub_client(hub, "alice")
-        await mallory.register([EP_B])
-        await trio.sleep(21)  # alice's refresh
-        with pytest.raises(RendezvousRefusedError, match="another key"):
-            await alice.lookup("bob")
-        assert (await mallory.lookup("alice")).public_key == mallory.public_key
-        await mallory.aclose()
+        mallory_key = PrivateKey.generate()
+        _squat(hub, "alice", mallory_key)
+        mallory = HubClient("http://hub.test", mallory_key, "alice", transport=hub, clock=hub_clock)
+        async with mallory:
+            await mallory.register([EP_B])
+            started = trio.current_time()
+            error = await alice.wait_refused()
+            assert 80 <= trio.current_time() - started <= 90
+            assert isinstance(error, RendezvousRefusedError)
+            assert error.status == 409
+            assert "another key" in str(error)
+            assert "refused the record of alice for good" in caplog.text
+            with pytest.raises(RendezvousRefusedError, match="another key"):
+                await alice.lookup("bob")
+            assert (await mallory.lookup("alice")).public_key == mallory.public_key
 
 
 async def test_refresh_keeps_the_record_past_its_ttl(autojump_clock: trio.abc.Clock) -> None:

@@ -151,9 +151,14 @@ def test_classic_rfc3489_request_gets_mapped_source_and_changed() -> None:
         b"\x80" + bytes(19),
         struct.pack("!HHI", 1, 4, 0x2112A442) + bytes(12),
         struct.pack("!HHI", 1, 4, 0x2112A442) + bytes(12) + b"\x00\x03\x00\x08",
-        bytes(StunMessage(attributes=[ChangeRequest(length=2)])),
-        bytes(StunMessage(attributes=[Fingerprint(crc=1234)])),
-        bytes(StunMessage(attributes=[Fingerprint(), StunAttribute(type=0x8022)])),
+        pytest.param(
+            bytes(StunMessage(attributes=[ChangeRequest(length=2)])), id="change-request-2"
+        ),
+        pytest.param(bytes(StunMessage(attributes=[Fingerprint(crc=1234)])), id="bad-fingerprint"),
+        pytest.param(
+            bytes(StunMessage(attributes=[Fingerprint(), StunAttribute(type=0x8022)])),
+            id="fingerprint-not-last",
+        ),
         bytes(2000),
     ],
 )

@@ -47,6 +47,9 @@ class StandInDevice:
             return data[1:]
         return None
 
+    def process_handshakes(self, now: float, limit: int) -> bool:
+        return False
+
     def send_packet(self, packet: bytes, now: float) -> tuple[bytes, Address] | None:
         if self.peer is None:
             return None

@@ -5,6 +5,7 @@ from __future__ import annotations
 import io
 import json
 import pathlib
+import re
 from typing import Any
 
 import pytest
@@ -174,6 +175,9 @@ async def test_two_up_runs_connect_and_report_json_lines(
             nursery.cancel_scope.cancel()
     for name, other in (("alice", "bob"), ("bob", "alice")):
         events = _json_events(out[name])
+        assert all(
+            re.fullmatch(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}Z", e.pop("time")) for e in events
+        )
         assert events[0] == {
             "event": "up",
             "name": name,
@@ -193,6 +197,8 @@ async def test_two_up_runs_connect_and_report_json_lines(
         gathered = next(e for e in events if e["event"] == "candidates_gathered")
         assert any(c.startswith("srflx ") for c in gathered["candidates"])
         assert events[-1]["event"] == "down"
+        [peer_stats] = events[-1]["peers"]
+        assert re.fullmatch(r"\d+\.\d+\.\d+\.\d+:\d+", peer_stats["endpoint"])  # "ip:port"
 
 
 async def test_a_missing_peer_fails_at_wait_and_tears_down(
@@ -418,10 +424,10 @@ def test_the_down_event_shows_a_relayed_peer_at_its_relay_not_its_internal_name(
                 return "203.0.113.1:7778", "hub/udp"
             return f"{address[0]}:{address[1]}", None
 
-    stats = [{"endpoint": ["240.0.0.1", 1]}, {"endpoint": ["192.0.2.1", 51820]}, {"endpoint": None}]
+    stats = [{"endpoint": "240.0.0.1:1"}, {"endpoint": "192.0.2.1:51820"}, {"endpoint": None}]
     shown = _up._relayed_stats(Described(), stats)  # type: ignore[arg-type]
     assert shown == [
-        {"endpoint": ["203.0.113.1", 7778], "relay": "hub/udp"},
-        {"endpoint": ["192.0.2.1", 51820]},
+        {"endpoint": "203.0.113.1:7778", "relay": "hub/udp"},
+        {"endpoint": "192.0.2.1:51820"},
         {"endpoint": None},
     ]

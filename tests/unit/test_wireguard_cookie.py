@@ -87,16 +87,25 @@ def test_mac2_from_another_address_gets_another_cookie() -> None:
     assert len(pair.received["b"]) == 1
 
 
-def test_load_is_detected_from_the_handshake_rate() -> None:
-    pair = Pair()
-    pair.b.load_threshold = 1
-    first = pair.a
+def test_load_is_detected_from_the_handshake_queue_depth() -> None:
+    from punchtrio.wireguard import Device, PeerConfig
+
+    b = Device(Pair().b._private, random=random.Random(5).randbytes, defer_handshakes=True)
+    b.load_threshold = 2
+    first = Pair().a
+    b.add_peer(PeerConfig(first.public_key))
     first.send_packet(ipv4("10.0.0.1", "10.0.0.2"), 0.0)
     [(initiation, _)] = first.datagrams_to_send()
     for i in range(3):
-        pair.b.receive_datagram(initiation, ADDR_A, 0.1 + i / 100)
-    assert pair.b.counters["under_load"] == 2  # the second and third in the same second
-    assert pair.b.counters["timestamp"] == 0
+        b.receive_datagram(initiation, ADDR_A, 0.1 + i / 100)
+    assert b.pending_handshakes == 3
+    while b.process_handshakes(0.2, 1):
+        pass
+    assert b.counters["under_load"] == 3  # processed while the queue was deep or cooling down
+    assert b.counters["timestamp"] == 0
+    b.receive_datagram(initiation, ADDR_A, 1.3)  # the cooldown is over: processed normally
+    b.process_handshakes(1.3, 1)
+    assert b.peer_stats()[first.public_key].endpoint == ADDR_A
 
 
 def test_mac1_failure_is_counted_and_unanswered() -> None:

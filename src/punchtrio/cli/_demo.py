@@ -356,15 +356,16 @@ async def netsim_story(say: Any, seed: int = 7) -> DemoReport:
 
 class _NetsimAct:
     """The second act's world, built with the first (a simulation's topology is fixed once it
-    runs): dave behind a port-restricted cone, erin behind an address-dependent mapping, so no
-    punch can join them until dave's NAT stops filtering; the hub's relay on the hub host."""
+    runs): dave and erin behind NATs that both map per address (so birthday punching is out of
+    reach too), dave's filtering by port, so no punch can join them until dave's NAT stops
+    filtering; the hub's relay on the hub host."""
 
     def __init__(self, net: Any, server: Host, hub: MemoryHub) -> None:
         from ..netsim import Filtering, Link, Mapping, NatBehavior
 
         kinds = {
-            "dave": NatBehavior.port_restricted_cone(),
-            "erin": NatBehavior(Mapping.ADDRESS_DEPENDENT, Filtering.ADDRESS_AND_PORT_DEPENDENT),
+            "dave": NatBehavior(Mapping.ADDRESS_DEPENDENT, Filtering.ADDRESS_AND_PORT_DEPENDENT),
+            "erin": NatBehavior(Mapping.ADDRESS_DEPENDENT, Filtering.ADDRESS_DEPENDENT),
         }
         self.nats = {
             name: net.add_nat(

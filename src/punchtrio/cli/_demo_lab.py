@@ -173,6 +173,8 @@ def _start_hub(lab: Lab, hub: Namespace) -> None:
         hub,
         *PUNCHTRIO,
         "hub",
+        "--store",
+        "memory",
         "--listen",
         f"{HUB_HTTP[0]}:{HUB_HTTP[1]}",
         "--stun",

@@ -4,10 +4,11 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import dataclasses
 import gc
+import logging
 import math
 import signal
-import sys
 from collections.abc import Awaitable, Callable, Iterator
 from functools import partial
 from typing import TYPE_CHECKING, Any
@@ -18,6 +19,8 @@ from ..keys import InvalidKeyError, PrivateKey
 from ..rendezvous._auth import DEFAULT_WINDOW, NetworkSecret
 from ..rendezvous._models import ValidationError, parse_address
 from ..rendezvous._store import MemoryStore, Store, StoreLimits
+from ._hub_state import HubState, HubStateError, default_state_dir, open_state
+from ._logs import add_log_options, configure_logging, secret_texts
 from ._main import UsageError
 
 # The server (Starlette, Hypercorn) is imported when ``hub`` runs: every other command builds this
@@ -25,9 +28,14 @@ from ._main import UsageError
 if TYPE_CHECKING:
     import ssl
 
+    from prometheus_client.registry import CollectorRegistry
+
     from ..relay import TurnServerURI
+    from ..rendezvous import AddressPolicy
     from ..rendezvous._hub import HubConfig
     from ..rendezvous._serve import HubListeners
+
+log = logging.getLogger("punchtrio.hub")
 
 
 def register(subparsers: Any) -> None:
@@ -49,7 +57,28 @@ def register(subparsers: Any) -> None:
     hub.add_argument(
         "--key-file",
         metavar="FILE",
-        help="the hub's static X25519 private key (default: a fresh key at every start)",
+        help=(
+            "the hub's static X25519 private key (default: hub.key in the state directory, made "
+            "at the first start; with --store memory or --redis and no --state-dir, a fresh key "
+            "at every start)"
+        ),
+    )
+    hub.add_argument(
+        "--store",
+        choices=("sqlite", "memory"),
+        default="sqlite",
+        help=(
+            "where names, records and ownership live: sqlite (default: a database in the state "
+            "directory, kept across restarts) or memory (lost at every restart); --redis wins"
+        ),
+    )
+    hub.add_argument(
+        "--state-dir",
+        metavar="DIR",
+        help=(
+            "the hub's state directory (default: /var/lib/punchtrio/hub for root, else "
+            "~/.local/state/punchtrio/hub); one hub process per directory"
+        ),
     )
     hub.add_argument(
         "--network-secret-file",
@@ -149,6 +178,36 @@ def register(subparsers: Any) -> None:
         metavar="SECONDS",
         help="lifetime of the minted TURN credentials (3600)",
     )
+    hub.add_argument(
+        "--network-prefix",
+        metavar="CIDR",
+        action="append",
+        default=[],
+        help=(
+            "assign each peer an overlay address from this prefix and refuse addresses outside "
+            "it (one IPv4 and/or one IPv6, e.g. 100.64.0.0/10; repeat for both)"
+        ),
+    )
+    hub.add_argument(
+        "--max-addresses",
+        type=int,
+        default=1,
+        metavar="N",
+        help="single addresses (/32, /128) one peer may claim per IP version (1)",
+    )
+    hub.add_argument(
+        "--allow-routes",
+        metavar="PUBLIC_KEY",
+        action="append",
+        default=[],
+        help="a peer key (base64) that may also claim subnet routes (repeat); no other may",
+    )
+    hub.add_argument(
+        "--metrics",
+        metavar="IP:PORT",
+        help="serve Prometheus metrics at http://IP:PORT/metrics, apart from the API (default: none)",
+    )
+    add_log_options(hub)
     hub.set_defaults(run=_run)
 
 
@@ -209,6 +268,30 @@ def _turn_options(args: argparse.Namespace) -> tuple[tuple[TurnServerURI, ...], 
     return tuple(uris), secret
 
 
+def _address_policy(args: argparse.Namespace) -> AddressPolicy:
+    """Return the ``--network-prefix``/``--max-addresses``/``--allow-routes`` policy (``UsageError``)."""
+    from ..keys import PublicKey
+    from ..rendezvous import AddressPolicy, check_network_prefixes, parse_allowed_ip
+
+    try:
+        prefixes = tuple(
+            parse_allowed_ip(text.strip(), what="--network-prefix") for text in args.network_prefix
+        )
+        check_network_prefixes(prefixes)
+    except ValidationError as exc:
+        text = str(exc)
+        raise UsageError(text if text.startswith("--") else f"--network-prefix: {text}") from None
+    if not 1 <= args.max_addresses <= 64:
+        raise UsageError("--max-addresses must be from 1 to 64")
+    keys = set()
+    for text in args.allow_routes:
+        try:
+            keys.add(PublicKey.from_base64(text.strip()))
+        except InvalidKeyError as exc:
+            raise UsageError(f"--allow-routes {text[:50]!r}: {exc}") from None
+    return AddressPolicy(prefixes, args.max_addresses, frozenset(keys))
+
+
 def build_config(args: argparse.Namespace) -> tuple[HubConfig, StoreLimits]:
     """Turn parsed ``hub`` arguments into the hub's configuration and store limits.
 
@@ -242,6 +325,7 @@ def build_config(args: argparse.Namespace) -> tuple[HubConfig, StoreLimits]:
         turn=turn,
         turn_secret=turn_secret,
         turn_ttl=args.turn_ttl,
+        addresses=_address_policy(args),
     )
     limits = StoreLimits(
         max_peers=args.max_peers,
@@ -252,11 +336,33 @@ def build_config(args: argparse.Namespace) -> tuple[HubConfig, StoreLimits]:
     return config, limits
 
 
+def _open_state(args: argparse.Namespace, config: HubConfig) -> tuple[HubState | None, HubConfig]:
+    """Lock the state directory when the hub keeps state there (the SQLite store, or an explicit
+    ``--state-dir``), and take the hub key from it unless ``--key-file`` names one.
+
+    Raises :class:`HubStateError` (one line naming the directory).
+    """
+    if args.state_dir is None and (args.store == "memory" or args.redis):
+        return None, config
+    state = open_state(args.state_dir or default_state_dir())
+    if not args.key_file:
+        config = dataclasses.replace(config, key=state.key())
+    return state, config
+
+
 def _run(args: argparse.Namespace) -> int:
     from ..rendezvous._redis_store import RedisStore
     from ..rendezvous._serve import serve_hub
 
     config, limits = build_config(args)
+    metrics_at = None
+    if args.metrics is not None:
+        from ..metrics import parse_listen_address
+
+        try:
+            metrics_at = parse_listen_address(args.metrics)
+        except ValueError as exc:
+            raise UsageError(f"--metrics: {exc}") from None
     listen = _address(args.listen, "--listen")
     stun = None if args.stun is None else _address(args.stun, "--stun")
     if args.stun_alternate is not None and stun is None:
@@ -265,7 +371,21 @@ def _run(args: argparse.Namespace) -> int:
         None if args.stun_alternate is None else _address(args.stun_alternate, "--stun-alternate")
     )
 
+    if (args.tls_cert is None) != (args.tls_key is None):
+        raise UsageError("give both --tls-cert and --tls-key, or neither")
+    state, config = _open_state(args, config)  # after every check: a refused start locks nothing
+    secrets = [s.raw for s in config.networks] + [config.key.raw, config.turn_secret or b""]
+    configure_logging(args, "hub", secrets=secret_texts(keys=secrets))
+    if state is not None:
+        log.info("state in %s (%s store)", state.directory, "redis" if args.redis else args.store)
     store: Store = MemoryStore(limits)
+    if state is not None and args.store == "sqlite" and not args.redis:
+        from ..rendezvous import SqliteStore, StateOpenError
+
+        try:
+            store = SqliteStore(state.database, limits)
+        except StateOpenError as exc:
+            raise HubStateError(str(exc)) from None
     if args.redis:
         if not args.redis.startswith(("redis://", "rediss://", "unix://")):
             raise UsageError("--redis must be a redis://, rediss:// or unix:// URL")
@@ -290,13 +410,23 @@ def _run(args: argparse.Namespace) -> int:
         stun=stun,
         stun_alternate=alternate,
     )
+    registry = None
+    if metrics_at is not None:
+        from ..metrics import hub_registry
+        from ..rendezvous import HubCounters
+
+        counters = HubCounters()
+        config = dataclasses.replace(config, counters=counters)
+        registry = hub_registry(store, counters)
     hub = (
         partial(serve, config)
         if relay is None
-        else partial(_serve_with_relay, serve, config, relay, relay_tls)
+        else partial(_serve_with_relay, serve, config, relay, relay_tls, registry=registry)
     )
     with _server_gc():
-        trio.run(_until_signal, hub, config)
+        trio.run(_until_signal, hub, config, metrics_at, registry)
+    if state is not None:
+        state.close()
     return 0
 
 
@@ -306,11 +436,11 @@ async def _serve_with_relay(
     relay: tuple[str, int],
     tls: ssl.SSLContext | None,
     *,
+    registry: CollectorRegistry | None = None,
     task_status: trio.TaskStatus[HubListeners] = trio.TASK_STATUS_IGNORED,
 ) -> None:
     """Bind the hub's relay first (so a taken port starts nothing), then serve the hub with the
-    relay published in ``GET /v1/hub`` and counted in ``/metrics``."""
-    import dataclasses
+    relay published in ``GET /v1/hub`` and its counters in ``registry`` (the metrics listener's)."""
     import ipaddress
 
     from ..relay import HubRelayServeError, HubRelayServer, HubRelayService
@@ -320,6 +450,10 @@ async def _serve_with_relay(
     directory = KeyDirectory()
     server = HubRelayServer(config.key, config.networks, registered=directory.is_registered)
     service = HubRelayService(server, relay, tls=tls)
+    if registry is not None:
+        from ..metrics import TextCollector
+
+        registry.register(TextCollector(service.metrics_lines))
     failure: HubServeError | HubRelayServeError | None = None
     async with trio.open_nursery() as nursery:
         try:
@@ -331,7 +465,6 @@ async def _serve_with_relay(
                 config,
                 relay=published,
                 directory=directory,
-                relay_metrics=service.metrics_lines,
             )
             listeners = await nursery.start(serve, config)
         except (HubServeError, HubRelayServeError) as exc:
@@ -339,7 +472,7 @@ async def _serve_with_relay(
             nursery.cancel_scope.cancel()
         else:
             transport = "TLS" if tls is not None else "TCP"
-            print(f"punchtrio hub: relay on {ip} port {port} (UDP, {transport})", file=sys.stderr)
+            log.info("relay on %s port %s (UDP, %s)", ip, port, transport)
             task_status.started(listeners)
     if failure is not None:
         raise failure
@@ -368,23 +501,33 @@ def _server_gc() -> Iterator[None]:
         gc.unfreeze()
 
 
-async def _until_signal(serve: Callable[..., Awaitable[None]], config: HubConfig) -> None:
-    """Serve until SIGINT or SIGTERM, then stop cleanly (exit status 0)."""
+async def _until_signal(
+    serve: Callable[..., Awaitable[None]],
+    config: HubConfig,
+    metrics_at: tuple[str, int] | None = None,
+    registry: CollectorRegistry | None = None,
+) -> None:
+    """Serve until SIGINT or SIGTERM, then stop cleanly (exit status 0); the metrics listener
+    (``registry`` on ``metrics_at``) is bound first, so a taken port starts nothing."""
+    from ..metrics import MetricsServeError, serve_metrics
     from ..relay import HubRelayServeError
     from ..rendezvous._serve import HubServeError
 
-    failure: HubServeError | HubRelayServeError | None = None
+    failure: HubServeError | HubRelayServeError | MetricsServeError | None = None
     with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
         async with trio.open_nursery() as nursery:
             try:
+                if metrics_at is not None and registry is not None:
+                    url = await nursery.start(serve_metrics, registry, metrics_at)
+                    log.info("metrics on %s", url)
                 listeners: HubListeners = await nursery.start(serve)
-            except (HubServeError, HubRelayServeError) as exc:
+            except (HubServeError, HubRelayServeError, MetricsServeError) as exc:
                 failure = exc
                 nursery.cancel_scope.cancel()
             else:
                 _announce(config, listeners)
                 async for _ in signals:
-                    print("punchtrio hub: stopping", file=sys.stderr)
+                    log.info("stopping")
                     nursery.cancel_scope.cancel()
                     break
     if failure is not None:
@@ -392,11 +535,10 @@ async def _until_signal(serve: Callable[..., Awaitable[None]], config: HubConfig
 
 
 def _announce(config: HubConfig, listeners: HubListeners) -> None:
-    print(f"punchtrio hub: key {config.key.public_key()}", file=sys.stderr)
+    log.info("key %s", config.key.public_key())
     for url in listeners.http:
-        print(f"punchtrio hub: serving {url}", file=sys.stderr)
+        log.info("serving %s", url)
     for ip, port in listeners.stun:
-        print(f"punchtrio hub: STUN on {ip} port {port}", file=sys.stderr)
+        log.info("STUN on %s port %s", ip, port)
     for uri in config.turn:
-        print(f"punchtrio hub: TURN credentials for {uri}", file=sys.stderr)
-    sys.stderr.flush()
+        log.info("TURN credentials for %s", uri)

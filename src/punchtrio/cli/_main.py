@@ -15,7 +15,7 @@ from .._exceptions import PunchtrioError
 
 # Each module defines ``register(subparsers)``, which adds its subcommands and sets ``run`` on them:
 # ``run(args) -> int`` returns the exit code.
-_COMMAND_MODULES = ("_keys", "_up", "_stun", "_nat", "_hub", "_register", "_demo")
+_COMMAND_MODULES = ("_keys", "_up", "_status", "_stun", "_nat", "_hub", "_register", "_demo")
 
 
 class UsageError(PunchtrioError):

@@ -10,6 +10,8 @@ import json
 import sys
 from typing import TYPE_CHECKING, Any, TextIO
 
+from ._logs import timestamp
+
 if TYPE_CHECKING:  # rich is imported by ProgressView itself: ``--json`` runs start faster without
     from rich.console import Console
     from rich.status import Status
@@ -25,14 +27,16 @@ _STAGE_TEXT = {
 
 
 class JsonLines:
-    """Write each event as one JSON object per line (``{"event": name, **fields}``) and flush."""
+    """Write each event as one JSON object per line and flush: ``{"event": name, "time": T,
+    **fields}``, ``T`` the moment it was written, RFC 3339 UTC with milliseconds
+    (``"2025-06-01T12:00:00.123Z"``)."""
 
     def __init__(self, stream: TextIO | None = None) -> None:
         self._stream = stream
 
     def __call__(self, event: str, fields: dict[str, Any]) -> None:
         stream = self._stream if self._stream is not None else sys.stdout
-        stream.write(json.dumps({"event": event, **fields}) + "\n")
+        stream.write(json.dumps({"event": event, "time": timestamp(), **fields}) + "\n")
         stream.flush()
 
     def close(self) -> None:
@@ -104,6 +108,9 @@ class ProgressView:
             return f"[red]✗[/] {fields.get('peer')} failed at the {fields.get('stage')} stage"
         if event == "down":
             return f"[green]✓[/] tunnel {fields.get('interface')} down"
+        if event in ("uapi_unavailable", "control_unavailable"):
+            what = "wg show" if event == "uapi_unavailable" else "punchtrio status"
+            return f"[yellow]![/] no {what} for this tunnel: {fields.get('reason')}"
         return None
 
     def close(self) -> None:

@@ -3,7 +3,9 @@
 ``--hub URL --name NAME --key-file F --address CIDR --peer NAME...`` runs the connector
 (:mod:`punchtrio.connect`): STUN, registration, punching and the WireGuard handshake, shown as a
 progress view on stderr or as JSON lines on stdout. ``--config FILE`` brings up the static peers
-of a wg-quick file; both together add the file's peers to the rendezvous tunnel. Ctrl-C or
+of a wg-quick file; both together add the file's peers to the rendezvous tunnel; a TOML
+``--config`` holds these options themselves (:mod:`._up_config`). ``--metrics IP:PORT`` serves
+Prometheus metrics; ``-v``/``-q``/``--log-format`` set the logging (:mod:`._logs`). Ctrl-C or
 SIGTERM tears everything down.
 """
 
@@ -14,6 +16,7 @@ import base64
 import dataclasses
 import enum
 import ipaddress
+import logging
 import re
 import signal
 import sys
@@ -45,9 +48,11 @@ from ..relay import (
     TurnURIError,
 )
 from ..rendezvous import (
+    HubClient,
     InvalidNetworkSecretError,
     NetworkSecret,
     Rendezvous,
+    RendezvousRefusedError,
     ValidationError,
     parse_address,
     validate_name,
@@ -60,18 +65,24 @@ from ..tunnel import (
     load_wgquick,
     open_userspace_tunnel,
 )
+from ._control import start_local_sockets
+from ._logs import LogReport, add_log_options, configure_logging, secret_texts
 from ._main import UsageError
 from ._progress import JsonLines, ProgressView
+from ._up_config import apply_config_file
 
 _IFNAME = re.compile(r"[A-Za-z0-9_=+.-]{1,15}")
 
 Report = Callable[[str, dict[str, Any]], None]
 """Where ``up`` sends what happens: ``report(event_name, fields)``."""
 
+log = logging.getLogger("punchtrio.up")
+
 
 class UpError(PunchtrioError):
-    """``punchtrio up`` could not start: ``str(error)`` is ``"<stage>: <reason>"`` (stage
-    ``tunnel`` for the TUN device or the UDP port). Exits with status 1."""
+    """``punchtrio up`` could not start, or lost its name at the hub: ``str(error)`` is
+    ``"<stage>: <reason>"`` (stage ``tunnel`` for the TUN device or the UDP port, ``register``
+    for a record the hub refuses for good). Exits with status 1."""
 
     exit_code = 1
 
@@ -81,17 +92,19 @@ class UpPlan:
     """What ``punchtrio up --hub`` will do, checked before anything is created.
 
     ``hub``: the hub URL; ``name``/``key``: who we are; ``address``: our tunnel address with its
-    prefix; ``peers``: names to connect to; ``stun``: STUN servers (``None``: what the hub
+    prefix (``None``: the one the hub assigns, see :func:`assigned_address`); ``peers``: names
+    to connect to; ``stun``: STUN servers (``None``: what the hub
     advertises); ``listen_port``: the one UDP port (0: any); ``interface``: the TUN name
     (``""``: the kernel's ``tunN``); ``network_secret``; ``static``: a wg-quick file whose peers
     are added as static peers; ``turn``: TURN servers of our own (``--turn``); ``relay=False``
-    never relays (``--no-relay``).
+    never relays (``--no-relay``); ``metrics``: where to serve Prometheus metrics
+    (``--metrics``; ``None``: nowhere).
     """
 
     hub: str
     name: str
     key: PrivateKey = dataclasses.field(repr=False)
-    address: ipaddress.IPv4Interface | ipaddress.IPv6Interface
+    address: ipaddress.IPv4Interface | ipaddress.IPv6Interface | None
     peers: tuple[str, ...]
     stun: tuple[tuple[str, int], ...] | None = None
     listen_port: int = 51820
@@ -100,6 +113,7 @@ class UpPlan:
     static: WgQuickConfig | None = dataclasses.field(default=None, repr=False)
     turn: tuple[TurnServer, ...] = dataclasses.field(default=(), repr=False)
     relay: bool = True
+    metrics: tuple[str, int] | None = None
 
 
 def register(subparsers: Any) -> None:
@@ -114,11 +128,19 @@ def register(subparsers: Any) -> None:
             "See docs/cli.md."
         ),
     )
-    up.add_argument("--config", metavar="FILE", help="wg-quick style configuration file")
+    up.add_argument(
+        "--config",
+        metavar="FILE",
+        help="these options as a TOML file, or a wg-quick file (see docs/service.md)",
+    )
     up.add_argument("--hub", metavar="URL", help="the rendezvous hub, e.g. http://hub:7777")
     up.add_argument("--name", metavar="NAME", help="our name at the hub")
     up.add_argument("--key-file", metavar="FILE", help="our WireGuard private key file")
-    up.add_argument("--address", metavar="CIDR", help="our tunnel address, e.g. 10.99.0.1/24")
+    up.add_argument(
+        "--address",
+        metavar="CIDR",
+        help="our tunnel address, e.g. 10.99.0.1/24 (default: the hub assigns one)",
+    )
     up.add_argument(
         "--peer", metavar="NAME", action="append", default=[], help="a peer to reach (repeat)"
     )
@@ -157,13 +179,23 @@ def register(subparsers: Any) -> None:
         action="store_true",
         help="never relay (neither the hub's relay nor TURN): direct and LAN paths only",
     )
+    up.add_argument(
+        "--metrics",
+        metavar="IP:PORT",
+        help="serve Prometheus metrics at http://IP:PORT/metrics (e.g. 127.0.0.1:9586)",
+    )
     up.add_argument("--json", action="store_true", help="print events as JSON, one per line")
-    up.set_defaults(run=_up)
+    add_log_options(up)
+    up.set_defaults(run=_up, up_parser=up)
 
 
 def _up(args: argparse.Namespace) -> int:
+    parser = getattr(args, "up_parser", None)
+    if parser is not None:
+        apply_config_file(args, parser)
     if args.hub is None:
         rendezvous_only = (
+            "metrics",
             "name",
             "key_file",
             "address",
@@ -181,7 +213,22 @@ def _up(args: argparse.Namespace) -> int:
             )
         return _up_static(args)
     plan = build_plan(args)
-    report: Report = JsonLines() if args.json else ProgressView()
+    configure_logging(args, "up", secrets=_secrets(plan.key, plan.static, plan))
+    log.debug(
+        "hub %s, name %s, peers %s, UDP port %s, relay %s",
+        plan.hub,
+        plan.name,
+        ", ".join(plan.peers) or "(static only)",
+        plan.listen_port,
+        "on" if plan.relay else "off",
+    )
+    report: Report
+    if args.json:
+        report = JsonLines()
+    elif args.quiet or args.log_format == "json":
+        report = LogReport(log)
+    else:
+        report = ProgressView()
     try:
         trio.run(_until_signal, plan, report)
     finally:
@@ -232,6 +279,14 @@ def build_plan(args: argparse.Namespace) -> UpPlan:
     if interface and not _IFNAME.fullmatch(interface):
         raise UsageError(f"--interface {interface[:40]!r} is not a valid interface name")
     turn = _turn_servers(args.turn, args.turn_user, args.turn_password_file)
+    metrics = None
+    if args.metrics is not None:
+        from ..metrics import parse_listen_address
+
+        try:
+            metrics = parse_listen_address(args.metrics)
+        except ValueError as exc:
+            raise UsageError(f"--metrics: {exc}") from None
     return UpPlan(
         args.hub,
         name,
@@ -245,7 +300,22 @@ def build_plan(args: argparse.Namespace) -> UpPlan:
         static,
         turn,
         not args.no_relay,
+        metrics,
     )
+
+
+def _secrets(key: PrivateKey, static: WgQuickConfig | None, plan: UpPlan | None) -> tuple[str, ...]:
+    """The forms of our secrets that a log line must never show (see :mod:`._logs`)."""
+    keys = [key.raw]
+    if static is not None:
+        keys += [static.interface.private_key]
+        keys += [p.preshared_key for p in static.peers if p.preshared_key]
+    texts: list[str] = []
+    if plan is not None:
+        if plan.network_secret is not None:
+            keys.append(plan.network_secret.raw)
+        texts += [server.credentials.password for server in plan.turn]
+    return secret_texts(keys=keys, texts=texts)
 
 
 def _turn_servers(
@@ -282,10 +352,10 @@ def _turn_servers(
 
 def _tunnel_address(
     text: str | None, static: WgQuickConfig | None
-) -> ipaddress.IPv4Interface | ipaddress.IPv6Interface:
+) -> ipaddress.IPv4Interface | ipaddress.IPv6Interface | None:
     if text is None:
         if static is None or not static.interface.addresses:
-            raise UsageError("--hub needs --address CIDR (our tunnel address, e.g. 10.99.0.1/24)")
+            return None  # the hub assigns one (or up says to pass --address)
         return static.interface.addresses[0]
     try:
         address = ipaddress.ip_interface(text)
@@ -294,6 +364,37 @@ def _tunnel_address(
     if address.version != 4 or "/" not in text:
         raise UsageError("--address must be IPv4 with a prefix, e.g. 10.99.0.1/24")
     return address
+
+
+async def assigned_address(
+    plan: UpPlan, rendezvous: Rendezvous | None = None
+) -> ipaddress.IPv4Interface:
+    """Return the IPv4 overlay address (with the network's prefix length) the hub assigns
+    ``plan``'s key, for ``up`` without ``--address``.
+
+    ``rendezvous``: a :class:`~punchtrio.rendezvous.HubClient` to ask instead of ``plan.hub``.
+    Raises :class:`UsageError` (one line saying to pass ``--address``) when the hub assigns no
+    IPv4 address or the rendezvous is not a hub, and the hub client's errors otherwise.
+    """
+    hint = "pass --address CIDR (our tunnel address, e.g. 10.99.0.1/24)"
+    if rendezvous is not None and not isinstance(rendezvous, HubClient):
+        raise UsageError(f"this rendezvous assigns no addresses: {hint}")
+    client = rendezvous or HubClient(
+        plan.hub, plan.key, plan.name, network_secret=plan.network_secret
+    )
+    try:
+        interfaces = await client.request_address()
+    except RendezvousRefusedError as exc:
+        if client.hub_info is None or client.hub_info.network_prefixes:
+            raise
+        raise UsageError(f"{exc.reason}: {hint}") from None
+    finally:
+        if rendezvous is None:
+            await client.aclose()
+    for interface in interfaces:
+        if isinstance(interface, ipaddress.IPv4Interface):
+            return interface
+    raise UsageError(f"the hub assigns only IPv6 addresses and up needs IPv4: {hint}")
 
 
 def parse_stun(text: str) -> tuple[str, int]:
@@ -343,13 +444,18 @@ async def serve_up(
     :func:`describe`) and ``down`` after teardown. Raises :class:`ConnectError` when a peer fails
     (naming the stage; everything is torn down first), :class:`~punchtrio.tunnel.ConfigError`
     (``FILE:LINE: why``, also after teardown) if the device refuses a static peer, and
-    :class:`UpError` if the tunnel cannot be created.
+    :class:`UpError` if the tunnel cannot be created or the hub refuses our record for good
+    (another key keeps our name; ``"register: ..."``).
     """
     connector = Connector(
         plan.name,
         plan.key,
         rendezvous if rendezvous is not None else plan.hub,
-        TunnelConfig(plan.address, listen_port=plan.listen_port, interface_name=plan.interface),
+        TunnelConfig(
+            plan.address or await assigned_address(plan, rendezvous),
+            listen_port=plan.listen_port,
+            interface_name=plan.interface,
+        ),
         peers=plan.peers,
         stun_servers=plan.stun,
         network_secret=plan.network_secret,
@@ -358,9 +464,16 @@ async def serve_up(
         **options,
     )
     failure: PunchtrioError | None = None
+    refused: list[PunchtrioError] = []
     down: dict[str, Any] = {"interface": "", "peers": []}
     try:
         async with trio.open_nursery() as nursery:
+            if plan.metrics is not None:  # first: a taken port creates nothing
+                from ..metrics import connector_registry, serve_metrics
+
+                registry = connector_registry(connector)
+                url = await nursery.start(serve_metrics, registry, plan.metrics)
+                log.info("metrics on %s", url)
             try:
                 await nursery.start(connector.run)
             except (TunnelError, OSError) as exc:
@@ -372,6 +485,12 @@ async def serve_up(
                 "up",
                 {"name": plan.name, "interface": tunnel.name, "listen_port": connector.listen_port},
             )
+            if options.get("interface") is None:  # a real TUN: `wg show` and `punchtrio status`
+                await start_local_sockets(nursery, tunnel, connector.core.device, connector, report)
+            if isinstance(connector.rendezvous, HubClient):
+                nursery.start_soon(
+                    _end_when_refused, connector.rendezvous, refused, nursery.cancel_scope
+                )
             if plan.static is not None:
                 try:  # raised after teardown: from inside the nursery it would come in a group
                     _add_static(connector, plan.static, options.get("interface") is None)
@@ -390,8 +509,19 @@ async def serve_up(
     finally:
         if down["interface"]:  # the tunnel existed: say it is gone (also when cancelled)
             report("down", down)
+    if failure is None and refused:
+        failure = refused[0]
     if failure is not None:
         raise failure
+
+
+async def _end_when_refused(
+    hub: HubClient, refused: list[PunchtrioError], scope: trio.CancelScope
+) -> None:
+    """Stop ``up`` (with :class:`UpError`) once the hub refuses our record for good."""
+    error = await hub.wait_refused()
+    refused.append(UpError(f"register: the hub refused {hub.name}'s record for good: {error}"))
+    scope.cancel()
 
 
 def _add_static(connector: Connector, config: WgQuickConfig, tun: bool) -> None:
@@ -473,6 +603,9 @@ def _oneline(exc: BaseException) -> str:
 
 def _up_static(args: argparse.Namespace) -> int:
     config = load_wgquick(args.config)
+    configure_logging(
+        args, "up", secrets=_secrets(PrivateKey(config.interface.private_key), config, None)
+    )
     name = args.interface
     if name is None:
         stem = Path(args.config).name.removesuffix(".conf")
@@ -490,21 +623,26 @@ async def _run(config: Any, name: str, emit: Callable[[str, dict[str, Any]], Non
             config, name=name, on_event=lambda event: emit(type(event).__name__, _fields(event))
         ) as tunnel:
             emit("up", {"interface": tunnel.name, "listen_port": tunnel.listen_port})
-            async for _ in signals:
-                break
+            async with trio.open_nursery() as nursery:
+                device: Any = tunnel.device
+                await start_local_sockets(nursery, tunnel, device, None, emit, uapi=False)
+                async for _ in signals:
+                    break
+                nursery.cancel_scope.cancel()
             stats = _stats(tunnel)
     emit("down", {"interface": tunnel.name, "peers": stats, "shell": _fields(tunnel.counters)})
 
 
 def _relayed_stats(connector: Connector, stats: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    """Per-peer stats with a relayed endpoint shown as the relay's address and name."""
+    """Per-peer stats with a relayed endpoint (``"ip:port"``) shown as the relay's address and
+    name."""
     for entry in stats:
         endpoint = entry.get("endpoint")
-        if isinstance(endpoint, list) and len(endpoint) == 2:
-            text, relay = connector.describe_path((str(endpoint[0]), int(endpoint[1])))
+        if isinstance(endpoint, str) and ":" in endpoint:
+            host, _, port = endpoint.rpartition(":")
+            text, relay = connector.describe_path((host.strip("[]"), int(port)))
             if relay is not None:
-                host, _, port = text.rpartition(":")
-                entry["endpoint"] = [host.strip("[]"), int(port)]
+                entry["endpoint"] = text
                 entry["relay"] = relay
     return stats
 
@@ -520,6 +658,9 @@ def _fields(obj: object) -> dict[str, Any]:
 
 
 def _plain(value: object) -> Any:
+    if _is_address(value):  # endpoints are always "ip:port" ("[addr]:port" for IPv6)
+        assert isinstance(value, tuple)
+        return _endpoint(value[0], value[1])
     if isinstance(value, bytes):
         return base64.b64encode(value).decode()
     if isinstance(value, enum.Enum):
@@ -531,6 +672,16 @@ def _plain(value: object) -> Any:
     if dataclasses.is_dataclass(value) and not isinstance(value, type):
         return _fields(value)
     return str(value)
+
+
+def _is_address(value: object) -> bool:
+    if not (isinstance(value, tuple) and len(value) == 2 and isinstance(value[1], int)):
+        return False
+    try:
+        ipaddress.ip_address(value[0])
+    except ValueError:
+        return False
+    return True
 
 
 _json_line = JsonLines()

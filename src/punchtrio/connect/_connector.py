@@ -29,6 +29,7 @@ from .._exceptions import PunchtrioError
 from ..keys import PrivateKey, PublicKey
 from ..mux import Datagram, Kind, Mux, MuxedDevice
 from ..punch import (
+    BirthdaySockets,
     Candidate,
     CandidateType,
     Puncher,
@@ -63,8 +64,10 @@ from ._core import (
     ListenForSignals,
     LookupFailed,
     PeerRecordLoaded,
+    PeerRetrying,
     PeerSettled,
     RecordFound,
+    Regather,
     RegisterDone,
     RegisterFailed,
     SendSignal,
@@ -168,7 +171,10 @@ class Connector:
       the first WireGuard handshake after a path is chosen; ``stun_rto`` / ``stun_attempts``
       (0.5 s, 3) per STUN server; ``restun_interval`` (300 s) between STUN refreshes, after which
       the record is registered again if our mapping changed (a tunnel whose every path failed is
-      punched again a tenth of it later, with the peer's fresh record).
+      punched again a tenth of it later, with the peer's fresh record; a lost path re-STUNs at
+      once). ``retry_backoff`` (2 s): a failed peer is tried again after this, doubling up to
+      60 s (:attr:`PeerFailed.retry_in <punchtrio.connect.PeerFailed.retry_in>`); ``None``
+      leaves it failed.
     - ``hub_relay``: where the hub's own relay listens and the hub's public key
       (:class:`HubRelay`); ``None`` (default) uses what a hub URL advertises in ``GET /v1/hub``.
       ``relay=False`` never relays. ``relay_stream_after`` (3 s): how long a UDP binding may take
@@ -202,6 +208,7 @@ class Connector:
         stun_rto: float = 0.5,
         stun_attempts: int = 3,
         restun_interval: float = 300.0,
+        retry_backoff: float | None = 2.0,
         network_secret: NetworkSecret | None = None,
         hub_relay: HubRelay | None = None,
         relay: bool = True,
@@ -232,6 +239,7 @@ class Connector:
         self._stun_rto = stun_rto
         self._stun_attempts = stun_attempts
         self._restun_interval = restun_interval
+        self._regather = trio.Event()
         self._network_secret = network_secret
         self._hub_relay = hub_relay
         self._use_relay = relay
@@ -251,12 +259,23 @@ class Connector:
         self._send_events, self.events = trio.open_memory_channel[ConnectEvent](math.inf)
         """Every :data:`~punchtrio.connect.ConnectEvent`, in order; closed when the run ends."""
         device = Device(
-            private_key.raw, timers=self.config.timers, mtu=self.config.mtu, wall_clock=wall_clock
+            private_key.raw,
+            timers=self.config.timers,
+            mtu=self.config.mtu,
+            wall_clock=wall_clock,
+            defer_handshakes=True,
         )
         puncher = Puncher(private_key.raw, settings=punch, families=(4,), wall_clock=wall_clock)
         self._mux = Mux()
         self._muxed = MuxedDevice(device, self._mux)
         self._links = RelayLinks(self._muxed, puncher)
+        self._birthday = BirthdaySockets(
+            puncher,
+            route=self._muxed.set_route,
+            deliver=self._deliver_relayed,
+            base_port=lambda: self.listen_port,
+            socket_factory=socket_factory,
+        )
         self.core = ConnectCore(
             public_key=self.public_key,
             device=device,
@@ -268,6 +287,7 @@ class Connector:
             describe_path=self.describe_path,
             relay_status=self._relay_status,
             start=0.0,
+            retry_backoff=retry_backoff,
         )
         """The decisions (:class:`ConnectCore`): stages, paths, timeouts."""
         self._relay_shell: RelayShell | None = None
@@ -361,6 +381,7 @@ class Connector:
                             await nursery.start(self.tunnel.serve)
                             self._nursery = nursery
                             nursery.start_soon(self._timer)
+                            await nursery.start(self._birthday.run)
                             self._drain()  # actions queued before the run
                             task_status.started()
                             await self._pipeline(nursery, stun)
@@ -482,9 +503,12 @@ class Connector:
         return await self.rendezvous.register(endpoints, [self.config.allowed_ip])
 
     async def _refresh(self, stun: trio.MemoryReceiveChannel[Datagram]) -> None:
-        """Re-STUN now and then; register again when our mapping changed."""
+        """Re-STUN now and then, and when the core asks (a path was lost); register again when
+        our mapping changed."""
         while True:
-            await trio.sleep(self._restun_interval)
+            with trio.move_on_after(self._restun_interval):
+                await self._regather.wait()
+            self._regather = trio.Event()
             before = {c.endpoint for c in self.candidates}
             await self._gather(stun, announce=False)
             if {c.endpoint for c in self.candidates} != before:
@@ -517,6 +541,7 @@ class Connector:
             elif sock is not None:
                 with contextlib.suppress(OSError):
                     sock.sendto(data, address)
+        self._birthday.flush()  # birthday probes on extra sockets, and opening or closing them
         if self._nursery is not None:
             while (action := core.next_action()) is not None:
                 self._act(action)
@@ -532,6 +557,11 @@ class Connector:
             for scope in self._scopes[action.peer]:
                 scope.cancel()
             self._done[action.peer].set()
+        elif isinstance(action, PeerRetrying):
+            if self._done[action.peer].is_set():
+                self._done[action.peer] = trio.Event()
+        elif isinstance(action, Regather):
+            self._regather.set()
         elif isinstance(action, PeerRecordLoaded):
             self._links.add_peer(action.public_key.raw, trio.current_time())
             if self._turn is not None:
@@ -558,7 +588,7 @@ class Connector:
             self._feed(RecordFound(peer, record))
 
     async def _listen(self, peer: str) -> None:
-        with self._peer_scope(peer, True):
+        with self._peer_scope(peer, False):  # for the peer's whole life: it may restart
             try:
                 while True:
                     message = await self.rendezvous.receive_signal(peer)
@@ -822,6 +852,7 @@ async def open_connector(
     stun_rto: float = 0.5,
     stun_attempts: int = 3,
     restun_interval: float = 300.0,
+    retry_backoff: float | None = 2.0,
     network_secret: NetworkSecret | None = None,
     hub_relay: HubRelay | None = None,
     relay: bool = True,
@@ -850,6 +881,7 @@ async def open_connector(
         stun_rto=stun_rto,
         stun_attempts=stun_attempts,
         restun_interval=restun_interval,
+        retry_backoff=retry_backoff,
         network_secret=network_secret,
         hub_relay=hub_relay,
         relay=relay,

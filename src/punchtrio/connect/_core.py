@@ -20,6 +20,8 @@ from __future__ import annotations
 
 import contextlib
 import ipaddress
+import math
+import secrets
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -59,7 +61,17 @@ RELAYED_REFRESH = 60.0
 NAT mapping), and the direct-path retries should aim at the current ones."""
 
 SIGNAL_PREFIX = "punchtrio-punch/1"
-"""First word of the "punch now" signal: ``punchtrio-punch/1 <sender's revision> <nat>``."""
+"""First word of the "punch now" signal:
+``punchtrio-punch/1 <sender's revision> <nat> <sender's session>`` (the session word is
+optional on receipt: the first release did not send it)."""
+
+REGATHER_INTERVAL = 5.0
+"""Seconds at least between two re-STUNs asked for by lost paths (several peers lose theirs at
+once when our NAT forgets its mappings)."""
+
+LISTEN_RETRY = 5.0
+"""Seconds before listening for a peer's signals again after the rendezvous dropped the
+listener (it restarted, or the network failed) while the peer was connected."""
 
 _NAT_WORDS = {True: "varies", False: "fixed", None: "unknown"}
 
@@ -72,13 +84,18 @@ Input = Literal[
     "handshake",
     "timeout",
     "failed",
+    "retry",
 ]
 """What can happen to a peer, as the transition table names it."""
 
 FAILED: Literal["failed"] = "failed"
-"""The state a peer ends in when a stage fails (it keeps the stage it failed at)."""
+"""The state a peer is in after a stage failed (it keeps the stage it failed at), until its
+retry begins."""
 
-TRANSITIONS: dict[tuple[Stage, Input], Stage | Literal["failed"]] = {
+State = Stage | Literal["failed"]
+"""A peer's place in :data:`TRANSITIONS`: a stage, or :data:`FAILED`."""
+
+TRANSITIONS: dict[tuple[State, Input], State] = {
     ("wait", "record"): "wait",
     ("wait", "signal"): "punch",
     ("wait", "no_signalling"): "punch",
@@ -95,6 +112,8 @@ TRANSITIONS: dict[tuple[Stage, Input], Stage | Literal["failed"]] = {
     ("established", "punch_failed"): "established",
     ("established", "handshake"): "established",
     ("established", "record"): "established",
+    ("established", "signal"): "established",
+    (FAILED, "retry"): "wait",
 }
 """Every stage change of a peer: ``(stage, input) -> next stage`` (or :data:`FAILED`).
 
@@ -105,7 +124,9 @@ WireGuard session the peer made with us while we waited counts as well: it prove
 punching), ``"path"``
 the puncher choosing a path, ``"handshake"`` a completed WireGuard handshake, ``"timeout"`` the
 stage's deadline passing, ``"failed"`` an error (a refused lookup, an unusable record, our own
-registration refused). An input with no row for the peer's stage is ignored.
+registration refused), ``"retry"`` the end of a failed peer's backoff. A ``"signal"`` while
+established comes from a peer that restarted or moved: its record is fetched again and the
+tunnel re-punched. An input with no row for the peer's state is ignored.
 """
 
 
@@ -260,8 +281,28 @@ class PeerSettled:
     peer: str
 
 
+@dataclass(frozen=True)
+class PeerRetrying:
+    """A failed ``peer`` is being connected again: waiters on it wait for the new attempt."""
+
+    peer: str
+
+
+@dataclass(frozen=True)
+class Regather:
+    """Gather our candidates again now (re-STUN) and register them if they changed: a path was
+    lost, perhaps because our NAT gave us a new public port."""
+
+
 Action = (
-    WaitForRecord | FetchRecord | ListenForSignals | SendSignal | PeerRecordLoaded | PeerSettled
+    WaitForRecord
+    | FetchRecord
+    | ListenForSignals
+    | SendSignal
+    | PeerRecordLoaded
+    | PeerSettled
+    | PeerRetrying
+    | Regather
 )
 """Everything :meth:`ConnectCore.next_action` returns."""
 
@@ -298,6 +339,13 @@ class CorePeer:
     error: tuple[Stage, str] | None = None
     connected: PeerConnected | None = None
     handshaken: bool = False  # a WireGuard session exists (it may come before our own punch)
+    session: str | None = None  # the session word of the peer's last signal
+    old_sessions: tuple[str, ...] = ()  # earlier runs of the peer: their signals are stale
+    fresh_handshake: bool = False  # the peer restarted: its session is gone, start a new one
+    listening: bool = False
+    listen_at: float | None = None
+    failures: int = 0
+    retry_at: float | None = None
 
 
 class ConnectCore:
@@ -312,6 +360,10 @@ class ConnectCore:
     - ``describe_path(address)`` returns ``(endpoint text, relay name or None)`` for a path (the
       shell knows which addresses are relayed); ``relay_status()`` one line on the relays, for the
       reason of a punch failure.
+    - ``retry_backoff``: seconds before a failed peer is tried again, doubling after each
+      failure up to ``retry_max`` and reset once it connects; ``None`` leaves failed peers failed.
+    - ``session``: a word that names this run in our signals (random by default), so that a
+      peer sees when we restarted even if our record did not change.
     - ``start`` is the shell's clock at the start, for ``elapsed_ms``.
     """
 
@@ -328,6 +380,9 @@ class ConnectCore:
         describe_path: Callable[[Address], tuple[str, str | None]],
         relay_status: Callable[[], str],
         start: float,
+        retry_backoff: float | None = 2.0,
+        retry_max: float = 60.0,
+        session: str | None = None,
     ) -> None:
         self.public_key = public_key
         self.device = device
@@ -338,6 +393,11 @@ class ConnectCore:
         self._repunch_delay = repunch_delay
         self._describe = describe_path
         self._relay_status = relay_status
+        self._retry_backoff = retry_backoff
+        self._retry_max = retry_max
+        self.session = session if session is not None else secrets.token_hex(8)
+        """The session word of our signals."""
+        self._regathered_at = -math.inf
         self.started_at = start
         """The shell's clock when the connector started (``elapsed_ms`` counts from it)."""
         self._peers: dict[str, CorePeer] = {}
@@ -401,8 +461,7 @@ class ConnectCore:
         """Return when :meth:`handle_timer` should run next, or ``None``."""
         times = [self.puncher.get_timer()]
         for peer in self._peers.values():
-            times.append(peer.deadline)
-            times.append(peer.repunch_at)
+            times.extend((peer.deadline, peer.repunch_at, peer.retry_at, peer.listen_at))
         return min((t for t in times if t is not None), default=None)
 
     def handle_timer(self, now: float) -> None:
@@ -415,6 +474,12 @@ class ConnectCore:
             if peer.repunch_at is not None and peer.repunch_at <= now:
                 peer.repunch_at = now + RELAYED_REFRESH if peer.path == "relay" else None
                 self._actions.append(FetchRecord(peer.name))
+            if peer.retry_at is not None and peer.retry_at <= now:
+                peer.retry_at = None
+                self._step(peer, "retry", now)
+            if peer.listen_at is not None and peer.listen_at <= now:
+                peer.listen_at = None
+                self._listen(peer)
         self._after_puncher(now)
 
     def receive_probe(self, data: bytes, addr: Address, now: float) -> None:
@@ -428,7 +493,7 @@ class ConnectCore:
             return
         peer = self._peers[name] = CorePeer(name)
         if self.register_error is not None:
-            self._fail(peer, "register", self.register_error)
+            self._fail(peer, "register", self.register_error, now)
         elif self._gathered is not None:
             self._begin_wait(peer, now)
 
@@ -442,7 +507,7 @@ class ConnectCore:
         elif isinstance(item, RegisterDone):
             self._on_registered(item.record, now)
         elif isinstance(item, RegisterFailed):
-            self._on_register_failed(item.reason)
+            self._on_register_failed(item.reason, now)
         elif isinstance(item, RecordFound):
             self._on_record(self.peer(item.peer), item.record, now)
         elif isinstance(item, LookupFailed):
@@ -455,9 +520,13 @@ class ConnectCore:
             self._on_signal(self.peer(item.peer), item.data, now)
         elif isinstance(item, SignalFailed):
             peer = self.peer(item.peer)
+            peer.listening = False  # a failed send ends the listener as well (see the shell)
+            if peer.stage == "established" and peer.error is None:
+                peer.listen_at = now + LISTEN_RETRY  # keep hearing of the peer's restarts
             self._step(peer, "failed", now, reason=f"signalling {peer.name} failed: {item.reason}")
         elif isinstance(item, SignallingUnsupported):
             peer = self.peer(item.peer)
+            peer.listening = False
             peer.no_signalling = True  # punch at once: triggered checks cover the difference
             if peer.record is not None:
                 self._step(peer, "no_signalling", now)
@@ -469,22 +538,32 @@ class ConnectCore:
 
     def _step(self, peer: CorePeer, what: Input, now: float, *, reason: str = "") -> bool:
         """Apply one row of :data:`TRANSITIONS`; return whether there was one."""
-        if peer.stage is None or peer.error is not None:
+        if peer.stage is None:
             return False
-        target = TRANSITIONS.get((peer.stage, what))
+        state: State = FAILED if peer.error is not None else peer.stage
+        target = TRANSITIONS.get((state, what))
         if target is None:
             return False
-        if target == "failed":
-            self._fail(peer, peer.stage, reason)
+        if target == FAILED:
+            self._fail(peer, peer.stage, reason, now)
             return True
-        entering = target != peer.stage
+        entering = target != state
         peer.stage = target
         if entering:
             self._enter(peer, target, now)
         return True
 
     def _enter(self, peer: CorePeer, stage: Stage, now: float) -> None:
-        if stage == "punch":
+        if stage == "wait":  # a retry: the failed attempt is forgotten, the key stays
+            peer.error = None
+            peer.record = None
+            peer.pending_signal, peer.refetching, peer.sent_signal = None, False, False
+            peer.path = peer.endpoint = peer.relay = None
+            peer.connected = None
+            peer.handshaken = False
+            self._actions.append(PeerRetrying(peer.name))
+            self._begin_wait(peer, now)
+        elif stage == "punch":
             assert peer.record is not None
             assert peer.public_key is not None
             peer.deadline = None
@@ -513,14 +592,20 @@ class ConnectCore:
             assert peer.endpoint is not None
             elapsed = round((now - self.started_at) * 1000, 3)
             peer.connected = PeerConnected(peer.name, peer.path, peer.endpoint, elapsed, peer.relay)
+            peer.failures = 0
             self._events.append(peer.connected)
             self._actions.append(PeerSettled(peer.name))
 
-    def _fail(self, peer: CorePeer, stage: Stage, reason: str) -> None:
+    def _fail(self, peer: CorePeer, stage: Stage, reason: str, now: float) -> None:
         peer.stage = stage
         peer.error = (stage, reason)
         peer.deadline = None
-        self._events.append(PeerFailed(peer.name, stage, reason))
+        retry: float | None = None
+        if self._retry_backoff is not None and stage != "register":  # ours is not the peer's
+            retry = min(self._retry_backoff * 2**peer.failures, self._retry_max)
+            peer.failures += 1
+            peer.retry_at = now + retry
+        self._events.append(PeerFailed(peer.name, stage, reason, retry))
         self._actions.append(PeerSettled(peer.name))
 
     def _timeout(self, peer: CorePeer, now: float) -> None:
@@ -558,27 +643,38 @@ class ConnectCore:
         self._events.append(StageStarted("wait", peer.name))
         self._actions.append(WaitForRecord(peer.name))
         if self.record is not None:  # a hub takes messages only from registered peers
+            self._listen(peer)
+
+    def _listen(self, peer: CorePeer) -> None:
+        if not peer.listening and not peer.no_signalling:
+            peer.listening = True
             self._actions.append(ListenForSignals(peer.name))
 
     def _on_registered(self, record: PeerRecord, now: float) -> None:
-        first = self.record is None
+        old = self.record
         self.record = record
         self._events.append(Registered(record))
-        if first:
+        if old is None:
             for peer in self._peers.values():
                 if peer.error is not None or peer.stage != "wait":
                     continue
-                self._actions.append(ListenForSignals(peer.name))
+                self._listen(peer)
                 if peer.record is not None and not peer.sent_signal:
                     self._send_signal(peer)
+        elif record.revision != old.revision:
+            # Our candidates changed (a new NAT mapping): connected peers learn it now, not at
+            # their next lookup, and punch our new addresses.
+            for peer in self._peers.values():
+                if peer.stage == "established" and peer.error is None:
+                    self._send_signal(peer)
 
-    def _on_register_failed(self, reason: str) -> None:
+    def _on_register_failed(self, reason: str, now: float) -> None:
         if self.record is not None:
             return  # a failed re-registration: the old record still stands
         self.register_error = f"the rendezvous refused or could not be reached: {reason}"
         for peer in self._peers.values():
             if peer.error is None:
-                self._fail(peer, "register", self.register_error)
+                self._fail(peer, "register", self.register_error, now)
 
     def _on_record(self, peer: CorePeer, record: PeerRecord, now: float) -> None:
         if peer.error is not None:
@@ -639,18 +735,36 @@ class ConnectCore:
         assert self.record is not None
         peer.sent_signal = True
         self._actions.append(
-            SendSignal(peer.name, signal_text(self.record.revision, self.mapping_varies))
+            SendSignal(
+                peer.name, signal_text(self.record.revision, self.mapping_varies, self.session)
+            )
         )
 
     def _on_signal(self, peer: CorePeer, data: str, now: float) -> None:
         words = data.split(" ")
-        if len(words) != 3 or words[0] != SIGNAL_PREFIX or not words[1].isdigit():
+        if (
+            len(words) not in (3, 4)
+            or words[0] != SIGNAL_PREFIX
+            or not words[1].isdigit()
+            or not all(w.isascii() and w.isprintable() for w in words[2:])
+        ):
             return  # not ours, or malformed: never trusted
         revision = int(words[1])
         nat = {"varies": True, "fixed": False}.get(words[2])
-        if peer.stage == "established":
-            return  # already connected (a restart of the peer is the mesh's business)
-        if peer.record is not None and revision < peer.record.revision:
+        session = words[3] if len(words) == 4 else None
+        if session is not None and session in peer.old_sessions:
+            return  # from an earlier run of the peer
+        restarted = session is not None and peer.session is not None and session != peer.session
+        if restarted and peer.session is not None:
+            peer.old_sessions = (*peer.old_sessions[-7:], peer.session)
+        if session is not None:
+            peer.session = session
+        if peer.stage == "established" and peer.error is None:
+            peer.their_nat = nat
+            if restarted or (peer.record is not None and revision > peer.record.revision):
+                self._on_peer_moved(peer, restarted, now)
+            return
+        if peer.record is not None and revision < peer.record.revision and not restarted:
             return  # left over from an earlier run of the peer
         peer.their_nat = nat
         if peer.record is None:
@@ -663,12 +777,29 @@ class ConnectCore:
             return
         self._step(peer, "signal", now)
 
+    def _on_peer_moved(self, peer: CorePeer, restarted: bool, now: float) -> None:
+        """A connected peer restarted or registered new candidates: fetch its record (which
+        re-punches), and answer a restarted one, which waits for our signal to punch."""
+        self._step(peer, "signal", now)
+        self._actions.append(FetchRecord(peer.name))
+        if restarted:
+            peer.fresh_handshake = True
+            if self.record is not None:
+                self._send_signal(peer)
+
     # -- punch and after -------------------------------------------------------------------
 
     def _start_punch(self, peer: CorePeer, now: float) -> None:
         assert peer.key is not None
         networks = self._gathered.networks if self._gathered is not None else None
-        self.puncher.start(peer.key, peer.candidates, now, local_networks=networks)
+        self.puncher.start(
+            peer.key,
+            peer.candidates,
+            now,
+            local_networks=networks,
+            mapping_varies=self.mapping_varies,
+            peer_mapping_varies=peer.their_nat,
+        )
 
     def _repunch(self, peer: CorePeer, now: float) -> None:
         if peer.key is not None:
@@ -684,6 +815,9 @@ class ConnectCore:
             elif isinstance(event, _PunchPathLost):
                 peer.path = None
                 self._events.append(PathLost(peer.name, self._describe(event.endpoint)[0]))
+                if now - self._regathered_at >= REGATHER_INTERVAL:
+                    self._regathered_at = now  # our public port may have changed: look
+                    self._actions.append(Regather())
             elif isinstance(event, _PunchFailed):
                 if peer.stage == "punch":
                     elapsed = now - peer.punch_started
@@ -706,6 +840,10 @@ class ConnectCore:
         # side's device learns the endpoint from the initiation itself. Afterwards, both do.
         if self.public_key.raw < peer.key or peer.stage == "established":
             self.device.set_endpoint(peer.key, event.endpoint)
+        if peer.fresh_handshake and peer.stage == "established":
+            peer.fresh_handshake = False
+            if self.public_key.raw < peer.key:  # the initiator's rule, as for the first one
+                self.device.initiate_handshake(peer.key, now)
         upgrade = peer.path is not None
         endpoint, relay = self._describe(event.endpoint)
         before = peer.last_path
@@ -744,7 +882,7 @@ def _candidates(record: PeerRecord) -> tuple[Candidate, ...]:
 
 def _explain(peer: str, ours: bool | None, theirs: bool | None) -> str:
     if ours and theirs:
-        return "both NATs map per destination"
+        return "both NATs map per destination so not even birthday probing reaches a direct path"
     if ours:
         return f"our NAT maps per destination and {peer}'s NAT filters what it lets in"
     if theirs:
@@ -752,6 +890,8 @@ def _explain(peer: str, ours: bool | None, theirs: bool | None) -> str:
     return "no probe got through the NATs between us"
 
 
-def signal_text(revision: int, mapping_varies: bool | None) -> str:
-    """Return the "punch now" signal for our record ``revision`` and NAT behaviour."""
-    return f"{SIGNAL_PREFIX} {revision} {_NAT_WORDS[mapping_varies]}"
+def signal_text(revision: int, mapping_varies: bool | None, session: str | None = None) -> str:
+    """Return the "punch now" signal for our record ``revision``, NAT behaviour and ``session``
+    (the word naming our run; left out when ``None``, as the first release sent it)."""
+    text = f"{SIGNAL_PREFIX} {revision} {_NAT_WORDS[mapping_varies]}"
+    return text if session is None else f"{text} {session}"

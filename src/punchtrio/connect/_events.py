@@ -123,11 +123,16 @@ class PeerConnected:
 
 @dataclass(frozen=True)
 class PeerFailed:
-    """Connecting to ``peer`` failed at ``stage``; ``reason`` is one line for a human."""
+    """Connecting to ``peer`` failed at ``stage``; ``reason`` is one line for a human.
+
+    ``retry_in`` is the number of seconds before the connector tries the peer again (from the
+    wait stage), or ``None`` when it will not (retries turned off, or our own registration
+    failed)."""
 
     peer: str
     stage: Stage
     reason: str
+    retry_in: float | None = None
 
 
 ConnectEvent = (

@@ -4,11 +4,27 @@
   :func:`host_candidates`, :class:`ReflexiveGatherer` / :func:`gather_reflexive`;
 - :class:`Probe`, the Scapy layer of a ping or pong, with :func:`build_probe`, :func:`parse_probe`
   (raises only :class:`ProbeError`) and :class:`ProbeGuard` (MAC, timestamp window, replay cache);
-- :class:`Puncher`, the sans-IO state machine, and :class:`PunchSession`, its Trio shell.
+- :class:`Puncher`, the sans-IO state machine, and :class:`PunchSession`, its Trio shell;
+- birthday punching for one NAT that maps per destination: :class:`BirthdaySettings`,
+  :func:`birthday_role`, :func:`probe_ports`, :class:`BirthdaySchedule`, :func:`simulate_birthday`
+  (sans-IO), and :class:`BirthdaySockets`, the shell of the hard side's extra sockets.
 
 See ``docs/punch.md``.
 """
 
+from ._birthday import (
+    BirthdayError,
+    BirthdaySchedule,
+    BirthdaySettings,
+    Role,
+    SimulationResult,
+    birthday_role,
+    birthday_success,
+    predicted_ports,
+    probe_ports,
+    simulate_birthday,
+)
+from ._birthday_sockets import BirthdaySockets, default_socket_factory
 from ._candidates import (
     TYPE_PREFERENCE,
     Candidate,
@@ -46,6 +62,9 @@ from ._probe import (
 )
 from ._puncher import (
     DROP_REASONS,
+    CloseSockets,
+    KeepSocket,
+    OpenSockets,
     PathChosen,
     PathKind,
     PathLost,
@@ -54,6 +73,8 @@ from ._puncher import (
     PunchEvent,
     PunchFailed,
     PunchSettings,
+    SocketAction,
+    SocketDatagram,
 )
 from ._session import PunchSession, gather_reflexive, send_datagram
 
@@ -68,9 +89,16 @@ __all__ = [
     "PROBE_WINDOW",
     "REPLAY_CACHE_SIZE",
     "TYPE_PREFERENCE",
+    "BirthdayError",
+    "BirthdaySchedule",
+    "BirthdaySettings",
+    "BirthdaySockets",
     "Candidate",
     "CandidateError",
     "CandidateType",
+    "CloseSockets",
+    "KeepSocket",
+    "OpenSockets",
     "PathChosen",
     "PathKind",
     "PathLost",
@@ -87,9 +115,16 @@ __all__ = [
     "Puncher",
     "ReflexiveGatherer",
     "ReflexiveResult",
+    "Role",
+    "SimulationResult",
+    "SocketAction",
+    "SocketDatagram",
+    "birthday_role",
+    "birthday_success",
     "build_probe",
     "candidate_priority",
     "check_candidate_address",
+    "default_socket_factory",
     "derive_probe_key",
     "encode_probe",
     "gather_reflexive",
@@ -98,7 +133,10 @@ __all__ = [
     "local_addresses",
     "local_networks",
     "parse_probe",
+    "predicted_ports",
+    "probe_ports",
     "send_datagram",
+    "simulate_birthday",
     "sort_candidates",
     "verify_mac",
 ]

@@ -28,21 +28,37 @@ start ``relay_delay`` after the attempt (so a direct path found at once is chose
 below every direct and LAN path. While a relay carries the tunnel, the failed direct pairs are
 probed again every ``upgrade_retry`` seconds (doubling up to ``upgrade_retry_max``) for as long as
 the peer is known: a peer is never stuck on a relay.
+
+Birthday punching (:mod:`punchtrio.punch._birthday`) runs beside the pairs when one NAT maps per
+destination and the other does not (:meth:`Puncher.start` is told both sides' mapping checks). The
+hard side's extra sockets are the shell's: the puncher asks for them (:class:`OpenSockets`), hands
+out the pings to send from them (:meth:`Puncher.socket_datagrams`), names the one whose mapping was
+hit (:class:`KeepSocket`: from then on that socket carries the path to the peer's endpoint, as a
+route) and has the others closed (:class:`CloseSockets`).
 """
 
 from __future__ import annotations
 
 import ipaddress
 import os
+import random as _random
 import time
 from collections import deque
-from collections.abc import Callable, Iterable, Mapping
-from dataclasses import dataclass
-from typing import Literal
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Literal, NamedTuple
 
 from nacl.bindings import crypto_scalarmult_base
 
 from .._exceptions import PunchtrioError
+from ._birthday import (
+    BirthdaySchedule,
+    BirthdaySettings,
+    Role,
+    birthday_role,
+    predicted_ports,
+    probe_ports,
+)
 from ._candidates import Candidate, CandidateError, CandidateType
 from ._probe import (
     PING,
@@ -55,6 +71,7 @@ from ._probe import (
     derive_probe_key,
     key_id,
     probe_sender,
+    verify_mac,
 )
 
 Address = tuple[str, int]
@@ -106,7 +123,9 @@ class PunchSettings:
       within a round trip or two when it exists, is the first path chosen;
     - ``upgrade_retry`` 2.0 and ``upgrade_retry_max`` 60.0: while the chosen path is a relay and
       every direct pair has failed, they are probed again after this long, the wait doubling after
-      each failed retry up to the maximum.
+      each failed retry up to the maximum;
+    - ``birthday`` :class:`~punchtrio.punch.BirthdaySettings`: birthday punching when exactly one
+      NAT maps per destination (``None`` turns it off).
     """
 
     fast_interval: float = 0.05
@@ -122,6 +141,7 @@ class PunchSettings:
     relay_delay: float = 0.5
     upgrade_retry: float = 2.0
     upgrade_retry_max: float = 60.0
+    birthday: BirthdaySettings | None = field(default_factory=BirthdaySettings)
 
     def __post_init__(self) -> None:
         if self.relay_delay < 0 or not 0 < self.upgrade_retry <= self.upgrade_retry_max:
@@ -172,6 +192,76 @@ class PunchFailed:
 PunchEvent = PathChosen | PathLost | PunchFailed
 
 
+@dataclass(frozen=True)
+class OpenSockets:
+    """For the shell: open ``count`` extra UDP sockets for birthday probes to ``peer``, numbered
+    0 to ``count - 1`` (closing any the peer still has from before, and their route)."""
+
+    peer: bytes
+    count: int
+
+
+@dataclass(frozen=True)
+class KeepSocket:
+    """For the shell: extra socket ``socket`` of ``peer`` got through. Close the others at once;
+    from now on what is sent to ``endpoint`` goes out on that socket (WireGuard and probes alike),
+    and what arrives on it from ``endpoint`` is handled as if the main socket had read it."""
+
+    peer: bytes
+    socket: int
+    endpoint: Address
+
+
+@dataclass(frozen=True)
+class CloseSockets:
+    """For the shell: close every extra socket of ``peer`` (a kept one too) and drop its route."""
+
+    peer: bytes
+
+
+SocketAction = OpenSockets | KeepSocket | CloseSockets
+
+
+class SocketDatagram(NamedTuple):
+    """A probe to send from extra socket ``socket`` of ``peer`` to ``address``."""
+
+    peer: bytes
+    socket: int
+    data: bytes
+    address: Address
+
+
+class _Birthday:
+    """One birthday attempt (or the next one, waiting for ``begin``) of one peer."""
+
+    __slots__ = (
+        "begin",
+        "hit",
+        "in_attempt",
+        "kept",
+        "predicted",
+        "probed",
+        "role",
+        "schedule",
+        "target",
+        "txids",
+    )
+
+    def __init__(
+        self, role: Role, begin: float, target: Address, predicted: list[int], in_attempt: bool
+    ) -> None:
+        self.role: Role = role
+        self.begin = begin
+        self.target = target  # hard: the peer's endpoint; easy: (the hard side's IP, 0)
+        self.predicted = predicted
+        self.in_attempt = in_attempt  # part of the current punch attempt (PunchFailed waits)
+        self.schedule: BirthdaySchedule | None = None  # None until it begins
+        self.txids: dict[bytes, tuple[int, float]] = {}  # ping txid: (socket or port, when)
+        self.probed: set[int] = set()  # easy: the ports sent to
+        self.kept: int | None = None  # hard: the socket that got through
+        self.hit = False  # a probe got through: nothing more is sent
+
+
 class _Pair:
     __slots__ = (
         "interval",
@@ -214,6 +304,10 @@ class _Pair:
 class _Peer:
     __slots__ = (
         "attempt_at",
+        "bday",
+        "bday_failures",
+        "bday_kept",
+        "bday_next",
         "chosen",
         "failed_reported",
         "guard",
@@ -250,6 +344,10 @@ class _Peer:
         self.attempt_at = 0.0  # when the current attempt started
         self.retry_at: float | None = None  # next upgrade retry while relayed
         self.retry_wait = 0.0
+        self.bday: _Birthday | None = None
+        self.bday_failures = 0
+        self.bday_next = -_INF  # the earliest start of the next birthday attempt
+        self.bday_kept = False  # the shell holds an extra socket of ours for this peer
 
     def kind_of(self, remote: Address, relayed: Mapping[Address, int]) -> PathKind:
         if remote in self.relays or remote in relayed:
@@ -317,6 +415,10 @@ class Puncher:
         self.probes_sent = 0
         """Pings and pongs sent, all peers together."""
         self._relayed: dict[Address, int] = {}
+        self._socket_out: list[SocketDatagram] = []
+        self._actions: deque[SocketAction] = deque()
+        self.birthday_probes = 0
+        """Birthday pings sent, all peers and both roles together."""
 
     # ------------------------------------------------------------------ peers
 
@@ -345,6 +447,11 @@ class Puncher:
         if peer is None:
             raise PunchError("no such peer")
         del self._by_key_id[peer.key_id]
+        bday = peer.bday
+        if peer.bday_kept or (
+            bday is not None and bday.schedule is not None and bday.role == "hard"
+        ):
+            self._actions.append(CloseSockets(public_key))
 
     def start(
         self,
@@ -353,6 +460,8 @@ class Puncher:
         at: float,
         *,
         local_networks: Iterable[Network] | None = None,
+        mapping_varies: bool | None = None,
+        peer_mapping_varies: bool | None = None,
     ) -> None:
         """Probe the peer's ``candidates`` from time ``at`` on (the caller's clock).
 
@@ -367,6 +476,11 @@ class Puncher:
         ``None`` (not known) lets every host candidate count as shared. Every pair is classified
         again here, and a chosen path whose kind changes is announced again with
         :class:`PathChosen`.
+
+        ``mapping_varies`` and ``peer_mapping_varies`` are the two sides' two-server mapping checks
+        (:attr:`ReflexiveResult.mapping_varies`). When exactly one is ``True``, a birthday attempt
+        begins ``birthday.delay`` after ``at`` unless a direct path works by then, or later if an
+        earlier attempt failed (its backoff); one that runs goes on.
         """
         peer = self._peer(public_key)
         ordered = sorted(candidates, key=lambda c: -c.priority)
@@ -416,6 +530,7 @@ class Puncher:
         for pair in pairs.values():
             if pair is not peer.chosen:
                 pair.begin(relay_at if pair.kind == "relay" else at, self.settings.fast_interval)
+        self._plan_birthday(peer, ordered, at, mapping_varies, peer_mapping_varies)
 
     def set_relays(self, public_key: bytes, relays: Mapping[Address, int], now: float) -> None:
         """Make ``relays`` the relayed paths to the peer, each with its preference (lower wins).
@@ -475,6 +590,11 @@ class Puncher:
             return None
         return PathChosen(public_key, pair.remote, pair.kind, pair.rtt)
 
+    def probes_sent_to(self, public_key: bytes) -> int:
+        """Return the probes sent to a peer in its current attempt (0 for an unknown peer)."""
+        peer = self._peers.get(public_key)
+        return 0 if peer is None else peer.probes_sent
+
     def seen_as(self, public_key: bytes) -> Address | None:
         """Return where the peer last saw our probes come from (the address in its latest
         authenticated pong), or ``None``. Raises :class:`PunchError` if the peer is unknown."""
@@ -497,6 +617,46 @@ class Puncher:
         """Return the oldest unread event, or ``None``."""
         return self._events.popleft() if self._events else None
 
+    def socket_datagrams(self) -> list[SocketDatagram]:
+        """Return and forget the birthday probes to send from extra sockets (:class:`OpenSockets`)."""
+        out, self._socket_out = self._socket_out, []
+        return out
+
+    def next_socket_action(self) -> SocketAction | None:
+        """Return the oldest unread instruction for the shell's extra sockets, or ``None``."""
+        return self._actions.popleft() if self._actions else None
+
+    def birthday_hit(
+        self, public_key: bytes, socket: int, data: bytes, addr: Address, now: float
+    ) -> bool:
+        """Say whether a datagram that extra socket ``socket`` of the peer read got through.
+
+        It did if it is a probe under the peer's key (key id and MAC; the full checks follow when
+        the shell hands it on) from the peer's endpoint, while this peer's birthday attempt runs.
+        The first one names the socket (:class:`KeepSocket`); later ones count only from it. The
+        shell then hands the datagram to the main receive path as from ``addr``; anything else it
+        drops. Never raises.
+        """
+        peer = self._peers.get(public_key)
+        bday = peer.bday if peer is not None else None
+        if peer is None or bday is None or bday.role != "hard" or bday.schedule is None:
+            return False
+        if _normalize(addr) != bday.target:
+            return False
+        if bday.kept is not None:
+            return socket == bday.kept
+        if probe_sender(data) != peer.key_id or not verify_mac(data, peer.key):
+            return False
+        bday.kept, bday.hit = socket, True
+        peer.bday_kept = True
+        self._actions.append(KeepSocket(public_key, socket, bday.target))
+        pair = peer.pairs.get(bday.target)
+        if pair is not None and pair.state in (_FAILED, _WAITING) and pair is not peer.chosen:
+            pair.begin(
+                now, self.settings.fast_interval
+            )  # so the peer's ping gets a triggered check
+        return True
+
     def get_timer(self) -> float | None:
         """Return when :meth:`handle_timer` should run next (the caller's clock), or ``None``."""
         deadline: float | None = None
@@ -504,6 +664,15 @@ class Puncher:
             retry = peer.retry_at
             if retry is not None and (deadline is None or retry < deadline):
                 deadline = retry
+            bday = peer.bday
+            if bday is not None:
+                schedule = bday.schedule
+                if schedule is None:
+                    when = bday.begin
+                else:  # after a hit nothing more is sent: only the end is due
+                    when = schedule.end if bday.hit else schedule.next_deadline()
+                if deadline is None or when < deadline:
+                    deadline = when
             for pair in peer.pairs.values():
                 due = pair.next_send
                 if due is not None and (deadline is None or due < deadline):
@@ -518,6 +687,8 @@ class Puncher:
             for pair in list(peer.pairs.values()):
                 if pair.next_send is not None and pair.next_send <= now:
                     self._due(peer, pair, now)
+            if peer.bday is not None:
+                self._birthday_due(peer, peer.bday, now)
             self._check_failed(peer)
             self._check_upgrade(peer, now)
 
@@ -617,11 +788,22 @@ class Puncher:
     def _check_failed(self, peer: _Peer) -> None:
         if not peer.started or peer.failed_reported or peer.chosen is not None:
             return
+        bday = peer.bday
+        if bday is not None and (bday.schedule is not None or bday.in_attempt):
+            return  # the birthday attempt belongs to this punch attempt: wait for it
         if peer.pairs and all(p.state == _FAILED for p in peer.pairs.values()):
             peer.failed_reported = True
             self._events.append(PunchFailed(peer.public_key, peer.probes_sent))
 
     def _on_ping(self, peer: _Peer, txid: bytes, source: Address, now: float) -> None:
+        bday = peer.bday
+        if (
+            bday is not None
+            and bday.role == "easy"
+            and source[0] == bday.target[0]
+            and source[1] in bday.probed
+        ):
+            bday.hit = True  # the hard side answers through a mapping we found: stop spraying
         pair = peer.pairs.get(source)
         if pair is None:
             try:
@@ -656,13 +838,15 @@ class Puncher:
     ) -> None:
         entry = peer.outstanding.get(txid)
         if entry is None:
+            entry = self._birthday_pong(peer, txid, source)
+        if entry is None:
             self.counters["unexpected_pong"] += 1
             return
         pair, sent = entry
         if source != pair.remote:
             self.counters["wrong_source"] += 1
             return
-        del peer.outstanding[txid]
+        peer.outstanding.pop(txid, None)
         if observed is not None:
             peer.seen_as = observed
         sample = max(0.0, now - sent)
@@ -685,6 +869,121 @@ class Puncher:
                 peer.retry_wait = self.settings.upgrade_retry
             pair.next_send = now + self.settings.heartbeat_interval
             self._events.append(PathChosen(peer.public_key, pair.remote, pair.kind, sample))
+        if pair.kind != "relay" and peer.bday is not None:
+            self._birthday_done(peer, peer.bday, now)
+
+    # ------------------------------------------------------------------ birthday punching
+
+    def _plan_birthday(
+        self,
+        peer: _Peer,
+        ordered: list[Candidate],
+        at: float,
+        ours: bool | None,
+        theirs: bool | None,
+    ) -> None:
+        s = self.settings.birthday
+        role = birthday_role(ours, theirs) if s is not None else None
+        bday = peer.bday
+        if bday is not None and bday.schedule is not None:
+            return  # an attempt runs: let it finish
+        peer.bday = None
+        if s is None or role is None:
+            return
+        srflx = [c for c in ordered if c.type is CandidateType.SRFLX and c.version in self.families]
+        if not srflx:
+            return
+        if role == "hard":
+            target, predicted = srflx[0].endpoint, []
+        else:
+            ip = srflx[0].address
+            target = (ip, 0)
+            predicted = predicted_ports([c.port for c in srflx if c.address == ip], s)
+        begin = max(at + s.delay, peer.bday_next)
+        peer.bday = _Birthday(role, begin, target, predicted, begin <= at + s.delay + 1e-9)
+
+    def _birthday_due(self, peer: _Peer, bday: _Birthday, now: float) -> None:
+        s = self.settings.birthday
+        assert s is not None
+        if bday.schedule is None:
+            if now < bday.begin:
+                return
+            chosen = peer.chosen
+            if chosen is not None and chosen.kind != "relay":
+                peer.bday = None  # a direct path works: nothing to do
+                return
+            if bday.role == "hard":
+                items: Sequence[int] = range(s.sockets)
+                self._actions.append(OpenSockets(peer.public_key, s.sockets))
+                peer.bday_kept = False
+            else:
+                rng = _random.Random(int.from_bytes(self._random(8), "big"))
+                items = probe_ports(rng, bday.predicted, s)
+            bday.schedule = BirthdaySchedule(bday.role, items, now, s)
+        schedule = bday.schedule
+        if not bday.hit:
+            for item in schedule.due(now):
+                txid = self._random(12)
+                bday.txids[txid] = (item, now)
+                peer.probes_sent += 1
+                self.birthday_probes += 1
+                wall = self._wall()
+                data = build_probe(PING, txid, self.key_id, wall, peer.key)
+                self.probes_sent += 1
+                if bday.role == "hard":
+                    self._socket_out.append(
+                        SocketDatagram(peer.public_key, item, data, bday.target)
+                    )
+                else:
+                    bday.probed.add(item)
+                    self._out.append((data, (bday.target[0], item)))
+        if now >= schedule.end - 1e-9:
+            self._birthday_done(peer, bday, now)
+
+    def _birthday_done(self, peer: _Peer, bday: _Birthday, now: float) -> None:
+        """End an attempt: success if the chosen path is now a direct one it found."""
+        s = self.settings.birthday
+        assert s is not None
+        peer.bday = None
+        if bday.schedule is None:
+            return  # never began (a direct path was found first): no sockets, no backoff
+        chosen = peer.chosen
+        won = chosen is not None and chosen.kind != "relay" and bday.hit
+        if won:
+            peer.bday_failures = 0
+            peer.bday_next = -_INF
+            return
+        if bday.role == "hard" or peer.bday_kept:
+            self._actions.append(CloseSockets(peer.public_key))
+            peer.bday_kept = False
+        if chosen is not None and chosen.kind != "relay":
+            return  # the ordinary punch found a path meanwhile
+        peer.bday_failures += 1
+        peer.bday_next = now + s.backoff(peer.bday_failures)
+        if chosen is not None:  # relayed: try again after the backoff, to upgrade
+            peer.bday = _Birthday(bday.role, peer.bday_next, bday.target, bday.predicted, False)
+
+    def _birthday_pong(
+        self, peer: _Peer, txid: bytes, source: Address
+    ) -> tuple[_Pair, float] | None:
+        """The pair and send time of a birthday ping that ``source`` answered, or ``None``."""
+        bday = peer.bday
+        if bday is None:
+            return None
+        entry = bday.txids.get(txid)
+        if entry is None:
+            return None
+        item, sent = entry
+        expected = bday.target if bday.role == "hard" else (bday.target[0], item)
+        if source != expected:
+            return None
+        bday.hit = True
+        pair = peer.pairs.get(source)
+        if pair is None:
+            priority = Candidate(CandidateType.PRFLX, source[0], source[1]).priority
+            pair = _Pair(source, peer.kind_of(source, self._relayed), priority)
+            peer.pairs[source] = pair
+        return pair, sent
 
     def _better(self, new: _Pair, old: _Pair) -> bool:
         new_rank, old_rank = _RANK[new.kind], _RANK[old.kind]

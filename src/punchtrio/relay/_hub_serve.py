@@ -1,8 +1,10 @@
 """The Trio shell of the hub's relay: one UDP socket and one TCP (or TLS) listener on one port.
 
 :class:`HubRelayService` drains the UDP socket in a tight non-blocking loop (no ``await`` per
-datagram), feeds :class:`~punchtrio.relay.HubRelayServer`, and sends what it queues: UDP with
-``sendto`` (a full socket buffer drops and counts), streams through one
+datagram; with UDP GRO one read takes a whole burst, split here into its datagrams), feeds
+:class:`~punchtrio.relay.HubRelayServer`, and sends what it queues: UDP in one GSO ``sendmsg``
+per run of equal-sized frames to one peer (a full socket buffer drops and counts), streams
+through one
 :class:`~punchtrio.relay.BoundedWriter` per connection (a slow reader drops and counts, never
 blocks the relay). Nothing here touches the hub's HTTP stack.
 """
@@ -14,17 +16,24 @@ import ipaddress
 import math
 import socket
 import ssl
+import struct
 import sys
+from collections.abc import Callable
 
 import trio
 
 from .._exceptions import PunchtrioError
 from ._hub_frames import HubRelayFrameError, HubStreamDecoder, encode_hub_stream_frame
 from ._hub_server import TICK, HubRelayServer
-from ._stream import DEFAULT_MAX_BUFFER, BoundedWriter
+from ._stream import DEFAULT_MAX_BUFFER, BoundedWriter, kernel_fd
 
 BATCH = 256
-"""Datagrams taken off the UDP socket before the shell flushes and yields to other tasks."""
+"""Datagrams taken off the UDP socket (after splitting GRO reads) before the shell flushes and
+yields to other tasks."""
+GSO_MAX_SEGMENTS = 64
+"""Most frames sent in one UDP GSO ``sendmsg`` (the kernel's limit on older kernels)."""
+GSO_MAX_BYTES = 65000
+"""Most bytes sent in one UDP GSO ``sendmsg`` (below the 65507-byte UDP limit)."""
 UNBOUND_TIMEOUT = 20.0
 """Seconds a TCP connection may stay open without binding a key."""
 TLS_HANDSHAKE_TIMEOUT = 10.0
@@ -33,6 +42,12 @@ MAX_STREAMS = 4096
 """Most TCP/TLS connections open at once; more are closed on arrival and counted."""
 _SOCKET_BUFFER = 4 * 1024 * 1024
 _READ_SIZE = 65536
+_UDP_SEGMENT = getattr(socket, "UDP_SEGMENT", 103)
+_UDP_GRO = getattr(socket, "UDP_GRO", 104)
+_GRO_CMSG_SPACE = socket.CMSG_SPACE(4)
+_GSO_SIZE = struct.Struct("=H")
+_GRO_SIZE = struct.Struct("=i")
+_NO_GSO = {errno.EINVAL, errno.EIO, errno.ENOPROTOOPT, errno.EOPNOTSUPP}
 
 
 class HubRelayServeError(PunchtrioError):
@@ -61,10 +76,15 @@ class HubRelayService:
     ``tls`` (a server context, see :func:`server_tls_context`) makes the TCP side TLS;
     ``max_buffer`` bounds what is queued for each TCP client (bytes, default 256 KiB).
 
+    ``gso`` sends runs of equal-sized frames to one peer as one UDP GSO ``sendmsg`` and ``gro``
+    asks the kernel to hand a burst from one peer over in one read (Linux; both default on, both
+    apply to a kernel socket only, and GSO turns itself off if the kernel refuses it).
+
     :attr:`counters`: ``udp_send_dropped`` (socket buffer full), ``send_errors``,
     ``stream_dropped`` frames (a client's queue was full), ``streams`` accepted,
     ``streams_refused`` (over :data:`MAX_STREAMS`), ``stream_framing_errors``,
-    ``stream_timeouts`` (no bind within :data:`UNBOUND_TIMEOUT`, or no TLS handshake).
+    ``stream_timeouts`` (no bind within :data:`UNBOUND_TIMEOUT`, or no TLS handshake),
+    ``udp_reads`` and ``udp_sends`` (system calls; fewer than frames when GRO and GSO batch them).
     """
 
     def __init__(
@@ -74,18 +94,23 @@ class HubRelayService:
         *,
         tls: ssl.SSLContext | None = None,
         max_buffer: int = DEFAULT_MAX_BUFFER,
+        gso: bool = True,
+        gro: bool = True,
     ) -> None:
         self.server = server
         self.address = address
         self.tls = tls
         self.max_buffer = max_buffer
+        self.gso = gso
+        self.gro = gro
+        self._gso_max_frame = 0xFFFF  # larger frames exceeded a route's MTU: sent one by one
         self.bound: tuple[str, int] | None = None
         """The bound ``(ip, port)`` once serving."""
         self._sock: socket.socket | None = None
         self._writers: dict[int, BoundedWriter] = {}
         self.counters: dict[str, int] = dict.fromkeys(
             ("udp_send_dropped", "send_errors", "stream_dropped", "streams", "streams_refused",
-             "stream_framing_errors", "stream_timeouts"),
+             "stream_framing_errors", "stream_timeouts", "udp_reads", "udp_sends"),
             0,
         )  # fmt: skip
 
@@ -101,6 +126,9 @@ class HubRelayService:
         """
         sock, listeners = await self._bind()
         self._sock = sock
+        real = type(sock) is socket.socket
+        self.gso = self.gso and real
+        self.gro = self.gro and real and _enable_gro(sock)
         host, port = sock.getsockname()[:2]
         self.bound = (host, port)
         try:
@@ -166,39 +194,142 @@ class HubRelayService:
         out = self.server.datagrams_to_send()
         if not out:
             return
-        # One sendto per frame: GSO bursts overran the peer's socket in the lab.
-        sendto = self._sock.sendto if self._sock is not None else None
         writers = self._writers
         counters = self.counters
+        # Frames for one UDP peer are gathered (in order) so that runs of equal size leave in one
+        # GSO send; frames for different peers have no order to keep.
+        by_peer: dict[tuple[str, int], list[bytes]] = {}
         for frame, route in out:
             if isinstance(route, int):
                 writer = writers.get(route)
                 if writer is not None and not writer.send_nowait(encode_hub_stream_frame(frame)):
                     counters["stream_dropped"] += 1
-            elif sendto is not None:
-                try:
-                    sendto(frame, route)
-                except BlockingIOError:
-                    counters["udp_send_dropped"] += 1
-                except OSError:
-                    counters["send_errors"] += 1
+            else:
+                frames = by_peer.get(route)
+                if frames is None:
+                    by_peer[route] = [frame]
+                else:
+                    frames.append(frame)
+        if by_peer and self._sock is not None:
+            send = self._send_runs if self.gso else self._send_each
+            for route, frames in by_peer.items():
+                send(frames, route)
+
+    def _send_each(self, frames: list[bytes], route: tuple[str, int]) -> None:
+        assert self._sock is not None
+        sendto = self._sock.sendto
+        counters = self.counters
+        counters["udp_sends"] += len(frames)
+        for frame in frames:
+            try:
+                sendto(frame, route)
+            except BlockingIOError:
+                counters["udp_send_dropped"] += 1
+            except OSError:
+                counters["send_errors"] += 1
+
+    def _send_runs(self, frames: list[bytes], route: tuple[str, int]) -> None:
+        """Send ``frames`` to ``route``; each run of equal-sized frames (the last of a run may be
+        shorter, as GSO allows) goes out in one ``sendmsg`` that the kernel segments."""
+        assert self._sock is not None
+        sendmsg = self._sock.sendmsg
+        counters = self.counters
+        i, n = 0, len(frames)
+        while i < n:
+            size = len(frames[i])
+            j = i + 1
+            limit = min(n, i + GSO_MAX_SEGMENTS, i + GSO_MAX_BYTES // size)
+            if size > self._gso_max_frame:
+                limit = j
+            while j < limit:
+                length = len(frames[j])
+                if length > size:
+                    break
+                j += 1
+                if length < size:
+                    break
+            run = frames[i:j]
+            counters["udp_sends"] += 1
+            try:
+                if j - i == 1:
+                    sendmsg(run, (), 0, route)
+                else:
+                    sendmsg(run, [(socket.SOL_UDP, _UDP_SEGMENT, _GSO_SIZE.pack(size))], 0, route)
+            except BlockingIOError:
+                counters["udp_send_dropped"] += j - i
+            except OSError as exc:
+                if j - i > 1 and exc.errno in _NO_GSO:
+                    self.gso = False  # this kernel or route cannot segment: one by one from now
+                    self._send_each(frames[i:], route)
+                    return
+                if j - i > 1 and exc.errno == errno.EMSGSIZE:
+                    # A segment above the route's MTU, which the kernel fragments only when
+                    # sent on its own: frames this large go one by one from now.
+                    self._gso_max_frame = min(self._gso_max_frame, size - 1)
+                    self._send_each(frames[i:j], route)
+                else:
+                    counters["send_errors"] += j - i
+            i = j
 
     async def _udp_loop(self, sock: socket.socket) -> None:
-        recvfrom = sock.recvfrom
         receive = self.server.receive_datagram
         flush = self._flush
+        read = self._gro_reader(sock) if self.gro else self._plain_reader(sock)
+        counters = self.counters
         while True:
             await trio.lowlevel.wait_readable(sock)
             now = trio.current_time()
-            for _ in range(BATCH):
+            frames = reads = 0
+            while frames < BATCH and reads < BATCH:
                 try:
-                    data, source = recvfrom(_READ_SIZE)
+                    got = read()
                 except BlockingIOError:
                     break
                 except OSError:
-                    continue  # a queued ICMP error; the next read goes on
-                receive(data, source[:2], now)
+                    got = None  # a queued ICMP error; the next read goes on
+                reads += 1
+                if got is None:
+                    continue
+                data, source, size = got
+                if size and len(data) > size:
+                    for offset in range(0, len(data), size):
+                        receive(data[offset : offset + size], source, now)
+                        frames += 1
+                else:
+                    receive(data, source, now)
+                    frames += 1
+            counters["udp_reads"] += reads
             flush()
+
+    @staticmethod
+    def _plain_reader(
+        sock: socket.socket,
+    ) -> Callable[[], tuple[bytes, tuple[str, int], int] | None]:
+        recvfrom = sock.recvfrom
+
+        def read() -> tuple[bytes, tuple[str, int], int]:
+            data, source = recvfrom(_READ_SIZE)
+            return data, source[:2], 0
+
+        return read
+
+    @staticmethod
+    def _gro_reader(
+        sock: socket.socket,
+    ) -> Callable[[], tuple[bytes, tuple[str, int], int] | None]:
+        recvmsg = sock.recvmsg
+
+        def read() -> tuple[bytes, tuple[str, int], int] | None:
+            data, ancdata, flags, source = recvmsg(_READ_SIZE, _GRO_CMSG_SPACE)
+            if flags & socket.MSG_TRUNC:
+                return None
+            size = 0
+            for level, kind, value in ancdata:
+                if level == socket.SOL_UDP and kind == _UDP_GRO and len(value) >= 4:
+                    size = _GRO_SIZE.unpack_from(value)[0]
+            return data, source[:2], size
+
+        return read
 
     async def _timer_loop(self) -> None:
         server = self.server
@@ -238,6 +369,8 @@ class HubRelayService:
         server = self.server
         stream_id = server.open_stream((str(peer[0]), int(peer[1])), trio.current_time())
         writer = BoundedWriter(self.max_buffer)
+        if stream is tcp:
+            writer.write_through(kernel_fd(tcp))
         self._writers[stream_id] = writer
         try:
             async with trio.open_nursery() as nursery:
@@ -245,6 +378,7 @@ class HubRelayService:
                 await self._read_stream(stream, stream_id)
                 nursery.cancel_scope.cancel()
         finally:
+            writer.close()
             del self._writers[stream_id]
             server.close_stream(stream_id)
             await trio.aclose_forcefully(stream)
@@ -281,6 +415,15 @@ class HubRelayService:
                     watchdog.deadline = math.inf
         if watchdog.cancelled_caught:
             self.counters["stream_timeouts"] += 1
+
+
+def _enable_gro(sock: socket.socket) -> bool:
+    """Turn on UDP GRO for ``sock``; return whether the kernel accepted it."""
+    try:
+        sock.setsockopt(socket.SOL_UDP, _UDP_GRO, 1)
+    except OSError:
+        return False
+    return True
 
 
 def _udp_socket(family: int) -> socket.socket:

@@ -10,6 +10,8 @@ its TCP clients, so a slow reader costs a fixed amount of memory and never stall
 from __future__ import annotations
 
 import errno
+import os
+import socket
 import ssl
 from collections.abc import Awaitable, Callable
 from functools import partial
@@ -44,6 +46,12 @@ class BoundedWriter:
     counts in ``dropped`` / ``dropped_bytes``) any that do not, so frames are never cut. A task
     runs :meth:`run` to move the queue into the stream. ``sent_bytes`` counts what was handed
     to the stream.
+
+    With :meth:`write_through` (a plain TCP socket's descriptor), a chunk that does not fit
+    first pushes the queue into the kernel's socket buffer in one non-blocking write, while the
+    task is not in the middle of a send: a burst larger than the queue (a batch of packets read
+    from the TUN at once) is then dropped only if the connection itself is full.
+    ``direct_writes`` counts those writes.
     """
 
     def __init__(self, max_buffer: int = DEFAULT_MAX_BUFFER) -> None:
@@ -56,16 +64,27 @@ class BoundedWriter:
         self._buffer = bytearray()
         self._wake = trio.Event()
         self._closed = False
+        self._fd = -1
+        self._sending = False
+        self.direct_writes = 0
 
     @property
     def buffered(self) -> int:
         """Bytes queued and not yet handed to the stream."""
         return len(self._buffer)
 
+    def write_through(self, fd: int) -> None:
+        """Let :meth:`send_nowait` write a full queue straight to ``fd``, a connected,
+        non-blocking stream socket that :meth:`run`'s stream writes to unencrypted (``-1``
+        turns it off)."""
+        self._fd = fd
+
     def send_nowait(self, data: bytes) -> bool:
         """Queue ``data``; return ``False`` (and count a drop) if it does not fit or the writer
         is closed."""
         buffer = self._buffer
+        if len(buffer) + len(data) > self.max_buffer and self._fd >= 0 and not self._sending:
+            self._push()
         if self._closed or len(buffer) + len(data) > self.max_buffer:
             self.dropped += 1
             self.dropped_bytes += len(data)
@@ -78,7 +97,22 @@ class BoundedWriter:
     def close(self) -> None:
         """Refuse further data (what is queued is still written if :meth:`run` goes on)."""
         self._closed = True
+        self._fd = -1
         self._wake.set()
+
+    def _push(self) -> None:
+        """Write what the queue holds to the socket without waiting (part of it if the socket
+        buffer is nearly full); errors are left for :meth:`run`'s next send to raise."""
+        buffer = self._buffer
+        if self._closed or not buffer:
+            return
+        try:
+            written = os.write(self._fd, buffer)
+        except OSError:  # full (EAGAIN) or broken: the task's send reports a broken stream
+            return
+        self.direct_writes += 1
+        self.sent_bytes += written
+        del buffer[:written]
 
     async def run(self, stream: trio.abc.SendStream) -> None:
         """Write the queue into ``stream`` until cancelled or closed and drained.
@@ -95,7 +129,11 @@ class BoundedWriter:
                 continue
             chunk = bytes(buffer)
             buffer.clear()
-            await stream.send_all(chunk)
+            self._sending = True
+            try:
+                await stream.send_all(chunk)
+            finally:
+                self._sending = False
             self.sent_bytes += len(chunk)
 
 
@@ -186,6 +224,8 @@ class RelayStream:
                         f"TLS handshake with relay {where} failed: {_reason(cause)}"
                     ) from None
                 stream = tls
+            else:
+                self._writer.write_through(kernel_fd(tcp))
             decoder = self._decoder_factory()
             self.connected = True
             task_status.started()
@@ -242,6 +282,15 @@ class RelayStream:
         except (trio.BrokenResourceError, OSError) as exc:
             cause = exc.__cause__ if exc.__cause__ is not None else exc
             raise RelayStreamError(f"connection to relay {where} broke: {_reason(cause)}") from None
+
+
+def kernel_fd(stream: trio.SocketStream) -> int:
+    """The descriptor of ``stream``'s kernel socket, or ``-1`` when it is not one (a simulated
+    socket of :mod:`punchtrio.netsim`, whose descriptor only signals readiness)."""
+    # Trio wraps a kernel socket in its own class around a socket.socket; netsim's do not.
+    if isinstance(getattr(stream.socket, "_sock", None), socket.socket):
+        return stream.socket.fileno()
+    return -1
 
 
 def _reason(exc: BaseException) -> str:

@@ -6,6 +6,13 @@ Names are re-exported here explicitly; the implementation lives in private modul
 
 from typing import TYPE_CHECKING
 
+from ._addressing import (
+    ASSIGN_ATTEMPTS,
+    DEFAULT_MAX_ADDRESSES,
+    AddressPolicy,
+    ClaimRefusedError,
+    assignment_candidates,
+)
 from ._auth import (
     DEFAULT_WINDOW,
     HEADER_KEY,
@@ -31,6 +38,9 @@ from ._models import (
     MAX_ALLOWED_IPS,
     MAX_BODY_BYTES,
     MAX_ENDPOINTS,
+    MAX_HEADER_BYTES,
+    MAX_HEADERS,
+    MAX_NETWORK_PREFIXES,
     MAX_SIGNAL_BYTES,
     MAX_TURN_SERVERS,
     Endpoint,
@@ -42,6 +52,7 @@ from ._models import (
     SignalMessage,
     StunAddress,
     ValidationError,
+    check_network_prefixes,
     error_reason,
     messages_from_json,
     parse_address,
@@ -60,6 +71,7 @@ from ._protocol import (
     SignallingNotSupportedError,
 )
 from ._redis_store import RedisStore
+from ._sqlite_store import SqliteStore, StateOpenError
 from ._store import (
     AllowedIPsConflictError,
     MemoryStore,
@@ -74,10 +86,12 @@ from ._store import (
 )
 
 if TYPE_CHECKING:
-    from ._hub import HubConfig, KeyDirectory, create_app
+    from ._hub import HubConfig, HubCounters, KeyDirectory, create_app
 
 __all__ = [
     "API_VERSION",
+    "ASSIGN_ATTEMPTS",
+    "DEFAULT_MAX_ADDRESSES",
     "DEFAULT_WINDOW",
     "HEADER_KEY",
     "HEADER_MAC",
@@ -87,17 +101,23 @@ __all__ = [
     "MAX_ALLOWED_IPS",
     "MAX_BODY_BYTES",
     "MAX_ENDPOINTS",
+    "MAX_HEADERS",
+    "MAX_HEADER_BYTES",
+    "MAX_NETWORK_PREFIXES",
     "MAX_RESPONSE_BYTES",
     "MAX_SIGNAL_BYTES",
     "MAX_TURN_SERVERS",
+    "AddressPolicy",
     "AllowedIPsConflictError",
     "AuthenticationError",
     "Backoff",
+    "ClaimRefusedError",
     "Endpoint",
     "EndpointType",
     "HubAuth",
     "HubClient",
     "HubConfig",
+    "HubCounters",
     "HubInfo",
     "HubRelayAddress",
     "InvalidNetworkSecretError",
@@ -123,6 +143,8 @@ __all__ = [
     "RequestVerifier",
     "SignalMessage",
     "SignallingNotSupportedError",
+    "SqliteStore",
+    "StateOpenError",
     "Store",
     "StoreError",
     "StoreFullError",
@@ -132,6 +154,8 @@ __all__ = [
     "StunAddress",
     "ValidationError",
     "VerifiedRequest",
+    "assignment_candidates",
+    "check_network_prefixes",
     "create_app",
     "error_reason",
     "hub_mac_key",
@@ -145,7 +169,7 @@ __all__ = [
 
 
 def __getattr__(name: str) -> object:
-    if name in ("HubConfig", "KeyDirectory", "create_app"):
+    if name in ("HubConfig", "HubCounters", "KeyDirectory", "create_app"):
         from . import _hub
 
         return getattr(_hub, name)

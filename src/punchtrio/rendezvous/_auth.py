@@ -9,7 +9,9 @@ keyed by a key derived from the secret, so only its holders can use that network
 The MAC (keyed BLAKE2s-256) covers the method, the request target (path and query exactly as sent),
 a BLAKE2s hash of the body, a timestamp, a random nonce, the network id and the peer's key. The hub
 refuses timestamps outside its window and nonces it has already seen (the replay cache lives in
-the hub's store). Wire format and derivations are specified in ``docs/rendezvous.md``.
+the hub's store), timestamps ahead of its clock, and timestamps from before it started (so no
+request survives a restart of the hub). Wire format and derivations are specified in
+``docs/rendezvous.md``.
 """
 
 from __future__ import annotations
@@ -297,9 +299,12 @@ class RequestVerifier:
     """Checks signed requests (the hub half of the scheme); replay detection is the caller's job.
 
     ``hub_key`` is the hub's static X25519 private key; ``networks`` the configured network secrets
-    (none: an open hub, and a request naming a network is refused); ``window`` (seconds) the
-    accepted distance between a request's timestamp and the hub's clock. Derived MAC keys of recent
-    peers are cached (at most ``cache_size``) to spare an X25519 per request.
+    (none: an open hub, and a request naming a network is refused); ``window`` (seconds) how far a
+    request's timestamp may lag the hub's clock. A timestamp ahead of the hub's clock is refused,
+    and so is one below ``not_before`` (Unix seconds; 0 by default): a hub sets it to the second
+    after it started, so that no request an earlier process of the hub accepted (every one signed
+    before that process ended) is accepted again, whatever its store kept. Derived MAC keys of
+    recent peers are cached (at most ``cache_size``) to spare an X25519 per request.
     """
 
     def __init__(
@@ -308,11 +313,13 @@ class RequestVerifier:
         networks: tuple[NetworkSecret, ...] = (),
         *,
         window: float = DEFAULT_WINDOW,
+        not_before: float = 0.0,
         cache_size: int = 4096,
     ) -> None:
         self.hub_key = hub_key
         self.hub_public_key = hub_key.public_key()
         self.window = window
+        self.not_before = not_before
         self._networks = {n.network_id: n for n in networks}
         self._cache: dict[tuple[bytes, str], bytes] = {}
         self._cache_size = cache_size
@@ -334,7 +341,8 @@ class RequestVerifier:
 
         ``headers`` must be case-insensitive (Starlette's and httpx's are). Raises
         :class:`AuthenticationError` with a one-line reason: missing or malformed headers, a timestamp
-        outside the window, an unknown network, or a wrong MAC.
+        outside the window (older than ``window`` or ahead of ``now``) or below ``not_before``, an
+        unknown network, or a wrong MAC.
         """
         key_text = headers.get(HEADER_KEY)
         time_text = headers.get(HEADER_TIME)
@@ -358,8 +366,15 @@ class RequestVerifier:
         except (PunchtrioError, binascii.Error, ValueError):
             raise AuthenticationError("malformed authentication headers") from None
         timestamp = int(time_text)
-        if abs(timestamp - now) > self.window:
+        if timestamp > now:
+            # Never ahead: then every request a hub process accepted is signed before it ended.
+            raise AuthenticationError(
+                "request timestamp is outside the hub's window (ahead of the hub's clock)"
+            )
+        if now - timestamp > self.window:
             raise AuthenticationError("request timestamp is outside the hub's window")
+        if timestamp < self.not_before:
+            raise AuthenticationError("request was signed before the hub started")
         if network_id:
             network = self._networks.get(network_id)
             if network is None:

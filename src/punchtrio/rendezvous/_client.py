@@ -8,6 +8,7 @@ or the hub no longer knows our name). The HTTP API is specified in ``docs/rendez
 
 from __future__ import annotations
 
+import ipaddress
 import json
 import logging
 import math
@@ -26,6 +27,7 @@ import httpx
 import trio
 
 from ..keys import PrivateKey, PublicKey
+from ._addressing import assigned_in
 from ._auth import NetworkSecret, RequestSigner
 from ._models import (
     Endpoint,
@@ -127,7 +129,11 @@ class HubClient:
 
     Use it as an async context manager to keep the record alive: a background task refreshes it
     before it expires and re-registers it as soon as the hub may have lost it; on exit the record is
-    deleted (``unregister_on_exit``) and the connections closed. Without the context manager,
+    deleted (``unregister_on_exit``) and the connections closed. With ``watch`` (the default) it
+    also keeps one long poll open on its own record, so a hub restart (the poll drops) makes it
+    register again at once rather than at the next refresh; this costs one open wait at the hub.
+    A refused refresh is logged and retried for ``reclaim`` seconds (default: the hub's TTL plus a
+    third) and then reported by :meth:`wait_refused`. Without the context manager,
     call :meth:`aclose`; the record then lives until the hub's TTL (waits still re-register).
     Raises :class:`ValueError` for a URL that is not http(s), and
     :class:`~punchtrio.rendezvous.ValidationError` for an invalid ``name``.
@@ -148,6 +154,8 @@ class HubClient:
         attempts: int = 4,
         backoff: Backoff | None = None,
         unregister_on_exit: bool = True,
+        watch: bool = True,
+        reclaim: float | None = None,
         clock: Callable[[], float] = time.time,
         rng: random.Random | None = None,
     ) -> None:
@@ -159,6 +167,8 @@ class HubClient:
             raise ValueError(f"hub URL must be http:// or https:// with a host, got {url!r}")
         if attempts < 1 or not (timeout > 0 and wait >= 1):
             raise ValueError("attempts must be >= 1, timeout > 0 and wait >= 1 second")
+        if reclaim is not None and not (math.isfinite(reclaim) and reclaim >= 0):
+            raise ValueError("reclaim must be a finite number of seconds >= 0")
         self._name = validate_name(name)
         self._private_key = private_key
         self._public_key = private_key.public_key()
@@ -169,6 +179,8 @@ class HubClient:
         self._attempts = attempts
         self._backoff = backoff or Backoff()
         self._unregister_on_exit = unregister_on_exit
+        self._watch_enabled = watch
+        self._reclaim = reclaim
         self._clock = clock
         self._rng = rng or random.Random()
         self._http = httpx.AsyncClient(
@@ -186,6 +198,8 @@ class HubClient:
         self._record: PeerRecord | None = None
         self._lost = False
         self._broken: RendezvousError | None = None
+        self._refused = trio.Event()
+        self._record_changed = trio.Event()
         self._register_lock = trio.Lock()
         self._receive_lock = trio.Lock()
         self._refresh_at = math.inf
@@ -222,6 +236,8 @@ class HubClient:
         self._nursery_manager = trio.open_nursery()
         self._nursery = await self._nursery_manager.__aenter__()
         self._nursery.start_soon(self._keep_registered)
+        if self._watch_enabled:
+            self._nursery.start_soon(self._watch)
         return self
 
     async def __aexit__(
@@ -426,6 +442,48 @@ class HubClient:
         except TurnCredentialsError as exc:
             raise RendezvousProtocolError(f"the hub sent an invalid TURN server: {exc}") from None
 
+    async def request_address(
+        self,
+    ) -> tuple[ipaddress.IPv4Interface | ipaddress.IPv6Interface, ...]:
+        """Have the hub assign this peer its overlay addresses; return them with the prefix length
+        of the hub's network prefix (``100.64.7.9/10``), IPv4 first.
+
+        The hub derives them from our key (the same ones every time they are free) and holds them
+        in a record of our name with no endpoints, which lives until :meth:`register` replaces it
+        (register the returned addresses, as /32 and /128) or the hub's TTL ends; this call does
+        not keep that record alive. Raises :class:`RendezvousRefusedError` when the hub has no
+        network prefix or refuses (the name held by another key, no free address),
+        :class:`RendezvousUnavailableError`, :class:`RendezvousProtocolError`.
+        """
+        await self._ensure_signer()
+        assert self._info is not None
+        prefixes = self._info.network_prefixes
+        if not prefixes:
+            raise RendezvousRefusedError(
+                f"the hub at {self._http.base_url} assigns no addresses (it has no network prefix)"
+            )
+        request = RegisterRequest(self._public_key, (), (), assign=True)
+        async with self._register_lock:
+            status, payload = await self._call(
+                "PUT",
+                _peer_path(self._name),
+                body=_dump(request.to_json()),
+                attempts=self._attempts,
+                reregister=False,
+            )
+        if status not in (200, 201):
+            raise _refusal(status, payload)
+        record = self._parse_record(payload, self._name)
+        assigned = []
+        for prefix in sorted(prefixes, key=lambda p: p.version):
+            network = assigned_in(record.allowed_ips, prefix)
+            if network is not None:
+                address = f"{network.network_address}/{prefix.prefixlen}"
+                assigned.append(ipaddress.ip_interface(address))
+        if record.public_key != self._public_key or len(assigned) != len(prefixes):
+            raise RendezvousProtocolError("the hub did not assign an address from its prefixes")
+        return tuple(assigned)
+
     async def unregister(self) -> None:
         """Delete this peer's record from the hub and stop refreshing it.
 
@@ -470,6 +528,8 @@ class HubClient:
         self._lost = False
         self._refresh_at = trio.current_time() + max(1.0, record.expires_in / 3)
         self._wake.set()
+        self._record_changed.set()
+        self._record_changed = trio.Event()
         return record
 
     async def _reregister(self) -> None:
@@ -485,15 +545,22 @@ class HubClient:
             self._wake.set()
 
     async def _keep_registered(self) -> None:
-        """Background task: refresh before expiry; re-register as soon as the hub lost us."""
+        """Background task: refresh before expiry; re-register as soon as the hub lost us.
+
+        A refusal of our record (409: another key holds the name, or our allowed IPs) is logged
+        and retried for :meth:`reclaim_seconds`, long enough for a record nobody refreshes to
+        expire; any other refusal, or one that outlasts that, ends the registration for good
+        (:meth:`wait_refused` returns it, every later call raises it).
+        """
         failures = 0
+        deadline: float | None = None  # while the hub refuses our record: when to give up
         while True:
             if failures == 0:
                 with trio.move_on_at(self._refresh_at):
                     await self._wake.wait()
                 self._wake = trio.Event()
             if self._registration is None:
-                failures = 0
+                failures, deadline = 0, None
                 continue
             if not (failures or self._lost or trio.current_time() >= self._refresh_at):
                 continue
@@ -501,16 +568,98 @@ class HubClient:
                 async with self._register_lock:
                     if self._registration is not None:
                         await self._put(self._registration, 1)
-                failures = 0
+                if deadline is not None:
+                    log.warning("the hub accepts the record of %s again", self._name)
+                failures, deadline = 0, None
             except RendezvousUnavailableError as error:
                 log.debug("refreshing %s failed: %s", self._name, error)
                 await trio.sleep(self._backoff.delay(failures, self._rng))
                 failures += 1
+            except RendezvousRefusedError as error:
+                now = trio.current_time()
+                if deadline is None:
+                    deadline = now + self.reclaim_seconds()
+                    if error.status == 409 and now < deadline:
+                        log.warning(
+                            "the hub refuses the record of %s: %s; trying to get it back for %.0f s",
+                            self._name,
+                            error,
+                            deadline - now,
+                        )
+                if error.status != 409 or now >= deadline:
+                    self._give_up(error)
+                    return
+                await trio.sleep(min(self._backoff.delay(failures, self._rng), deadline - now))
+                failures += 1
             except RendezvousError as error:
-                # The hub refuses our record now (say, another key took the name while it was
-                # gone): nothing to retry. Every later call reports it.
-                self._broken = error
+                self._give_up(error)
                 return
+
+    def _give_up(self, error: RendezvousError) -> None:
+        log.error("the hub refused the record of %s for good: %s", self._name, error)
+        self._broken = error
+        self._refused.set()
+
+    def reclaim_seconds(self) -> float:
+        """Return how long a refused record is retried before giving up, in seconds: the
+        ``reclaim`` given, else the hub's record TTL plus a third (400 before contact)."""
+        if self._reclaim is not None:
+            return self._reclaim
+        ttl = self._info.ttl if self._info is not None else 300.0
+        return ttl * 4 / 3
+
+    async def wait_refused(self) -> RendezvousError:
+        """Wait until the hub refuses this peer's record for good, and return the refusal.
+
+        That happens when a refresh or re-registration is refused other than by a name or
+        address conflict (say, the hub's network prefix changed), or by a conflict that outlasts
+        :meth:`reclaim_seconds` (another key keeps refreshing our name). It is logged (ERROR on
+        the ``punchtrio.rendezvous`` logger) and every later call raises it. Runs only inside
+        ``async with``, where the refresh task runs.
+        """
+        await self._refused.wait()
+        assert self._broken is not None
+        return self._broken
+
+    async def _watch(self) -> None:
+        """Background task: one long poll on our own record while registered, so that a hub
+        restart (the poll drops) or another key holding our name is noticed at once."""
+        quick = 0
+        while self._broken is None:
+            record = self._record
+            if record is None or self._lost:
+                await self._record_changed.wait()
+                continue
+            wait = self._wait_seconds()
+            started = trio.current_time()
+            params = {"wait": f"{wait:.3f}", "since": str(record.revision)}
+            try:
+                status, payload = await self._call(
+                    "GET",
+                    _peer_path(self._name),
+                    params=params,
+                    attempts=1,
+                    read_timeout=wait + WAIT_MARGIN,
+                    reregister=False,
+                )
+            except RendezvousUnavailableError:
+                # A dropped poll has marked the record lost: the refresh task registers again.
+                status, payload = 0, b""
+            except RendezvousError:
+                return
+            if status == 200:
+                try:
+                    found = self._parse_record(payload, self._name)
+                except RendezvousProtocolError:
+                    found = None
+                if found is not None and found.public_key != self._public_key:
+                    log.warning("another key holds %s at the hub; registering again", self._name)
+                    self._mark_lost()
+            if trio.current_time() - started < min(1.0, wait / 2):
+                await trio.sleep(self._backoff.delay(quick, self._rng))
+                quick += 1
+            else:
+                quick = 0
 
     # -- HTTP plumbing -------------------------------------------------------------------------
 
@@ -627,7 +776,9 @@ class HubClient:
             # A new hub key means a restarted hub, with none of our state.
             self._mark_lost()
         self._info = info
-        self._clock_offset = info.time - self._clock()
+        # 1 ms under the hub's clock: ``info.time`` is rounded to the millisecond, and the hub
+        # refuses timestamps ahead of its clock.
+        self._clock_offset = info.time - self._clock() - 0.001
         self._signer = RequestSigner(self._private_key, info.public_key, self._network)
         return self._signer
 

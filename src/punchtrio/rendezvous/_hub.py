@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import collections
 import ipaddress
+import itertools
 import math
 import re
 import time
@@ -27,6 +28,13 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from ..keys import PrivateKey
 from ..relay import TurnServer, TurnServerURI, rest_credentials
+from ._addressing import (
+    ASSIGN_ATTEMPTS,
+    AddressPolicy,
+    ClaimRefusedError,
+    assigned_in,
+    assignment_candidates,
+)
 from ._auth import (
     DEFAULT_WINDOW,
     HEADER_KEY,
@@ -41,8 +49,11 @@ from ._auth import (
 )
 from ._models import (
     MAX_BODY_BYTES,
+    MAX_HEADER_BYTES,
+    MAX_HEADERS,
     HubInfo,
     HubRelayAddress,
+    IPNetwork,
     RegisterRequest,
     SignalMessage,
     StunAddress,
@@ -51,6 +62,7 @@ from ._models import (
     error_body,
     messages_to_json,
     parse_json,
+    trusted,
     validate_name,
 )
 from ._store import (
@@ -60,6 +72,7 @@ from ._store import (
     NameTakenError,
     QueueFullError,
     Store,
+    StoredPeer,
     StoreError,
     StoreFullError,
 )
@@ -87,7 +100,10 @@ class HubConfig:
 
     ``key``: the hub's static X25519 key, published in ``GET /v1/hub``. ``networks``: network secrets;
     none makes an open hub. ``ttl``: record lifetime (300). ``max_wait``: longest long poll (60).
-    ``auth_window``: accepted clock difference of signed requests (60). ``rate``/``burst``: token
+    ``auth_window``: how far a signed request's timestamp may lag the hub's clock (60; one ahead
+    of it is refused). ``not_before``: Unix seconds; requests signed earlier are refused (0:
+    none; the hub's server sets the second after it started, so no
+    request survives a restart). ``rate``/``burst``: token
     bucket per client IP, IPv6 per /64 (50 requests/s, 100; ``rate`` 0 disables).
     ``max_sources``: size of the bucket table (65536, least recently used forgotten first).
     ``body_timeout``: time to receive a whole body (10). ``stun``: STUN servers to publish.
@@ -96,8 +112,11 @@ class HubConfig:
     seconds (3600) to registered peers (``GET /v1/peers/{name}/turn``).
     ``relay``: the hub's own relay to publish (``None``: no relay); ``directory``: a
     :class:`KeyDirectory` the app keeps up to date with every registration and deletion, so the
-    relay can check that a key is registered; ``relay_metrics``: returns the relay's Prometheus
-    lines, appended to ``/metrics``.
+    relay can check that a key is registered; ``counters``: the :class:`HubCounters` the app
+    counts its requests into (``None``: its own; ``punchtrio.metrics.HubCollector`` serves them
+    on the metrics listener, never on the API). ``addresses``: the :class:`AddressPolicy`
+    (network prefixes to assign from, how many addresses a record may claim, which keys may
+    claim routes; default: no prefixes, one /32 and one /128 per record, no routes).
     """
 
     key: PrivateKey
@@ -105,6 +124,7 @@ class HubConfig:
     ttl: float = 300.0
     max_wait: float = 60.0
     auth_window: float = DEFAULT_WINDOW
+    not_before: float = 0.0
     rate: float = 50.0
     burst: float = 100.0
     max_sources: int = 65536
@@ -115,7 +135,8 @@ class HubConfig:
     turn_ttl: float = 3600.0
     relay: HubRelayAddress | None = None
     directory: KeyDirectory | None = field(default=None, compare=False)
-    relay_metrics: Callable[[], list[str]] | None = field(default=None, compare=False, repr=False)
+    counters: HubCounters | None = field(default=None, compare=False, repr=False)
+    addresses: AddressPolicy = field(default_factory=AddressPolicy)
 
 
 class KeyDirectory:
@@ -227,7 +248,7 @@ def _source_of(scope: Scope) -> str:
     return str(ipaddress.IPv6Network(f"{address}/64", strict=False))
 
 
-_FIXED_ROUTES = {path: path for path in ("/v1/hub", "/healthz", "/metrics")}
+_FIXED_ROUTES = {path: path for path in ("/v1/hub", "/healthz")}
 _PEERS = "/v1/peers/"
 _MESSAGES = "/messages"
 _TURN = "/turn"
@@ -235,7 +256,7 @@ _METHODS = frozenset({"GET", "PUT", "POST", "DELETE", "HEAD"})
 
 
 def _route_label(path: str) -> str:
-    """The route of ``path`` for ``/metrics`` (names replaced by ``{name}``), or ``"other"``."""
+    """The route label of ``path`` (names replaced by ``{name}``), or ``"other"``."""
     if not path.startswith(_PEERS):
         return _FIXED_ROUTES.get(path, "other")
     name, slash, rest = path[len(_PEERS) :].partition("/")
@@ -248,15 +269,44 @@ def _route_label(path: str) -> str:
     return "/v1/peers/{name}/messages" if slash + rest == _MESSAGES else "other"
 
 
-class _Metrics:
-    """Request counters by route, method and status; rendered with the store's gauges."""
+class HubCounters:
+    """What a hub app counts: :attr:`requests`, answers by ``(route, method, status)``.
+
+    ``route`` is the path with names replaced by ``{name}`` (``/v1/peers/{name}``), or
+    ``"other"``; ``method`` one of GET, PUT, POST, DELETE, HEAD or ``"other"``. Read by
+    :class:`punchtrio.metrics.HubCollector` at scrape time.
+    """
 
     def __init__(self) -> None:
         self.requests: collections.Counter[tuple[str, str, int]] = collections.Counter()
+        """Answers by ``(route, method, status)``."""
+
+
+def _head_refusal(scope: Scope) -> str | None:
+    """Why the request head breaks :data:`MAX_HEADERS` / :data:`MAX_HEADER_BYTES`, or ``None``.
+
+    The size is counted as HTTP/1.1 sends the head: ``METHOD target HTTP/1.1``, one
+    ``name: value`` line per header and the blank line, each with CRLF. Hypercorn's own limit
+    applies only to a head that arrives in pieces, so this one is checked for every request.
+    """
+    headers = scope["headers"]
+    if len(headers) > MAX_HEADERS:
+        return f"too many header fields (at most {MAX_HEADERS})"
+    raw_path = scope.get("raw_path") or b""
+    query = scope.get("query_string") or b""
+    size = len(scope["method"]) + len(raw_path or scope["path"].encode()) + 14
+    if query:
+        size += 1 + len(query)
+    for name, value in headers:
+        size += len(name) + len(value) + 4
+    if size > MAX_HEADER_BYTES:
+        return f"request head is larger than {MAX_HEADER_BYTES} bytes"
+    return None
 
 
 class _Gate:
-    """Outer ASGI layer: per-source rate limit first, then counts every answer for ``/metrics``."""
+    """Outer ASGI layer: the head limits and the per-source rate limit (``/healthz`` is exempt),
+    then counts every answer in the hub's :class:`HubCounters`."""
 
     def __init__(self, app: ASGIApp, hub: _Hub) -> None:
         self.app = app
@@ -278,7 +328,14 @@ class _Gate:
 
         buckets = self.hub.buckets
         try:
-            if buckets.rate > 0 and not buckets.allow(_source_of(scope), trio.current_time()):
+            refusal = _head_refusal(scope)
+            if refusal is not None:
+                await _error(431, refusal)(scope, receive, counting_send)
+            elif (
+                buckets.rate > 0
+                and route != "/healthz"
+                and not buckets.allow(_source_of(scope), trio.current_time())
+            ):
                 response = _error(429, "rate limit exceeded", _RETRY_AFTER)
                 await response(scope, receive, counting_send)
             else:
@@ -294,9 +351,11 @@ class _Hub:
         self.config = config
         self.store = store
         self.clock = clock
-        self.verifier = RequestVerifier(config.key, config.networks, window=config.auth_window)
+        self.verifier = RequestVerifier(
+            config.key, config.networks, window=config.auth_window, not_before=config.not_before
+        )
         self.buckets = _TokenBuckets(config.rate, config.burst, config.max_sources)
-        self.counters = _Metrics()
+        self.counters = config.counters if config.counters is not None else HubCounters()
 
     # plumbing
 
@@ -373,30 +432,6 @@ class _Hub:
     async def healthz(self, request: Request) -> Response:
         return _json({"status": "ok"})
 
-    async def metrics(self, request: Request) -> Response:
-        stats = self.store.stats()
-        lines = [
-            "# HELP punchtrio_hub_peers Registered peer records.",
-            "# TYPE punchtrio_hub_peers gauge",
-            f"punchtrio_hub_peers {stats.peers}",
-            "# HELP punchtrio_hub_open_waits Open long polls.",
-            "# TYPE punchtrio_hub_open_waits gauge",
-            f"punchtrio_hub_open_waits {stats.waiters}",
-            "# HELP punchtrio_hub_queued_messages Queued signalling messages.",
-            "# TYPE punchtrio_hub_queued_messages gauge",
-            f"punchtrio_hub_queued_messages {stats.queued}",
-            "# HELP punchtrio_hub_requests_total HTTP requests by route, method and status.",
-            "# TYPE punchtrio_hub_requests_total counter",
-        ]
-        for (route, method, status), count in sorted(self.counters.requests.items()):
-            labels = f'route="{route}",method="{method}",status="{status}"'
-            lines.append(f"punchtrio_hub_requests_total{{{labels}}} {count}")
-        if self.config.relay_metrics is not None:
-            lines += self.config.relay_metrics()
-        return Response(
-            "\n".join(lines) + "\n", media_type="text/plain; version=0.0.4; charset=utf-8"
-        )
-
     async def hub_info(self, request: Request) -> Response:
         config = self.config
         info = HubInfo(
@@ -409,6 +444,7 @@ class _Hub:
             self.verifier.network_required,
             turn=config.turn,
             relay=config.relay,
+            network_prefixes=config.addresses.prefixes,
         )
         return _json(info.to_json())
 
@@ -430,14 +466,58 @@ class _Hub:
         registration = RegisterRequest.from_json(parse_json(body))
         if registration.public_key != verified.public_key:
             raise _Refusal(400, "public_key must be the key that signs the request")
-        peer, created = await self.store.put(
-            verified.network_id, name, registration, self.config.ttl
-        )
+        assign = self.config.addresses.check(registration)
+        if assign:
+            peer, created = await self.put_assigned(verified.network_id, name, registration, assign)
+        else:
+            peer, created = await self.store.put(
+                verified.network_id, name, registration, self.config.ttl
+            )
         if self.config.directory is not None:
             self.config.directory.note(
                 verified.network_id, name, verified.public_key.raw, peer.expires_at
             )
         return _json(peer.to_record(self.clock()).to_json(), 201 if created else 200)
+
+    async def put_assigned(
+        self,
+        network_id: str,
+        name: str,
+        registration: RegisterRequest,
+        prefixes: tuple[IPNetwork, ...],
+    ) -> tuple[StoredPeer, bool]:
+        """Store ``registration`` with an address added from each of ``prefixes``.
+
+        The record's current address in a prefix is kept (a refresh never moves a peer); else the
+        key's candidates are tried in order against the store's overlap check.
+        """
+        old = await self.store.get(network_id, name)
+        kept = (
+            old.allowed_ips if old is not None and old.public_key == registration.public_key else ()
+        )
+        offers: list[list[IPNetwork]] = []
+        for prefix in prefixes:
+            current = assigned_in(kept, prefix)
+            candidates = assignment_candidates(registration.public_key, prefix)
+            offer = [current] if current is not None else []
+            # A small prefix repeats candidates: they cost a try each, never an endless draw.
+            offer += itertools.islice(candidates, ASSIGN_ATTEMPTS - len(offer))
+            offers.append(offer)
+        conflict: AllowedIPsConflictError | None = None
+        for attempt in range(ASSIGN_ATTEMPTS):
+            allowed = registration.allowed_ips + tuple(offer[attempt] for offer in offers)
+            request = trusted(
+                RegisterRequest, registration.public_key, registration.endpoints, allowed, False
+            )
+            try:
+                return await self.store.put(network_id, name, request, self.config.ttl)
+            except AllowedIPsConflictError as exc:
+                conflict = exc
+        if registration.allowed_ips:
+            assert conflict is not None
+            raise conflict  # the claims of the request itself may be what overlaps
+        where = " and ".join(str(prefix) for prefix in prefixes)
+        raise AllowedIPsConflictError(f"no free address in {where} for this key; retry later")
 
     async def get_peer(self, request: Request) -> Response:
         _, verified = await self.authenticate(request)
@@ -555,6 +635,8 @@ def _wrap(
             return _error(exc.status, exc.reason, exc.headers)
         except ValidationError as exc:
             return _error(400, str(exc))
+        except ClaimRefusedError as exc:
+            return _error(403, str(exc))
         except (NameTakenError, AllowedIPsConflictError) as exc:
             return _error(409, str(exc))
         except QueueFullError as exc:
@@ -595,7 +677,6 @@ def create_app(
         Route("/v1/peers/{name}/messages", _wrap(hub.messages), methods=["GET", "POST"]),
         Route("/v1/peers/{name}/turn", _wrap(hub.turn), methods=["GET"]),
         Route("/healthz", _wrap(hub.healthz), methods=["GET"]),
-        Route("/metrics", _wrap(hub.metrics), methods=["GET"]),
         Route("/v1/hub", _wrap(hub.hub_info), methods=["GET"]),
     ]
     app = Starlette(

@@ -41,6 +41,16 @@ MAX_ALLOWED_IPS = 64
 MAX_SIGNAL_BYTES = 2048
 """Largest ``data`` of one signalling message, in UTF-8 bytes."""
 
+MAX_HEADER_BYTES = 8 * 1024
+"""Largest request head the hub accepts, in bytes: the request line and every header line, counted
+as HTTP/1.1 sends them (``Name: value`` plus CRLF); a larger one gets 431."""
+
+MAX_HEADERS = 100
+"""Most header fields in one request; more get 431."""
+
+MAX_NETWORK_PREFIXES = 2
+"""Most network prefixes of one hub (``GET /v1/hub``): one IPv4 and one IPv6."""
+
 NAME_PATTERN = re.compile(r"[a-z0-9][a-z0-9._-]{0,62}")
 """Peer names: 1-63 characters of lowercase ASCII letters, digits, ``.``, ``_`` and ``-``, starting
 with a letter or a digit (matched with ``fullmatch``)."""
@@ -48,6 +58,13 @@ with a letter or a digit (matched with ``fullmatch``)."""
 _PORT = re.compile(r"[0-9]{1,5}")
 _IPV4_TEXT = re.compile(r"[0-9.]{7,15}")
 _IPV6_TEXT = re.compile(r"[0-9a-fA-F:.]{2,45}")
+
+# IPv6 ranges that carry an IPv4 address at a fixed place: an endpoint there is checked as that
+# IPv4 address too, so ::127.0.0.1, 64:ff9b::7f00:1 or 2002:7f00:1:: are loopback like 127.0.0.1.
+_IPV4_COMPATIBLE = ipaddress.IPv6Network("::/96")  # deprecated by RFC 4291: refused outright
+_IPV4_TRANSLATED = ipaddress.IPv6Network("::ffff:0:0:0/96")  # RFC 2765 (SIIT)
+_NAT64_WELL_KNOWN = ipaddress.IPv6Network("64:ff9b::/96")  # RFC 6052: the IPv4 in the last 32 bits
+_NAT64_LOCAL = ipaddress.IPv6Network("64:ff9b:1::/48")  # RFC 8215: local use, formats vary
 
 # Prefixes no peer may claim as allowed IPs: routing them into a tunnel hijacks local or
 # special-purpose traffic. Any prefix that overlaps one of these is refused, which also refuses
@@ -125,11 +142,15 @@ def check_unicast(ip: IPAddress, *, what: str = "address") -> IPAddress:
     """Return ``ip`` if a peer can be reached at it.
 
     Refused (:class:`ValidationError`): unspecified, loopback, multicast, link-local, the IPv4
-    broadcast and reserved (240.0.0.0/4) ranges, and IPv4-mapped IPv6 addresses. Private addresses
-    are accepted (they are valid host candidates).
+    broadcast and reserved (240.0.0.0/4) ranges, IPv4-mapped (``::ffff:0:0/96``) and the deprecated
+    IPv4-compatible (``::/96``) IPv6 addresses, and local-use NAT64 (``64:ff9b:1::/48``). An IPv6
+    address that embeds an IPv4 address at a fixed place (NAT64 ``64:ff9b::/96``, 6to4
+    ``2002::/16``, Teredo ``2001::/32``, IPv4-translated ``::ffff:0:0:0/96``) is refused if that
+    IPv4 address would be, so no encoding of 127.0.0.1 passes. Private addresses are accepted
+    (they are valid host candidates).
     """
-    if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
-        raise ValidationError(f"{what} must not be an IPv4-mapped IPv6 address")
+    if isinstance(ip, ipaddress.IPv6Address):
+        _check_embedded_ipv4(ip, what)
     if ip.is_unspecified:
         raise ValidationError(f"{what} must not be unspecified")
     if ip.is_loopback:
@@ -141,6 +162,27 @@ def check_unicast(ip: IPAddress, *, what: str = "address") -> IPAddress:
     if isinstance(ip, ipaddress.IPv4Address) and (ip.is_reserved or ip.packed == b"\xff" * 4):
         raise ValidationError(f"{what} must not be broadcast or reserved")
     return ip
+
+
+def _check_embedded_ipv4(ip: ipaddress.IPv6Address, what: str) -> None:
+    if ip.ipv4_mapped is not None:
+        raise ValidationError(f"{what} must not be an IPv4-mapped IPv6 address")
+    if ip in _IPV4_COMPATIBLE and not (ip.is_unspecified or ip.is_loopback):
+        raise ValidationError(f"{what} must not be an IPv4-compatible IPv6 address")
+    if ip in _NAT64_LOCAL:
+        raise ValidationError(f"{what} must not be a local-use NAT64 address")
+    embedded: list[ipaddress.IPv4Address] = []
+    if ip in _NAT64_WELL_KNOWN or ip in _IPV4_TRANSLATED:
+        embedded.append(ipaddress.IPv4Address(int(ip) & 0xFFFFFFFF))
+    if ip.sixtofour is not None:
+        embedded.append(ip.sixtofour)
+    if ip.teredo is not None:
+        embedded.extend(ip.teredo)
+    for inner in embedded:
+        try:
+            check_unicast(inner, what=what)
+        except ValidationError as exc:
+            raise ValidationError(f"{exc} (embedded in {ip})") from None
 
 
 def parse_address(text: object, *, what: str = "address") -> tuple[IPAddress, int]:
@@ -296,18 +338,24 @@ def _allowed_ips_from_json(value: object) -> tuple[IPNetwork, ...]:
 class RegisterRequest:
     """Body of ``PUT /v1/peers/{name}``: what a peer registers (or refreshes) under its name.
 
-    JSON: ``{"public_key": "<base64>", "endpoints": [Endpoint...], "allowed_ips": ["10.0.0.1/32"]}``.
-    ``public_key`` must be the key that signs the request. At most :data:`MAX_ENDPOINTS` distinct
-    endpoints and :data:`MAX_ALLOWED_IPS` disjoint canonical prefixes (see :func:`parse_allowed_ip`).
-    Construction validates everything and raises :class:`ValidationError`.
+    JSON: ``{"public_key": "<base64>", "endpoints": [Endpoint...], "allowed_ips": ["10.0.0.1/32"]}``
+    and optionally ``"assign": true``. ``public_key`` must be the key that signs the request. At
+    most :data:`MAX_ENDPOINTS` distinct endpoints and :data:`MAX_ALLOWED_IPS` disjoint canonical
+    prefixes (see :func:`parse_allowed_ip`). ``assign`` (default ``False``, then left out of the
+    JSON) asks a hub with network prefixes to add this peer's overlay address from each prefix
+    whose IP version ``allowed_ips`` has no single address of. Construction validates everything
+    and raises :class:`ValidationError`.
     """
 
     public_key: PublicKey
     endpoints: tuple[Endpoint, ...] = ()
     allowed_ips: tuple[IPNetwork, ...] = ()
+    assign: bool = False
 
     def __post_init__(self) -> None:
         _check_record_fields(self.public_key, self.endpoints, self.allowed_ips)
+        if not isinstance(self.assign, bool):
+            raise ValidationError("assign must be a boolean")
 
     def to_json(self) -> dict[str, Any]:
         """Return the JSON object of this request."""
@@ -315,18 +363,25 @@ class RegisterRequest:
             "public_key": self.public_key.to_base64(),
             "endpoints": [e.to_json() for e in self.endpoints],
             "allowed_ips": [str(n) for n in self.allowed_ips],
+            **({"assign": True} if self.assign else {}),
         }
 
     @classmethod
     def from_json(cls, obj: object) -> RegisterRequest:
         """Parse the JSON object of a registration. Raises :class:`ValidationError`."""
-        items = _exact_keys(obj, "body", required=("public_key", "endpoints", "allowed_ips"))
+        items = _exact_keys(
+            obj, "body", required=("public_key", "endpoints", "allowed_ips"), optional=("assign",)
+        )
+        assign = items.get("assign", False)
+        if not isinstance(assign, bool):
+            raise ValidationError("assign must be a boolean")
         # Parsing checks everything __post_init__ would check again.
         return trusted(
             cls,
             parse_public_key(items["public_key"]),
             _endpoints_from_json(items["endpoints"]),
             _allowed_ips_from_json(items["allowed_ips"]),
+            assign,
         )
 
 
@@ -523,7 +578,10 @@ class HubInfo:
     seconds) so clients can sign with a corrected timestamp. ``turn`` (optional, omitted when
     empty; at most :data:`MAX_TURN_SERVERS`) lists the TURN servers whose credentials the hub
     mints, as ``turn:``/``turns:`` URI texts. ``relay`` (optional, omitted when ``None``: the hub
-    runs no relay of its own) is a :class:`HubRelayAddress`. Raises :class:`ValidationError`.
+    runs no relay of its own) is a :class:`HubRelayAddress`. ``network_prefixes`` (optional,
+    omitted when empty; at most one IPv4 and one IPv6 prefix) are the overlay prefixes the hub
+    assigns addresses from and confines address claims to (``punchtrio hub --network-prefix``).
+    Raises :class:`ValidationError`.
     """
 
     public_key: PublicKey
@@ -536,8 +594,10 @@ class HubInfo:
     api: int = API_VERSION
     turn: tuple[TurnServerURI, ...] = ()
     relay: HubRelayAddress | None = None
+    network_prefixes: tuple[IPNetwork, ...] = ()
 
     def __post_init__(self) -> None:
+        check_network_prefixes(self.network_prefixes)
         for name in ("ttl", "max_wait", "auth_window", "time"):
             _check_seconds(getattr(self, name), name)
         if not isinstance(self.network_required, bool):
@@ -559,6 +619,11 @@ class HubInfo:
             "network_required": self.network_required,
             **({"turn": [str(uri) for uri in self.turn]} if self.turn else {}),
             **({"relay": self.relay.to_json()} if self.relay is not None else {}),
+            **(
+                {"network_prefixes": [str(n) for n in self.network_prefixes]}
+                if self.network_prefixes
+                else {}
+            ),
         }
 
     @classmethod
@@ -566,7 +631,10 @@ class HubInfo:
         """Parse a hub description. Raises :class:`ValidationError` (also for another API version)."""
         keys = ("api", "public_key", "stun", "ttl", "max_wait", "auth_window", "time")
         fields = _exact_keys(
-            obj, "hub", required=(*keys, "network_required"), optional=("turn", "relay")
+            obj,
+            "hub",
+            required=(*keys, "network_required"),
+            optional=("turn", "relay", "network_prefixes"),
         )
         if fields["api"] != API_VERSION or isinstance(fields["api"], bool):
             raise ValidationError(f"hub speaks API {fields['api']!r}, expected {API_VERSION}")
@@ -583,7 +651,39 @@ class HubInfo:
             fields["network_required"],  # type: ignore[arg-type]
             turn=_turn_uris_from_json(fields.get("turn", [])),
             relay=None if "relay" not in fields else HubRelayAddress.from_json(fields["relay"]),
+            network_prefixes=_network_prefixes_from_json(fields.get("network_prefixes", [])),
         )
+
+
+def check_network_prefixes(prefixes: object) -> tuple[IPNetwork, ...]:
+    """Return ``prefixes`` if they are valid network prefixes of a hub.
+
+    A tuple of at most one IPv4 and one IPv6 network, each a valid allowed-IP prefix (see
+    :func:`parse_allowed_ip`) with room for addresses: IPv4 /30 or shorter, IPv6 /126 or shorter.
+    Raises :class:`ValidationError`.
+    """
+    if not isinstance(prefixes, tuple) or len(prefixes) > MAX_NETWORK_PREFIXES:
+        raise ValidationError("network_prefixes: at most one IPv4 and one IPv6 prefix")
+    for prefix in prefixes:
+        if not isinstance(prefix, (ipaddress.IPv4Network, ipaddress.IPv6Network)):
+            raise ValidationError("network_prefixes must hold IP networks")
+        parse_allowed_ip(str(prefix), what="network prefix")
+        if prefix.prefixlen > prefix.max_prefixlen - 2:
+            longest = prefix.max_prefixlen - 2
+            raise ValidationError(f"network prefix {prefix} is too small (at most /{longest})")
+    if len({prefix.version for prefix in prefixes}) != len(prefixes):
+        raise ValidationError("network_prefixes: at most one IPv4 and one IPv6 prefix")
+    return prefixes
+
+
+def _network_prefixes_from_json(value: object) -> tuple[IPNetwork, ...]:
+    if not isinstance(value, list):
+        raise ValidationError("network_prefixes must be a list")
+    if len(value) > MAX_NETWORK_PREFIXES:
+        raise ValidationError("network_prefixes: at most one IPv4 and one IPv6 prefix")
+    return check_network_prefixes(
+        tuple(parse_allowed_ip(item, what="network prefix") for item in value)
+    )
 
 
 MAX_TURN_SERVERS = 8

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import ipaddress
+import math
 import time
 from dataclasses import dataclass, replace
 from functools import partial
@@ -15,15 +16,12 @@ from hypercorn.trio import serve as hypercorn_serve
 from .._exceptions import PunchtrioError
 from ..stun import StunServer, StunServerError
 from ._hub import HubConfig, create_app
-from ._models import StunAddress, format_address
+from ._models import MAX_HEADER_BYTES, StunAddress, format_address
 from ._store import Clock, Store
 
 HEADER_TIMEOUT = 5.0
 """Seconds a client has to send a request's complete headers (and to start one on an idle
 keep-alive connection)."""
-
-MAX_HEADER_BYTES = 8 * 1024
-"""Largest request head (request line and headers) the hub accepts."""
 
 
 class HubServeError(PunchtrioError):
@@ -49,7 +47,9 @@ def hypercorn_config(
 ) -> HypercornConfig:
     """Return the Hypercorn configuration of a hub listening on ``listen`` ``(ip, port)``.
 
-    Request heads must arrive within :data:`HEADER_TIMEOUT` and fit :data:`MAX_HEADER_BYTES`; a
+    Request heads must arrive within :data:`HEADER_TIMEOUT`; Hypercorn refuses (400) a head still
+    incomplete past :data:`~punchtrio.rendezvous.MAX_HEADER_BYTES`, and the app checks every
+    complete head against that and :data:`~punchtrio.rendezvous.MAX_HEADERS` (431). A
     connection that sends nothing for ``max_wait`` plus 30 seconds is closed (long polls stay
     silent for up to ``max_wait``). Access logs are off: they would record client addresses and
     peer names of every poll.
@@ -85,6 +85,8 @@ async def serve_hub(
     ``listen``, ``stun`` and ``stun_alternate`` are ``(ip, port)``; port 0 lets the kernel choose.
     The bound STUN addresses are published in ``GET /v1/hub`` (an unspecified IP as ``null``: "the
     hub's own host"). Reports a :class:`HubListeners` through ``task_status`` once both listen.
+    Requests signed before the hub started are refused (``HubConfig.not_before``), so the hub
+    begins to listen when the next second of ``clock`` (Unix seconds) begins, at most 1 s later.
     Raises :class:`HubServeError` if a socket cannot be bound or TLS files cannot be loaded.
     """
     if (tls_cert is None) != (tls_key is None):
@@ -107,7 +109,12 @@ async def serve_hub(
             if listener is not None:  # a shared store's wake-up listener (RedisStore)
                 what = "start the store"
                 await nursery.start(listener)
+            # No request signed before this process started is accepted (docs/security.md): the
+            # current second is refused, and the hub answers once the next one has begun.
+            fence = max(config.not_before, math.floor(clock()) + 1)
+            config = replace(config, not_before=fence)
             app = create_app(config, store, clock=clock)
+            await trio.sleep(max(0.0, fence - clock()))
             what = f"listen on {_text(listen)}"
             asgi: Any = app  # Starlette is an ASGI app; Hypercorn's stubs want its own types
             binds = await nursery.start(partial(hypercorn_serve, asgi, hyper))

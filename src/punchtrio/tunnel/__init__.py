@@ -1,11 +1,43 @@
 """Tunnels: a WireGuard device on a network interface, and the wg-quick files that describe one.
 
 :func:`open_userspace_tunnel` runs punchtrio's own WireGuard (:mod:`punchtrio.wireguard`) over a UDP
-socket and a TUN device; :func:`load_wgquick` reads a wg-quick configuration file.
+socket and a TUN device; :func:`load_wgquick` reads a wg-quick configuration file. The userspace tunnel serves WireGuard's
+cross-platform userspace API (:func:`serve_uapi`, the sans-IO core in :class:`UapiConnection`,
+:func:`plan_set` and :func:`format_get`), so ``wg show`` and ``wg set`` work on it.
 """
 
 from ._interface import Tunnel
 from ._tun import TunDevice, TunnelError
+from ._uapi import (
+    MAX_REQUEST_BYTES,
+    DeviceInfo,
+    GetRequest,
+    PeerChange,
+    PeerInfo,
+    ProtocolViolation,
+    RefusedRequest,
+    SetPlan,
+    SetRequest,
+    UapiConnection,
+    UapiError,
+    apply_plan,
+    device_info,
+    format_endpoint,
+    format_errno,
+    format_get,
+    parse_endpoint,
+    parse_set,
+    plan_set,
+)
+from ._uapi_server import (
+    SocketInUseError,
+    UapiServer,
+    UapiUnavailable,
+    bind_unix_listener,
+    serve_uapi,
+    start_uapi,
+    uapi_path,
+)
 from ._userspace import TunnelCounters, UserspaceTunnel, open_userspace_tunnel
 from ._wgquick import (
     DEFAULT_MTU,
@@ -19,16 +51,42 @@ from ._wgquick import (
 
 __all__ = [
     "DEFAULT_MTU",
+    "MAX_REQUEST_BYTES",
     "ConfigError",
+    "DeviceInfo",
+    "GetRequest",
     "InterfaceConfig",
+    "PeerChange",
+    "PeerInfo",
     "PeerSection",
+    "ProtocolViolation",
+    "RefusedRequest",
+    "SetPlan",
+    "SetRequest",
+    "SocketInUseError",
     "TunDevice",
     "Tunnel",
     "TunnelCounters",
     "TunnelError",
+    "UapiConnection",
+    "UapiError",
+    "UapiServer",
+    "UapiUnavailable",
     "UserspaceTunnel",
     "WgQuickConfig",
+    "apply_plan",
+    "bind_unix_listener",
+    "device_info",
+    "format_endpoint",
+    "format_errno",
+    "format_get",
     "load_wgquick",
     "open_userspace_tunnel",
+    "parse_endpoint",
+    "parse_set",
     "parse_wgquick",
+    "plan_set",
+    "serve_uapi",
+    "start_uapi",
+    "uapi_path",
 ]

@@ -9,6 +9,7 @@ batch: no ``await`` per packet.
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import errno
 import math
 import os
@@ -17,7 +18,7 @@ import select
 import socket
 import struct
 import sys
-from collections.abc import AsyncIterator, Callable, Mapping
+from collections.abc import AsyncIterator, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
@@ -27,12 +28,21 @@ from ..wireguard import ConfigError as WireGuardConfigError
 from ..wireguard import Device, PeerConfig, PeerStats, Timers
 from ._netlink import configure_interface
 from ._tun import TunDevice, TunnelError
+from ._uapi_server import UAPI_DIRECTORY, start_uapi
 from ._wgquick import ConfigError, PeerSection, WgQuickConfig
 
 Address = tuple[str, int]
 
 BATCH = 256
 """Most packets handled from one descriptor before the loop checkpoints (fairness between tasks)."""
+
+HANDSHAKE_READS = 64
+"""Most datagrams read from a handshake socket (see :func:`split_handshakes`) per turn."""
+
+HANDSHAKES_PER_BATCH = 8
+"""Queued handshake messages processed after each batch of UDP datagrams, once its transport
+data is decrypted and handed to the TUN: a handshake flood gets this share, never more, and what
+is left waits for the next batch or the device's timer."""
 
 SOCKET_BUFFER = 4 << 20
 """Send and receive buffer asked for on the UDP sockets (4 MiB); bursts of a fast flow fit."""
@@ -89,6 +99,9 @@ class WireGuardDevice(Protocol):
     under_load: bool
 
     def receive_datagram(self, data: bytes, addr: Address, now: float) -> bytes | None: ...
+    def process_handshakes(self, now: float, limit: int) -> bool: ...
+    @property
+    def handshake_queue_room(self) -> int: ...  # read only when there are handshake sockets
     def send_packet(self, packet: bytes, now: float) -> tuple[bytes, Address] | None: ...
     def datagrams_to_send(self) -> list[tuple[bytes, Address]]: ...
     def get_timer(self) -> float | None: ...
@@ -135,7 +148,10 @@ class UserspaceTunnel:
     apply only when every socket is a real :class:`socket.socket`. ``linger`` is how long, in
     seconds, the shell keeps waiting on its own descriptors after a batch before handing the
     thread back to Trio (see :data:`LINGER` and :data:`IDLE_WAIT`; 0 turns both off; real sockets
-    only).
+    only). ``handshake_sockets`` are receive-only siblings of ``sockets`` that the kernel hands
+    every non-transport datagram (see :func:`split_handshakes`); the shell reads at most
+    :data:`HANDSHAKE_READS` from one per turn, so a handshake flood fills their buffer, not the
+    transport socket's, and the excess is dropped by the kernel.
     """
 
     def __init__(
@@ -148,6 +164,7 @@ class UserspaceTunnel:
         gso: bool = True,
         gro: bool = True,
         linger: float = LINGER,
+        handshake_sockets: Sequence[socket.socket] = (),
     ) -> None:
         self.device = device
         self.tun = tun
@@ -156,6 +173,7 @@ class UserspaceTunnel:
         self._socket4 = next((s for s in sockets if s.family == socket.AF_INET), None)
         self._socket6 = next((s for s in sockets if s.family == socket.AF_INET6), None)
         self._sockets = sockets
+        self._handshake_sockets = list(handshake_sockets)
         self._listen_port = int(sockets[0].getsockname()[1]) if sockets else 0
         self._timer_scope: trio.CancelScope | None = None
         # GSO and GRO need the kernel: socket-like stand-ins (netsim) get the plain path.
@@ -186,6 +204,19 @@ class UserspaceTunnel:
         """Return per-peer statistics (endpoint, rx/tx bytes, last handshake), keyed by public key."""
         return self.device.peer_stats()
 
+    @property
+    def sockets(self) -> list[socket.socket]:
+        """The UDP sockets the tunnel sends and receives on (one per address family)."""
+        return list(self._sockets)
+
+    def flush(self) -> None:
+        """Send what the device queued, hand out its events and re-arm its timer.
+
+        Call it (from the Trio thread) after changing the device outside the data path, e.g. a
+        peer added or a persistent keepalive turned on through the UAPI socket.
+        """
+        self._flush()
+
     def receive_relayed(self, data: bytes, addr: Address) -> None:
         """Handle one datagram that reached us by another transport as if the socket had read it.
 
@@ -197,11 +228,13 @@ class UserspaceTunnel:
         """
         counters = self.counters
         counters.datagrams_received += 1
-        packet = self.device.receive_datagram(data, addr, trio.current_time())
+        now = trio.current_time()
+        packet = self.device.receive_datagram(data, addr, now)
         if packet is not None:
             writer = self._tun_writer
             if not writer.write_now(packet) and not writer.offer([packet]):
                 counters.tun_write_errors += 1
+        self.device.process_handshakes(now, HANDSHAKES_PER_BATCH)
         self._flush()
 
     async def serve(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
@@ -209,6 +242,8 @@ class UserspaceTunnel:
         batches = self._batches
         for sock in self._sockets:
             batches[sock.fileno()] = self._udp_batch(sock)
+        for sock in self._handshake_sockets:
+            batches[sock.fileno()] = self._udp_batch(sock, HANDSHAKE_READS, handshakes=True)
         tun_fd = self.tun.fileno()
         batches[tun_fd] = self._tun_batch
         if self._linger:
@@ -220,7 +255,7 @@ class UserspaceTunnel:
                 self._poller.register(self._trio.fd, select.EPOLLIN)
         try:
             async with trio.open_nursery() as nursery:
-                for sock in self._sockets:
+                for sock in [*self._sockets, *self._handshake_sockets]:
                     nursery.start_soon(self._udp_reader, sock)
                 nursery.start_soon(self._tun_reader, tun_fd)
                 nursery.start_soon(self._timer_loop)
@@ -310,12 +345,15 @@ class UserspaceTunnel:
                 self._active_until = trio.current_time() + ACTIVE_WINDOW
         return None, True
 
-    def _udp_batch(self, sock: socket.socket) -> Callable[[], tuple[bool, list[bytes] | None]]:
+    def _udp_batch(
+        self, sock: socket.socket, limit: int = BATCH, *, handshakes: bool = False
+    ) -> Callable[[], tuple[bool, list[bytes] | None]]:
         """Return a function that reads one batch from ``sock`` and returns ``(drained, stalled)``.
 
         ``stalled`` is the batch of decrypted packets the TUN writer had no room for, else None.
         """
         receive = self.device.receive_datagram
+        process_handshakes = self.device.process_handshakes
         counters = self.counters
         gro = self._gro and _enable_gro(sock)
         recvmsg = sock.recvmsg if gro else None
@@ -324,14 +362,19 @@ class UserspaceTunnel:
         write_now = self._tun_writer.write_now
         flush = self._flush
 
+        device = self.device
+
         def batch() -> tuple[bool, list[bytes] | None]:
             now = trio.current_time()
             drained = False
             reads = received = errors = 0
+            # A handshake socket is read no faster than the device's queue drains: what the
+            # queue could not take would be read only to be dropped; the kernel drops it instead.
+            most = min(limit, device.handshake_queue_room) if handshakes else limit
             packets: list[bytes] = []
             keep = packets.append
             try:
-                while reads < BATCH:
+                while reads < most:
                     if recvmsg is not None:
                         # With UDP GRO one read may hold many datagrams of one size from one
                         # sender, back to back; the control message gives that size.
@@ -372,6 +415,8 @@ class UserspaceTunnel:
             counters.datagrams_received += received
             counters.receive_errors += errors
             stalled = packets if packets and not offer(packets) else None
+            # Handshakes after the batch's transport data, a bounded share (the device queued them).
+            process_handshakes(now, HANDSHAKES_PER_BATCH)
             flush()
             return drained, stalled
 
@@ -441,6 +486,17 @@ class UserspaceTunnel:
             except OSError as exc:
                 if j - i > 1 and exc.errno in _NO_GSO:
                     self._gso = False  # this kernel or route cannot segment: one by one from now
+                    continue
+                if j - i > 1 and exc.errno == errno.EMSGSIZE and sock is not None:
+                    # Segments above the route's MTU (a relay frame around a full-sized
+                    # datagram): the kernel fragments them only when they go one by one.
+                    for datagram, _ in batch[i:j]:
+                        try:
+                            sock.sendto(datagram, addr)
+                            counters.datagrams_sent += 1
+                        except OSError:
+                            counters.send_errors += 1
+                    i = j
                     continue
                 counters.send_errors += j - i
             i = j
@@ -657,16 +713,19 @@ def add_peers(device: Device, config: WgQuickConfig) -> None:
             raise ConfigError(f"{config.source}:{section.line}: {exc}") from None
 
 
-def bind_udp(port: int | None) -> list[socket.socket]:
+def bind_udp(port: int | None, *, reuse_port: bool = False) -> list[socket.socket]:
     """Return non-blocking UDP sockets bound to ``port`` on every IPv4 and IPv6 address.
 
     ``None`` or 0 lets the kernel pick a port (the IPv6 socket takes the same one). IPv6 is skipped
-    when the host has it disabled. Raises :class:`TunnelError` if the port is taken.
+    when the host has it disabled. ``reuse_port`` sets ``SO_REUSEPORT`` first, so that
+    :func:`split_handshakes` can bind siblings. Raises :class:`TunnelError` if the port is taken.
     """
     sockets: list[socket.socket] = []
     try:
         v4 = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
         sockets.append(v4)
+        if reuse_port:
+            v4.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
         v4.bind(("0.0.0.0", port or 0))
         port = v4.getsockname()[1]
         try:
@@ -676,6 +735,8 @@ def bind_udp(port: int | None) -> list[socket.socket]:
         if v6 is not None:
             sockets.append(v6)
             v6.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+            if reuse_port:
+                v6.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
             try:
                 v6.bind(("::", port))
             except OSError as exc:
@@ -703,6 +764,52 @@ _BUFFER_OPTIONS = (
     (getattr(socket, "SO_RCVBUFFORCE", 33), socket.SO_RCVBUF),
 )
 
+SO_ATTACH_REUSEPORT_CBPF = getattr(socket, "SO_ATTACH_REUSEPORT_CBPF", 51)
+
+# Classic BPF run by the kernel on each datagram for the port's reuseport group, with the UDP
+# payload at offset 0: WireGuard transport (first byte 4) -> socket 0 of the group (the transport
+# socket), anything else -> socket 1 (the handshake socket). Empty datagrams abort to socket 0.
+_STEER_PROGRAM = b"".join(
+    struct.pack("=HBBI", *insn)
+    for insn in (
+        (0x30, 0, 0, 0),  # ldb [0]
+        (0x15, 0, 1, 4),  # jeq #4, next, skip one
+        (0x06, 0, 0, 0),  # ret #0
+        (0x06, 0, 0, 1),  # ret #1
+    )
+)
+
+
+def split_handshakes(sockets: Sequence[socket.socket]) -> list[socket.socket]:
+    """Bind a handshake socket beside each of ``sockets`` and steer non-transport datagrams to it.
+
+    Each of ``sockets`` must have been bound with ``reuse_port`` (:func:`bind_udp`) and be the only
+    member of its port's reuseport group. A sibling is bound to the same address and port, and a
+    classic BPF program attached to the group sends WireGuard transport datagrams to the original
+    socket and everything else (handshake messages, cookie replies, probes, STUN) to the sibling,
+    whose small buffer the kernel simply drops from when a flood overruns it. Returns the
+    non-blocking siblings, in order; on a kernel that refuses any step, closes what it made and
+    returns ``[]`` (everything then arrives on ``sockets``, as without the split).
+    """
+    made: list[socket.socket] = []
+    program = ctypes.create_string_buffer(_STEER_PROGRAM)
+    fprog = struct.pack("@HP", len(_STEER_PROGRAM) // 8, ctypes.addressof(program))
+    try:
+        for sock in sockets:
+            sibling = socket.socket(sock.family, socket.SOCK_DGRAM)
+            made.append(sibling)
+            if sock.family == socket.AF_INET6:
+                sibling.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+            sibling.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+            sibling.bind(sock.getsockname()[:2])
+            sibling.setblocking(False)
+            sock.setsockopt(socket.SOL_SOCKET, SO_ATTACH_REUSEPORT_CBPF, fprog)
+    except OSError:
+        for sibling in made:
+            sibling.close()
+        return []
+    return made
+
 
 @contextlib.asynccontextmanager
 async def open_userspace_tunnel(
@@ -711,12 +818,16 @@ async def open_userspace_tunnel(
     name: str = "",
     timers: Timers | None = None,
     on_event: Callable[[object], None] | None = None,
+    uapi_directory: str | None = UAPI_DIRECTORY,
 ) -> AsyncIterator[UserspaceTunnel]:
     """Bring up the tunnel ``config`` describes and yield it while it runs.
 
     Creates the TUN device ``name`` (``""``: the kernel picks ``tunN``) with the config's addresses,
     MTU and one route per allowed IP, binds the listen port and starts the data path. ``timers``
-    overrides the protocol's timers (tests shorten them). On exit, including cancellation, the
+    overrides the protocol's timers (tests shorten them). The WireGuard UAPI socket
+    ``uapi_directory/NAME.sock`` (default ``/var/run/wireguard``, where ``wg`` looks; ``None``:
+    none) is served while the tunnel runs; if it cannot be (another process serves that path),
+    ``on_event`` gets a :class:`UapiUnavailable` and the tunnel runs without. On exit, including cancellation, the
     tasks stop and the device (with its addresses and routes) and the sockets are gone. Raises
     :class:`ConfigError` (naming the ``[Peer]`` line) if the device refuses a peer (our own key, a
     low-order key, an allowed IP another peer has), and :class:`TunnelError` if any part cannot be
@@ -727,11 +838,15 @@ async def open_userspace_tunnel(
         interface.private_key,
         timers=timers if timers is not None else Timers(),
         mtu=interface.mtu,
+        defer_handshakes=True,
     )
     add_peers(device, config)
     with contextlib.ExitStack() as stack:
-        sockets = bind_udp(interface.listen_port)
+        sockets = bind_udp(interface.listen_port, reuse_port=True)
         for sock in sockets:
+            stack.enter_context(sock)
+        handshake_sockets = split_handshakes(sockets)
+        for sock in handshake_sockets:
             stack.enter_context(sock)
         tun = stack.enter_context(TunDevice(name))
         configure_interface(
@@ -740,9 +855,15 @@ async def open_userspace_tunnel(
             routes=[net for section in config.peers for net in section.allowed_ips],
             mtu=interface.mtu,
         )
-        tunnel = UserspaceTunnel(device, tun, sockets, on_event=on_event)
+        tunnel = UserspaceTunnel(
+            device, tun, sockets, on_event=on_event, handshake_sockets=handshake_sockets
+        )
         async with trio.open_nursery() as nursery:
             await nursery.start(tunnel.serve)
+            if uapi_directory is not None:
+                await start_uapi(
+                    nursery, tunnel, device, directory=uapi_directory, on_unavailable=on_event
+                )
             try:
                 yield tunnel
             finally:

@@ -25,9 +25,10 @@ from . import _tai64n
 from ._aead import open_ as _open
 from ._aead import seal as _seal_message
 from ._allowedips import AllowedIPs
-from ._config import Address, ConfigError, PeerConfig, Timers, check_endpoint
+from ._config import Address, ConfigError, IPNetwork, PeerConfig, Timers, check_endpoint
 from ._cookie import CookieChecker, CookieGenerator
 from ._events import EndpointChanged, Event, HandshakeCompleted, HandshakeFailed, KeysZeroed
+from ._handshake_queue import HANDSHAKE_QUEUE_SIZE, HandshakeQueue
 from ._messages import (
     COOKIE_REPLY_SIZE,
     INITIATION_SIZE,
@@ -73,6 +74,7 @@ DROP_REASONS = (
     "allowed_ips",
     "no_route",
     "queue_full",
+    "handshake_queue_full",
 )
 """Names of the counters in :attr:`Device.counters`, one per reason a packet is dropped."""
 
@@ -82,8 +84,11 @@ MAX_STAGED_PACKETS = 128
 DEFAULT_MTU = 1420
 """Transport plaintexts are padded to a multiple of 16 but never beyond this (bytes)."""
 
-DEFAULT_LOAD_THRESHOLD = 128
-"""Handshake messages per second above which the device considers itself under load."""
+DEFAULT_LOAD_THRESHOLD = HANDSHAKE_QUEUE_SIZE // 8
+"""Queued handshake messages at which a device that defers handshakes is under load (128)."""
+
+HANDSHAKES_PER_TIMER = 16
+"""Queued handshake messages :meth:`Device.handle_timer` processes per call at most."""
 
 _HEADER = struct.Struct("<IIQ")
 _unpack_header = _HEADER.unpack_from
@@ -162,6 +167,7 @@ class _Peer:
         "previous",
         "public_key",
         "rx_bytes",
+        "rx_packets",
         "sent_last_minute_handshake",
         "staged",
         "static_static",
@@ -171,6 +177,7 @@ class _Peer:
         "t_retransmit",
         "t_zero",
         "tx_bytes",
+        "tx_packets",
     )
 
     def __init__(self, config: PeerConfig, static_static: bytes, cookie_refresh: float) -> None:
@@ -201,6 +208,8 @@ class _Peer:
         self.sent_last_minute_handshake = False
         self.rx_bytes = 0
         self.tx_bytes = 0
+        self.rx_packets = 0
+        self.tx_packets = 0
         self.last_handshake: float | None = None
         self.handshakes = 0
 
@@ -212,6 +221,7 @@ class PeerStats:
     ``rx_bytes``/``tx_bytes`` count whole authenticated WireGuard datagrams (UDP payload bytes);
     ``last_handshake`` is the wall-clock time (seconds since the epoch, from the device's
     ``wall_clock``) of the last completed handshake, or ``None``; ``handshakes`` counts them.
+    ``rx_packets``/``tx_packets`` count transport data messages (keepalives included).
     """
 
     public_key: bytes
@@ -221,6 +231,8 @@ class PeerStats:
     last_handshake: float | None
     handshakes: int
     has_session: bool
+    rx_packets: int = 0
+    tx_packets: int = 0
 
 
 class Device:
@@ -230,9 +242,19 @@ class Device:
     protocol's constants (see :class:`Timers`). ``random(n)`` supplies ephemeral keys, session
     indices, cookie secrets and jitter (default ``os.urandom``). ``wall_clock()`` returns Unix time
     for TAI64N timestamps and :attr:`PeerStats.last_handshake` (default ``time.time``; it is never
-    called on the transport paths). ``mtu`` caps padding. ``load_threshold`` is the number of
-    handshake messages per second above which the device is under load even if the shell does not
-    say so. Raises :class:`ConfigError` if the private key is not 32 bytes.
+    called on the transport paths). ``mtu`` caps padding.
+
+    ``defer_handshakes`` (default false) chooses how handshake messages are processed. False: at
+    once, inside :meth:`receive_datagram` (a caller that drives the device packet by packet). True:
+    :meth:`receive_datagram` only queues them (at most ``handshake_queue_size``, 1024 by default;
+    more are dropped and counted as ``handshake_queue_full``) and the shell processes them with
+    :meth:`process_handshakes` after each batch of transport data, or through the timer
+    (:meth:`get_timer` is due at once while messages wait). A deferring device is under load while
+    ``load_threshold`` (default 128, an eighth of the queue) or more messages wait, and for
+    :data:`~punchtrio.wireguard.UNDER_LOAD_COOLDOWN` (1 s) after; a device processing at once has
+    no backlog and is under load only when :attr:`under_load` is set. Raises
+    :class:`ConfigError` if the private key is not 32 bytes, or the queue size or threshold is
+    below 1.
     """
 
     def __init__(
@@ -244,6 +266,8 @@ class Device:
         wall_clock: Callable[[], float] = time.time,
         mtu: int = DEFAULT_MTU,
         load_threshold: int = DEFAULT_LOAD_THRESHOLD,
+        defer_handshakes: bool = False,
+        handshake_queue_size: int = HANDSHAKE_QUEUE_SIZE,
     ) -> None:
         if not isinstance(private_key, bytes) or len(private_key) != 32:
             raise ConfigError("a private key is 32 bytes")
@@ -256,10 +280,13 @@ class Device:
         self._random = random
         self._wall_clock = wall_clock
         self._mtu = mtu
-        self.load_threshold = load_threshold
-        """Handshake messages per second that put the device under load."""
+        try:
+            self._queue = HandshakeQueue(handshake_queue_size, threshold=load_threshold)
+        except ValueError as exc:
+            raise ConfigError(str(exc)) from None
+        self._defer = defer_handshakes
         self.under_load = False
-        """Set by the shell: when true, handshake messages without a valid mac2 get a cookie reply."""
+        """Set by the shell to force the under-load state (cookies required, sources rate-limited)."""
         self.counters: dict[str, int] = dict.fromkeys(DROP_REASONS, 0)
         """Dropped packets by reason (see :data:`DROP_REASONS`)."""
         self._peers: dict[bytes, _Peer] = {}
@@ -272,9 +299,6 @@ class Device:
         self._out: list[tuple[bytes, Address]] = []
         self._events: deque[Event] = deque()
         self._deadline = _INF
-        self._load_window = _NEVER
-        self._load_count = 0
-        self._load_until = _NEVER
         self._reject_after_time = timers.reject_after_time
         self._reject_after_messages = timers.reject_after_messages
         self._rekey_after_time = timers.rekey_after_time
@@ -284,6 +308,39 @@ class Device:
             timers.reject_after_time - timers.keepalive_timeout - timers.rekey_timeout
         )
         self._new_handshake_after = timers.keepalive_timeout + timers.rekey_timeout
+
+    @property
+    def load_threshold(self) -> int:
+        """Queued handshake messages at which a deferring device is under load (see the class doc).
+
+        Setting a value below 1 raises :class:`ConfigError`.
+        """
+        return self._queue.threshold
+
+    @load_threshold.setter
+    def load_threshold(self, value: int) -> None:
+        try:
+            self._queue.threshold = value
+        except ValueError as exc:
+            raise ConfigError(str(exc)) from None
+
+    @property
+    def pending_handshakes(self) -> int:
+        """Handshake messages waiting for :meth:`process_handshakes` (0 unless deferring)."""
+        return self._queue.depth
+
+    @property
+    def handshake_queue_room(self) -> int:
+        """Handshake messages the queue can still take (a shell reads no more than this)."""
+        return self._queue.room
+
+    def is_under_load(self, now: float) -> bool:
+        """Return whether handshake messages at ``now`` need a valid mac2 (and are rate-limited).
+
+        True while :attr:`under_load` is set, while at least :attr:`load_threshold` messages are
+        queued, and for the cooldown after (see :mod:`punchtrio.wireguard` docs, "Under load").
+        """
+        return self._queue.under_load(now) or self.under_load
 
     # ------------------------------------------------------------------ configuration
 
@@ -343,6 +400,79 @@ class Device:
         if had is None and peer.persistent_keepalive:
             self._arm_persistent_now(peer)
 
+    def initiate_handshake(self, public_key: bytes, now: float) -> None:
+        """Start a new handshake with the peer at once, as if its session had expired.
+
+        For a peer known to have lost its session (it restarted): waiting for the rekey timers
+        would cost REKEY_TIMEOUT plus KEEPALIVE_TIMEOUT of dropped traffic. The current session
+        keeps carrying data until the new one is confirmed. Still limited to one initiation per
+        REKEY_TIMEOUT; nothing is sent without an endpoint. Raises :class:`ConfigError` if the
+        peer is unknown.
+        """
+        peer = self._peers.get(public_key)
+        if peer is None:
+            raise ConfigError("no such peer")
+        self._initiate(peer, now, retry=False)
+        self._recompute_deadline()
+
+    def update_peer(self, config: PeerConfig) -> None:
+        """Change a peer's preshared key, allowed IPs, endpoint and persistent keepalive in place.
+
+        Its sessions, handshake state and counters are kept. ``config.endpoint`` ``None`` keeps
+        the current endpoint (an endpoint is never unset). Turning persistent keepalive on sends
+        a keepalive at once (when the endpoint is known), as the reference does. Raises
+        :class:`ConfigError` (nothing is changed) if the peer is unknown or one of the new allowed
+        IPs is exactly a prefix of another peer.
+        """
+        peer = self._peers.get(config.public_key)
+        if peer is None:
+            raise ConfigError("no such peer")
+        old, new = peer.allowed_ips, config.allowed_ips
+        inserted: list[IPNetwork] = []
+        try:
+            for net in new:
+                if net not in old:
+                    self._routes.insert(net, peer)
+                    inserted.append(net)
+        except ConfigError:
+            for net in inserted:
+                self._routes.remove(net)
+            raise
+        for net in old:
+            if net not in new:
+                self._routes.remove(net)
+        peer.allowed_ips = new
+        peer.preshared_key = config.preshared_key
+        if config.endpoint is not None:
+            peer.endpoint = config.endpoint
+        had = peer.persistent_keepalive
+        peer.persistent_keepalive = config.persistent_keepalive
+        if not config.persistent_keepalive:
+            peer.t_persistent = None
+        elif not had and peer.endpoint is not None:
+            self._arm_persistent_now(peer)
+
+    def peer_config(self, public_key: bytes) -> PeerConfig:
+        """Return a peer's current configuration (its endpoint as it is now, after roaming).
+
+        Raises :class:`ConfigError` if the peer is unknown.
+        """
+        peer = self._peers.get(public_key)
+        if peer is None:
+            raise ConfigError("no such peer")
+        return PeerConfig(
+            public_key=peer.public_key,
+            preshared_key=peer.preshared_key,
+            allowed_ips=peer.allowed_ips,
+            endpoint=peer.endpoint,
+            persistent_keepalive=peer.persistent_keepalive,
+        )
+
+    @property
+    def private_key(self) -> bytes:
+        """This device's 32-byte static private key (for a root-only configuration interface)."""
+        return self._private
+
     def _arm_persistent_now(self, peer: _Peer) -> None:
         # Due immediately: like the reference, a persistent-keepalive peer brings the tunnel up.
         peer.t_persistent = _NEVER
@@ -363,6 +493,8 @@ class Device:
                 last_handshake=p.last_handshake,
                 handshakes=p.handshakes,
                 has_session=p.current is not None,
+                rx_packets=p.rx_packets,
+                tx_packets=p.tx_packets,
             )
             for key, p in self._peers.items()
         }
@@ -383,12 +515,36 @@ class Device:
         """Return the monotonic time at which :meth:`handle_timer` should be called, or ``None``.
 
         The deadline may be early (a timer was cancelled since); calling :meth:`handle_timer`
-        early is harmless. A deadline in the past means "now".
+        early is harmless. A deadline in the past means "now": so it is while handshake messages
+        are queued.
         """
         return None if self._deadline == _INF else self._deadline
 
+    def process_handshakes(self, now: float, limit: int = HANDSHAKES_PER_TIMER) -> bool:
+        """Process at most ``limit`` queued handshake messages, oldest first, at ``now``.
+
+        Their answers (responses, cookie replies, flushed packets) appear in
+        :meth:`datagrams_to_send`, their events in :meth:`next_event`, their drops in
+        :attr:`counters`. Returns whether messages are still queued. A device that does not defer
+        handshakes has none queued: the call does nothing and returns ``False``.
+        """
+        queue = self._queue
+        handle = self._handle_control
+        pop = queue.pop
+        for _ in range(limit):
+            item = pop()
+            if item is None:
+                return False
+            handle(item[0], item[1], item[2], item[3], now)
+        return queue.depth > 0
+
     def handle_timer(self, now: float) -> None:
-        """Fire every timer due at ``now``: retransmissions, give-ups, keepalives, rekeys, zeroing."""
+        """Fire every timer due at ``now``: retransmissions, give-ups, keepalives, rekeys, zeroing.
+
+        Also processes up to :data:`HANDSHAKES_PER_TIMER` queued handshake messages.
+        """
+        if self._queue.depth:
+            self.process_handshakes(now, HANDSHAKES_PER_TIMER)
         t = self.timers
         for peer in list(self._peers.values()):
             d = peer.t_retransmit
@@ -437,7 +593,7 @@ class Device:
             ):
                 if d is not None and d < best:
                     best = d
-        self._deadline = best
+        self._deadline = _NEVER if self._queue.depth else best
 
     # ------------------------------------------------------------------ transport: send
 
@@ -491,6 +647,7 @@ class Device:
                 packet = packet + _PADDING[pad]
         datagram = _seal_message(kp.header, _pack_counter(counter), packet, kp.send_key)
         peer.tx_bytes += len(datagram)
+        peer.tx_packets += 1
         # Timers: any authenticated packet sent, data sent, traversal.
         peer.t_keepalive = None
         if n and peer.t_new_handshake is None:
@@ -577,6 +734,7 @@ class Device:
                 if kp is not peer.current:
                     self._received_with(peer, kp, now)
                 peer.rx_bytes += len(data)
+                peer.rx_packets += 1
                 if addr != peer.endpoint:
                     self._roam(peer, addr)
                 # Timers: any authenticated packet received, traversal.
@@ -649,26 +807,53 @@ class Device:
     # ------------------------------------------------------------------ handshakes
 
     def _receive_control(self, data: bytes, addr: Address, now: float) -> None:
-        data = bytes(data)  # the shell may hand in a bytearray or memoryview
-        n = len(data)
-        kind = _CONTROL_SIZES.get((data[:4], n), 0)
+        """Check size, type, room and (under load) the source's rate; queue or process at once.
+
+        Everything here is cheap: no MAC, no DH. What a flood sends beyond the queue's room or,
+        under load, beyond its source's share of the rate limiter stops here.
+        """
+        kind = _CONTROL_SIZES.get((bytes(data[:4]), len(data)), 0)
         if kind == 0:
             self.counters["malformed"] += 1
             return
+        queue = self._queue
+        if queue.full():
+            self.counters["handshake_queue_full"] += 1
+            return
+        charged = queue.under_load(now) or self.under_load
+        if charged and not self._limiter.allow(addr, now):
+            self.counters["rate_limited"] += 1
+            return
+        data = bytes(data)  # the shell may hand in a bytearray or memoryview
+        if self._defer:
+            queue.put(data, addr, kind, charged)
+            self._deadline = _NEVER
+            return
+        self._handle_control(data, addr, kind, charged, now)
+
+    def _handle_control(
+        self, data: bytes, addr: Address, kind: int, charged: bool, now: float
+    ) -> None:
+        """Process one handshake message: mac1, then (under load) mac2 or a cookie reply, then DH.
+
+        ``charged`` says whether the source paid a rate-limiter token when the message was
+        queued; under load every message pays exactly one, so what a source costs (DH work,
+        cookie replies) is bounded by the limiter's rate.
+        """
         if kind == MESSAGE_COOKIE_REPLY:
             self._receive_cookie_reply(data, now)
             return
         if not self._checker.check_mac1(data):
             self.counters["mac"] += 1
             return
-        if self._is_under_load(now):
+        if self._queue.under_load(now) or self.under_load:
+            if not charged and not self._limiter.allow(addr, now):
+                self.counters["rate_limited"] += 1
+                return
             if not self._checker.check_mac2(data, addr, now):
                 sender = int.from_bytes(data[4:8], "little")
                 self._out.append((self._checker.create_reply(data, sender, addr, now), addr))
                 self.counters["under_load"] += 1
-                return
-            if not self._limiter.allow(addr, now):
-                self.counters["rate_limited"] += 1
                 return
         try:
             if kind == MESSAGE_INITIATION:
@@ -679,15 +864,6 @@ class Device:
             self.counters[exc.reason if exc.reason in self.counters else "decrypt"] += 1
         except MessageError:
             self.counters["malformed"] += 1
-
-    def _is_under_load(self, now: float) -> bool:
-        if now - self._load_window >= 1.0:
-            self._load_window = now
-            self._load_count = 0
-        self._load_count += 1
-        if self._load_count > self.load_threshold:
-            self._load_until = now + 1.0
-        return self.under_load or now < self._load_until
 
     def _receive_cookie_reply(self, data: bytes, now: float) -> None:
         reply = parse_cookie_reply(data)

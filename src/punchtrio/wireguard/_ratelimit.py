@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import ipaddress
+import socket
 
 from ._config import Address
 
@@ -10,16 +11,24 @@ PACKETS_PER_SECOND = 20
 """Handshake messages per second accepted from one source while under load (as the reference)."""
 PACKETS_BURSTABLE = 5
 """Messages one source may send at once before the rate applies."""
+_inet_pton = socket.inet_pton
+_AF_INET = socket.AF_INET
+
 MAX_SOURCES = 8192
 """Sources tracked at most; beyond this, new sources are refused until old entries expire."""
 
 
 def source_key(addr: Address) -> bytes:
     """Return what a source is limited by: its IPv4 address, or the /64 of its IPv6 address."""
+    host = addr[0]
+    try:  # the common case first, without building an ipaddress object (a flood calls this)
+        return _inet_pton(_AF_INET, host)
+    except OSError:
+        pass
     try:
-        ip = ipaddress.ip_address(addr[0].split("%", 1)[0])
+        ip = ipaddress.ip_address(host.split("%", 1)[0])
     except ValueError:
-        return addr[0].encode("utf-8", "replace")
+        return host.encode("utf-8", "replace")
     if isinstance(ip, ipaddress.IPv6Address):
         mapped = ip.ipv4_mapped
         return mapped.packed if mapped is not None else ip.packed[:8]

@@ -1,0 +1,73 @@
+"""`punchtrio status --json` and `punchtrio ping` against a real `punchtrio up --hub` pair.
+
+Two peers behind two port-restricted cone NATs of the kernel lab connect through a real hub; each
+`up` serves its control socket, and the commands read it from outside the namespaces (the socket
+directory is shared by all of them, never the network).
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import tempfile
+from pathlib import Path
+
+import pytest
+from labs.discovery import PUNCHTRIO
+from labs.scenarios.punch_matrix import running_pair, start_hub
+from labs.topology import build
+
+from tests.conftest import require_root_and
+
+pytestmark = pytest.mark.lab
+
+BINARIES = ("ip", "nft", "conntrack", "sysctl", "ping")
+
+
+def _cli(*args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [*PUNCHTRIO, *args], capture_output=True, text=True, check=False, timeout=30
+    )
+
+
+def test_status_and_ping_read_a_running_up_pair() -> None:
+    require_root_and(*BINARIES)
+    with tempfile.TemporaryDirectory(prefix="pt-status-") as tmp, build(["port", "port"]) as net:
+        start_hub(net, Path(tmp) / "hub.log")
+        a, b = net.requested[0].hosts[0], net.requested[1].hosts[0]
+        ifaces = (f"{net.lab.prefix}ta", f"{net.lab.prefix}tb")
+        with running_pair(net, "st", a, b, Path(tmp), interfaces=ifaces) as pair:
+            assert pair.result.seconds is not None, pair.result.stderr
+            shown = _cli("status", "--json", ifaces[0])
+            assert shown.returncode == 0, shown.stderr
+            status = json.loads(shown.stdout)
+            assert (status["interface"], status["name"]) == (ifaces[0], "st-a")
+            assert status["address"] == "10.99.0.1/24"
+            (peer,) = status["peers"]
+            assert (peer["name"], peer["stage"], peer["connected"]) == ("st-b", "established", True)
+            assert peer["path"] == "direct"
+            assert peer["endpoint"].startswith("203.0.113.")
+            assert peer["rtt_ms"] is not None
+            assert peer["last_handshake"] is not None
+            assert peer["rx_bytes"] > 0
+            assert peer["tx_bytes"] > 0
+            assert peer["tunnel_ip"] == "10.99.0.2"
+            text = _cli("status", ifaces[1])
+            assert text.returncode == 0, text.stderr
+            assert "st-a  direct 203.0.113." in text.stdout
+            pinged = _cli("ping", "--count", "2", "--json", "st-b")
+            assert pinged.returncode == 0, pinged.stderr
+            results = [json.loads(line) for line in pinged.stdout.splitlines()]
+            assert len(results) == 2
+            for result in results:
+                assert (result["peer"], result["address"], result["path"]) == (
+                    "st-b",
+                    "10.99.0.2",
+                    "direct",
+                )
+                assert result["endpoint"] == peer["endpoint"]
+                assert result["rtt_ms"] > 0
+        assert pair.result.returncodes == {"st-a": 0, "st-b": 0}
+        gone = _cli("status", ifaces[0])
+        assert gone.returncode == 1
+        assert f"/run/punchtrio/{ifaces[0]}.ctl does not exist" in gone.stderr
