@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import json
 import re
 import socket
@@ -17,6 +18,7 @@ import trio
 
 from punchtrio import PrivateKey
 from punchtrio.rendezvous import (
+    AddressPolicy,
     Endpoint,
     HubAuth,
     HubConfig,
@@ -57,16 +59,23 @@ def redis_url(tmp_path: Path) -> Iterator[str]:
         process.wait(10)
 
 
+# The tests claim subnets across replicas, which a hub allows only for the keys it is told of.
+PEER_KEYS = [PrivateKey.generate() for _ in range(6)]
+_next_key = itertools.cycle(PEER_KEYS)
+
+
 class Replica:
     def __init__(self, key: PrivateKey, url: str, ttl: float) -> None:
         self.store = RedisStore(url)
-        self.app = create_app(HubConfig(key, ttl=ttl, rate=0.0), self.store)
+        routers = AddressPolicy(route_keys=frozenset(k.public_key() for k in PEER_KEYS))
+        config = HubConfig(key, ttl=ttl, rate=0.0, addresses=routers)
+        self.app = create_app(config, self.store)
         self.http = httpx.AsyncClient(transport=httpx.ASGITransport(self.app), base_url="http://r")
 
 
 class Peer:
-    def __init__(self, hub_key: PrivateKey) -> None:
-        self.key = PrivateKey.generate()
+    def __init__(self, hub_key: PrivateKey, *, routes: bool = False) -> None:
+        self.key = next(_next_key) if routes else PrivateKey.generate()
         self.auth = HubAuth(RequestSigner(self.key, hub_key.public_key()))
 
     def body(self, allowed: tuple[str, ...] = ()) -> bytes:
@@ -96,7 +105,7 @@ async def test_replicas_share_records_ownership_and_overlaps(
     replicas: tuple[PrivateKey, Replica, Replica],
 ) -> None:
     key, a, b = replicas
-    alice, mallory = Peer(key), Peer(key)
+    alice, mallory = Peer(key, routes=True), Peer(key, routes=True)
     put = await a.http.put("/v1/peers/alice", content=alice.body(("10.5.0.0/24",)), auth=alice.auth)
     assert put.status_code == 201
     seen = await b.http.get("/v1/peers/alice", auth=mallory.auth)
@@ -172,7 +181,7 @@ async def test_records_expire_and_free_name_and_prefixes(
     replicas: tuple[PrivateKey, Replica, Replica],
 ) -> None:
     key, a, b = replicas
-    alice, bob = Peer(key), Peer(key)
+    alice, bob = Peer(key, routes=True), Peer(key, routes=True)
     await a.http.put("/v1/peers/alice", content=alice.body(("10.7.0.0/24",)), auth=alice.auth)
     await trio.sleep(2.2)
     assert (await b.http.get("/v1/peers/alice", auth=bob.auth)).status_code == 404
