@@ -218,14 +218,46 @@ async def test_a_missing_peer_fails_at_wait_and_tears_down(
                     interface=iface,
                     wall_clock=wall_clock,
                     wait_timeout=3.0,
+                    retry_backoff=None,
                 )
             nursery.cancel_scope.cancel()
     assert caught.value.stage == "wait"
     events = _json_events(out)
     assert events[-2]["event"] == "peer_failed"
     assert events[-2]["stage"] == "wait"
+    assert events[-2]["retry_in"] is None
     assert events[-1]["event"] == "down"
     assert world.hub.records() == ()  # our record was removed at the hub
+
+
+async def test_a_missing_peer_is_retried_and_up_keeps_running(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    world = build_world(NatBehavior.port_restricted_cone(), NatBehavior.restricted_cone())
+    out = io.StringIO()
+    plan = _up.UpPlan("http://unused", "alice", KEYS["alice"], "10.99.0.1/24", ("bob",), (PRIMARY,))  # type: ignore[arg-type]
+    with MemoryInterface() as iface:
+        async with world.net, trio.open_nursery() as nursery:
+            await nursery.start(serve_stun, world.stun)
+            with world.hosts["alice"].activate(), trio.move_on_after(20.0) as scope:
+                await _up.serve_up(
+                    plan,
+                    JsonLines(out),
+                    rendezvous=world.hub.peer("alice", KEYS["alice"].public_key()),
+                    interface=iface,
+                    wall_clock=wall_clock,
+                    wait_timeout=3.0,
+                )
+            nursery.cancel_scope.cancel()
+    assert scope.cancelled_caught  # still running when stopped: no failure ended it
+    events = _json_events(out)
+    failures = [e for e in events if e["event"] == "peer_failed"]
+    # Waits of 3 s end at 3, 8 and 15 s; the retries after 2 and 4 s start waits at 0, 5 and
+    # 12 s; the one after 8 s would come at 23 s, after the stop.
+    assert [f["retry_in"] for f in failures] == [2.0, 4.0, 8.0]  # doubling backoff
+    waits = [e for e in events if e["event"] == "stage_started" and e["stage"] == "wait"]
+    assert len(waits) == 3
+    assert events[-1]["event"] == "down"
 
 
 def test_config_and_hub_combine(tmp_path: pathlib.Path) -> None:

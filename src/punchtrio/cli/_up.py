@@ -442,7 +442,7 @@ async def serve_up(
     :class:`~punchtrio.connect.Connector` (``interface=MemoryInterface()`` avoids the TUN device).
     Emits ``up`` once the socket and tunnel exist, each connector event (snake_case names, see
     :func:`describe`) and ``down`` after teardown. Raises :class:`ConnectError` when a peer fails
-    (naming the stage; everything is torn down first), :class:`~punchtrio.tunnel.ConfigError`
+    for good (retries turned off; naming the stage; everything is torn down first), :class:`~punchtrio.tunnel.ConfigError`
     (``FILE:LINE: why``, also after teardown) if the device refuses a static peer, and
     :class:`UpError` if the tunnel cannot be created or the hub refuses our record for good
     (another key keeps our name; ``"register: ..."``).
@@ -500,7 +500,8 @@ async def serve_up(
                 if failure is None:
                     async for event in connector.events:
                         report(*describe(event))
-                        if isinstance(event, PeerFailed):
+                        # A peer that will be tried again is not the end of `up`.
+                        if isinstance(event, PeerFailed) and event.retry_in is None:
                             failure = ConnectError(event.peer, event.stage, event.reason)
                             break
             finally:
