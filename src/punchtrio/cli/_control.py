@@ -34,6 +34,7 @@ from ..tunnel import (
     UserspaceTunnel,
     bind_unix_listener,
     format_endpoint,
+    serve_unix_connections,
     start_uapi,
 )
 from ..wireguard import ConfigError as WireGuardConfigError
@@ -313,12 +314,7 @@ async def serve_control(
     path = control_path(tunnel.name, directory)
     server = ControlServer(tunnel, device, connector)
     with bind_unix_listener(path) as sock:
-        listening = trio.socket.from_stdlib_socket(sock)
-        async with trio.open_nursery() as nursery:
-            task_status.started(path)
-            while True:
-                conn, _ = await listening.accept()
-                nursery.start_soon(server.serve_connection, trio.SocketStream(conn))
+        await serve_unix_connections(sock, server.serve_connection, path, task_status=task_status)
 
 
 async def start_local_sockets(

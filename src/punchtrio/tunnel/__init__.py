@@ -35,6 +35,7 @@ from ._uapi_server import (
     UapiUnavailable,
     bind_unix_listener,
     serve_uapi,
+    serve_unix_connections,
     start_uapi,
     uapi_path,
 )
@@ -87,6 +88,7 @@ __all__ = [
     "parse_wgquick",
     "plan_set",
     "serve_uapi",
+    "serve_unix_connections",
     "start_uapi",
     "uapi_path",
 ]

@@ -15,7 +15,7 @@ import functools
 import os
 import socket
 import stat
-from collections.abc import Callable, Iterator
+from collections.abc import Awaitable, Callable, Iterator
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -241,12 +241,24 @@ async def serve_uapi(
         raise TunnelError(f"cannot serve {path}: {exc.strerror or exc}") from None
     server = UapiServer(tunnel, device)
     with stack:
-        listening = trio.socket.from_stdlib_socket(sock)
-        async with trio.open_nursery() as nursery:
-            task_status.started(path)
-            while True:
-                conn, _ = await listening.accept()
-                nursery.start_soon(server.serve_connection, trio.SocketStream(conn))
+        await serve_unix_connections(sock, server.serve_connection, path, task_status=task_status)
+
+
+async def serve_unix_connections(
+    sock: socket.socket,
+    handler: Callable[[trio.SocketStream], Awaitable[None]],
+    path: str,
+    *,
+    task_status: trio.TaskStatus[str] = trio.TASK_STATUS_IGNORED,
+) -> None:
+    """Accept on a listening unix socket (from :func:`bind_unix_listener`) until cancelled,
+    running ``handler`` for each connection in its own task; reports started with ``path``."""
+    listening = trio.socket.from_stdlib_socket(sock)
+    async with trio.open_nursery() as nursery:
+        task_status.started(path)
+        while True:
+            conn, _ = await listening.accept()
+            nursery.start_soon(handler, trio.SocketStream(conn))
 
 
 async def start_uapi(
