@@ -6,6 +6,7 @@ and the replay tests run the hub app itself across such a restart.
 
 from __future__ import annotations
 
+import contextlib
 import ipaddress
 import json
 import sqlite3
@@ -153,7 +154,7 @@ async def test_expired_records_are_not_loaded_and_free_their_name(tmp_path: Path
     assert (await restarted.put("", "alice", _request(2, "10.9.0.1/32"), 30))[1]
     assert await restarted.get("", "bob") is not None
     restarted.close()
-    with sqlite3.connect(path) as db:
+    with contextlib.closing(sqlite3.connect(path)) as db, db:
         assert db.execute("SELECT count(*) FROM records").fetchone()[0] == 2
 
 
@@ -221,7 +222,7 @@ def test_files_that_are_not_a_state_database_are_one_error(tmp_path: Path) -> No
     with pytest.raises(StateOpenError, match="garbage"):
         SqliteStore(garbage)
     foreign = tmp_path / "foreign.sqlite3"
-    with sqlite3.connect(foreign) as db:
+    with contextlib.closing(sqlite3.connect(foreign)) as db, db:
         db.execute("CREATE TABLE t (x)")
     with pytest.raises(StateOpenError, match="not a punchtrio hub state database"):
         SqliteStore(foreign)
@@ -234,7 +235,7 @@ async def test_an_invalid_record_refuses_to_load(tmp_path: Path) -> None:
     store = SqliteStore(path, clock=FakeClock())
     await store.put("", "alice", _request(0), 300)
     store.close()
-    with sqlite3.connect(path) as db:
+    with contextlib.closing(sqlite3.connect(path)) as db, db:
         db.execute("UPDATE records SET endpoints = ?", (json.dumps([["host", "127.0.0.1:1"]]),))
     with pytest.raises(StateOpenError, match="record 1 \\('alice'\\) is invalid"):
         SqliteStore(path, clock=FakeClock())

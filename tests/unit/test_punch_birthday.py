@@ -13,7 +13,7 @@ import pytest
 import trio
 import trio.testing
 from benchmarks.birthday import EASY, HARD, matrix
-from hypothesis import given, settings
+from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
 from punchtrio import PrivateKey
@@ -83,6 +83,7 @@ def test_probe_order_never_repeats_and_puts_predictions_first(
 
 
 @given(ports=st.lists(st.integers(1, 65535), min_size=0, max_size=6))
+@example(ports=[512, 513])  # the window reaches the bottom of port_range
 def test_predictions_only_for_close_reflexive_ports(ports: list[int]) -> None:
     s = BirthdaySettings()
     got = predicted_ports(ports, s)
@@ -91,7 +92,7 @@ def test_predictions_only_for_close_reflexive_ports(ports: list[int]) -> None:
         assert got == []
         return
     low, high = s.port_range
-    window = range(seen[0] + 1, seen[0] + s.predict_window)
+    window = range(seen[0] + 1, seen[0] + 1 + s.predict_window)  # predict_window ports
     assert got == [p for p in window if low <= p <= high and p not in seen]
     assert len(got) <= s.predict_window
 

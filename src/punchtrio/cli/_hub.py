@@ -379,13 +379,18 @@ def _run(args: argparse.Namespace) -> int:
     if state is not None:
         log.info("state in %s (%s store)", state.directory, "redis" if args.redis else args.store)
     store: Store = MemoryStore(limits)
+    opened = contextlib.ExitStack()  # closed when the hub stops, however it stops
+    if state is not None:
+        opened.callback(state.close)
     if state is not None and args.store == "sqlite" and not args.redis:
         from ..rendezvous import SqliteStore, StateOpenError
 
         try:
-            store = SqliteStore(state.database, limits)
+            sqlite = SqliteStore(state.database, limits)
         except StateOpenError as exc:
             raise HubStateError(str(exc)) from None
+        store = sqlite
+        opened.callback(sqlite.close)
     if args.redis:
         if not args.redis.startswith(("redis://", "rediss://", "unix://")):
             raise UsageError("--redis must be a redis://, rediss:// or unix:// URL")
@@ -423,10 +428,8 @@ def _run(args: argparse.Namespace) -> int:
         if relay is None
         else partial(_serve_with_relay, serve, config, relay, relay_tls, registry=registry)
     )
-    with _server_gc():
+    with opened, _server_gc():
         trio.run(_until_signal, hub, config, metrics_at, registry)
-    if state is not None:
-        state.close()
     return 0
 
 
