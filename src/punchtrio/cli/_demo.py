@@ -22,7 +22,7 @@ from typing import TYPE_CHECKING, Any
 
 import trio
 
-from .._exceptions import PunchtrioError
+from .. import PunchtrioError
 from ..connect import Connector, MemoryInterface, PeerConnected, PeerFailed
 from ..keys import PrivateKey
 from ..rendezvous import MemoryHub

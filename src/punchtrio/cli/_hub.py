@@ -16,9 +16,15 @@ from typing import TYPE_CHECKING, Any
 import trio
 
 from ..keys import InvalidKeyError, PrivateKey
-from ..rendezvous._auth import DEFAULT_WINDOW, NetworkSecret
-from ..rendezvous._models import ValidationError, parse_address
-from ..rendezvous._store import MemoryStore, Store, StoreLimits
+from ..rendezvous import (
+    DEFAULT_WINDOW,
+    MemoryStore,
+    NetworkSecret,
+    Store,
+    StoreLimits,
+    ValidationError,
+    parse_address,
+)
 from ._hub_state import HubState, HubStateError, default_state_dir, open_state
 from ._logs import add_log_options, configure_logging, secret_texts
 from ._main import UsageError
@@ -31,9 +37,7 @@ if TYPE_CHECKING:
     from prometheus_client.registry import CollectorRegistry
 
     from ..relay import TurnServerURI
-    from ..rendezvous import AddressPolicy
-    from ..rendezvous._hub import HubConfig
-    from ..rendezvous._serve import HubListeners
+    from ..rendezvous import AddressPolicy, HubConfig, HubListeners
 
 log = logging.getLogger("punchtrio.hub")
 
@@ -298,7 +302,7 @@ def build_config(args: argparse.Namespace) -> tuple[HubConfig, StoreLimits]:
     Raises :class:`~punchtrio.cli._main.UsageError` for bad values, and the key or secret file's
     error if one cannot be read.
     """
-    from ..rendezvous._hub import HubConfig
+    from ..rendezvous import HubConfig
 
     if args.key_file:
         try:
@@ -351,8 +355,7 @@ def _open_state(args: argparse.Namespace, config: HubConfig) -> tuple[HubState |
 
 
 def _run(args: argparse.Namespace) -> int:
-    from ..rendezvous._redis_store import RedisStore
-    from ..rendezvous._serve import serve_hub
+    from ..rendezvous import RedisStore, serve_hub
 
     config, limits = build_config(args)
     metrics_at = None
@@ -447,8 +450,7 @@ async def _serve_with_relay(
     import ipaddress
 
     from ..relay import HubRelayServeError, HubRelayServer, HubRelayService
-    from ..rendezvous import HubRelayAddress, KeyDirectory
-    from ..rendezvous._serve import HubServeError
+    from ..rendezvous import HubRelayAddress, HubServeError, KeyDirectory
 
     directory = KeyDirectory()
     server = HubRelayServer(config.key, config.networks, registered=directory.is_registered)
@@ -514,7 +516,7 @@ async def _until_signal(
     (``registry`` on ``metrics_at``) is bound first, so a taken port starts nothing."""
     from ..metrics import MetricsServeError, serve_metrics
     from ..relay import HubRelayServeError
-    from ..rendezvous._serve import HubServeError
+    from ..rendezvous import HubServeError
 
     failure: HubServeError | HubRelayServeError | MetricsServeError | None = None
     with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:

@@ -8,7 +8,7 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
-from .._exceptions import PunchtrioError
+from .. import PunchtrioError
 from ..keys import InvalidKeyError, PrivateKey
 
 ROOT_STATE_DIR = Path("/var/lib/punchtrio/hub")

@@ -11,7 +11,7 @@ from collections.abc import Sequence
 if sys.version_info < (3, 11):
     from exceptiongroup import BaseExceptionGroup
 
-from .._exceptions import PunchtrioError
+from .. import PunchtrioError
 
 # Each module defines ``register(subparsers)``, which adds its subcommands and sets ``run`` on them:
 # ``run(args) -> int`` returns the exit code.

@@ -10,11 +10,12 @@ from typing import Any
 import trio
 
 from ..keys import InvalidKeyError, PrivateKey, PublicKey
-from ..rendezvous._auth import InvalidNetworkSecretError, NetworkSecret
-from ..rendezvous._client import HubClient
-from ..rendezvous._models import (
+from ..rendezvous import (
     Endpoint,
     EndpointType,
+    HubClient,
+    InvalidNetworkSecretError,
+    NetworkSecret,
     PeerRecord,
     ValidationError,
     parse_allowed_ip,

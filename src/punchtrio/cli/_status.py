@@ -12,7 +12,7 @@ import os
 import sys
 from typing import Any
 
-from .._exceptions import PunchtrioError
+from .. import PunchtrioError
 from ._control import CONTROL_DIRECTORY, PING_TIMEOUT, ControlError, control_path, request
 from ._main import UsageError
 

@@ -26,7 +26,7 @@ from typing import Any
 
 import trio
 
-from .._exceptions import PunchtrioError
+from .. import PunchtrioError
 from ..connect import (
     CandidatesGathered,
     ConnectError,
@@ -526,8 +526,7 @@ async def _end_when_refused(
 
 
 def _add_static(connector: Connector, config: WgQuickConfig, tun: bool) -> None:
-    from ..tunnel._netlink import configure_interface
-    from ..tunnel._userspace import add_peers
+    from ..tunnel import add_peers, configure_interface
 
     assert connector.tunnel is not None
     mux: Any = connector.tunnel.device

@@ -823,7 +823,7 @@ class Connector:
         return sock
 
     def _open_tun(self) -> TunDevice:
-        from ..tunnel._netlink import configure_interface
+        from ..tunnel import configure_interface
 
         tun = TunDevice(self.config.interface_name)
         try:

@@ -87,6 +87,7 @@ from ._store import (
 
 if TYPE_CHECKING:
     from ._hub import HubConfig, HubCounters, KeyDirectory, create_app
+    from ._serve import HubListeners, HubServeError, serve_hub
 
 __all__ = [
     "API_VERSION",
@@ -119,7 +120,9 @@ __all__ = [
     "HubConfig",
     "HubCounters",
     "HubInfo",
+    "HubListeners",
     "HubRelayAddress",
+    "HubServeError",
     "InvalidNetworkSecretError",
     "KeyDirectory",
     "MemoryHub",
@@ -164,6 +167,7 @@ __all__ = [
     "parse_address",
     "parse_allowed_ip",
     "peer_mac_key",
+    "serve_hub",
     "validate_name",
 ]
 
@@ -173,4 +177,8 @@ def __getattr__(name: str) -> object:
         from . import _hub
 
         return getattr(_hub, name)
+    if name in ("HubListeners", "HubServeError", "serve_hub"):
+        from . import _serve
+
+        return getattr(_serve, name)
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -7,6 +7,7 @@ cross-platform userspace API (:func:`serve_uapi`, the sans-IO core in :class:`Ua
 """
 
 from ._interface import Tunnel
+from ._netlink import configure_interface
 from ._tun import TunDevice, TunnelError
 from ._uapi import (
     MAX_REQUEST_BYTES,
@@ -39,7 +40,7 @@ from ._uapi_server import (
     start_uapi,
     uapi_path,
 )
-from ._userspace import TunnelCounters, UserspaceTunnel, open_userspace_tunnel
+from ._userspace import TunnelCounters, UserspaceTunnel, add_peers, open_userspace_tunnel
 from ._wgquick import (
     DEFAULT_MTU,
     ConfigError,
@@ -75,8 +76,10 @@ __all__ = [
     "UapiUnavailable",
     "UserspaceTunnel",
     "WgQuickConfig",
+    "add_peers",
     "apply_plan",
     "bind_unix_listener",
+    "configure_interface",
     "device_info",
     "format_endpoint",
     "format_errno",
