@@ -153,6 +153,10 @@ def test_tcp_transfers_both_ways_checksum(tmp_path: Path) -> None:
         assert stats["peers"][0]["rx_bytes"] > size
         assert stats["peers"][0]["tx_bytes"] > size
         assert stats["shell"]["send_errors"] == 0
+        # the 32 MiB crossed on the data thread, in batches (far fewer turns than datagrams)
+        assert stats["data_path"] == "thread"
+        datagrams = stats["shell"]["datagrams_received"] + stats["shell"]["datagrams_sent"]
+        assert 0 < stats["data_thread_turns"] < datagrams / 2
 
 
 def test_rekey_during_transfer(tmp_path: Path) -> None:

@@ -44,6 +44,8 @@ async def _commands(tunnel: UserspaceTunnel) -> None:
                             "peers": _stats(tunnel),
                             "drops": dict(tunnel.device.counters),
                             "shell": dataclasses.asdict(tunnel.counters),
+                            "data_path": tunnel.data_path,
+                            "data_thread_turns": tunnel.data_thread_turns,
                         },
                     )
                 elif words[:1] == ["under_load"]:

@@ -166,7 +166,7 @@ def _demo_namespaces() -> set[str]:
 
 
 def test_the_demo_runs_the_whole_story_in_a_real_lab() -> None:
-    require_root_and("ip", "nft", "ping", "ss")
+    require_root_and("ip", "nft", "conntrack", "sysctl", "ping", "ss")
     before = _demo_namespaces()
     proc = subprocess.run(
         [sys.executable, "-m", "punchtrio.cli", "demo", "--lab", "--json"],

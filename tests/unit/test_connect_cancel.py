@@ -110,6 +110,9 @@ async def test_connect_after_the_scope_ended_is_an_error() -> None:
         MemoryHub().peer("alice", KEYS["alice"].public_key()),
         "10.99.0.1/24",
     )
-    with pytest.raises(RuntimeError, match="not running"):
+    with pytest.raises(RuntimeError, match="not running") as raised:
         await connector.connect("bob")
-    assert not issubclass(RuntimeError, ConnectError)
+    # A misuse, not a connection failure: `except ConnectError` must not swallow it, and
+    # nothing was started for the peer.
+    assert not isinstance(raised.value, ConnectError)
+    assert connector.peers == {}

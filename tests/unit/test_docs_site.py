@@ -34,6 +34,7 @@ PUBLIC_PACKAGES = (
     "punchtrio.wireguard",
     "punchtrio.tunnel",
     "punchtrio.netsim",
+    "punchtrio.natlab",
     "punchtrio.mux",
 )
 # The pages written for users (the Internals pages belong to each package's owners).

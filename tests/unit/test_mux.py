@@ -35,7 +35,7 @@ from punchtrio.stun import (
     XorMappedAddress,
     encode_message,
 )
-from punchtrio.tunnel._userspace import UserspaceTunnel
+from punchtrio.tunnel import UserspaceTunnel
 from punchtrio.wireguard import (
     CookieReply,
     Device,

@@ -109,7 +109,7 @@ class _LoopbackDevice:
 async def test_the_userspace_tunnel_shell_runs_unchanged_in_netsim(
     autojump_clock: trio.testing.MockClock,
 ) -> None:
-    from punchtrio.tunnel._userspace import UserspaceTunnel
+    from punchtrio.tunnel import UserspaceTunnel
 
     net, alice, bob = pair()
     tun_inside, tun_outside = socket.socketpair(socket.AF_UNIX, socket.SOCK_DGRAM)

@@ -44,3 +44,14 @@ def test_each_connector_event_has_one_public_home() -> None:
     for name in ("PathChosen", "PathChanged", "PathLost", "PeerConnected", "PeerFailed"):
         assert getattr(punchtrio, name) is getattr(connect, name), name
     assert not hasattr(punchtrio, "PunchFailed")
+
+
+def test_the_cli_imports_public_names_only() -> None:
+    # The CLI is a client of the library like any other: what it needs is public, with a docstring.
+    private = re.compile(r"^\s*from \.\.((\w+\.)*_\w+)(\.\w+)* import", re.M)
+    found = [
+        f"{path.name}: punchtrio.{m[1]}"
+        for path in sorted((ROOT / "src" / "punchtrio" / "cli").glob("*.py"))
+        for m in private.finditer(path.read_text())
+    ]
+    assert found == []

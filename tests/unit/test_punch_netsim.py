@@ -29,7 +29,7 @@ from punchtrio.punch import (
     host_candidates,
     key_id,
 )
-from punchtrio.tunnel._userspace import UserspaceTunnel
+from punchtrio.tunnel import UserspaceTunnel
 from punchtrio.wireguard import Device, PeerConfig
 from tests.packets import ipv4
 

@@ -256,7 +256,7 @@ def test_public_names_are_documented() -> None:
 
     for name in punchtrio.tunnel.__all__:
         obj = getattr(punchtrio.tunnel, name)
-        if not isinstance(obj, int):
+        if not isinstance(obj, (int, str)):  # constants carry no docstring of their own
             assert obj.__doc__, name
             assert obj.__module__.startswith("punchtrio.tunnel"), name
 

@@ -40,11 +40,10 @@ ALTERNATE = ("203.0.113.2", 3479)
 TUNNEL = {"alice": "10.99.0.1", "bob": "10.99.0.2"}
 NETSIM_PACKETS = 400
 NETSIM_PACKET_SIZE = 1400
-NETSIM_WINDOW = 4
-"""Packets in flight at once in the netsim transfer: at most what the tunnel writes to its
-interface inline (``INLINE_TUN_WRITES`` in ``punchtrio.tunnel``). A larger burst goes to the
-tunnel's interface-writer thread, which the mock clock cannot see: virtual time may then run past
-the receive timeout before the thread writes, and packets that do arrive would be counted lost."""
+NETSIM_WINDOW = 40
+"""Packets in flight at once in the netsim transfer. Under the virtual clock the tunnel writes
+every batch to its interface itself (no writer thread, which the clock could not see), so any
+window arrives within virtual time."""
 _NETSIM_DROPS = ("lost", "buffer-full", "no-route", "no-listener", "no-mapping", "ttl-exceeded")
 _WALL = 1.7e9
 
@@ -144,9 +143,13 @@ def register(subparsers: Any) -> None:
 
 
 def lab_available() -> bool:
-    """Whether the real NAT lab can run here: root, and ``ip``, ``nft``, ``ping`` and ``ss`` on
-    PATH."""
-    return os.geteuid() == 0 and all(shutil.which(b) for b in ("ip", "nft", "ping", "ss"))
+    """Whether the real NAT lab can run here: root, and on PATH what
+    :func:`punchtrio.natlab.build` needs (``ip``, ``nft``, ``conntrack``, ``sysctl``) plus
+    ``ping`` and ``ss``."""
+    from ..natlab import REQUIRED_BINARIES
+
+    needed = (*REQUIRED_BINARIES, "ping", "ss")
+    return os.geteuid() == 0 and all(shutil.which(b) for b in needed)
 
 
 def _demo(args: argparse.Namespace) -> int:
@@ -157,7 +160,7 @@ def _demo(args: argparse.Namespace) -> int:
         console = Console(stderr=True, highlight=False, width=110)
     use_lab = args.lab or (not args.netsim and lab_available())
     if args.lab and not lab_available():
-        raise UsageError("--lab needs root and ip, nft, ping and ss on PATH")
+        raise UsageError("--lab needs root and ip, nft, conntrack, sysctl, ping and ss on PATH")
     if use_lab:
         from ._demo_lab import run_lab_demo
 

@@ -1,21 +1,22 @@
 """The root half of ``punchtrio demo``: a small real NAT lab in network namespaces.
 
-It lives in the package (the repository's ``labs/`` is not installed) and builds only what the
-demo needs, with a random prefix ``ptd`` + 4 hex digits::
+The lab is built by :func:`punchtrio.natlab.build`, the builder the NAT lab tests and benchmarks
+use (the repository's ``labs/`` is not installed, the package is), so the demo's NATs are the
+lab's kinds; its random prefix is ``ptd`` + 4 hex digits::
 
     wan (bridge br0, 203.0.113.0/24) -- hub: 203.0.113.1 + .2 (punchtrio hub, STUN on both,
        |                                         its relay on 203.0.113.1:7778)
-       |-- nat1 203.0.113.11, port-restricted cone -- alice 10.1.0.11
-       |-- nat2 203.0.113.12, full cone            -- bob   10.2.0.11
-       |-- nat3 203.0.113.13, port-restricted cone -- dave  10.3.0.11
-       `-- nat4 203.0.113.14, port-restricted cone -- erin  10.4.0.11
+       |-- nat1 203.0.113.11, "port" (port-restricted cone) -- h1 = alice 10.1.0.11
+       |-- nat2 203.0.113.12, "full" (full cone)            -- h2 = bob   10.2.0.11
+       |-- nat3 203.0.113.13, "port"                        -- h3 = dave  10.3.0.11
+       `-- nat4 203.0.113.14, "port"                        -- h4 = erin  10.4.0.11
 
 Then ``punchtrio nat`` on alice and bob, two ``punchtrio up --hub --json`` started at once, ping
-and a TCP transfer through the tunnel. In the second act a firewall rule in nat3 drops the UDP
-between nat3 and nat4: dave and erin connect through the hub's relay; the rule is deleted, and
-both move to the direct path by themselves. Every process is stopped and every namespace deleted afterwards,
-also on errors and Ctrl-C (:class:`punchtrio._netns.Lab` does that). A failed lab command becomes a
-:class:`~punchtrio.cli._demo.DemoError` at :func:`run_lab_demo`.
+and a TCP transfer through the tunnel. In the second act the lab's internet drops the UDP between
+nat3 and nat4 (:func:`punchtrio.natlab.udp_blocked_between`): dave and erin connect through the
+hub's relay; the rule is deleted, and both move to the direct path by themselves. Every process is
+stopped and every namespace deleted afterwards, also on errors and Ctrl-C. A failed lab command
+becomes a :class:`~punchtrio.cli._demo.DemoError` at :func:`run_lab_demo`.
 """
 
 from __future__ import annotations
@@ -33,8 +34,8 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from .._netns import Lab, LabError, Namespace
 from ..keys import PrivateKey
+from ..natlab import Host, Lab, LabError, Namespace, Network, build, udp_blocked_between
 from ._demo import (
     ALTERNATE,
     PRIMARY,
@@ -53,14 +54,6 @@ ACT2 = {"dave": "port", "erin": "port"}
 ACT2_TUNNEL = {"dave": "10.98.0.1", "erin": "10.98.0.2"}
 UPGRADE_TIMEOUT = 60.0
 """Seconds act 2 waits for both sides to move to the direct path once the firewall opens."""
-_BLOCK = """table ip ptblock {
-  chain forward {
-    type filter hook forward priority filter; policy accept;
-    meta l4proto udp ip daddr 203.0.113.14 drop
-    meta l4proto udp ip saddr 203.0.113.14 drop
-  }
-}
-"""
 TRANSFER_BYTES = 32 * 1024 * 1024
 PUNCHTRIO = (sys.executable, "-m", "punchtrio.cli")
 COMMAND_TIMEOUT = 30  # seconds for any one lab command unless a step says otherwise
@@ -92,68 +85,6 @@ def _sh(
 ) -> str:
     """Run ``argv`` in ``ns`` and return its stdout; raises LabError if it fails or times out."""
     return ns.run(*argv, input=input, timeout=timeout)
-
-
-def _ruleset(kind: str) -> str:
-    """nftables for a ``port`` (conntrack filters replies) or ``full`` (any inbound datagram to a
-    mapped port is forwarded) NAT; unsolicited UDP to the NAT itself is dropped silently."""
-    full = kind == "full"
-    mapping = "map mapping { type inet_service : ipv4_addr . inet_service; flags dynamic, timeout; timeout 180s; }"
-    dnat = 'iifname "wan0" udp dport @mapping dnat ip to udp dport map @mapping'
-    record = (
-        'oifname "wan0" meta l4proto udp ct direction original update @mapping '
-        "{ udp sport : ct original ip saddr . ct original proto-src }"
-    )
-    return f"""\
-table ip ptdemo {{
-  {mapping if full else ""}
-  chain prerouting {{
-    type nat hook prerouting priority dstnat; policy accept;
-    {dnat if full else ""}
-  }}
-  chain postrouting {{
-    type nat hook postrouting priority srcnat; policy accept;
-    oifname "wan0" masquerade
-  }}
-  chain record {{
-    type filter hook postrouting priority srcnat + 10; policy accept;
-    {record if full else ""}
-  }}
-  chain input {{
-    type filter hook input priority filter; policy accept;
-    meta l4proto udp drop
-  }}
-}}
-"""
-
-
-def _build(lab: Lab) -> tuple[Namespace, dict[str, Namespace], dict[str, Namespace]]:
-    wan = lab.namespace("wan")
-    with contextlib.suppress(LabError):  # only present with br_netfilter loaded
-        _sh(wan, "sysctl", "-q", "-w", "net.bridge.bridge-nf-call-iptables=0")
-    _sh(wan, "ip", "link", "add", "br0", "type", "bridge")
-    _sh(wan, "ip", "link", "set", "br0", "up")
-    hub = lab.namespace("hub")
-    lab.veth(hub, "wan0", wan, "hub")
-    _sh(wan, "ip", "link", "set", "hub", "master", "br0")
-    for address in (PRIMARY[0], ALTERNATE[0]):
-        _sh(hub, "ip", "addr", "add", f"{address}/24", "dev", "wan0")
-    hosts = {}
-    for number, (name, kind) in enumerate({**NATS, **ACT2}.items(), start=1):
-        nat = lab.namespace(f"nat{number}")
-        _sh(nat, "sysctl", "-q", "-w", "net.ipv4.ip_forward=1")
-        lab.veth(nat, "wan0", wan, f"nat{number}")
-        _sh(wan, "ip", "link", "set", f"nat{number}", "master", "br0")
-        _sh(nat, "ip", "addr", "add", f"203.0.113.{10 + number}/24", "dev", "wan0")
-        host = lab.namespace(name)
-        lab.veth(host, "eth0", nat, "lan0")
-        _sh(nat, "ip", "addr", "add", f"10.{number}.0.1/24", "dev", "lan0")
-        _sh(host, "ip", "addr", "add", f"10.{number}.0.11/24", "dev", "eth0")
-        _sh(host, "ip", "route", "add", "default", "via", f"10.{number}.0.1")
-        _sh(nat, "nft", "-f", "-", input=_ruleset(kind))
-        hosts[name] = host
-    act2 = {name: hosts.pop(name) for name in ACT2}
-    return hub, hosts, act2
 
 
 def _wait_for(
@@ -250,11 +181,14 @@ def _connected(events: list[dict[str, Any]]) -> dict[str, Any] | None:
     return next((e for e in events if e.get("event") == "peer_connected"), None)
 
 
-def _failure(events: list[dict[str, Any]], proc: subprocess.Popen[bytes]) -> str:
+def _failure(events: list[dict[str, Any]], proc: subprocess.Popen[bytes], log: Path) -> str:
+    """Why an ``up`` process has no tunnel: its ``peer_failed`` event, else its exit status and
+    the last line it wrote to stderr (``log``)."""
     failed = next((e for e in events if e.get("event") == "peer_failed"), None)
     if failed is not None:
         return f"{failed['stage']}: {failed['reason']}"
-    return f"exit {proc.returncode}"
+    lines = log.read_text(errors="replace").strip().splitlines() if log.exists() else []
+    return f"exit {proc.returncode}" + (f": {lines[-1]}" if lines else "")
 
 
 def run_lab_demo(say: Callable[[str], Any] = print) -> DemoReport:
@@ -277,9 +211,14 @@ def _one_line(text: str, limit: int = 300) -> str:
 
 def _run_lab_demo(say: Callable[[str], Any]) -> DemoReport:
     report = DemoReport("lab")
-    lab = Lab(prefix="ptd" + secrets.token_hex(2), stop_timeout=STOP_TIMEOUT)
-    with lab, tempfile.TemporaryDirectory(prefix="ptd-") as tmp:
-        hub, hosts, act2 = _build(lab)
+    kinds = {**NATS, **ACT2}
+    built = build(
+        list(kinds.values()), prefix="ptd" + secrets.token_hex(2), stop_timeout=STOP_TIMEOUT
+    )
+    with built as net, tempfile.TemporaryDirectory(prefix="ptd-") as tmp:
+        lab, hub = net.lab, net.hub.ns
+        peers = {name: nat.hosts[0] for name, nat in zip(kinds, net.requested, strict=True)}
+        hosts = {name: peers[name].ns for name in NATS}
         say(
             f"built namespaces {lab.prefix}-*: a hub, alice behind a port NAT, bob behind a "
             "full-cone NAT, dave and erin behind port NATs"
@@ -301,7 +240,9 @@ def _run_lab_demo(say: Callable[[str], Any]) -> DemoReport:
                 _ping(hosts["alice"], TUNNEL["bob"], start, list(ups.values())), 3
             )
         except DemoError as exc:
-            reasons = "; ".join(f"{n}: {_failure(events[n], ups[n])}" for n in hosts)
+            reasons = "; ".join(
+                f"{n}: {_failure(events[n], ups[n], Path(tmp, f'{n}.err'))}" for n in hosts
+            )
             raise DemoError(f"{exc} ({reasons})") from None
         say(
             f"first ping alice -> bob through the tunnel {report.time_to_tunnel_s:.2f} s after starting both"
@@ -320,7 +261,7 @@ def _run_lab_demo(say: Callable[[str], Any]) -> DemoReport:
         say(f"ping -c 5: {report.ping_rtt_ms} ms average round trip")
         _transfer(lab, hosts, report)
         say(f"TCP transfer alice -> bob: {report.transfer_bytes / 1e6:.0f} MB")
-        _relay_act(lab, act2, report.relay_act, Path(tmp), say)
+        _relay_act(net, {name: peers[name] for name in ACT2}, report.relay_act, Path(tmp), say)
     say("everything torn down (processes stopped, namespaces deleted)")
     return report
 
@@ -354,37 +295,45 @@ def _start_ups(
             "--json",
         ]
     for name, ns in hosts.items():
-        ups[name] = lab.spawn(ns, *argvs[name], stdout=subprocess.PIPE, stderr=subprocess.DEVNULL)
+        with (tmp / f"{name}.err").open("wb") as log:
+            ups[name] = lab.spawn(ns, *argvs[name], stdout=subprocess.PIPE, stderr=log)
         threading.Thread(target=_collect, args=(ups[name], events[name]), daemon=True).start()
     return ups, events
 
 
 def _relay_act(
-    lab: Lab, hosts: dict[str, Namespace], act: RelayAct, tmp: Path, say: Callable[[str], Any]
+    net: Network, peers: dict[str, Host], act: RelayAct, tmp: Path, say: Callable[[str], Any]
 ) -> None:
-    """Act 2: relayed while a firewall drops the UDP between nat3 and nat4, direct once it opens."""
-    firewall = Namespace(f"{lab.prefix}-nat3")  # dave's NAT, made by _build
-    _sh(firewall, "nft", "-f", "-", input=_BLOCK)
-    say("act 2: a firewall in dave's NAT drops all UDP to and from erin's NAT")
-    start = time.monotonic()
-    ups, events = _start_ups(lab, hosts, ACT2_TUNNEL, tmp)
-    act.time_to_tunnel_s = round(
-        _ping(hosts["dave"], ACT2_TUNNEL["erin"], start, list(ups.values())), 3
-    )
-    deadline = time.monotonic() + 5
-    while time.monotonic() < deadline and not all(_connected(e) for e in events.values()):
-        time.sleep(0.05)
-    for name in hosts:
-        connected = _connected(events[name]) or {}
-        act.paths[name] = connected.get("path")
-        act.relay[name] = connected.get("relay")
-    say(
-        f"act 2: dave and erin connected through the hub's relay "
-        f"({', '.join(f'{n}: {act.relay[n]}' for n in hosts)}); first ping after "
-        f"{act.time_to_tunnel_s:.2f} s"
-    )
-    time.sleep(3)
-    _sh(firewall, "nft", "delete", "table", "ip", "ptblock")
+    """Act 2: relayed while the lab's internet drops the UDP between dave's and erin's NATs,
+    direct once it lets it through."""
+    hosts = {name: host.ns for name, host in peers.items()}
+    dave, erin = peers["dave"], peers["erin"]
+    with udp_blocked_between(net, dave.nat, erin.nat):
+        say("act 2: a firewall on the internet drops all UDP between dave's and erin's NATs")
+        start = time.monotonic()
+        ups, events = _start_ups(net.lab, hosts, ACT2_TUNNEL, tmp)
+        try:
+            act.time_to_tunnel_s = round(
+                _ping(hosts["dave"], ACT2_TUNNEL["erin"], start, list(ups.values())), 3
+            )
+        except DemoError as exc:
+            reasons = "; ".join(
+                f"{n}: {_failure(events[n], ups[n], Path(tmp, f'{n}.err'))}" for n in hosts
+            )
+            raise DemoError(f"act 2: {exc} ({reasons})") from None
+        deadline = time.monotonic() + 5
+        while time.monotonic() < deadline and not all(_connected(e) for e in events.values()):
+            time.sleep(0.05)
+        for name in hosts:
+            connected = _connected(events[name]) or {}
+            act.paths[name] = connected.get("path")
+            act.relay[name] = connected.get("relay")
+        say(
+            f"act 2: dave and erin connected through the hub's relay "
+            f"({', '.join(f'{n}: {act.relay[n]}' for n in hosts)}); first ping after "
+            f"{act.time_to_tunnel_s:.2f} s"
+        )
+        time.sleep(3)
     opened = time.monotonic()
     say("act 2: the firewall rule is deleted; nobody restarts")
 

@@ -6,7 +6,7 @@ import argparse
 import importlib
 import signal
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 if sys.version_info < (3, 11):
     from exceptiongroup import BaseExceptionGroup
@@ -43,8 +43,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     signal.signal(signal.SIGTERM, _raise_keyboard_interrupt)
     parser = build_parser()
     args = parser.parse_args(argv)
+    return run_reporting(args.run, args)
+
+
+def run_reporting(run: Callable[[argparse.Namespace], int], args: argparse.Namespace) -> int:
+    """Return ``run(args)``, or the exit status of what it raised after printing its one line
+    (the policy of :func:`main`; ``hub --workers`` applies it in every worker)."""
     try:
-        return int(args.run(args))
+        return int(run(args))
     except BaseException as raised:
         exc = _sole_exception(raised)
         if isinstance(exc, PunchtrioError):

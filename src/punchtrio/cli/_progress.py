@@ -106,6 +106,8 @@ class ProgressView:
             return f"[yellow]![/] lost the path to {fields.get('peer')}; probing again"
         if event == "peer_failed":  # the CLI's one-line error follows: only mark the peer here
             return f"[red]✗[/] {fields.get('peer')} failed at the {fields.get('stage')} stage"
+        if event == "peer_removed":
+            return f"[yellow]-[/] removed {fields.get('peer')}: {fields.get('reason')}"
         if event == "down":
             return f"[green]✓[/] tunnel {fields.get('interface')} down"
         if event in ("uapi_unavailable", "control_unavailable"):

@@ -59,11 +59,16 @@ from ..rendezvous import (
 )
 from ..tunnel import (
     ConfigError,
+    Tunnel,
+    TunnelBackend,
     TunnelError,
-    UserspaceTunnel,
     WgQuickConfig,
+    find_wireguard_go,
+    load_tunnel_backend,
     load_wgquick,
     open_userspace_tunnel,
+    open_wireguard_go_tunnel,
+    tunnel_backend_names,
 )
 from ._control import start_local_sockets
 from ._logs import LogReport, add_log_options, configure_logging, secret_texts
@@ -72,6 +77,7 @@ from ._progress import JsonLines, ProgressView
 from ._up_config import apply_config_file
 
 _IFNAME = re.compile(r"[A-Za-z0-9_=+.-]{1,15}")
+
 
 Report = Callable[[str, dict[str, Any]], None]
 """Where ``up`` sends what happens: ``report(event_name, fields)``."""
@@ -98,7 +104,8 @@ class UpPlan:
     (``""``: the kernel's ``tunN``); ``network_secret``; ``static``: a wg-quick file whose peers
     are added as static peers; ``turn``: TURN servers of our own (``--turn``); ``relay=False``
     never relays (``--no-relay``); ``metrics``: where to serve Prometheus metrics
-    (``--metrics``; ``None``: nowhere).
+    (``--metrics``; ``None``: nowhere); ``all_peers``: connect to every peer of the network as
+    it joins, and drop it as it leaves (``--all-peers``; needs ``network_secret``).
     """
 
     hub: str
@@ -114,6 +121,7 @@ class UpPlan:
     turn: tuple[TurnServer, ...] = dataclasses.field(default=(), repr=False)
     relay: bool = True
     metrics: tuple[str, int] | None = None
+    all_peers: bool = False
 
 
 def register(subparsers: Any) -> None:
@@ -143,6 +151,14 @@ def register(subparsers: Any) -> None:
     )
     up.add_argument(
         "--peer", metavar="NAME", action="append", default=[], help="a peer to reach (repeat)"
+    )
+    up.add_argument(
+        "--all-peers",
+        action="store_true",
+        help=(
+            "a mesh: reach every peer of our network as it joins, drop it as it leaves "
+            "(needs --network-secret-file)"
+        ),
     )
     up.add_argument(
         "--stun",
@@ -184,6 +200,16 @@ def register(subparsers: Any) -> None:
         metavar="IP:PORT",
         help="serve Prometheus metrics at http://IP:PORT/metrics (e.g. 127.0.0.1:9586)",
     )
+    up.add_argument(
+        "--tunnel",
+        metavar="BACKEND",
+        default="userspace",
+        help=(
+            "who moves the packets: userspace (punchtrio's own WireGuard, the default), "
+            "wireguard-go (with a wg-quick --config FILE), or a backend another package "
+            "registers (see docs/tunnel.md)"
+        ),
+    )
     up.add_argument("--json", action="store_true", help="print events as JSON, one per line")
     add_log_options(up)
     up.set_defaults(run=_up, up_parser=up)
@@ -193,6 +219,11 @@ def _up(args: argparse.Namespace) -> int:
     parser = getattr(args, "up_parser", None)
     if parser is not None:
         apply_config_file(args, parser)
+    if args.tunnel not in tunnel_backend_names():
+        raise UsageError(
+            f"--tunnel {args.tunnel[:40]!r} is not a tunnel backend: choose one of "
+            f"{', '.join(tunnel_backend_names())}"
+        )
     if args.hub is None:
         rendezvous_only = (
             "metrics",
@@ -204,7 +235,7 @@ def _up(args: argparse.Namespace) -> int:
             "turn_user",
             "turn_password_file",
         )
-        given = args.peer or args.stun or args.turn or args.no_relay
+        given = args.peer or args.stun or args.turn or args.no_relay or args.all_peers
         if given or any(getattr(args, n) is not None for n in rendezvous_only):
             raise UsageError("--name, --peer, --key-file, --address, --stun ... need --hub URL")
         if not args.config:
@@ -212,6 +243,12 @@ def _up(args: argparse.Namespace) -> int:
                 "up needs --hub URL (with --name, --key-file, --address, --peer) or --config FILE"
             )
         return _up_static(args)
+    if args.tunnel != "userspace":
+        raise UsageError(
+            f"--tunnel {args.tunnel[:40]} works with a wg-quick --config FILE only, not with "
+            "--hub: the hub's punching, STUN and relays run on punchtrio's own WireGuard and "
+            "share its UDP port (see docs/tunnel.md); use --tunnel userspace"
+        )
     plan = build_plan(args)
     configure_logging(args, "up", secrets=_secrets(plan.key, plan.static, plan))
     log.debug(
@@ -249,8 +286,13 @@ def build_plan(args: argparse.Namespace) -> UpPlan:
         peers = tuple(validate_name(peer, what="--peer") for peer in args.peer)
     except ValidationError as exc:
         raise UsageError(str(exc)) from None
-    if not peers and static is None:
-        raise UsageError("--hub needs at least one --peer NAME")
+    if not peers and static is None and not args.all_peers:
+        raise UsageError("--hub needs at least one --peer NAME (or --all-peers)")
+    if args.all_peers and not args.network_secret_file:
+        raise UsageError(
+            "--all-peers needs --network-secret-file FILE: the hub lists a network's peers only "
+            "to its members"
+        )
     if name in peers or len(set(peers)) != len(peers):
         raise UsageError("--peer names must differ from each other and from --name")
     if args.key_file:
@@ -301,6 +343,7 @@ def build_plan(args: argparse.Namespace) -> UpPlan:
         turn,
         not args.no_relay,
         metrics,
+        args.all_peers,
     )
 
 
@@ -461,6 +504,7 @@ async def serve_up(
         network_secret=plan.network_secret,
         turn_servers=plan.turn,
         relay=plan.relay,
+        all_peers=plan.all_peers,
         **options,
     )
     failure: PunchtrioError | None = None
@@ -504,6 +548,10 @@ async def serve_up(
                         if isinstance(event, PeerFailed) and event.retry_in is None:
                             failure = ConnectError(event.peer, event.stage, event.reason)
                             break
+                    # The events end when nothing can progress: without peers to fail, say why.
+                    why = connector.core.register_error
+                    if failure is None and why is not None:
+                        failure = UpError(f"register: {why}")
             finally:
                 down["peers"] = _relayed_stats(connector, _stats(tunnel))
             nursery.cancel_scope.cancel()
@@ -613,8 +661,75 @@ def _up_static(args: argparse.Namespace) -> int:
     elif not _IFNAME.fullmatch(name):
         raise UsageError(f"--interface {name[:40]!r} is not a valid interface name")
     emit = _json_line if args.json else _text_line
-    trio.run(_run, config, name, emit)
+    if args.tunnel == "userspace":
+        trio.run(_run, config, name, emit)
+    elif args.tunnel == "wireguard-go":
+        find_wireguard_go()  # missing: one line with the fix, before anything starts
+        trio.run(_run_wireguard_go, config, name, emit)
+    else:
+        trio.run(_run_backend, load_tunnel_backend(args.tunnel), args.tunnel, config, name, emit)
     return 0
+
+
+async def _run_backend(
+    backend: TunnelBackend,
+    backend_name: str,
+    config: WgQuickConfig,
+    name: str,
+    emit: Callable[[str, dict[str, Any]], None],
+) -> None:
+    """Run another package's backend until SIGINT/SIGTERM: ``up``, then ``down`` with its stats."""
+    with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
+        async with backend(config, name=name) as tunnel:
+            fields = {"interface": tunnel.name, "listen_port": tunnel.listen_port}
+            emit("up", {**fields, "tunnel": backend_name})
+            async for _ in signals:
+                break
+            stats = _stats(tunnel)
+    emit("down", {"interface": tunnel.name, "peers": stats})
+
+
+WIREGUARD_GO_RESTART_DELAY = 1.0
+"""Seconds ``up --tunnel wireguard-go`` waits before starting wireguard-go again after it died."""
+
+
+async def _run_wireguard_go(
+    config: WgQuickConfig, name: str, emit: Callable[[str, dict[str, Any]], None]
+) -> None:
+    """Run wireguard-go until SIGINT/SIGTERM; start it again (same name, same settings) whenever
+    it exits by itself, after emitting ``wireguard_go_exited``."""
+    with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
+        while True:
+            async with open_wireguard_go_tunnel(config, name=name) as tunnel:
+                name = tunnel.name
+                emit(
+                    "up",
+                    {
+                        "interface": name,
+                        "listen_port": tunnel.listen_port,
+                        "tunnel": "wireguard-go",
+                        "pid": tunnel.process.pid,
+                    },
+                )
+                stopped = False
+                async with trio.open_nursery() as nursery:
+
+                    async def on_signal() -> None:
+                        nonlocal stopped
+                        async for _ in signals:
+                            break
+                        stopped = True
+                        nursery.cancel_scope.cancel()
+
+                    nursery.start_soon(on_signal)
+                    await tunnel.process.wait()
+                    nursery.cancel_scope.cancel()
+                if stopped:
+                    stats = _stats(tunnel)
+                    break
+            emit("wireguard_go_exited", {"interface": name, "status": tunnel.process.returncode})
+            await trio.sleep(WIREGUARD_GO_RESTART_DELAY)
+    emit("down", {"interface": name, "peers": stats})
 
 
 async def _run(config: Any, name: str, emit: Callable[[str, dict[str, Any]], None]) -> None:
@@ -647,7 +762,7 @@ def _relayed_stats(connector: Connector, stats: list[dict[str, Any]]) -> list[di
     return stats
 
 
-def _stats(tunnel: UserspaceTunnel) -> list[dict[str, Any]]:
+def _stats(tunnel: Tunnel) -> list[dict[str, Any]]:
     return [_fields(s) for s in tunnel.peer_stats().values()]
 
 

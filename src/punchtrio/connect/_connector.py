@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import errno
 import ipaddress
 import math
 import socket
@@ -25,15 +26,26 @@ from urllib.parse import urlsplit
 
 import trio
 
+if sys.version_info < (3, 11):
+    from exceptiongroup import BaseExceptionGroup
+
 from .._exceptions import PunchtrioError
 from ..keys import PrivateKey, PublicKey
 from ..mux import Datagram, Kind, Mux, MuxedDevice
 from ..punch import (
     BirthdaySockets,
     Candidate,
+    CandidateError,
     CandidateType,
+    MappingFailed,
+    MappingObtained,
+    PortMapEvent,
+    PortMapper,
+    PortMapSession,
+    PortMapSettings,
     Puncher,
     PunchSettings,
+    default_gateway,
     gather_reflexive,
     host_candidates,
     local_addresses,
@@ -44,6 +56,7 @@ from ..rendezvous import (
     HubClient,
     HubRelayAddress,
     NetworkSecret,
+    PeerDirectory,
     PeerRecord,
     Rendezvous,
     RendezvousError,
@@ -51,7 +64,7 @@ from ..rendezvous import (
     ValidationError,
     validate_name,
 )
-from ..tunnel import TunDevice, UserspaceTunnel
+from ..tunnel import TunDevice, TunnelError, UserspaceTunnel
 from ..wireguard import Device
 from ._config import TunnelConfig
 from ._core import (
@@ -63,6 +76,7 @@ from ._core import (
     Gathered,
     ListenForSignals,
     LookupFailed,
+    PeerForgotten,
     PeerRecordLoaded,
     PeerRetrying,
     PeerSettled,
@@ -70,6 +84,7 @@ from ._core import (
     Regather,
     RegisterDone,
     RegisterFailed,
+    RemovePeer,
     SendSignal,
     SignalFailed,
     SignallingUnsupported,
@@ -79,6 +94,7 @@ from ._core import (
 )
 from ._events import ConnectEvent, PathKind, PeerConnected, Stage, StageStarted
 from ._memif import MemoryInterface
+from ._mesh import MeshPolicy, follow_directory
 from ._relay_shell import RelayShell, RelayTarget
 from ._relays import RelayLinks
 from ._turn_shell import TurnShell
@@ -148,6 +164,32 @@ def _checked_peer_name(name: str) -> str:
         raise ValueError(str(exc)) from None
 
 
+def _check_directory(rendezvous: Rendezvous, secret: NetworkSecret | None) -> None:
+    """Refuse ``all_peers`` where no listing can come (one line, naming the fix)."""
+    if not isinstance(rendezvous, PeerDirectory):
+        raise ValueError(
+            f"all_peers needs a rendezvous that lists peers (a punchtrio hub), not "
+            f"{type(rendezvous).__name__}"
+        )
+    if isinstance(rendezvous, HubClient) and secret is None:
+        raise ValueError(
+            "all_peers needs the network secret: the hub lists peers only to members of a "
+            "private network (network_secret=, --network-secret-file)"
+        )
+
+
+def _bind_error(port: int, exc: OSError) -> str:
+    """One line on why the UDP port could not be bound, naming the fix."""
+    if exc.errno == errno.EADDRINUSE:
+        return (
+            f"UDP port {port} is already in use (another `punchtrio up` or WireGuard?): stop it "
+            "or choose another port (listen_port=, --listen-port)"
+        )
+    if exc.errno == errno.EACCES:
+        return f"UDP port {port} needs privileges: run as root or choose a port above 1023"
+    return f"cannot bind UDP port {port}: {exc.strerror or exc}"
+
+
 def _format(endpoint: Address) -> str:
     host, port = endpoint[0], endpoint[1]
     return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
@@ -186,6 +228,17 @@ class Connector:
     - ``socket_factory(family, type)``: makes the UDP socket (default: the simulated host's
       ``nonblocking_socket`` inside :mod:`punchtrio.netsim`, else :class:`socket.socket`).
     - ``wall_clock``: Unix time for probe timestamps and WireGuard's TAI64N.
+    - ``all_peers``: a mesh: connect to every peer the rendezvous lists in our network (ourselves
+      excepted), add peers as they join and remove them (their WireGuard peer and routes) as
+      their records are deleted or expire (:class:`~punchtrio.connect.MeshPolicy`). Needs a
+      rendezvous that lists peers (a hub, with ``network_secret``; ``MemoryRendezvous``).
+      ``peers`` given as well stay, whatever the listing says.
+    - ``port_mapping``: ask the gateway for a port mapping (PCP, then NAT-PMP) and publish the
+      mapped endpoint as a server-reflexive candidate, refreshed while the connector runs and
+      deleted when it stops (:class:`~punchtrio.punch.PortMapper`): ``True`` asks the IPv4
+      default route's gateway, a string the gateway at that literal address; ``False``
+      (default) never asks. ``port_mapping_settings`` tunes it
+      (:class:`~punchtrio.punch.PortMapSettings`).
 
     Run it with :func:`open_connector` (or ``await nursery.start(connector.run)``). Events arrive
     on :attr:`events`. The decisions are :class:`ConnectCore`'s; this class does the I/O. Raises
@@ -216,6 +269,9 @@ class Connector:
         turn_servers: Sequence[TurnServer] = (),
         socket_factory: Callable[[int, int], Any] | None = None,
         wall_clock: Callable[[], float] = time.time,
+        all_peers: bool = False,
+        port_mapping: bool | str = False,
+        port_mapping_settings: PortMapSettings | None = None,
     ) -> None:
         self.name = name
         self.config = tunnel if isinstance(tunnel, TunnelConfig) else TunnelConfig(tunnel)
@@ -229,6 +285,10 @@ class Connector:
         else:
             self.rendezvous = rendezvous
         self._hub_url = rendezvous if isinstance(rendezvous, str) else None
+        self._mesh: MeshPolicy | None = None
+        if all_peers:
+            self._mesh = MeshPolicy(name)
+            _check_directory(self.rendezvous, network_secret)
         if stun_servers is not None:
             for host, port in stun_servers:
                 ipaddress.ip_address(host)  # ValueError for names: literals only
@@ -256,6 +316,14 @@ class Connector:
         self._turn_note: str | None = None  # why TURN is not used, when it should have been
         self._socket_factory = socket_factory
         self._wall_clock = wall_clock
+        if isinstance(port_mapping, str):
+            ipaddress.ip_address(port_mapping)  # ValueError for names: literals only
+        self._port_mapping = port_mapping
+        self._port_mapping_settings = port_mapping_settings
+        self._mapped: Candidate | None = None  # the gateway's mapping of our port
+        self._mapping_published: Candidate | None = None  # the one our candidates hold
+        self._mapped_changed = trio.Event()
+        self._first_registered = trio.Event()
         self._send_events, self.events = trio.open_memory_channel[ConnectEvent](math.inf)
         """Every :data:`~punchtrio.connect.ConnectEvent`, in order; closed when the run ends."""
         device = Device(
@@ -293,6 +361,8 @@ class Connector:
         self._relay_shell: RelayShell | None = None
         self._done: dict[str, trio.Event] = {}
         self._scopes: dict[str, list[trio.CancelScope]] = {}
+        self._peer_tasks: dict[str, set[trio.CancelScope]] = {}  # every task of a peer
+        self._reasons: dict[str, str] = {}  # why a peer was removed, for connect()
         self._nursery: trio.Nursery | None = None
         self.tunnel: UserspaceTunnel | None = None
         """The running tunnel (``None`` before :meth:`run` starts it)."""
@@ -301,6 +371,8 @@ class Connector:
         self._started = False
         for peer in peers:
             self._add(_checked_peer_name(peer))
+        if self._mesh is not None:  # peers given by name stay, whatever the listing says
+            self._mesh.pinned = frozenset(self.core.names)
 
     # -- public surface ----------------------------------------------------------------------
 
@@ -333,14 +405,17 @@ class Connector:
         """Connect to ``peer`` (starting it if it is not one of ``peers``) and wait for the tunnel.
 
         Returns the :class:`PeerConnected` event. Raises :class:`ConnectError` naming the stage
-        that failed, :class:`ValueError` for an invalid name, and :class:`RuntimeError` if the
-        connector is not running.
+        that failed (``"wait: NAME was removed: ..."`` if :meth:`remove` forgot it meanwhile),
+        :class:`ValueError` for an invalid name, and :class:`RuntimeError` if the connector is
+        not running.
         """
         if self._nursery is None:
             raise RuntimeError("the connector is not running: use open_connector()")
         name = _checked_peer_name(peer)
         self._add(name)
         await self._done[name].wait()
+        if name not in self.core.names:
+            raise ConnectError(name, "wait", f"{name} was removed: {self._removed_why(name)}")
         state = self._state(self.core.peer(name))
         if state.error is not None:
             raise state.error
@@ -403,6 +478,8 @@ class Connector:
     async def _pipeline(
         self, nursery: trio.Nursery, stun: trio.MemoryReceiveChannel[Datagram]
     ) -> None:
+        if self._port_mapping:
+            nursery.start_soon(self._keep_port_mapped, stun)
         await self._gather(stun)
         try:
             record = await self._register()
@@ -414,7 +491,11 @@ class Connector:
             with contextlib.suppress(RendezvousError):  # the first record stands
                 record = await self._register()
         self._feed(RegisterDone(record))
+        self._first_registered.set()
         nursery.start_soon(self._refresh, stun)
+        if self._mesh is not None:
+            assert isinstance(self.rendezvous, PeerDirectory)
+            nursery.start_soon(follow_directory, self, self.rendezvous, self._mesh)
         if self._use_relay:
             await self._run_relays()
         await trio.sleep_forever()
@@ -429,7 +510,7 @@ class Connector:
         if not restun:  # only our TURN candidate is new
             gathered = self.core.gathered
             assert gathered is not None
-            turned = tuple(self._with_turn(self.candidates))
+            turned = tuple(self._with_turn(self._with_mapping(self.candidates)))
             self._feed(dataclasses.replace(gathered, candidates=turned))
             return
         if announce:
@@ -453,7 +534,53 @@ class Connector:
             varies = result.mapping_varies
             if not result.candidates:
                 error = "no STUN server answered"
+        candidates = self._with_mapping(candidates)
         self._feed(Gathered(tuple(self._with_turn(candidates)), varies, error, networks, announce))
+
+    def _with_mapping(self, candidates: Iterable[Candidate]) -> list[Candidate]:
+        """Our candidates with the gateway's mapping of our port (if any) first among the
+        server-reflexive ones; a mapping that is gone is left out."""
+        kept = [c for c in candidates if c != self._mapping_published]
+        mapped = self._mapping_published = self._mapped
+        if mapped is None or mapped in kept:
+            return kept
+        at = next((i for i, c in enumerate(kept) if c.type is not CandidateType.HOST), len(kept))
+        return [*kept[:at], mapped, *kept[at:]]
+
+    async def _keep_port_mapped(self, stun: trio.MemoryReceiveChannel[Datagram]) -> None:
+        """Keep our port mapped on the gateway and publish the mapped endpoint (register again
+        when it appears, moves or goes away); the session deletes the mapping when it ends."""
+        gateway = self._port_mapping if isinstance(self._port_mapping, str) else None
+        if gateway is None:
+            with contextlib.suppress(Exception):  # no netlink (a container): no gateway
+                # In a thread: importing pyroute2 takes a moment the tunnel should not wait.
+                gateway = await trio.to_thread.run_sync(default_gateway)
+        if gateway is None:
+            return
+        mapper = PortMapper(gateway, None, self.listen_port, settings=self._port_mapping_settings)
+
+        def on_event(event: PortMapEvent) -> None:
+            if isinstance(event, MappingFailed):
+                return
+            self._mapped = None
+            if isinstance(event, MappingObtained):
+                ip, port = event.external
+                with contextlib.suppress(CandidateError):  # not an address a peer can use
+                    self._mapped = Candidate(CandidateType.SRFLX, ip, port)
+            self._mapped_changed.set()
+
+        async with trio.open_nursery() as nursery:
+            with contextlib.suppress(OSError):  # no route to the gateway: nothing to map
+                await nursery.start(PortMapSession(mapper, on_event=on_event).run)
+            while True:
+                await self._mapped_changed.wait()
+                self._mapped_changed = trio.Event()
+                await self._first_registered.wait()  # until then, the first gathering
+                if self._mapping_published == self._mapped:
+                    continue  # the first gathering published it
+                await self._gather(stun, restun=False)
+                with contextlib.suppress(RendezvousError):
+                    self._feed(RegisterDone(await self._register()))
 
     def _with_turn(self, candidates: Iterable[Candidate]) -> list[Candidate]:
         """Our candidates, with our TURN allocation's relayed address as the last one."""
@@ -547,6 +674,8 @@ class Connector:
                 self._act(action)
         while (event := core.next_event()) is not None:
             self._emit(event)
+        if core.stalled and (self._mesh is None or core.register_error is not None):
+            self._send_events.close()  # nothing can progress: the events above say why
         if self._timer_scope is not None:
             deadline = core.get_timer()
             self._timer_scope.deadline = math.inf if deadline is None else deadline
@@ -557,6 +686,15 @@ class Connector:
             for scope in self._scopes[action.peer]:
                 scope.cancel()
             self._done[action.peer].set()
+        elif isinstance(action, PeerForgotten):
+            if action.public_key is not None:
+                self._links.remove_peer(action.public_key)
+            for scope in self._peer_tasks.pop(action.peer, ()):
+                scope.cancel()
+            self._scopes.pop(action.peer, None)
+            done = self._done.pop(action.peer, None)
+            if done is not None:
+                done.set()  # connect() waiting on it learns that it left
         elif isinstance(action, PeerRetrying):
             if self._done[action.peer].is_set():
                 self._done[action.peer] = trio.Event()
@@ -574,6 +712,23 @@ class Connector:
             self._nursery.start_soon(self._listen, action.peer)
         elif isinstance(action, SendSignal):
             self._nursery.start_soon(self._send_signal, action.peer, action.data)
+
+    def add(self, peer: str) -> None:
+        """Start connecting to ``peer`` without waiting (see :meth:`connect`); nothing happens
+        if it is known. Raises :class:`ValueError` for an invalid name."""
+        self._add(_checked_peer_name(peer))
+
+    def remove(self, peer: str, *, reason: str = "removed by the caller") -> None:
+        """Forget ``peer``: its WireGuard peer and allowed IPs, its path, timers and tasks
+        (a :class:`~punchtrio.connect.PeerRemoved` event follows; nothing happens for an unknown
+        peer). :meth:`connect` may add it again later. Raises :class:`ValueError` for an invalid
+        name."""
+        name = _checked_peer_name(peer)
+        self._reasons[name] = reason
+        self._feed(RemovePeer(name, reason))
+
+    def _removed_why(self, name: str) -> str:
+        return self._reasons.get(name, "removed")
 
     async def _lookup(self, peer: str, wait: bool) -> None:
         with self._peer_scope(peer, wait):
@@ -599,7 +754,9 @@ class Connector:
                 self._feed(SignalFailed(peer, str(exc)))
 
     async def _send_signal(self, peer: str, data: str) -> None:
-        with self._peer_scope(peer, True):
+        # Not a wait-stage call: a connected peer is signalled too (it restarted, or we moved),
+        # so the send must outlive the peer's settling; removing the peer still cancels it.
+        with self._peer_scope(peer, False):
             try:
                 await self.rendezvous.send_signal(peer, data)
             except SignallingNotSupportedError:
@@ -612,6 +769,12 @@ class Connector:
         """A cancel scope for one of the peer's rendezvous calls: the wait-stage ones end when
         the peer is settled (connected or failed)."""
         with trio.CancelScope() as scope:
+            if peer not in self._done:  # removed before this task began
+                scope.cancel()
+                yield
+                return
+            tasks = self._peer_tasks.setdefault(peer, set())
+            tasks.add(scope)
             if waiting:
                 if self._done[peer].is_set():
                     scope.cancel()
@@ -619,7 +782,8 @@ class Connector:
             try:
                 yield
             finally:
-                if waiting:
+                tasks.discard(scope)
+                if waiting and peer in self._scopes:
                     self._scopes[peer].remove(scope)
 
     async def _timer(self) -> None:
@@ -817,6 +981,9 @@ class Connector:
         try:
             sock.setblocking(False)
             sock.bind(("", self.config.listen_port))
+        except OSError as exc:
+            sock.close()
+            raise TunnelError(_bind_error(self.config.listen_port, exc)) from None
         except BaseException:
             sock.close()
             raise
@@ -860,6 +1027,9 @@ async def open_connector(
     turn_servers: Sequence[TurnServer] = (),
     socket_factory: Callable[[int, int], Any] | None = None,
     wall_clock: Callable[[], float] = time.time,
+    all_peers: bool = False,
+    port_mapping: bool | str = False,
+    port_mapping_settings: PortMapSettings | None = None,
 ) -> AsyncIterator[Connector]:
     """Run a :class:`Connector` (same arguments) for the duration of the ``async with`` block.
 
@@ -889,15 +1059,37 @@ async def open_connector(
         turn_servers=turn_servers,
         socket_factory=socket_factory,
         wall_clock=wall_clock,
+        all_peers=all_peers,
+        port_mapping=port_mapping,
+        port_mapping_settings=port_mapping_settings,
     )
+    # Every error leaves as itself (a PunchtrioError for what goes wrong in the connector), never
+    # wrapped in an exception group: the caller's `except TunnelError:` must see it.
     failure: Exception | None = None
-    async with trio.open_nursery() as nursery:
-        await nursery.start(connector.run)
-        try:
-            yield connector
-        except Exception as exc:
-            failure = exc  # re-raised below as it is, not wrapped in an exception group
-        finally:
-            nursery.cancel_scope.cancel()
+    try:
+        async with trio.open_nursery() as nursery:
+            try:
+                await nursery.start(connector.run)
+            except Exception as exc:  # the port, the TUN device: nothing was started
+                failure = exc
+            if failure is None:
+                try:
+                    yield connector
+                except Exception as exc:
+                    failure = exc  # re-raised below as it is
+                finally:
+                    nursery.cancel_scope.cancel()
+    except BaseExceptionGroup as group:
+        leaves = _leaves(group)
+        if len(leaves) != 1 or not isinstance(leaves[0], Exception):
+            raise
+        raise leaves[0] from None
     if failure is not None:
         raise failure
+
+
+def _leaves(group: BaseExceptionGroup[BaseException]) -> list[BaseException]:
+    found: list[BaseException] = []
+    for exc in group.exceptions:
+        found.extend(_leaves(exc) if isinstance(exc, BaseExceptionGroup) else [exc])
+    return found

@@ -47,6 +47,7 @@ from ._events import (
     PeerConnected,
     PeerFailed,
     PeerFound,
+    PeerRemoved,
     PunchStarted,
     Registered,
     Stage,
@@ -68,6 +69,12 @@ optional on receipt: the first release did not send it)."""
 REGATHER_INTERVAL = 5.0
 """Seconds at least between two re-STUNs asked for by lost paths (several peers lose theirs at
 once when our NAT forgets its mappings)."""
+
+PEER_DOWN_AFTER = 20.0
+"""Seconds a connected peer may be without a path (its last one stopped answering heartbeats, and
+no new one was found) before it is reported down: :class:`PeerFailed` at the ``"established"``
+stage, then retried. The puncher notices a dead path 4 to 9 s after it broke, so a peer that
+vanished is reported within about 30 s."""
 
 LISTEN_RETRY = 5.0
 """Seconds before listening for a peer's signals again after the rendezvous dropped the
@@ -108,6 +115,7 @@ TRANSITIONS: dict[tuple[State, Input], State] = {
     ("handshake", "handshake"): "established",
     ("handshake", "path"): "handshake",
     ("handshake", "timeout"): FAILED,
+    ("established", "timeout"): FAILED,
     ("established", "path"): "established",
     ("established", "punch_failed"): "established",
     ("established", "handshake"): "established",
@@ -123,7 +131,7 @@ registration is outstanding only matters for failing). ``"record"`` is the peer'
 WireGuard session the peer made with us while we waited counts as well: it proves the peer is
 punching), ``"path"``
 the puncher choosing a path, ``"handshake"`` a completed WireGuard handshake, ``"timeout"`` the
-stage's deadline passing, ``"failed"`` an error (a refused lookup, an unusable record, our own
+stage's deadline passing (for a connected peer: :data:`PEER_DOWN_AFTER` without a path), ``"failed"`` an error (a refused lookup, an unusable record, our own
 registration refused), ``"retry"`` the end of a failed peer's backoff. A ``"signal"`` while
 established comes from a peer that restarted or moved: its record is fetched again and the
 tunnel re-punched. An input with no row for the peer's state is ignored.
@@ -217,6 +225,16 @@ class WireGuardEvent:
     event: object
 
 
+@dataclass(frozen=True)
+class RemovePeer:
+    """Forget ``peer`` (its record expired or was deleted): its WireGuard peer and allowed IPs,
+    its path and every timer. ``reason`` is one line for :class:`PeerRemoved`. Removing a peer
+    that is not known does nothing; inputs that still name it afterwards are ignored."""
+
+    peer: str
+    reason: str
+
+
 CoreInput = (
     Gathered
     | RegisterDone
@@ -227,6 +245,7 @@ CoreInput = (
     | SignalFailed
     | SignallingUnsupported
     | WireGuardEvent
+    | RemovePeer
 )
 """Everything :meth:`ConnectCore.handle` accepts."""
 
@@ -294,6 +313,15 @@ class Regather:
     lost, perhaps because our NAT gave us a new public port."""
 
 
+@dataclass(frozen=True)
+class PeerForgotten:
+    """``peer`` was removed: stop every task of it, drop its relayed paths (``public_key``,
+    ``None`` if its record never came); waiters on it go on (it is gone)."""
+
+    peer: str
+    public_key: bytes | None = None
+
+
 Action = (
     WaitForRecord
     | FetchRecord
@@ -303,6 +331,7 @@ Action = (
     | PeerSettled
     | PeerRetrying
     | Regather
+    | PeerForgotten
 )
 """Everything :meth:`ConnectCore.next_action` returns."""
 
@@ -401,6 +430,7 @@ class ConnectCore:
         self.started_at = start
         """The shell's clock when the connector started (``elapsed_ms`` counts from it)."""
         self._peers: dict[str, CorePeer] = {}
+        self._removed: set[str] = set()  # inputs naming these are late answers: ignored
         self._by_key: dict[bytes, CorePeer] = {}
         self._actions: deque[Action] = deque()
         self._events: deque[ConnectEvent] = deque()
@@ -442,6 +472,15 @@ class ConnectCore:
     def mapping_varies(self) -> bool | None:
         """Whether our NAT maps per destination, as STUN last saw it."""
         return self._gathered.mapping_varies if self._gathered is not None else None
+
+    @property
+    def stalled(self) -> bool:
+        """Whether no peer can connect any more without the caller: our registration failed
+        (never retried here), or there are peers and every one failed with no retry to come."""
+        if self.register_error is not None:
+            return True
+        peers = self._peers.values()
+        return bool(peers) and all(p.error is not None and p.retry_at is None for p in peers)
 
     # -- shell interface -----------------------------------------------------------------
 
@@ -491,6 +530,7 @@ class ConnectCore:
         """Connect to ``name`` (nothing happens if it is already known)."""
         if name in self._peers:
             return
+        self._removed.discard(name)
         peer = self._peers[name] = CorePeer(name)
         if self.register_error is not None:
             self._fail(peer, "register", self.register_error, now)
@@ -500,9 +540,14 @@ class ConnectCore:
     def handle(self, item: CoreInput, now: float) -> None:
         """Take one input (see :data:`CoreInput`) at ``now``.
 
-        Raises :class:`CoreError` for an input naming a peer that was never added.
+        Raises :class:`CoreError` for an input naming a peer that was never added (one that
+        was removed is ignored: a rendezvous answer may arrive after the removal).
         """
-        if isinstance(item, Gathered):
+        if getattr(item, "peer", None) in self._removed:
+            return
+        if isinstance(item, RemovePeer):
+            self._remove(item.peer, item.reason)
+        elif isinstance(item, Gathered):
             self._on_gathered(item, now)
         elif isinstance(item, RegisterDone):
             self._on_registered(item.record, now)
@@ -533,6 +578,22 @@ class ConnectCore:
         elif isinstance(item, WireGuardEvent):
             self._on_wireguard(item.event, now)
         self._after_puncher(now)
+
+    def _remove(self, name: str, reason: str) -> None:
+        peer = self._peers.pop(name, None)
+        if peer is None:
+            return
+        self._removed.add(name)
+        if peer.key is not None:
+            del self._by_key[peer.key]
+            with contextlib.suppress(ConfigError):
+                self.device.remove_peer(peer.key)  # its sessions and allowed IPs (routes)
+            with contextlib.suppress(PunchtrioError):
+                self.puncher.remove_peer(peer.key)
+        # Actions queued for it would start tasks for a peer that no longer exists.
+        self._actions = deque(a for a in self._actions if getattr(a, "peer", None) != name)
+        self._events.append(PeerRemoved(name, reason))
+        self._actions.append(PeerForgotten(name, peer.key))
 
     # -- transitions -----------------------------------------------------------------------
 
@@ -581,6 +642,7 @@ class ConnectCore:
         elif stage == "handshake":
             self._events.append(StageStarted("handshake", peer.name))
             peer.deadline = now + self._handshake_timeout
+            self._initiate_again(peer, now)
             if peer.handshaken:
                 # The peer chose its path first and its initiation already made a session.
                 self._step(peer, "handshake", now)
@@ -609,7 +671,12 @@ class ConnectCore:
         self._actions.append(PeerSettled(peer.name))
 
     def _timeout(self, peer: CorePeer, now: float) -> None:
-        if peer.stage == "wait":
+        if peer.stage == "established":
+            reason = (
+                f"{peer.name} stopped answering: no path to it for {PEER_DOWN_AFTER:g} s since "
+                "the last one was lost"
+            )
+        elif peer.stage == "wait":
             reason = (
                 f"{peer.name} did not appear at the rendezvous within {self._wait_timeout:g} s"
                 if peer.record is None
@@ -766,6 +833,8 @@ class ConnectCore:
             return
         if peer.record is not None and revision < peer.record.revision and not restarted:
             return  # left over from an earlier run of the peer
+        if restarted:
+            peer.fresh_handshake = True  # it lost our session: the next handshake stage starts one
         peer.their_nat = nat
         if peer.record is None:
             peer.pending_signal = revision  # judged when the record arrives
@@ -786,6 +855,12 @@ class ConnectCore:
             peer.fresh_handshake = True
             if self.record is not None:
                 self._send_signal(peer)
+            # The restarted peer sends its signal only once it holds our key, so it can answer an
+            # initiation now. Waiting for the re-punch is not enough: a path that still works is
+            # not chosen again, and the peer (if it is the responder) waits for our initiation.
+            # The re-punch initiates again if it moves the path; a completed handshake ends it.
+            if peer.path is not None and peer.key is not None and self.public_key.raw < peer.key:
+                self.device.initiate_handshake(peer.key, now, restarted=True)
 
     # -- punch and after -------------------------------------------------------------------
 
@@ -814,6 +889,8 @@ class ConnectCore:
                 self._on_path(peer, event, now)
             elif isinstance(event, _PunchPathLost):
                 peer.path = None
+                if peer.stage == "established" and peer.deadline is None:
+                    peer.deadline = now + PEER_DOWN_AFTER  # down unless a path comes back
                 self._events.append(PathLost(peer.name, self._describe(event.endpoint)[0]))
                 if now - self._regathered_at >= REGATHER_INTERVAL:
                     self._regathered_at = now  # our public port may have changed: look
@@ -843,8 +920,10 @@ class ConnectCore:
         if peer.fresh_handshake and peer.stage == "established":
             peer.fresh_handshake = False
             if self.public_key.raw < peer.key:  # the initiator's rule, as for the first one
-                self.device.initiate_handshake(peer.key, now)
+                self.device.initiate_handshake(peer.key, now, restarted=True)
         upgrade = peer.path is not None
+        if peer.stage == "established":
+            peer.deadline = None  # a path again: the peer is not down
         endpoint, relay = self._describe(event.endpoint)
         before = peer.last_path
         peer.path, peer.endpoint, peer.relay = event.kind, endpoint, relay
@@ -861,6 +940,19 @@ class ConnectCore:
             )
         self._step(peer, "path", now)
 
+    def _initiate_again(self, peer: CorePeer, now: float) -> None:
+        """On a new attempt after an earlier connection (a retry, a restarted peer), the initiator
+        starts the handshake itself: the keepalive that starts a first one would travel in the
+        old session, which a restarted peer no longer has and a peer that went down for a while
+        may have dropped, and no new handshake would confirm the tunnel."""
+        assert peer.key is not None
+        if self.public_key.raw >= peer.key or peer.handshaken:
+            return
+        stats = self.device.peer_stats().get(peer.key)
+        if peer.fresh_handshake or (stats is not None and stats.has_session):
+            restarted, peer.fresh_handshake = peer.fresh_handshake, False
+            self.device.initiate_handshake(peer.key, now, restarted=restarted)
+
     def _on_wireguard(self, event: object, now: float) -> None:
         if not isinstance(event, _WgHandshakeCompleted):
             return
@@ -869,6 +961,7 @@ class ConnectCore:
             return
         self._events.append(HandshakeCompleted(peer.name, self._describe(event.endpoint)[0]))
         peer.handshaken = True
+        peer.fresh_handshake = False  # the restarted peer has its new session
         self._step(peer, "handshake", now)
 
 

@@ -135,6 +135,15 @@ class PeerFailed:
     retry_in: float | None = None
 
 
+@dataclass(frozen=True)
+class PeerRemoved:
+    """``peer`` was forgotten: its WireGuard peer, allowed IPs (the routes to it), path and
+    timers are gone (``reason``: one line, e.g. its record left the network)."""
+
+    peer: str
+    reason: str
+
+
 ConnectEvent = (
     StageStarted
     | CandidatesGathered
@@ -147,5 +156,6 @@ ConnectEvent = (
     | HandshakeCompleted
     | PeerConnected
     | PeerFailed
+    | PeerRemoved
 )
 """Every event type a connector emits."""

@@ -107,6 +107,16 @@ class RelayLinks:
         self._keys.add(key)
         self._apply(key, now)
 
+    def remove_peer(self, key: bytes) -> None:
+        """Forget the peer with this public key: its relayed paths lose their routes, and
+        datagrams relayed from it are dropped (the puncher has forgotten it already)."""
+        if key in self._keys:
+            self._keys.discard(key)
+            for link in self._links:
+                address = link.virtual.get(key)
+                if address is not None:
+                    self._device.set_route(address, None)
+
     def update(self, now: float) -> None:
         """Re-read which links are bound and update every peer's relayed paths."""
         for key in self._keys:

@@ -7,7 +7,10 @@
 - :class:`Puncher`, the sans-IO state machine, and :class:`PunchSession`, its Trio shell;
 - birthday punching for one NAT that maps per destination: :class:`BirthdaySettings`,
   :func:`birthday_role`, :func:`probe_ports`, :class:`BirthdaySchedule`, :func:`simulate_birthday`
-  (sans-IO), and :class:`BirthdaySockets`, the shell of the hard side's extra sockets.
+  (sans-IO), and :class:`BirthdaySockets`, the shell of the hard side's extra sockets;
+- port mapping on the gateway (PCP, NAT-PMP): :class:`PortMapper` (sans-IO) and
+  :class:`PortMapSession`, its Trio shell; UPnP IGD: :func:`discover_igd` and
+  :class:`UpnpMapping`.
 
 See ``docs/punch.md``.
 """
@@ -39,6 +42,23 @@ from ._candidates import (
     local_networks,
     sort_candidates,
 )
+from ._portmap import (
+    MappingFailed,
+    MappingLost,
+    MappingObtained,
+    NatPmpResponse,
+    PcpResponse,
+    PortMapError,
+    PortMapEvent,
+    PortMapper,
+    PortMapSettings,
+    VersionMismatch,
+    encode_natpmp_request,
+    encode_pcp_map,
+    parse_natpmp_response,
+    parse_pcp_response,
+)
+from ._portmap_session import PortMapSession, address_towards, default_gateway
 from ._probe import (
     KEY_ID_SIZE,
     PING,
@@ -77,6 +97,14 @@ from ._puncher import (
     SocketDatagram,
 )
 from ._session import PunchSession, gather_reflexive, send_datagram
+from ._upnp import (
+    IgdService,
+    UpnpError,
+    parse_description,
+    parse_soap_response,
+    parse_ssdp_response,
+)
+from ._upnp_session import UpnpMapping, discover_igd
 
 __all__ = [
     "DROP_REASONS",
@@ -97,11 +125,22 @@ __all__ = [
     "CandidateError",
     "CandidateType",
     "CloseSockets",
+    "IgdService",
     "KeepSocket",
+    "MappingFailed",
+    "MappingLost",
+    "MappingObtained",
+    "NatPmpResponse",
     "OpenSockets",
     "PathChosen",
     "PathKind",
     "PathLost",
+    "PcpResponse",
+    "PortMapError",
+    "PortMapEvent",
+    "PortMapSession",
+    "PortMapSettings",
+    "PortMapper",
     "Probe",
     "ProbeError",
     "ProbeGuard",
@@ -119,20 +158,33 @@ __all__ = [
     "SimulationResult",
     "SocketAction",
     "SocketDatagram",
+    "UpnpError",
+    "UpnpMapping",
+    "VersionMismatch",
+    "address_towards",
     "birthday_role",
     "birthday_success",
     "build_probe",
     "candidate_priority",
     "check_candidate_address",
+    "default_gateway",
     "default_socket_factory",
     "derive_probe_key",
+    "discover_igd",
+    "encode_natpmp_request",
+    "encode_pcp_map",
     "encode_probe",
     "gather_reflexive",
     "host_candidates",
     "key_id",
     "local_addresses",
     "local_networks",
+    "parse_description",
+    "parse_natpmp_response",
+    "parse_pcp_response",
     "parse_probe",
+    "parse_soap_response",
+    "parse_ssdp_response",
     "predicted_ports",
     "probe_ports",
     "send_datagram",

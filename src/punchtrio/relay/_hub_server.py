@@ -19,9 +19,9 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from .._exceptions import PunchtrioError
+from .._token_bucket import TokenBuckets, address_key
 from ..keys import PrivateKey, PublicKey
 from ..rendezvous import NetworkSecret, hub_mac_key, keyed_mac
-from ..wireguard import RateLimiter, source_key
 from ._hub_frames import (
     COOKIE_LEN,
     DATA_HEADER_LEN,
@@ -65,6 +65,9 @@ DROP_REASONS = (
     "rate_limited",
 )
 """Why a frame is dropped (the keys of :attr:`HubRelayServer.dropped`)."""
+
+
+_BIND_SOURCES = 8192  # source addresses whose bind rate is tracked at once
 
 
 @dataclass(frozen=True)
@@ -159,8 +162,12 @@ class HubRelayServer:
         self._mac_keys: dict[tuple[bytes, bytes], bytes] = {}
         self._streams: dict[int, tuple[str, int]] = {}
         self._next_stream = 1
-        self._limiter = RateLimiter(limits.rate, int(limits.burst), limits.max_bindings)
-        self._bind_limiter = RateLimiter(limits.bind_rate, limits.bind_burst)
+        self._limiter = TokenBuckets(
+            rate=limits.rate, burst=int(limits.burst), max_keys=limits.max_bindings
+        )
+        self._bind_limiter = TokenBuckets(
+            rate=limits.bind_rate, burst=limits.bind_burst, max_keys=_BIND_SOURCES
+        )
         self._next_tick: float | None = None
         self.counters: dict[str, int] = dict.fromkeys(
             ("forwarded", "forwarded_bytes", "hello", "bound", "expired",
@@ -308,7 +315,7 @@ class HubRelayServer:
                     if peer is None and destination in self._key_count:
                         reason = "cross_network"
                     self.dropped[reason] += 1
-                elif not self._limiter.allow_key(binding.key, now, size - DATA_HEADER_LEN):
+                elif not self._limiter.allow(binding.key, now, size - DATA_HEADER_LEN):
                     binding.active = True
                     self.dropped["rate_limited"] += 1
                 else:
@@ -367,7 +374,7 @@ class HubRelayServer:
             self._refuse(frame, route, RefusalCode.BAD_COOKIE)
             return
         address = self._streams.get(route, ("", 0)) if isinstance(route, int) else route
-        if not self._bind_limiter.allow_key(source_key(address), now):
+        if not self._bind_limiter.allow(address_key(address[0]), now):
             self._refuse(frame, route, RefusalCode.RATE_LIMITED)
             return
         network_bytes = frame.network

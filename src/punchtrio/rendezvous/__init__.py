@@ -32,6 +32,7 @@ from ._auth import (
     peer_mac_key,
 )
 from ._client import MAX_RESPONSE_BYTES, Backoff, HubClient
+from ._listing import MAX_LISTED_PEERS, ListedPeer, PeerListing, listing_tag
 from ._memory import MemoryHub, MemoryRendezvous
 from ._models import (
     API_VERSION,
@@ -62,6 +63,7 @@ from ._models import (
 from ._peerhub import PeerHubClient
 from ._protocol import (
     NotRegisteredError,
+    PeerDirectory,
     PeerNotFoundError,
     Rendezvous,
     RendezvousError,
@@ -87,7 +89,7 @@ from ._store import (
 
 if TYPE_CHECKING:
     from ._hub import HubConfig, HubCounters, KeyDirectory, create_app
-    from ._serve import HubListeners, HubServeError, serve_hub
+    from ._serve import HubListeners, HubServeError, bind_hub_socket, serve_hub
 
 __all__ = [
     "API_VERSION",
@@ -104,6 +106,7 @@ __all__ = [
     "MAX_ENDPOINTS",
     "MAX_HEADERS",
     "MAX_HEADER_BYTES",
+    "MAX_LISTED_PEERS",
     "MAX_NETWORK_PREFIXES",
     "MAX_RESPONSE_BYTES",
     "MAX_SIGNAL_BYTES",
@@ -125,13 +128,16 @@ __all__ = [
     "HubServeError",
     "InvalidNetworkSecretError",
     "KeyDirectory",
+    "ListedPeer",
     "MemoryHub",
     "MemoryRendezvous",
     "MemoryStore",
     "NameTakenError",
     "NetworkSecret",
     "NotRegisteredError",
+    "PeerDirectory",
     "PeerHubClient",
+    "PeerListing",
     "PeerNotFoundError",
     "PeerRecord",
     "QueueFullError",
@@ -158,11 +164,13 @@ __all__ = [
     "ValidationError",
     "VerifiedRequest",
     "assignment_candidates",
+    "bind_hub_socket",
     "check_network_prefixes",
     "create_app",
     "error_reason",
     "hub_mac_key",
     "keyed_mac",
+    "listing_tag",
     "messages_from_json",
     "parse_address",
     "parse_allowed_ip",
@@ -177,7 +185,7 @@ def __getattr__(name: str) -> object:
         from . import _hub
 
         return getattr(_hub, name)
-    if name in ("HubListeners", "HubServeError", "serve_hub"):
+    if name in ("HubListeners", "HubServeError", "bind_hub_socket", "serve_hub"):
         from . import _serve
 
         return getattr(_serve, name)

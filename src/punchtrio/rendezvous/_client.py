@@ -29,6 +29,7 @@ import trio
 from ..keys import PrivateKey, PublicKey
 from ._addressing import assigned_in
 from ._auth import NetworkSecret, RequestSigner
+from ._listing import PeerListing
 from ._models import (
     Endpoint,
     HubInfo,
@@ -331,6 +332,61 @@ class HubClient:
                 quick_answers += 1
             else:
                 quick_answers = 0
+
+    async def list_peers(self) -> PeerListing:
+        """Return the peers of our network (``GET /v1/peers``), ourselves included.
+
+        Needs ``network_secret``: the hub refuses to list an open hub's names. Raises
+        :class:`RendezvousRefusedError` (no network secret, or the hub refused),
+        :class:`RendezvousUnavailableError`, :class:`RendezvousProtocolError`.
+        """
+        self._require_network()
+        status, payload = await self._call("GET", "/v1/peers", attempts=self._attempts)
+        if status != 200:
+            raise _refusal(status, payload)
+        return self._parse_listing(payload)
+
+    async def watch_peers(self, since: str = "") -> PeerListing:
+        """Long-poll until the peers of our network differ from the listing whose tag is
+        ``since`` (``""``: return the current listing at once), and return the new listing.
+
+        A peer joining, changing its record, or leaving (deleted, or expired) ends the wait.
+        Lost connections are retried with backoff for as long as the caller waits. Raises
+        :class:`RendezvousRefusedError`, :class:`RendezvousProtocolError`.
+        """
+        self._require_network()
+        quick_answers = 0
+        while True:
+            wait = self._wait_seconds()
+            started = trio.current_time()
+            params = {"wait": f"{wait:.3f}", "since": since} if since else None
+            status, payload = await self._call(
+                "GET", "/v1/peers", params=params, read_timeout=wait + WAIT_MARGIN
+            )
+            if status != 200:
+                raise _refusal(status, payload)
+            listing = self._parse_listing(payload)
+            if listing.tag != since:
+                return listing
+            # A hub that ends long polls early must not turn this loop into a busy one.
+            if trio.current_time() - started < min(1.0, wait / 2):
+                await trio.sleep(self._backoff.delay(quick_answers, self._rng))
+                quick_answers += 1
+            else:
+                quick_answers = 0
+
+    def _require_network(self) -> None:
+        if self._network is None:
+            raise RendezvousRefusedError(
+                "listing peers needs the network secret (pass network_secret=, or "
+                "--network-secret-file)"
+            )
+
+    def _parse_listing(self, payload: bytes) -> PeerListing:
+        try:
+            return PeerListing.from_json(_load(payload))
+        except ValidationError as exc:
+            raise RendezvousProtocolError(f"the hub sent an invalid listing: {exc}") from None
 
     async def send_signal(self, recipient: str, data: str) -> None:
         """Send ``data`` to ``recipient`` through the hub.

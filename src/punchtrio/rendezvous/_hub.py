@@ -7,7 +7,6 @@ status codes and its limits are specified in ``docs/rendezvous.md``.
 from __future__ import annotations
 
 import collections
-import ipaddress
 import itertools
 import math
 import re
@@ -26,6 +25,7 @@ from starlette.responses import Response
 from starlette.routing import Route
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from .._token_bucket import TokenBuckets, address_key
 from ..keys import PrivateKey
 from ..relay import TurnServer, TurnServerURI, rest_credentials
 from ._addressing import (
@@ -47,6 +47,7 @@ from ._auth import (
     RequestVerifier,
     VerifiedRequest,
 )
+from ._listing import MAX_LISTED_PEERS, TAG_PATTERN, PeerListing
 from ._models import (
     MAX_BODY_BYTES,
     MAX_HEADER_BYTES,
@@ -105,7 +106,8 @@ class HubConfig:
     none; the hub's server sets the second after it started, so no
     request survives a restart). ``rate``/``burst``: token
     bucket per client IP, IPv6 per /64 (50 requests/s, 100; ``rate`` 0 disables).
-    ``max_sources``: size of the bucket table (65536, least recently used forgotten first).
+    ``max_sources``: size of the bucket table (65536; a refilled bucket is forgotten, and while
+    every tracked source is still limited a new one gets 429).
     ``body_timeout``: time to receive a whole body (10). ``stun``: STUN servers to publish.
     ``turn``: TURN servers to publish, whose coturn REST credentials the hub mints with
     ``turn_secret`` (their ``--static-auth-secret``; never shown in the repr) for ``turn_ttl``
@@ -208,47 +210,13 @@ def _json(obj: object, status: int = 200) -> Response:
     return Response(dump_json(obj), status, media_type="application/json")
 
 
-class _TokenBuckets:
-    """Per-source token buckets in a bounded table (least recently used forgotten first)."""
-
-    def __init__(self, rate: float, burst: float, max_sources: int) -> None:
-        self.rate = rate
-        self.burst = burst
-        self.max_sources = max_sources
-        self._buckets: collections.OrderedDict[str, tuple[float, float]] = collections.OrderedDict()
-
-    def allow(self, source: str, now: float) -> bool:
-        if self.rate <= 0:
-            return True
-        tokens, stamp = self._buckets.pop(source, (self.burst, now))
-        tokens = min(self.burst, tokens + (now - stamp) * self.rate)
-        allowed = tokens >= 1.0
-        if allowed:
-            tokens -= 1.0
-        self._buckets[source] = (tokens, now)
-        while len(self._buckets) > self.max_sources:
-            self._buckets.popitem(last=False)
-        return allowed
-
-
-def _source_of(scope: Scope) -> str:
+def _source_of(scope: Scope) -> bytes:
     """The rate-limit key of a request: its client IP, or the /64 of an IPv6 client."""
     client = scope.get("client")
-    if not client:
-        return "unknown"
-    host = str(client[0])
-    if ":" not in host:
-        return host
-    try:
-        address = ipaddress.IPv6Address(host)
-    except ValueError:
-        return host
-    if address.ipv4_mapped is not None:
-        return str(address.ipv4_mapped)
-    return str(ipaddress.IPv6Network(f"{address}/64", strict=False))
+    return address_key(str(client[0])) if client else b"unknown"
 
 
-_FIXED_ROUTES = {path: path for path in ("/v1/hub", "/healthz")}
+_FIXED_ROUTES = {path: path for path in ("/v1/hub", "/healthz", "/v1/peers")}
 _PEERS = "/v1/peers/"
 _MESSAGES = "/messages"
 _TURN = "/turn"
@@ -332,7 +300,7 @@ class _Gate:
             if refusal is not None:
                 await _error(431, refusal)(scope, receive, counting_send)
             elif (
-                buckets.rate > 0
+                buckets is not None
                 and route != "/healthz"
                 and not buckets.allow(_source_of(scope), trio.current_time())
             ):
@@ -354,7 +322,11 @@ class _Hub:
         self.verifier = RequestVerifier(
             config.key, config.networks, window=config.auth_window, not_before=config.not_before
         )
-        self.buckets = _TokenBuckets(config.rate, config.burst, config.max_sources)
+        self.buckets = (
+            TokenBuckets(rate=config.rate, burst=config.burst, max_keys=config.max_sources)
+            if config.rate > 0
+            else None
+        )
         self.counters = config.counters if config.counters is not None else HubCounters()
 
     # plumbing
@@ -540,6 +512,39 @@ class _Hub:
             raise _Refusal(404, NO_SUCH_PEER)
         return _json(peer.to_record(self.clock()).to_json())
 
+    async def list_peers(self, request: Request) -> Response:
+        """``GET /v1/peers[?wait=S&since=TAG]``: the signer's network, at once or once it
+        differs from the listing ``since`` names (a long poll; the same listing on timeout)."""
+        _, verified = await self.authenticate(request)
+        if not verified.network_id:
+            raise _Refusal(
+                403,
+                "listing peers needs a network secret: on an open hub anyone could enumerate "
+                "every name (start the hub with --network-secret-file)",
+            )
+        wait = self.wait_seconds(request)
+        since = request.query_params.get("since", "") if request.scope.get("query_string") else ""
+        if since and not TAG_PATTERN.fullmatch(since):
+            raise _Refusal(400, "since must be a listing tag (32 lowercase hex digits)")
+        network_id = verified.network_id
+        peers: tuple[StoredPeer, ...] | None = None
+        if wait > 0 and since:
+            peers = await _long_poll(
+                request, wait, partial(self.store.wait_listing, network_id, since)
+            )
+        if peers is None:
+            peers = await self.store.list_peers(network_id)
+        now = self.clock()
+        ordered = sorted(peers, key=lambda p: p.name)
+        listing = PeerListing.of(
+            (
+                (p.name, p.revision, max(0.0, p.expires_at - now))
+                for p in ordered[:MAX_LISTED_PEERS]
+            ),
+            truncated=len(ordered) > MAX_LISTED_PEERS,
+        )
+        return _json(listing.to_json())
+
     async def delete_peer(self, request: Request) -> Response:
         _, verified = await self.authenticate(request)
         name = validate_name(request.path_params["name"])
@@ -674,6 +679,7 @@ def create_app(
     # The busiest route first; one route per path, dispatching on the method (GET includes HEAD).
     routes = [
         Route("/v1/peers/{name}", _wrap(hub.peer), methods=["GET", "PUT", "DELETE"]),
+        Route("/v1/peers", _wrap(hub.list_peers), methods=["GET"]),
         Route("/v1/peers/{name}/messages", _wrap(hub.messages), methods=["GET", "POST"]),
         Route("/v1/peers/{name}/turn", _wrap(hub.turn), methods=["GET"]),
         Route("/healthz", _wrap(hub.healthz), methods=["GET"]),
@@ -684,5 +690,8 @@ def create_app(
         middleware=[Middleware(_Gate, hub=hub)],
         exception_handlers={HTTPException: _http_exception},
     )
+    # "/v1/peers/" (an empty name) must stay a 404, not a redirect to the listing: clients never
+    # follow redirects, and an API path means one thing.
+    app.router.redirect_slashes = False
     app.state.hub = hub
     return app

@@ -14,6 +14,7 @@ from collections.abc import Iterable
 import trio
 
 from ..keys import PublicKey
+from ._listing import MAX_LISTED_PEERS, PeerListing
 from ._models import (
     Endpoint,
     PeerRecord,
@@ -152,6 +153,27 @@ class MemoryRendezvous:
             if record is not None and record.revision > newer_than:
                 return record
             await self._hub._changed.wait()
+
+    async def list_peers(self) -> PeerListing:
+        """Return every peer of the hub, ourselves included (see ``HubClient.list_peers``)."""
+        await trio.lowlevel.checkpoint()
+        return self._listing()
+
+    async def watch_peers(self, since: str = "") -> PeerListing:
+        """Return the listing as soon as its tag differs from ``since`` (``""``: at once)."""
+        await trio.lowlevel.checkpoint()
+        while True:
+            listing = self._listing()
+            if listing.tag != since:
+                return listing
+            await self._hub._changed.wait()
+
+    def _listing(self) -> PeerListing:
+        records = sorted(self._hub._records.values(), key=lambda r: r.name)
+        return PeerListing.of(
+            ((r.name, r.revision, r.expires_in) for r in records[:MAX_LISTED_PEERS]),
+            truncated=len(records) > MAX_LISTED_PEERS,
+        )
 
     async def send_signal(self, recipient: str, data: str) -> None:
         """Queue ``data`` for ``recipient``. Raises :class:`NotRegisteredError`,

@@ -16,6 +16,7 @@ from typing import Protocol, runtime_checkable
 
 from .._exceptions import PunchtrioError
 from ..keys import PublicKey
+from ._listing import PeerListing
 from ._models import Endpoint, PeerRecord, SignalMessage, ValidationError, validate_name
 
 AllowedIP = str | ipaddress.IPv4Network | ipaddress.IPv6Network
@@ -149,6 +150,25 @@ class Rendezvous(Protocol):
 
     async def aclose(self) -> None:
         """Release the backend's resources (connections, tasks). It does not unregister."""
+        ...
+
+
+@runtime_checkable
+class PeerDirectory(Protocol):
+    """A rendezvous backend that can list the peers of its network (for a mesh).
+
+    :class:`~punchtrio.rendezvous.HubClient` (with a network secret) and
+    :class:`~punchtrio.rendezvous.MemoryRendezvous` are directories; peer-hub servers are not.
+    """
+
+    async def list_peers(self) -> PeerListing:
+        """Return the current listing (ourselves included). Raises :class:`RendezvousError`."""
+        ...
+
+    async def watch_peers(self, since: str = "") -> PeerListing:
+        """Return the listing once its tag differs from ``since`` (``""``: at once); waits
+        retry lost connections for as long as the caller waits. Raises
+        :class:`RendezvousRefusedError`, :class:`RendezvousProtocolError`."""
         ...
 
 

@@ -158,6 +158,7 @@ class SqliteStore(MemoryStore):
         consistent state)."""
         key = (peer.network_id, peer.name)
         self._peers[key] = peer
+        self._members.setdefault(peer.network_id, {})[peer.name] = None
         heapq.heappush(self._expiry, (peer.expires_at, peer.network_id, peer.name))
         for network in peer.allowed_ips:
             self._index(peer.network_id, network.version).add(network, peer.name)

@@ -10,6 +10,7 @@ from __future__ import annotations
 import bisect
 import collections
 import heapq
+import math
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -19,6 +20,7 @@ import trio
 
 from .._exceptions import PunchtrioError
 from ..keys import PublicKey
+from ._listing import listing_tag
 from ._models import (
     Endpoint,
     IPNetwork,
@@ -31,6 +33,9 @@ from ._models import (
 
 Clock = Callable[[], float]
 """A wall clock returning Unix seconds (``time.time`` by default)."""
+
+_EXPIRY_SLACK = 0.001
+"""Seconds a listing wait sleeps past the first expiry, so the record is gone when it looks."""
 
 
 class StoreError(PunchtrioError):
@@ -143,6 +148,16 @@ class Store(Protocol):
         Raises :class:`NameTakenError` if another key holds it."""
         ...
 
+    async def list_peers(self, network_id: str) -> tuple[StoredPeer, ...]:
+        """Return every live record of ``network_id`` (any order)."""
+        ...
+
+    async def wait_listing(self, network_id: str, since: str) -> tuple[StoredPeer, ...]:
+        """Return the live records of ``network_id`` as soon as their
+        :func:`~punchtrio.rendezvous.listing_tag` differs from ``since`` (a peer joined, changed
+        or left, also by expiry). Raises :class:`StoreFullError` when too many waits are open."""
+        ...
+
     async def push_message(
         self, network_id: str, recipient: str, message: SignalMessage, sender_key: PublicKey
     ) -> int | None:
@@ -229,6 +244,7 @@ class MemoryStore:
         self._indexes: dict[tuple[str, int], _PrefixIndex] = {}
         self._revision = int(clock() * 1_000_000)
         self._peer_waits: dict[_Key, _Waitable] = {}
+        self._members: dict[str, dict[str, None]] = {}  # network -> its names, for listings
         self._message_waits: dict[_Key, _Waitable] = {}
         self._waiters = 0
         self._queues: dict[_Key, collections.deque[tuple[float, SignalMessage]]] = {}
@@ -277,8 +293,10 @@ class MemoryStore:
         for network in peer.allowed_ips:
             self._index(network_id, network.version).add(network, name)
         self._peers[key] = peer
+        self._members.setdefault(network_id, {})[name] = None
         if changed:
             self._wake(self._peer_waits, key)
+            self._wake(self._peer_waits, (network_id, ""))  # listings of the network
         return peer, old is None
 
     async def get(self, network_id: str, name: str) -> StoredPeer | None:
@@ -306,6 +324,22 @@ class MemoryStore:
             raise NameTakenError("name is registered to another key")
         self._remove(peer)
         return True
+
+    async def list_peers(self, network_id: str) -> tuple[StoredPeer, ...]:
+        """See :meth:`Store.list_peers`."""
+        self._expire()
+        names = self._members.get(network_id, {})
+        return tuple(self._peers[network_id, name] for name in names)
+
+    async def wait_listing(self, network_id: str, since: str) -> tuple[StoredPeer, ...]:
+        """See :meth:`Store.wait_listing`; wakes on writes, and at the first expiry."""
+        while True:
+            peers = await self.list_peers(network_id)
+            if listing_tag((p.name, p.revision) for p in peers) != since:
+                return peers
+            first = min((p.expires_at for p in peers), default=math.inf)
+            with trio.move_on_after(max(0.0, first - self._clock()) + _EXPIRY_SLACK):
+                await self._sleep(self._peer_waits, (network_id, ""))
 
     # signalling messages
 
@@ -397,6 +431,11 @@ class MemoryStore:
     def _remove(self, peer: StoredPeer) -> None:
         key = (peer.network_id, peer.name)
         del self._peers[key]
+        members = self._members[peer.network_id]
+        del members[peer.name]
+        if not members:
+            del self._members[peer.network_id]
+        self._wake(self._peer_waits, (peer.network_id, ""))
         self._unindex(peer)
         queue = self._queues.pop(key, None)
         if queue is not None:

@@ -17,11 +17,12 @@ import socket
 import struct
 import zlib
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import trio
 
 from .._exceptions import PunchtrioError
+from .._token_bucket import TokenBuckets, address_key
 from ._layers import FINGERPRINT_XOR, MAGIC_COOKIE
 from ._transaction import _normalize
 
@@ -84,45 +85,8 @@ class Reply:
     destination: Endpoint
 
 
-@dataclass
-class _Bucket:
-    tokens: float
-    last: float
-
-
-@dataclass
-class _RateLimiter:
-    """Token buckets per source IP: ``rate`` requests per second, bursts of ``burst``."""
-
-    rate: float | None
-    burst: float
-    max_sources: int = 65536
-    buckets: dict[str, _Bucket] = field(default_factory=dict)
-
-    def allow(self, ip: str, now: float) -> bool:
-        if self.rate is None:
-            return True
-        bucket = self.buckets.get(ip)
-        if bucket is None:
-            if len(self.buckets) >= self.max_sources:
-                self._evict(now)
-            bucket = self.buckets[ip] = _Bucket(self.burst, now)
-        else:
-            bucket.tokens = min(self.burst, bucket.tokens + (now - bucket.last) * self.rate)
-            bucket.last = now
-        if bucket.tokens < 1.0:
-            return False
-        bucket.tokens -= 1.0
-        return True
-
-    def _evict(self, now: float) -> None:
-        assert self.rate is not None
-        refill = self.burst / self.rate
-        idle = [ip for ip, b in self.buckets.items() if now - b.last >= refill]
-        for ip in idle:
-            del self.buckets[ip]
-        if len(self.buckets) >= self.max_sources:
-            self.buckets.clear()
+_MAX_SOURCES = 65536
+"""Sources whose request rate is tracked at once (see :mod:`punchtrio._token_bucket`)."""
 
 
 def _pack_ip(ip: str) -> bytes:
@@ -153,8 +117,9 @@ class StunResponder:
     ``primary`` and the optional ``alternate`` are ``(ip, port)`` endpoints; with an alternate the
     server owns all four IP x port combinations and honours CHANGE-REQUEST, otherwise a
     CHANGE-REQUEST that asks for a change gets a 420 error. ``rate`` (requests per second per source
-    IP, ``None`` for no limit) and ``burst`` configure the rate limit. Raises
-    :class:`StunServerError` if the alternate does not differ from the primary in both IP and port.
+    IP, IPv6 per /64; ``None`` for no limit) and ``burst`` configure the rate limit. Raises
+    :class:`StunServerError` if the alternate does not differ from the primary in both IP and port,
+    or if ``rate`` or ``burst`` is not positive.
     """
 
     def __init__(
@@ -179,7 +144,14 @@ class StunResponder:
             if (":" in self.alternate[0]) != (":" in self.primary[0]):
                 raise StunServerError("primary and alternate must be of the same IP family")
         self.stats = ServerStats()
-        self._limiter = _RateLimiter(rate, burst)
+        try:
+            self._limiter = (
+                None
+                if rate is None
+                else TokenBuckets(rate=rate, burst=burst, max_keys=_MAX_SOURCES)
+            )
+        except ValueError as exc:
+            raise StunServerError(f"rate limit: {exc} (rate=None: no limit)") from None
         self._static: dict[tuple[Endpoint, int], tuple[Endpoint, bytes, bytes, bytes]] = {}
 
     def set_endpoints(self, primary: Endpoint, alternate: Endpoint | None) -> None:
@@ -270,7 +242,7 @@ class StunResponder:
         if msg_type != 0x0001:
             stats.ignored += 1
             return None
-        if not self._limiter.allow(remote[0], now):
+        if self._limiter is not None and not self._limiter.allow(address_key(remote[0]), now):
             stats.rate_limited += 1
             return None
         if change and self.alternate is None:

@@ -4,8 +4,16 @@
 socket and a TUN device; :func:`load_wgquick` reads a wg-quick configuration file. The userspace tunnel serves WireGuard's
 cross-platform userspace API (:func:`serve_uapi`, the sans-IO core in :class:`UapiConnection`,
 :func:`plan_set` and :func:`format_get`), so ``wg show`` and ``wg set`` work on it.
+:func:`open_wireguard_go_tunnel` runs the same configuration on the wireguard-go program instead,
+and :func:`load_tunnel_backend` finds a backend by name (built-in or registered by a package).
 """
 
+from ._backends import (
+    ENTRY_POINT_GROUP,
+    TunnelBackend,
+    load_tunnel_backend,
+    tunnel_backend_names,
+)
 from ._interface import Tunnel
 from ._netlink import configure_interface
 from ._tun import TunDevice, TunnelError
@@ -50,9 +58,18 @@ from ._wgquick import (
     load_wgquick,
     parse_wgquick,
 )
+from ._wireguard_go import (
+    WireGuardGoError,
+    WireGuardGoTunnel,
+    find_wireguard_go,
+    format_uapi_set,
+    open_wireguard_go_tunnel,
+    parse_uapi_get,
+)
 
 __all__ = [
     "DEFAULT_MTU",
+    "ENTRY_POINT_GROUP",
     "MAX_REQUEST_BYTES",
     "ConfigError",
     "DeviceInfo",
@@ -68,6 +85,7 @@ __all__ = [
     "SocketInUseError",
     "TunDevice",
     "Tunnel",
+    "TunnelBackend",
     "TunnelCounters",
     "TunnelError",
     "UapiConnection",
@@ -76,22 +94,30 @@ __all__ = [
     "UapiUnavailable",
     "UserspaceTunnel",
     "WgQuickConfig",
+    "WireGuardGoError",
+    "WireGuardGoTunnel",
     "add_peers",
     "apply_plan",
     "bind_unix_listener",
     "configure_interface",
     "device_info",
+    "find_wireguard_go",
     "format_endpoint",
     "format_errno",
     "format_get",
+    "format_uapi_set",
+    "load_tunnel_backend",
     "load_wgquick",
     "open_userspace_tunnel",
+    "open_wireguard_go_tunnel",
     "parse_endpoint",
     "parse_set",
+    "parse_uapi_get",
     "parse_wgquick",
     "plan_set",
     "serve_uapi",
     "serve_unix_connections",
     "start_uapi",
+    "tunnel_backend_names",
     "uapi_path",
 ]

@@ -11,9 +11,9 @@ from ..wireguard import PeerStats
 class Tunnel(Protocol):
     """A running WireGuard tunnel: a network interface, a UDP port, and per-peer statistics.
 
-    :class:`UserspaceTunnel` (punchtrio's own WireGuard over a TUN device) implements it; later
-    backends (wireguard-go, kernel WireGuard) offer the same surface, so callers need not care which
-    one runs.
+    :class:`UserspaceTunnel` (punchtrio's own WireGuard over a TUN device) and
+    :class:`WireGuardGoTunnel` (the wireguard-go program) implement it, as does any backend
+    another package registers (:class:`TunnelBackend`), so callers need not care which one runs.
     """
 
     @property

@@ -400,18 +400,22 @@ class Device:
         if had is None and peer.persistent_keepalive:
             self._arm_persistent_now(peer)
 
-    def initiate_handshake(self, public_key: bytes, now: float) -> None:
+    def initiate_handshake(self, public_key: bytes, now: float, *, restarted: bool = False) -> None:
         """Start a new handshake with the peer at once, as if its session had expired.
 
         For a peer known to have lost its session (it restarted): waiting for the rekey timers
         would cost REKEY_TIMEOUT plus KEEPALIVE_TIMEOUT of dropped traffic. The current session
-        keeps carrying data until the new one is confirmed. Still limited to one initiation per
-        REKEY_TIMEOUT; nothing is sent without an endpoint. Raises :class:`ConfigError` if the
-        peer is unknown.
+        keeps carrying data until the new one is confirmed. Limited to one initiation per
+        REKEY_TIMEOUT, unless ``restarted`` (default false) says the peer is a new run: our last
+        initiation went to the run before, which the limit protected, and the new run would
+        otherwise wait up to REKEY_TIMEOUT for its first session. Nothing is sent without an
+        endpoint. Raises :class:`ConfigError` if the peer is unknown.
         """
         peer = self._peers.get(public_key)
         if peer is None:
             raise ConfigError("no such peer")
+        if restarted:
+            peer.last_sent_initiation = _NEVER
         self._initiate(peer, now, retry=False)
         self._recompute_deadline()
 
