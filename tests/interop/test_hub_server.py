@@ -28,9 +28,11 @@ from punchtrio import PrivateKey
 from punchtrio.rendezvous import (
     Endpoint,
     HubAuth,
+    HubClient,
     HubInfo,
     PeerRecord,
     RegisterRequest,
+    RendezvousUnavailableError,
     RequestSigner,
 )
 from tests.conftest import require_root_and
@@ -260,7 +262,7 @@ async def test_an_abandoned_long_poll_releases_its_wait(hub: RunningHub) -> None
         assert "punchtrio_hub_open_waits 0.0\n" in gauges[-1]
 
 
-def test_tls_hub_serves_https(tmp_path: Path) -> None:
+def _self_signed(tmp_path: Path) -> tuple[Path, Path]:
     require_root_and("openssl")
     cert, key = tmp_path / "cert.pem", tmp_path / "key.pem"
     openssl = [
@@ -269,6 +271,11 @@ def test_tls_hub_serves_https(tmp_path: Path) -> None:
         "subjectAltName=IP:127.0.0.1", "-keyout", str(key), "-out", str(cert),
     ]  # fmt: skip
     subprocess.run(openssl, check=True, capture_output=True)
+    return cert, key
+
+
+def test_tls_hub_serves_https(tmp_path: Path) -> None:
+    cert, key = _self_signed(tmp_path)
     log = tmp_path / "hub.log"
     command = [
         sys.executable, "-m", "punchtrio.cli", "hub", "--store", "memory", "--listen", "127.0.0.1:0",
@@ -290,6 +297,45 @@ def test_tls_hub_serves_https(tmp_path: Path) -> None:
         assert HubInfo.from_json(reply.json()).api == 1
         with pytest.raises(httpx.TransportError):
             httpx.get(url.replace("https://", "http://") + "/healthz")
+    finally:
+        process.terminate()
+        process.wait(10)
+
+
+def test_an_untrusted_hub_certificate_says_how_to_trust_it(tmp_path: Path) -> None:
+    """A hub whose certificate is not in the system's store: the error says that verification
+    failed and names --hub-ca; with the bundle (``verify=``), registration works."""
+    cert, key = _self_signed(tmp_path)
+    log = tmp_path / "hub.log"
+    command = [
+        sys.executable, "-m", "punchtrio.cli", "hub", "--store", "memory", "--listen", "127.0.0.1:0",
+        "--tls-cert", str(cert), "--tls-key", str(key),
+    ]  # fmt: skip
+    with log.open("w") as sink:
+        process = subprocess.Popen(command, stderr=sink, text=True)
+    try:
+        url = None
+        for _ in range(300):
+            if match := re.search(r"serving (https://\S+)", log.read_text()):
+                url = match[1]
+                break
+            assert process.poll() is None, log.read_text()
+            time.sleep(0.05)
+        assert url is not None
+        hub_url = url
+
+        async def attempt(verify: ssl.SSLContext | bool) -> None:
+            client = HubClient(hub_url, PrivateKey.generate(), "alice", verify=verify, attempts=1)
+            try:
+                await client.register([Endpoint.parse("10.0.0.7:51820")])
+            finally:
+                await client.aclose()
+
+        with pytest.raises(RendezvousUnavailableError) as refused:
+            trio.run(attempt, True)
+        assert "TLS certificate verification failed" in str(refused.value)
+        assert "--hub-ca FILE" in str(refused.value)
+        trio.run(attempt, ssl.create_default_context(cafile=str(cert)))
     finally:
         process.terminate()
         process.wait(10)

@@ -463,3 +463,24 @@ def test_the_down_event_shows_a_relayed_peer_at_its_relay_not_its_internal_name(
         {"endpoint": "192.0.2.1:51820"},
         {"endpoint": None},
     ]
+
+
+def test_hub_trust_options(tmp_path: pathlib.Path) -> None:
+    hub_key = PrivateKey.generate().public_key()
+    plan = _plan([*_args(tmp_path, "--hub-key", hub_key.to_base64(), "--port-mapping")])
+    assert plan.hub_key == hub_key
+    assert plan.port_mapping is True
+    assert plan.hub_ca is None
+    https = [
+        a.replace("http://192.0.2.9:7777", "https://hub.example:7777") for a in _args(tmp_path)
+    ]
+    with pytest.raises(UsageError, match="--hub-ca .*missing.pem: no such file"):
+        _plan([*https, "--hub-ca", str(tmp_path / "missing.pem")])
+    garbage = tmp_path / "garbage.pem"
+    garbage.write_text("not a certificate\n")
+    with pytest.raises(UsageError, match="not a PEM CA bundle"):
+        _plan([*https, "--hub-ca", str(garbage)])
+    with pytest.raises(UsageError, match="--hub-ca needs an https:// --hub URL"):
+        _plan(_args(tmp_path, "--hub-ca", str(garbage)))
+    with pytest.raises(UsageError, match="--hub-key: "):
+        _plan(_args(tmp_path, "--hub-key", "not-a-key"))

@@ -19,6 +19,7 @@ import ipaddress
 import logging
 import re
 import signal
+import ssl
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -39,7 +40,7 @@ from ..connect import (
     Registered,
     TunnelConfig,
 )
-from ..keys import InvalidKeyError, PrivateKey
+from ..keys import InvalidKeyError, PrivateKey, PublicKey
 from ..relay import (
     TurnCredentials,
     TurnCredentialsError,
@@ -105,7 +106,10 @@ class UpPlan:
     are added as static peers; ``turn``: TURN servers of our own (``--turn``); ``relay=False``
     never relays (``--no-relay``); ``metrics``: where to serve Prometheus metrics
     (``--metrics``; ``None``: nowhere); ``all_peers``: connect to every peer of the network as
-    it joins, and drop it as it leaves (``--all-peers``; needs ``network_secret``).
+    it joins, and drop it as it leaves (``--all-peers``; needs ``network_secret``); ``hub_ca``:
+    the TLS context that verifies the hub with our own CA bundle (``--hub-ca``; ``None``: the
+    system's CAs); ``hub_key``: the hub's pinned public key (``--hub-key``); ``port_mapping``:
+    ask the gateway for a mapping (``--port-mapping``).
     """
 
     hub: str
@@ -122,6 +126,9 @@ class UpPlan:
     relay: bool = True
     metrics: tuple[str, int] | None = None
     all_peers: bool = False
+    hub_ca: ssl.SSLContext | None = dataclasses.field(default=None, repr=False, compare=False)
+    hub_key: PublicKey | None = None
+    port_mapping: bool = False
 
 
 def register(subparsers: Any) -> None:
@@ -171,6 +178,21 @@ def register(subparsers: Any) -> None:
         "--listen-port", type=int, metavar="N", help="UDP port for everything (default 51820)"
     )
     up.add_argument("--network-secret-file", metavar="FILE", help="join the hub's private network")
+    up.add_argument(
+        "--hub-ca",
+        metavar="FILE",
+        help="verify the hub's TLS certificate with this CA bundle (PEM) instead of the system's",
+    )
+    up.add_argument(
+        "--hub-key",
+        metavar="KEY",
+        help="pin the hub's public key (base64): a hub that answers with another key is refused",
+    )
+    up.add_argument(
+        "--port-mapping",
+        action="store_true",
+        help="ask the gateway for a port mapping (PCP, then NAT-PMP) and offer it to peers",
+    )
     up.add_argument(
         "--interface",
         metavar="NAME",
@@ -231,11 +253,14 @@ def _up(args: argparse.Namespace) -> int:
             "key_file",
             "address",
             "network_secret_file",
+            "hub_ca",
+            "hub_key",
             "listen_port",
             "turn_user",
             "turn_password_file",
         )
         given = args.peer or args.stun or args.turn or args.no_relay or args.all_peers
+        given = given or args.port_mapping
         if given or any(getattr(args, n) is not None for n in rendezvous_only):
             raise UsageError("--name, --peer, --key-file, --address, --stun ... need --hub URL")
         if not args.config:
@@ -344,7 +369,33 @@ def build_plan(args: argparse.Namespace) -> UpPlan:
         not args.no_relay,
         metrics,
         args.all_peers,
+        _hub_tls(args.hub, args.hub_ca),
+        _hub_key(args.hub_key),
+        args.port_mapping,
     )
+
+
+def _hub_tls(hub: str, ca_file: str | None) -> ssl.SSLContext | None:
+    """The TLS context that verifies the hub with ``--hub-ca FILE`` (``None`` without it)."""
+    if ca_file is None:
+        return None
+    if not hub.startswith("https://"):
+        raise UsageError("--hub-ca needs an https:// --hub URL (it verifies the hub's certificate)")
+    try:
+        return ssl.create_default_context(cafile=ca_file)
+    except FileNotFoundError:
+        raise UsageError(f"--hub-ca {ca_file}: no such file") from None
+    except (OSError, ssl.SSLError) as exc:
+        raise UsageError(f"--hub-ca {ca_file}: not a PEM CA bundle ({_oneline(exc)})") from None
+
+
+def _hub_key(text: str | None) -> PublicKey | None:
+    if text is None:
+        return None
+    try:
+        return PublicKey.from_base64(text)
+    except InvalidKeyError as exc:
+        raise UsageError(f"--hub-key: {exc}") from None
 
 
 def _secrets(key: PrivateKey, static: WgQuickConfig | None, plan: UpPlan | None) -> tuple[str, ...]:
@@ -423,7 +474,12 @@ async def assigned_address(
     if rendezvous is not None and not isinstance(rendezvous, HubClient):
         raise UsageError(f"this rendezvous assigns no addresses: {hint}")
     client = rendezvous or HubClient(
-        plan.hub, plan.key, plan.name, network_secret=plan.network_secret
+        plan.hub,
+        plan.key,
+        plan.name,
+        network_secret=plan.network_secret,
+        verify=plan.hub_ca if plan.hub_ca is not None else True,
+        hub_public_key=plan.hub_key,
     )
     try:
         interfaces = await client.request_address()
@@ -502,6 +558,9 @@ async def serve_up(
         peers=plan.peers,
         stun_servers=plan.stun,
         network_secret=plan.network_secret,
+        hub_verify=plan.hub_ca if plan.hub_ca is not None else True,
+        hub_public_key=plan.hub_key,
+        port_mapping=plan.port_mapping,
         turn_servers=plan.turn,
         relay=plan.relay,
         all_peers=plan.all_peers,

@@ -17,6 +17,7 @@ import errno
 import ipaddress
 import math
 import socket
+import ssl
 import sys
 import time
 from collections.abc import AsyncIterator, Callable, Iterable, Iterator, Sequence
@@ -201,7 +202,10 @@ class Connector:
     - ``name``: our name at the rendezvous; ``private_key``: our WireGuard key.
     - ``rendezvous``: any :class:`~punchtrio.rendezvous.Rendezvous` (``MemoryRendezvous`` in tests
       and netsim), or a hub URL (a :class:`~punchtrio.rendezvous.HubClient` is made and kept
-      alive; ``network_secret`` joins a private network).
+      alive; ``network_secret`` joins a private network). With a URL, ``hub_verify`` is its TLS
+      verification (default ``True``: the system's CA store; an :class:`ssl.SSLContext` loaded
+      with your own CA bundle) and ``hub_public_key`` pins the hub's key (default: trust what the
+      hub says, and follow it when it changes).
     - ``tunnel``: a :class:`TunnelConfig` or just our tunnel address (``"10.99.0.1/24"``).
     - ``interface``: where decrypted packets go. ``None`` (default) creates a TUN device (root);
       a :class:`MemoryInterface` keeps them in memory (netsim, tests; the caller closes it).
@@ -263,6 +267,8 @@ class Connector:
         restun_interval: float = 300.0,
         retry_backoff: float | None = 2.0,
         network_secret: NetworkSecret | None = None,
+        hub_verify: ssl.SSLContext | bool = True,
+        hub_public_key: PublicKey | None = None,
         hub_relay: HubRelay | None = None,
         relay: bool = True,
         relay_stream_after: float = 3.0,
@@ -280,7 +286,12 @@ class Connector:
         self._own_hub = isinstance(rendezvous, str)
         if isinstance(rendezvous, str):
             self.rendezvous: Rendezvous = HubClient(
-                rendezvous, private_key, name, network_secret=network_secret
+                rendezvous,
+                private_key,
+                name,
+                network_secret=network_secret,
+                verify=hub_verify,
+                hub_public_key=hub_public_key,
             )
         else:
             self.rendezvous = rendezvous
@@ -1021,6 +1032,8 @@ async def open_connector(
     restun_interval: float = 300.0,
     retry_backoff: float | None = 2.0,
     network_secret: NetworkSecret | None = None,
+    hub_verify: ssl.SSLContext | bool = True,
+    hub_public_key: PublicKey | None = None,
     hub_relay: HubRelay | None = None,
     relay: bool = True,
     relay_stream_after: float = 3.0,
@@ -1053,6 +1066,8 @@ async def open_connector(
         restun_interval=restun_interval,
         retry_backoff=retry_backoff,
         network_secret=network_secret,
+        hub_verify=hub_verify,
+        hub_public_key=hub_public_key,
         hub_relay=hub_relay,
         relay=relay,
         relay_stream_after=relay_stream_after,

@@ -903,5 +903,14 @@ def _retry_after(headers: httpx.Headers) -> float | None:
 
 
 def _describe(exc: Exception) -> str:
+    cause: BaseException | None = exc
+    while cause is not None and not isinstance(cause, ssl.SSLCertVerificationError):
+        cause = cause.__cause__ or cause.__context__
+    if isinstance(cause, ssl.SSLCertVerificationError):
+        why = cause.verify_message or "the certificate was refused"
+        return (
+            f"TLS certificate verification failed ({why}); if the hub's certificate comes from "
+            "your own CA, pass its bundle (--hub-ca FILE, or hub_verify= in the library)"
+        )
     text = str(exc).splitlines()[0] if str(exc) else ""
     return text[:200] or type(exc).__name__

@@ -33,7 +33,8 @@ class TunDevice:
         try:
             self._dev = pytun.TunTapDevice(name=name, flags=pytun.IFF_TUN | pytun.IFF_NO_PI)
         except pytun.Error as exc:
-            hint = " (needs root or CAP_NET_ADMIN)" if exc.errno == errno.EPERM else ""
+            denied = exc.errno in (errno.EPERM, errno.EACCES)
+            hint = " (needs root or CAP_NET_ADMIN)" if denied else ""
             raise TunnelError(f"cannot create TUN device {name or '(any)'}: {exc}{hint}") from None
         self.name: str = self._dev.name
         """The interface name the kernel gave the device."""
