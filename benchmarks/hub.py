@@ -112,10 +112,8 @@ function done(summary, latency, requests)
 end
 """
 
-_COUNTER = re.compile(
-    r'punchtrio_hub_requests_total\{route="([^"]*)",method="([^"]*)",status="([0-9]+)"\} '
-    r"([0-9.e+]+)"
-)
+_COUNTER = re.compile(r'^punchtrio_hub_requests_total\{((?:[^}"]|"[^"]*")*)\} ([0-9.e+]+)$', re.M)
+_LABEL = re.compile(r'(\w+)="([^"]*)"')
 
 
 @dataclass
@@ -127,6 +125,7 @@ class Run:
     hub_cpu: float = 0.0
     hub_requests: int = 0
     wrk_errors: int = 0
+    non2xx: int = 0
     exhausted: bool = False
     statuses: Counter[tuple[str, str, int]] = field(default_factory=Counter)
     p50: list[float] = field(default_factory=list)
@@ -149,6 +148,7 @@ class Run:
         self.hub_cpu += other.hub_cpu
         self.hub_requests += other.hub_requests
         self.wrk_errors += other.wrk_errors
+        self.non2xx += other.non2xx
         self.exhausted |= other.exhausted
         self.statuses.update(other.statuses)
         self.p50 += other.p50
@@ -187,9 +187,22 @@ class Peer:
 
 
 class Bench:
-    """A running hub, pinned to one core, and wrk on another."""
+    """A running hub, pinned to one core (``hub_cpus``: these cores), and wrk on another.
 
-    def __init__(self, workdir: Path) -> None:
+    ``redis``: a Redis URL for ``--redis`` (else the memory store); ``workers`` > 1 runs
+    ``--workers``, which serves no metrics: statuses then come from wrk (non-2xx answers).
+    ``key_file``: the hub's key (replicas of one hub share it; default: a fresh key).
+    """
+
+    def __init__(
+        self,
+        workdir: Path,
+        *,
+        redis: str | None = None,
+        workers: int = 1,
+        hub_cpus: set[int] | None = None,
+        key_file: Path | None = None,
+    ) -> None:
         for tool in ("wrk", "taskset"):
             if shutil.which(tool) is None:
                 raise SystemExit(
@@ -206,15 +219,20 @@ class Bench:
         self.port = _free_port()
         self.host = f"127.0.0.1:{self.port}"
         metrics_at = f"127.0.0.1:{_free_port()}"
-        self.metrics_url = f"http://{metrics_at}/metrics"
+        self.metrics_url: str | None = f"http://{metrics_at}/metrics" if workers == 1 else None
         self.next_peer = 0
         argv = [
-            sys.executable, "-m", "punchtrio.cli", "hub", "--store", "memory", "--listen", self.host,
+            sys.executable, "-m", "punchtrio.cli", "hub", "--listen", self.host,
             "--rate", "0", "--max-peers", str(2 * PEERS), "--ttl", "3600",
-            "--metrics", metrics_at,
         ]  # fmt: skip
+        argv += ["--store", "memory"] if redis is None else ["--redis", redis]
+        argv += [] if key_file is None else ["--key-file", str(key_file)]
+        argv += ["--metrics", metrics_at] if workers == 1 else ["--workers", str(workers)]
+        self.workers = workers
+        cores = hub_cpus if hub_cpus is not None else {self.hub_cpu}
+        self.hub_cores = ",".join(map(str, sorted(cores)))
         if self.pinned:
-            argv = ["taskset", "-c", str(self.hub_cpu), *argv]
+            argv = ["taskset", "-c", self.hub_cores, *argv]
         self.hub = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         self.http = httpx.Client(base_url=f"http://{self.host}", timeout=10)
         self._wait_ready()
@@ -235,11 +253,27 @@ class Bench:
             if self.hub.poll() is not None:
                 raise RuntimeError(f"punchtrio hub exited with {self.hub.returncode}")
             try:
-                if self.http.get("/healthz").status_code == 200:
+                if self.http.get("/healthz").status_code == 200 and (
+                    len(self.pids()) == self.workers + (self.workers > 1)
+                ):
                     return
             except httpx.TransportError:
-                time.sleep(0.05)
+                pass
+            time.sleep(0.05)
         raise RuntimeError("punchtrio hub did not start")
+
+    def pids(self) -> list[int]:
+        """The hub's processes: itself (the supervisor) and its workers."""
+        pid = self.hub.pid
+        try:
+            children = Path(f"/proc/{pid}/task/{pid}/children").read_text().split()
+        except FileNotFoundError:
+            children = []
+        return [pid, *map(int, children)]
+
+    def cpu(self) -> float:
+        """CPU seconds (user + system) of every hub process so far."""
+        return sum(_cpu_seconds(pid) for pid in self.pids())
 
     # requests
 
@@ -287,7 +321,7 @@ class Bench:
         ]  # fmt: skip
         if self.pinned:
             argv = ["taskset", "-c", str(self.load_cpu), *argv]
-        before, cpu = self.counters(), _cpu_seconds(self.hub.pid)
+        before, cpu = self.counters(), self.cpu()
         # taskset execs wrk, so the pid is wrk's.
         wrk = subprocess.Popen(
             argv,
@@ -306,19 +340,21 @@ class Bench:
                 summary = line
         stderr = wrk.stderr.read()
         wrk.wait()
-        cpu = _cpu_seconds(self.hub.pid) - cpu
+        cpu = self.cpu() - cpu
         after = self.counters()
         if wrk.returncode != 0 or summary is None:
             raise RuntimeError(f"wrk failed ({wrk.returncode}): {stderr.strip()[-500:]}")
         report = json.loads(summary.split(" ", 1)[1])
         statuses = after - before
         seconds_run = report["duration_us"] / 1e6
+        counted = sum(statuses.values()) if self.metrics_url else report["requests"]
         return Run(
             requests=report["requests"],
             seconds=seconds_run,
             hub_cpu=cpu,
-            hub_requests=sum(statuses.values()),
+            hub_requests=counted,
             wrk_errors=report["socket_errors"] + report["timeouts"],
+            non2xx=report["non2xx"],
             exhausted=bool(report["exhausted"]),
             statuses=statuses,
             p50=[report["p50_us"]],
@@ -329,11 +365,15 @@ class Bench:
 
     def counters(self) -> Counter[tuple[str, str, int]]:
         counts: Counter[tuple[str, str, int]] = Counter()
-        for route, method, status, value in _COUNTER.findall(self.http.get(self.metrics_url).text):
-            counts[route, method, int(status)] = int(float(value))
+        if self.metrics_url is None:
+            return counts
+        for labels, value in _COUNTER.findall(self.http.get(self.metrics_url).text):
+            label = dict(_LABEL.findall(labels))
+            counts[label["route"], label["method"], int(label["status"])] = int(float(value))
         return counts
 
     def peers(self) -> int:
+        assert self.metrics_url is not None
         for line in self.http.get(self.metrics_url).text.splitlines():
             if line.startswith("punchtrio_hub_peers "):
                 return int(float(line.split()[1]))
@@ -355,6 +395,8 @@ def _unexpected(*runs: Run) -> dict[str, int]:
                 wrong[f"{method} {route} {status}"] += n
         if run.wrk_errors:
             wrong["socket errors and timeouts"] += run.wrk_errors
+        if run.non2xx and not run.statuses:  # no metrics (--workers): wrk's count
+            wrong["non-2xx answers"] += run.non2xx
     return dict(wrong)
 
 
@@ -545,19 +587,226 @@ def _measure(bench: Bench) -> str:
     )
 
 
+SCALE_ROUNDS = 3
+"""Rounds of the scale-out comparison (each runs every configuration once, in turn)."""
+SCALE_POOL_RATE = 3000
+"""Signed requests prepared per second of a scale-out phase (more than two workers serve)."""
+WAKES = 40
+"""Long polls woken by a registration, per kind (same hub, other replica)."""
+WAKE_TARGET_MS = 50.0
+REDIS_CPU_TARGET = 1.25
+"""Goal: hub CPU per request on Redis at most this many times the memory store's."""
+WORKERS_TARGET = 1.6
+"""Goal: requests/s of 2 workers over 1, when the load generator has a core of its own."""
+REFRESH_SECONDS = 300.0 / 3
+"""A client refreshes its record every third of its lifetime (the hub's --ttl, 300 s)."""
+POLL_SECONDS = 60.0
+"""A client's message long poll is answered (empty) after the hub's --max-wait, 60 s."""
+
+
+def _redis_server(workdir: Path, cpu: int) -> tuple[subprocess.Popen[bytes], int]:
+    if shutil.which("redis-server") is None:
+        raise SystemExit(
+            "benchmarks hub: `redis-server` is not installed; the scale-out comparison runs "
+            "hubs on Redis (Debian: apt-get install redis-server, or run scripts/bootstrap)"
+        )
+    port = _free_port()
+    argv = [
+        "taskset", "-c", str(cpu), "redis-server", "--port", str(port), "--bind", "127.0.0.1",
+        "--save", "", "--appendonly", "no", "--dir", str(workdir), "--databases", "8",
+    ]  # fmt: skip
+    server = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    for _ in range(200):
+        try:
+            socket.create_connection(("127.0.0.1", port), timeout=1).close()
+            return server, port
+        except OSError:
+            time.sleep(0.05)
+    server.kill()
+    raise RuntimeError("redis-server did not start")
+
+
+async def _wake_latency(
+    registering: str, same: str, other: str, hub_key: PublicKey
+) -> tuple[list[float], list[float]]:
+    """Milliseconds from sending a registration at ``registering`` to the answer of a long poll
+    for it waiting at ``same`` (that very process) and at ``other`` (another replica)."""
+    from punchtrio.rendezvous import HubAuth
+
+    watcher = HubAuth(RequestSigner(PrivateKey.generate(), hub_key))
+    results: tuple[list[float], list[float]] = ([], [])
+    async with httpx.AsyncClient(timeout=20) as http:
+        for index in range(WAKES):
+            for kind, where in enumerate((same, other)):
+                out = results[kind]
+                peer = Peer(5_000_000 + 2 * index + kind, hub_key)
+                woke: list[float] = []
+
+                async def poll(
+                    url: str = where, name: str = peer.name, woke: list[float] = woke
+                ) -> None:
+                    reply = await http.get(
+                        f"{url}/v1/peers/{name}", params={"wait": 10}, auth=watcher
+                    )
+                    if reply.status_code != 200:
+                        raise RuntimeError(f"a long poll answered {reply.status_code}")
+                    woke.append(time.perf_counter())
+
+                async with trio.open_nursery() as nursery:
+                    nursery.start_soon(poll)
+                    await trio.sleep(0.05)
+                    sent = time.perf_counter()
+                    put = await http.put(
+                        f"{registering}/v1/peers/{peer.name}",
+                        content=peer.body,
+                        headers={"content-type": "application/json"},
+                        auth=HubAuth(peer.signer),
+                    )
+                    if put.status_code != 201:
+                        raise RuntimeError(f"a registration answered {put.status_code}")
+                out.append((woke[0] - sent) * 1000)
+    return results
+
+
+def _scale_out(workdir: Path) -> str:
+    """One process on memory, one on Redis, two workers on Redis: req/s and CPU per request."""
+    cpus = sorted(os.sched_getaffinity(0))
+    hub_cpu, load_cpu = (cpus[0], cpus[1]) if len(cpus) >= 2 else (cpus[0], cpus[0])
+    redis, port = _redis_server(workdir, load_cpu)
+    url = f"redis://127.0.0.1:{port}"
+    configs = [
+        ("1 process, memory store", None, 1, {hub_cpu}),
+        ("1 process, Redis", f"{url}/1", 1, {hub_cpu}),
+        ("2 workers, Redis, on one core", f"{url}/2", 2, {hub_cpu}),
+        ("2 workers, Redis, on both cores", f"{url}/3", 2, {hub_cpu, load_cpu}),
+    ]
+    benches: list[Bench] = []
+    other = None
+    key_file = workdir / "hub.key"
+    PrivateKey.generate().write(key_file)
+    try:
+        for index, (_, redis_url, workers, cores) in enumerate(configs):
+            bench_dir = workdir / f"config-{index}"
+            bench_dir.mkdir()
+            benches.append(
+                Bench(
+                    bench_dir, redis=redis_url, workers=workers, hub_cpus=cores, key_file=key_file
+                )
+            )
+        (workdir / "other").mkdir()
+        other = Bench(workdir / "other", redis=f"{url}/1", hub_cpus={hub_cpu}, key_file=key_file)
+        # The hubs are pinned (children inherit this process's cores); the clients stay off theirs.
+        os.sched_setaffinity(0, {load_cpu})
+        same, cross = trio.run(
+            _wake_latency,
+            f"http://{benches[1].host}",
+            f"http://{benches[1].host}",
+            f"http://{other.host}",
+            benches[1].hub_key,
+        )
+        runs = [Run() for _ in configs]
+        redis_cpu = [0.0 for _ in configs]
+        pool = SCALE_POOL_RATE * ROUND_SECONDS
+        for bench in benches:
+            bench.run(bench.registrations(LOOKUP_TARGETS), 60)
+        for _ in range(SCALE_ROUNDS):
+            for index, bench in enumerate(benches):
+                before = _cpu_seconds(redis.pid)
+                runs[index].add(
+                    bench.run(bench.register_and_lookup(pool // 2, LOOKUP_TARGETS), ROUND_SECONDS)
+                )
+                redis_cpu[index] += _cpu_seconds(redis.pid) - before
+    finally:
+        for bench in [*benches, *([other] if other else [])]:
+            bench.close()
+        redis.terminate()
+        redis.wait(10)
+
+    memory, one, _, spread = runs
+    rows = []
+    for (label, redis_url, _, cores), run, rcpu in zip(configs, runs, redis_cpu, strict=True):
+        redis_per = f"{rcpu / run.hub_requests * 1e6:,.0f} µs" if redis_url else "-"
+        rows.append(
+            f"| {label} (hub on CPU {','.join(map(str, sorted(cores)))}) | {run.rate:,.0f} "
+            f"(rounds {run.spread()}) | {run.cpu_per_request:,.0f} µs | {redis_per} "
+            f"| {run.latency()} |"
+        )
+    cpu_ratio = one.cpu_per_request / memory.cpu_per_request if memory.cpu_per_request else 0.0
+    workers_ratio = spread.rate / one.rate if one.rate else 0.0
+    projected = 2 * 1e6 / max(runs[2].cpu_per_request, 1)
+    per_peer = 1 / REFRESH_SECONDS + 1 / POLL_SECONDS
+    peers_per_core = 1e6 / max(one.cpu_per_request, 1) / per_peer
+
+    def pct(values: list[float], q: float) -> float:
+        ordered = sorted(values)
+        return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
+
+    wake_p90 = pct(cross, 0.9)
+    errors = _unexpected(*runs)
+    verdict = {True: "meets", False: "misses"}
+    return "\n".join(
+        [
+            "### More than one process (`--redis`, `--workers`)",
+            "",
+            f"The same register + lookup load (wrk as above, pinned to CPU {load_cpu} together "
+            f"with `redis-server`, {SCALE_ROUNDS} rounds of {ROUND_SECONDS} s; each round runs "
+            "every configuration in turn, so other load on this shared 2-core machine falls on "
+            "all alike; the numbers are noisy). Hub CPU sums every hub process "
+            "(`/proc/PID/stat` of the supervisor and its workers); Redis CPU is `redis-server`'s.",
+            "",
+            "| configuration | req/s | hub CPU per request | Redis CPU per request | latency |",
+            "|---|---|---|---|---|",
+            *rows,
+            "",
+            "| measure | value | goal |",
+            "|---|---|---|",
+            f"| hub CPU per request, Redis / memory | {cpu_ratio:.3f} "
+            f"| ≤ {REDIS_CPU_TARGET}: {verdict[cpu_ratio <= REDIS_CPU_TARGET]} |",
+            f"| req/s, 2 workers on both cores / 1 process (wrk and Redis share CPU {load_cpu} "
+            f"with a worker) | {workers_ratio:.2f} | ≥ {WORKERS_TARGET} with a core for the load "
+            "generator: not measurable on 2 cores |",
+            f"| 2 workers at the CPU per request measured on one core, with a core each "
+            f"| {projected:,.0f} req/s projected ({projected / max(one.rate, 1):.2f}x one "
+            "process's measured req/s) | |",
+            f"| peers per hub core at the default refresh (a signed refresh every "
+            f"{REFRESH_SECONDS:.0f} s and a message long poll every {POLL_SECONDS:.0f} s each) "
+            f"| {peers_per_core:,.0f} | |",
+            f"| long poll woken by a registration, same process (median / p90) "
+            f"| {pct(same, 0.5):.1f} / {pct(same, 0.9):.1f} ms | |",
+            f"| long poll woken by a registration at another replica (median / p90) "
+            f"| {pct(cross, 0.5):.1f} / {wake_p90:.1f} ms "
+            f"(x {pct(cross, 0.5) / max(pct(same, 0.5), 1e-3):.2f} of same-process) "
+            f"| p90 ≤ {WAKE_TARGET_MS:.0f} ms: {verdict[wake_p90 <= WAKE_TARGET_MS]} |",
+            f"| unexpected statuses | {errors or 'none'} | none |",
+        ]
+    )
+
+
 def run() -> str:
-    """Start a hub, measure it with wrk, stop it; return the Markdown section."""
+    """Start a hub, measure it with wrk, stop it; then the scale-out comparison on Redis; return
+    the Markdown section."""
     affinity = os.sched_getaffinity(0)
     with tempfile.TemporaryDirectory(prefix="punchtrio-bench-hub-") as workdir:
         bench = Bench(Path(workdir))
         try:
             # Preparing requests stays off the hub's core too.
             os.sched_setaffinity(0, {bench.load_cpu})
-            return _measure(bench)
+            section = _measure(bench)
         finally:
             os.sched_setaffinity(0, affinity)
             bench.close()
+    return section + "\n\n" + scale_out()
+
+
+def scale_out() -> str:
+    """The scale-out comparison alone (``python -m benchmarks.hub scale-out``)."""
+    affinity = os.sched_getaffinity(0)
+    with tempfile.TemporaryDirectory(prefix="punchtrio-bench-hub-") as workdir:
+        try:
+            return _scale_out(Path(workdir))
+        finally:
+            os.sched_setaffinity(0, affinity)
 
 
 if __name__ == "__main__":
-    print(run())
+    print(scale_out() if sys.argv[1:] == ["scale-out"] else run())

@@ -136,8 +136,10 @@ table inet miniupnpd {
 
 CLIENT = """\
 import json, signal, socket, sys, trio
+from functools import partial
 from punchtrio.punch import (
     PortMapper, PortMapSession, PortMapSettings, UpnpMapping, address_towards, discover_igd,
+    keep_port_mapped,
 )
 
 protocol, lifetime, port = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
@@ -160,6 +162,10 @@ async def main():
             mapping = UpnpMapping(service, address_towards(gateway), port, lease=lifetime,
                                   on_event=report)
             nursery.start_soon(mapping.run)
+        elif protocol == "auto":  # PCP/NAT-PMP first, UPnP when they fail
+            settings = PortMapSettings(lifetime=lifetime)
+            mapper = PortMapper(gateway, address_towards(gateway), port, settings=settings)
+            nursery.start_soon(partial(keep_port_mapped, mapper, on_event=report))
         else:
             settings = PortMapSettings(lifetime=lifetime, pcp=protocol == "pcp")
             mapper = PortMapper(gateway, address_towards(gateway), port, settings=settings)
@@ -271,3 +277,36 @@ def test_a_mapping_on_miniupnpd_lets_the_internet_in_is_refreshed_and_deleted(
     rules = nat.ns.run("nft", "list", "chain", "inet", "miniupnpd", "prerouting_miniupnpd")
     assert f"{host.ip}:{internal}" not in rules, rules
     assert not _echo_through(net, ip, port)
+
+
+def test_without_pcp_and_nat_pmp_the_mapping_falls_back_to_upnp(
+    gateway_lab: tuple[Network, Nat, Host],
+) -> None:
+    """The gateway's port 5351 dropped (a router with only UPnP): keep_port_mapped gives up on
+    PCP/NAT-PMP, finds the IGD by SSDP and maps the port there; deleted on teardown."""
+    require_root_and(*BINARIES, "miniupnpd")
+    net, nat, host = gateway_lab
+    internal = 45004
+    block = (
+        "table ip ptblock {\n chain out {\n  type filter hook output priority 0;\n"
+        "  udp dport 5351 drop\n }\n}\n"
+    )
+    host.ns.run("nft", "-f", "-", input=block)
+    argv = host.ns.exec(sys.executable, "-c", CLIENT, "auto", "4", str(internal), nat.lan_ip)
+    proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        seen = [_wait_event(proc, 30)]
+        while seen[-1]["event"] != "MappingObtained":
+            seen.append(_wait_event(proc, 30))
+        assert [e["event"] for e in seen[:-1]] == ["MappingFailed"] * (len(seen) - 1), seen
+        assert seen[-1]["protocol"] == "upnp", seen
+        ip, port = str(seen[-1]["external"][0]), int(seen[-1]["external"][1])  # type: ignore[index]
+        assert _echo_through(net, ip, port)
+    finally:
+        proc.terminate()
+        out, err = proc.communicate(timeout=15)
+        host.ns.run("nft", "delete", "table", "ip", "ptblock", check=False)
+    assert proc.returncode == 0, err
+    assert out.splitlines()[-1] == json.dumps({"event": "stopped"}), out
+    rules = nat.ns.run("nft", "list", "chain", "inet", "miniupnpd", "prerouting_miniupnpd")
+    assert f"{host.ip}:{internal}" not in rules, rules

@@ -9,6 +9,7 @@ import gc
 import logging
 import math
 import signal
+import time
 from collections.abc import Awaitable, Callable, Iterator
 from functools import partial
 from typing import TYPE_CHECKING, Any
@@ -145,6 +146,16 @@ def register(subparsers: Any) -> None:
         "--redis",
         metavar="URL",
         help="keep state in Redis (redis://host:port/db) so several hubs share it",
+    )
+    hub.add_argument(
+        "--workers",
+        type=int,
+        default=1,
+        metavar="N",
+        help=(
+            "serve with N processes accepting on one socket (1); needs --redis; see "
+            "docs/deploy-hub.md, More than one process"
+        ),
     )
     hub.add_argument("--stun", metavar="IP:PORT", help="also serve STUN on this address")
     hub.add_argument(
@@ -376,6 +387,7 @@ def _run(args: argparse.Namespace) -> int:
 
     if (args.tls_cert is None) != (args.tls_key is None):
         raise UsageError("give both --tls-cert and --tls-key, or neither")
+    _check_workers(args)
     state, config = _open_state(args, config)  # after every check: a refused start locks nothing
     secrets = [s.raw for s in config.networks] + [config.key.raw, config.turn_secret or b""]
     configure_logging(args, "hub", secrets=secret_texts(keys=secrets))
@@ -397,12 +409,16 @@ def _run(args: argparse.Namespace) -> int:
     if args.redis:
         if not args.redis.startswith(("redis://", "rediss://", "unix://")):
             raise UsageError("--redis must be a redis://, rediss:// or unix:// URL")
-        try:
-            store = RedisStore(args.redis, limits)
-        except ImportError:
-            raise UsageError(
-                "--redis needs the redis package: pip install 'punchtrio[redis]'"
-            ) from None
+        store = RedisStore(args.redis, limits)
+    shared_socket = None
+    if args.workers > 1:
+        from ..rendezvous import bind_hub_socket
+
+        shared_socket = bind_hub_socket(listen)  # once, before the workers fork
+        opened.callback(shared_socket.close)
+    # Workers refuse requests signed before the hub (their supervisor) started, also after a
+    # restart of one of them: its replay cache is in Redis, kept.
+    started = time.time() if args.workers > 1 else None
     relay = None if args.relay is None else _address(args.relay, "--relay")
     relay_tls = None
     if relay is not None and args.tls_cert and args.tls_key:
@@ -417,6 +433,8 @@ def _run(args: argparse.Namespace) -> int:
         tls_key=args.tls_key,
         stun=stun,
         stun_alternate=alternate,
+        listen_socket=shared_socket,
+        started=started,
     )
     registry = None
     if metrics_at is not None:
@@ -431,9 +449,45 @@ def _run(args: argparse.Namespace) -> int:
         if relay is None
         else partial(_serve_with_relay, serve, config, relay, relay_tls, registry=registry)
     )
+    if args.workers > 1:
+        from ._hub_workers import run_workers
+        from ._main import run_reporting
+
+        def serve_one(_: argparse.Namespace) -> int:
+            trio.run(_until_signal, hub, config, metrics_at, registry)
+            return 0
+
+        def worker(index: int) -> int:
+            return run_reporting(serve_one, args)
+
+        with opened, _server_gc():
+            return run_workers(args.workers, worker)
     with opened, _server_gc():
         trio.run(_until_signal, hub, config, metrics_at, registry)
     return 0
+
+
+def _check_workers(args: argparse.Namespace) -> None:
+    """Refuse ``--workers`` values and combinations that cannot work (``UsageError``)."""
+    if not 1 <= args.workers <= 256:
+        raise UsageError("--workers must be from 1 to 256")
+    if args.workers == 1:
+        return
+    if not args.redis:
+        raise UsageError(
+            f"--workers {args.workers} needs --redis URL: the {args.store} store lives in one "
+            "process, so workers would not share names, messages or replay protection"
+        )
+    for option, value, why in (
+        ("--relay", args.relay, "its peer table lives in one process"),
+        ("--stun", args.stun, "its UDP port can be bound by one process"),
+        ("--metrics", args.metrics, "each worker would count only its own requests"),
+    ):
+        if value is not None:
+            raise UsageError(
+                f"{option} cannot be combined with --workers ({why}); run it in a hub of one "
+                "process (docs/deploy-hub.md, More than one process)"
+            )
 
 
 async def _serve_with_relay(

@@ -42,13 +42,13 @@ from ..punch import (
     MappingObtained,
     PortMapEvent,
     PortMapper,
-    PortMapSession,
     PortMapSettings,
     Puncher,
     PunchSettings,
     default_gateway,
     gather_reflexive,
     host_candidates,
+    keep_port_mapped,
     local_addresses,
     local_networks,
 )
@@ -580,9 +580,12 @@ class Connector:
                     self._mapped = Candidate(CandidateType.SRFLX, ip, port)
             self._mapped_changed.set()
 
-        async with trio.open_nursery() as nursery:
+        async def map_port() -> None:
             with contextlib.suppress(OSError):  # no route to the gateway: nothing to map
-                await nursery.start(PortMapSession(mapper, on_event=on_event).run)
+                await keep_port_mapped(mapper, on_event=on_event)
+
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(map_port)
             while True:
                 await self._mapped_changed.wait()
                 self._mapped_changed = trio.Event()

@@ -10,7 +10,7 @@
   (sans-IO), and :class:`BirthdaySockets`, the shell of the hard side's extra sockets;
 - port mapping on the gateway (PCP, NAT-PMP): :class:`PortMapper` (sans-IO) and
   :class:`PortMapSession`, its Trio shell; UPnP IGD: :func:`discover_igd` and
-  :class:`UpnpMapping`.
+  :class:`UpnpMapping`; :func:`keep_port_mapped` runs PCP/NAT-PMP and falls back to UPnP.
 
 See ``docs/punch.md``.
 """
@@ -58,7 +58,12 @@ from ._portmap import (
     parse_natpmp_response,
     parse_pcp_response,
 )
-from ._portmap_session import PortMapSession, address_towards, default_gateway
+from ._portmap_session import (
+    PortMapSession,
+    address_towards,
+    default_gateway,
+    keep_port_mapped,
+)
 from ._probe import (
     KEY_ID_SIZE,
     PING,
@@ -176,6 +181,7 @@ __all__ = [
     "encode_probe",
     "gather_reflexive",
     "host_candidates",
+    "keep_port_mapped",
     "key_id",
     "local_addresses",
     "local_networks",

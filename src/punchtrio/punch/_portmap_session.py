@@ -11,11 +11,12 @@ import contextlib
 import ipaddress
 import math
 import socket as _socket
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 
+import httpx
 import trio
 
-from ._portmap import PORT, PortMapEvent, PortMapper
+from ._portmap import PORT, MappingFailed, MappingLost, MappingObtained, PortMapEvent, PortMapper
 
 _DELETE_TIMEOUT = 0.5
 """Seconds the delete request may take to leave when the session is cancelled."""
@@ -102,3 +103,69 @@ class PortMapSession:
                 mapper.receive_datagram(data, mapper.gateway, trio.current_time())
                 continue
             mapper.handle_timer(trio.current_time())
+
+
+async def keep_port_mapped(
+    mapper: PortMapper,
+    *,
+    on_event: Callable[[PortMapEvent], None] | None = None,
+    upnp: bool = True,
+    upnp_listen: float = 2.0,
+) -> None:
+    """Keep ``mapper``'s port mapped until cancelled: PCP or NAT-PMP first, then UPnP IGD.
+
+    Runs a :class:`PortMapSession`; if its first attempt fails without a mapping (no answer, or
+    a refusal) and ``upnp`` is on, searches the LAN for an IGD (``upnp_listen`` seconds) and, if
+    one maps the port, stops the PCP/NAT-PMP session and keeps the UPnP mapping instead (one
+    mapping at a time, deleted when this ends). When there is no IGD or it refuses, the
+    PCP/NAT-PMP session goes on with its own retries. ``on_event`` gets every
+    :class:`~punchtrio.punch.MappingObtained` / ``MappingFailed`` / ``MappingLost`` of the
+    mechanism that runs. Raises :class:`OSError` when there is no route to the gateway.
+    """
+    from ._upnp import UpnpError
+    from ._upnp_session import UpnpMapping, discover_igd
+
+    failed = trio.Event()
+    held = False
+
+    def forward(event: PortMapEvent) -> None:
+        nonlocal held
+        if isinstance(event, MappingObtained):
+            held = True
+        elif isinstance(event, MappingLost):
+            held = False
+        elif isinstance(event, MappingFailed) and not held:
+            failed.set()
+        if on_event is not None:
+            on_event(event)
+
+    async with trio.open_nursery() as nursery:
+        first = await nursery.start(_cancellable, PortMapSession(mapper, on_event=forward).run)
+        if not upnp:
+            return
+        await failed.wait()
+        try:
+            service = await discover_igd(listen=upnp_listen)
+        except OSError:  # no multicast route: no IGD to find
+            return
+        if service is None or held:
+            return
+        client = mapper.client_ip or address_towards(mapper.gateway[0])
+        mapping = UpnpMapping(service, client, mapper.internal_port, on_event=on_event)
+        try:
+            await nursery.start(mapping.run)
+        except (UpnpError, httpx.HTTPError):
+            return  # the PCP/NAT-PMP session keeps trying
+        first.cancel()
+
+
+async def _cancellable(
+    run: Callable[..., Awaitable[None]],
+    *,
+    task_status: trio.TaskStatus[trio.CancelScope] = trio.TASK_STATUS_IGNORED,
+) -> None:
+    """Run ``run`` (a ``task_status``-taking task) in a scope handed back once it started."""
+    with trio.CancelScope() as scope:
+        async with trio.open_nursery() as nursery:
+            await nursery.start(run)
+            task_status.started(scope)

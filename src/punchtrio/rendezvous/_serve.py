@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import ipaddress
 import math
+import socket
 import time
 from dataclasses import dataclass, replace
 from functools import partial
@@ -38,12 +39,34 @@ class HubListeners:
     stun: tuple[tuple[str, int], ...]
 
 
+def bind_hub_socket(listen: tuple[str, int]) -> socket.socket:
+    """Bind and listen on the hub's TCP address ``listen`` ``(ip, port)`` (port 0: the kernel
+    chooses), for :func:`serve_hub` ``listen_socket``.
+
+    ``punchtrio hub --workers`` binds it once in the supervising process and every forked worker
+    accepts on it (docs/deploy-hub.md, "More than one process"). Raises :class:`HubServeError`.
+    """
+    family = socket.AF_INET6 if ":" in listen[0] else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        sock.bind(listen)
+        sock.listen(HypercornConfig.backlog)
+    except OSError as exc:
+        sock.close()
+        raise HubServeError(f"cannot listen on {_text(listen)}: {exc.strerror or exc}") from None
+    sock.set_inheritable(True)
+    return sock
+
+
 def hypercorn_config(
     listen: tuple[str, int],
     *,
     max_wait: float,
     tls_cert: str | None = None,
     tls_key: str | None = None,
+    listen_socket: socket.socket | None = None,
 ) -> HypercornConfig:
     """Return the Hypercorn configuration of a hub listening on ``listen`` ``(ip, port)``.
 
@@ -52,10 +75,13 @@ def hypercorn_config(
     complete head against that and :data:`~punchtrio.rendezvous.MAX_HEADERS` (431). A
     connection that sends nothing for ``max_wait`` plus 30 seconds is closed (long polls stay
     silent for up to ``max_wait``). Access logs are off: they would record client addresses and
-    peer names of every poll.
+    peer names of every poll. With ``listen_socket`` (from :func:`bind_hub_socket`), Hypercorn
+    accepts on that socket instead of binding ``listen``.
     """
     config = HypercornConfig()
     config.bind = [format_address(ipaddress.ip_address(listen[0]), listen[1])]
+    if listen_socket is not None:
+        config.bind = [f"fd://{listen_socket.fileno()}"]
     config.certfile = tls_cert
     config.keyfile = tls_key
     config.h11_max_incomplete_size = MAX_HEADER_BYTES
@@ -77,6 +103,8 @@ async def serve_hub(
     tls_key: str | None = None,
     stun: tuple[str, int] | None = None,
     stun_alternate: tuple[str, int] | None = None,
+    listen_socket: socket.socket | None = None,
+    started: float | None = None,
     clock: Clock = time.time,
     task_status: trio.TaskStatus[HubListeners] = trio.TASK_STATUS_IGNORED,
 ) -> None:
@@ -87,11 +115,22 @@ async def serve_hub(
     hub's own host"). Reports a :class:`HubListeners` through ``task_status`` once both listen.
     Requests signed before the hub started are refused (``HubConfig.not_before``), so the hub
     begins to listen when the next second of ``clock`` (Unix seconds) begins, at most 1 s later.
-    Raises :class:`HubServeError` if a socket cannot be bound or TLS files cannot be loaded.
+    ``started`` (Unix seconds, default: now) is when "the hub" started: a supervisor of workers on
+    a shared store passes its own start, so a restarted worker keeps the hub's fence (its replay
+    cache, in the store, survived the worker). ``listen_socket``: accept on this listening socket
+    (:func:`bind_hub_socket`, shared by ``--workers``) rather than binding ``listen``, which then
+    only names it. Raises :class:`HubServeError` if a socket cannot be bound or TLS files cannot
+    be loaded.
     """
     if (tls_cert is None) != (tls_key is None):
         raise HubServeError("give both --tls-cert and --tls-key, or neither")
-    hyper = hypercorn_config(listen, max_wait=config.max_wait, tls_cert=tls_cert, tls_key=tls_key)
+    hyper = hypercorn_config(
+        listen,
+        max_wait=config.max_wait,
+        tls_cert=tls_cert,
+        tls_key=tls_key,
+        listen_socket=listen_socket,
+    )
     if hyper.ssl_enabled:
         try:
             hyper.create_ssl_context()
@@ -111,10 +150,10 @@ async def serve_hub(
                 await nursery.start(listener)
             # No request signed before this process started is accepted (docs/security.md): the
             # current second is refused, and the hub answers once the next one has begun.
-            fence = max(config.not_before, math.floor(clock()) + 1)
-            config = replace(config, not_before=fence)
+            start = clock() if started is None else started
+            config = replace(config, not_before=max(config.not_before, math.floor(start) + 1))
             app = create_app(config, store, clock=clock)
-            await trio.sleep(max(0.0, fence - clock()))
+            await trio.sleep(max(0.0, config.not_before - clock()))
             what = f"listen on {_text(listen)}"
             asgi: Any = app  # Starlette is an ASGI app; Hypercorn's stubs want its own types
             binds = await nursery.start(partial(hypercorn_serve, asgi, hyper))
