@@ -474,7 +474,7 @@ def test_hub_trust_options(tmp_path: pathlib.Path) -> None:
     https = [
         a.replace("http://192.0.2.9:7777", "https://hub.example:7777") for a in _args(tmp_path)
     ]
-    with pytest.raises(UsageError, match="--hub-ca .*missing.pem: no such file"):
+    with pytest.raises(UsageError, match=r"--hub-ca .*missing\.pem: no such file"):
         _plan([*https, "--hub-ca", str(tmp_path / "missing.pem")])
     garbage = tmp_path / "garbage.pem"
     garbage.write_text("not a certificate\n")
