@@ -140,8 +140,12 @@ def test_three_all_peers_ups_ping_each_other_and_drop_the_one_that_leaves(
             )
     for side in mesh:
         others = {s.name for s in mesh} - {side.name}
+        for other in others:
+            side.wait_for("peer_connected", 10, where=lambda e, o=other: e.get("peer") == o)
         connected = {str(e["peer"]) for e in side.named("peer_connected")}
-        assert connected == others, side.events
+        assert connected == others, " ".join(
+            f"{e['event']}:{e.get('peer', '')}" for e in side.events
+        )
     first, second, leaver = mesh
     leaver_key = str(PrivateKey.from_file(leaver.key).public_key())
     marks = {side.name: len(side.events) for side in (first, second)}
