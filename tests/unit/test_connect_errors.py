@@ -54,6 +54,29 @@ async def test_an_error_in_the_block_leaves_as_itself() -> None:
                 raise KeyError("mine")
 
 
+def test_ctrl_c_in_the_block_is_a_keyboard_interrupt_and_unregisters() -> None:
+    """Ctrl-C while the caller reads events (a KeyboardInterrupt in the block) leaves as a
+    KeyboardInterrupt, never inside an exception group, after the record is deleted."""
+    hub = MemoryHub()
+    registered: list[int] = []
+
+    async def main() -> None:
+        with MemoryInterface() as iface:
+            alice = hub.peer("alice", KEY.public_key())
+            async with open_connector(
+                "alice", KEY, alice, "10.99.0.1/24", interface=iface, peers=["bob"]
+            ) as connector:
+                async for _ in connector.events:
+                    if hub.records():  # registered: now Ctrl-C
+                        registered.append(len(hub.records()))
+                        raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        trio.run(main)
+    assert registered == [1]
+    assert hub.records() == ()
+
+
 async def test_an_unreachable_hub_ends_the_events_after_saying_why() -> None:
     url = f"http://127.0.0.1:{_closed_tcp_port()}"
     seen: list[ConnectEvent] = []

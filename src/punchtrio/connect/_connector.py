@@ -1098,8 +1098,10 @@ async def open_connector(
                 finally:
                     nursery.cancel_scope.cancel()
     except BaseExceptionGroup as group:
+        # One leaf leaves as itself, KeyboardInterrupt included (Ctrl-C in the caller's loop
+        # is a KeyboardInterrupt, not a group); several stay a group.
         leaves = _leaves(group)
-        if len(leaves) != 1 or not isinstance(leaves[0], Exception):
+        if len(leaves) != 1:
             raise
         raise leaves[0] from None
     if failure is not None:
