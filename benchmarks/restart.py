@@ -9,6 +9,11 @@ running. Side ``a`` has the lower key and initiates the handshake, so restarting
 covers both roles. Each restart is also timed from the restarted process's ``up`` event (its TUN
 is up), which leaves out the Python start-up; the baseline, measured in the same run, is a bare
 ``punchtrio up --help`` on one host. Target: 2 s from the restart.
+
+Then the NAT of one side forgets every mapping while pings run every 0.1 s through the tunnel,
+once with ``conntrack -F`` alone and once as a NAT reboot (conntrack and the NAT's mapping sets
+flushed, so the next mapping may take another public port); the outage is the gap between the
+last reply before and the first after. Target: 5 s.
 """
 
 from __future__ import annotations
@@ -21,12 +26,21 @@ import time
 from pathlib import Path
 
 from labs import discovery
-from labs.scenarios.restart import Side, first_ping, pair, start_state_hub
+from labs.scenarios.restart import (
+    Side,
+    first_ping,
+    forget_mappings,
+    outage_around,
+    pair,
+    start_state_hub,
+)
 from labs.topology import Host, Network, build
 
 NAME = "restart"
 RUNS = 3
 TARGET_S = 2.0
+OUTAGE_TARGET_S = 5.0
+FORGETTING = (("a", False), ("b", False), ("a", True), ("b", True))
 PING_WITHIN_S = 30.0
 SCENARIOS = (
     ("a", signal.SIGTERM),
@@ -46,7 +60,8 @@ def _startup(host: Host) -> float:
 
 def _cold(net: Network, label: str, workdir: Path) -> tuple[tuple[Side, Side], float | None]:
     net.flush_conntrack()
-    alice, bob = pair(net, label, *(nat.hosts[0] for nat in net.requested), workdir)
+    first, second = (nat.hosts[0] for nat in net.requested)
+    alice, bob = pair(net, label, first, second, workdir)
     alice.start()
     bob.start()
     took = first_ping(alice.host, bob.tunnel_ip, PING_WITHIN_S)
@@ -85,6 +100,7 @@ def run() -> str:
     restarts: dict[tuple[str, int], list[tuple[float | None, float | None]]] = {
         s: [] for s in SCENARIOS
     }
+    outages: dict[tuple[str, bool], list[float | None]] = {f: [] for f in FORGETTING}
     with (
         tempfile.TemporaryDirectory(prefix="pt-bench-restart-") as tmp,
         build(["port", "port"]) as net,
@@ -103,6 +119,9 @@ def run() -> str:
             for scenario in SCENARIOS:
                 time.sleep(1.0)  # the tunnel runs a moment before the restart
                 restarts[scenario].append(_restart(sides, *scenario))
+            for who, reboot in FORGETTING:
+                time.sleep(1.0)
+                outages[(who, reboot)].append(_forget(sides, who, reboot))
             for side in sides:
                 side.stop()
     cold_s = [c for c in cold if c is not None]
@@ -127,4 +146,20 @@ def run() -> str:
             f"| {name} of the {role}, started again | {_median(total)} | {_median(since_up)} "
             f"| {ratio} |"
         )
+    lines += [
+        "",
+        f"| the NAT forgets, under traffic | outage | target {OUTAGE_TARGET_S:g} s |",
+        "|---|---|---|",
+    ]
+    for (who, reboot), gaps in outages.items():
+        role = "initiator" if who == "a" else "responder"
+        what = "reboot (mapping sets too)" if reboot else "`conntrack -F`"
+        lines.append(f"| {what}, the {role}'s NAT | {_median(gaps)} | |")
     return "\n".join(lines)
+
+
+def _forget(sides: tuple[Side, Side], who: str, reboot: bool) -> float | None:
+    """The outage of pings a -> b while ``who``'s NAT forgets its mappings."""
+    a, b = sides
+    nat = (a if who == "a" else b).host.nat
+    return outage_around(a.host, b.tunnel_ip, lambda: forget_mappings(nat, reboot=reboot)).outage

@@ -8,8 +8,10 @@ name and port, while its JSON events are collected with the instant each was rea
 
 from __future__ import annotations
 
+import itertools
 import json
 import os
+import re
 import signal
 import subprocess
 import threading
@@ -21,7 +23,7 @@ from pathlib import Path
 from labs import discovery
 from labs.netns import LabError
 from labs.scenarios.punch_matrix import HUB_PORT, HUB_URL, RELAY_PORT, up_argv
-from labs.topology import Host, Network
+from labs.topology import Host, Nat, Network
 from punchtrio import PrivateKey
 
 Event = dict[str, object]
@@ -219,3 +221,50 @@ def lookup(host: Host, name: str, key: Path) -> Event | None:
         return None
     record: Event = json.loads(out.stdout)
     return record
+
+
+def ping_replies(host: Host, target: str, seconds: float) -> list[float]:
+    """Ping ``target`` from ``host`` every 0.1 s for ``seconds``; return each reply's arrival
+    (Unix time, ``ping -D``)."""
+    argv = host.ns.exec("ping", "-n", "-D", "-i", "0.1", "-W", "1", "-w", str(int(seconds)), target)
+    proc = subprocess.run(argv, capture_output=True, text=True, check=False)
+    return [float(m) for m in re.findall(r"^\[(\d+\.\d+)\] \d+ bytes from", proc.stdout, re.M)]
+
+
+@dataclass
+class Outage:
+    """Pings through a tunnel around a fault: the gap between the last reply before it and the
+    first after it (``None`` if none came back), and the longest gap between any two replies."""
+
+    outage: float | None
+    longest_gap: float
+    replies_before: int
+
+
+def outage_around(
+    host: Host, target: str, fault: Callable[[], None], *, seconds: float = 12.0
+) -> Outage:
+    """Ping ``target`` from ``host`` for ``seconds``, run ``fault`` 3 s in, and measure."""
+    replies: list[float] = []
+    pinger = threading.Thread(
+        target=lambda: replies.extend(ping_replies(host, target, seconds)), daemon=True
+    )
+    pinger.start()
+    time.sleep(3.0)
+    at = time.time()
+    fault()
+    pinger.join()
+    before = [t for t in replies if t < at]
+    after = [t for t in replies if t >= at]
+    outage = after[0] - before[-1] if before and after else None
+    gaps = [b - a for a, b in itertools.pairwise(replies)]
+    return Outage(outage, max(gaps, default=seconds), len(before))
+
+
+def forget_mappings(nat: Nat, *, reboot: bool) -> None:
+    """Make ``nat`` forget its UDP mappings: ``conntrack -F`` only, or (``reboot``) its nftables
+    mapping sets as well, as a NAT that restarts does (the next mapping may get another port)."""
+    if reboot:
+        nat.flush_conntrack()
+    else:
+        nat.ns.run("conntrack", "-F")

@@ -8,13 +8,11 @@ One lab and one hub serve the whole module.
 
 from __future__ import annotations
 
-import itertools
 import json
 import re
 import signal
 import subprocess
 import tempfile
-import threading
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -25,7 +23,9 @@ from labs.discovery import PUNCHTRIO
 from labs.scenarios.restart import (
     Side,
     first_ping,
+    forget_mappings,
     lookup,
+    outage_around,
     pair,
     ping_count,
     start_state_hub,
@@ -127,35 +127,23 @@ def test_a_restarted_side_is_reached_again(
     assert ping_count(alice.host, bob.tunnel_ip, 5) == 5
 
 
-def _ping_gaps(host: Side, target: str, seconds: float, out: list[float]) -> None:
-    """Ping every 0.1 s for ``seconds`` and append each reply's arrival (``ping -D``)."""
-    argv = host.host.ns.exec(
-        "ping", "-n", "-D", "-i", "0.1", "-W", "1", "-w", str(int(seconds)), target
-    )
-    proc = subprocess.run(argv, capture_output=True, text=True, check=False)
-    out.extend(float(m) for m in re.findall(r"^\[(\d+\.\d+)\] \d+ bytes from", proc.stdout, re.M))
-
-
 @pytest.mark.parametrize("which", ["initiator", "responder"])
 def test_a_nat_that_forgets_its_mappings_under_traffic(
     lab: Lab, sides: tuple[Side, Side], which: str
 ) -> None:
     alice, bob = sides
     nat = alice.host.nat if which == "initiator" else bob.host.nat
-    replies: list[float] = []
-    pinger = threading.Thread(target=_ping_gaps, args=(alice, bob.tunnel_ip, 12, replies))
-    pinger.start()
-    time.sleep(3.0)
-    flushed = time.time()
-    nat.ns.run("conntrack", "-F")
-    pinger.join()
-    before = [t for t in replies if t < flushed]
-    after = [t for t in replies if t >= flushed]
-    assert before, "no replies before the flush"
-    assert after, f"the tunnel did not recover: {alice.events[-5:]} {bob.events[-5:]}"
-    outage = after[0] - before[-1]
-    gaps = max(b - a for a, b in itertools.pairwise(replies))
-    print(f"conntrack -F on the {which}'s NAT: outage {outage:.2f} s (longest gap {gaps:.2f} s)")
+    measured = outage_around(
+        alice.host, bob.tunnel_ip, lambda: forget_mappings(nat, reboot=False), seconds=12
+    )
+    assert measured.replies_before, "no replies before the flush"
+    assert measured.outage is not None, (
+        f"the tunnel did not recover: {alice.events[-5:]} {bob.events[-5:]}"
+    )
+    gaps = measured.longest_gap
+    print(
+        f"conntrack -F on the {which}'s NAT: outage {measured.outage:.2f} s (longest gap {gaps:.2f} s)"
+    )
     assert gaps <= OUTAGE_WITHIN_S
     assert alice.running()
     assert bob.running()
