@@ -13,7 +13,7 @@ import re
 import time
 
 import pytest
-from hypothesis import given, settings
+from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
 from punchtrio import PrivateKey
@@ -119,8 +119,10 @@ async def test_stored_record_is_a_valid_wire_record() -> None:
 
 
 _OLD_ROUTES = (
+    (re.compile(r"/v1/peers"), "/v1/peers"),
     (re.compile(r"/v1/peers/[^/]+"), "/v1/peers/{name}"),
     (re.compile(r"/v1/peers/[^/]+/messages"), "/v1/peers/{name}/messages"),
+    (re.compile(r"/v1/peers/[^/]+/turn"), "/v1/peers/{name}/turn"),
     (re.compile(r"/v1/hub"), "/v1/hub"),
     (re.compile(r"/healthz"), "/healthz"),
 )
@@ -134,11 +136,13 @@ def _regex_label(path: str) -> str:
 
 
 segments = st.sampled_from(
-    ["", "v1", "peers", "alice", "messages", "hub", "healthz", "metrics", "x"]
+    ["", "v1", "peers", "alice", "messages", "turn", "hub", "healthz", "metrics", "x"]
 )
 
 
 @given(st.lists(segments, max_size=5), st.booleans())
+@example(["v1", "peers"], False)  # the listing
+@example(["v1", "peers", "alice", "turn"], False)
 @settings(max_examples=300)
 def test_route_label_matches_the_route_patterns(parts: list[str], trailing: bool) -> None:
     path = "/" + "/".join(parts) + ("/" if trailing else "")
