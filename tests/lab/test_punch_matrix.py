@@ -44,6 +44,7 @@ EXPECTED_PATH = {
     "udp-blocked/full": "relay",
 }
 RELAY_TRANSPORT = {"port/sym": "hub/udp", "sym/sym": "hub/udp", "udp-blocked/full": "hub/tcp"}
+BIRTHDAY_DIRECT = {"port/sym"}  # relayed first, direct once the birthday attempt hits
 TIMES: dict[str, tuple[float | None, str | None, str | None]] = {}
 
 
@@ -92,15 +93,19 @@ def test_pair_pings_through_the_tunnel(
         # peer-reflexive ping from the other often arrives before that side's own start).
         assert result.path(name_a) == result.path(name_b) == "lan"
     elif EXPECTED_PATH[label] == "relay":
-        # No direct path exists: both sides go through the hub's relay, named in the event.
-        assert result.path(name_a) == result.path(name_b) == "relay"
-        transports = {result.connected(name)["relay"] for name in (name_a, name_b)}  # type: ignore[index]
+        # The first path goes through the hub's relay, named in the event. Birthday punching
+        # finds port/sym a direct path a moment later (tests/lab/test_hard_nat_lab.py follows
+        # the upgrade); should it win the race on a side, that side's first path is direct.
+        relayed = [name for name in (name_a, name_b) if result.path(name) == "relay"]
+        first = {result.path(name) for name in (name_a, name_b)} - {"relay"}
+        assert first <= ({"direct"} if label in BIRTHDAY_DIRECT else set()), first
+        transports = {result.connected(name)["relay"] for name in relayed}  # type: ignore[index]
         if label == "udp-blocked/full":
             # The blocked side can only use TCP; the other side binds over UDP.
             assert transports == {"hub/tcp", "hub/udp"}, transports
         else:
-            assert transports == {RELAY_TRANSPORT[label]}, transports
-        for name in (name_a, name_b):
+            assert transports <= {RELAY_TRANSPORT[label]}, transports
+        for name in relayed:
             assert result.connected(name)["endpoint"] in (  # type: ignore[index]
                 f"203.0.113.1:{RELAY_PORT}",
             )
