@@ -484,3 +484,19 @@ def test_hub_trust_options(tmp_path: pathlib.Path) -> None:
         _plan(_args(tmp_path, "--hub-ca", str(garbage)))
     with pytest.raises(UsageError, match="--hub-key: "):
         _plan(_args(tmp_path, "--hub-key", "not-a-key"))
+
+
+def test_candidates_are_written_as_endpoints_with_ipv6_in_brackets() -> None:
+    from punchtrio.connect import CandidatesGathered
+    from punchtrio.punch import Candidate, CandidateType
+
+    event = CandidatesGathered(
+        (
+            Candidate(CandidateType.HOST, "fd00::2", 51820),
+            Candidate(CandidateType.SRFLX, "198.51.100.7", 40000),
+        ),
+        mapping_varies=False,
+    )
+    name, fields = _up.describe(event)
+    assert name == "candidates_gathered"
+    assert fields["candidates"] == ["host [fd00::2]:51820", "srflx 198.51.100.7:40000"]

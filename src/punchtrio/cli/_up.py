@@ -655,7 +655,8 @@ def _add_static(connector: Connector, config: WgQuickConfig, tun: bool) -> None:
 def describe(event: ConnectEvent) -> tuple[str, dict[str, Any]]:
     """Return ``(name, fields)`` for a connector event: the class name in snake_case
     (``PeerConnected`` -> ``peer_connected``) and its fields as JSON values; candidates are
-    ``"<type> ip:port"`` strings, records summarised (name, revision, endpoints)."""
+    ``"<type> ip:port"`` strings (``"<type> [ip]:port"`` for IPv6), records summarised (name,
+    revision, endpoints)."""
     name = re.sub(r"(?<!^)(?=[A-Z])", "_", type(event).__name__).lower()
     if isinstance(event, CandidatesGathered):
         fields: dict[str, Any] = {
@@ -690,7 +691,7 @@ def describe(event: ConnectEvent) -> tuple[str, dict[str, Any]]:
 
 def _candidate(candidate: Any) -> str:
     kind = getattr(candidate.type, "value", candidate.type)
-    return f"{kind} {candidate.address}:{candidate.port}"
+    return f"{kind} {_endpoint(candidate.address, candidate.port)}"
 
 
 def _record(record: Any) -> dict[str, Any]:
