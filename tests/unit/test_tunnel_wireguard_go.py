@@ -22,7 +22,7 @@ from punchtrio.tunnel import (
     parse_set,
     parse_uapi_get,
 )
-from punchtrio.tunnel._wireguard_go import stats_from_info
+from punchtrio.tunnel._uapi_client import stats_from_info
 
 NET = ipaddress.ip_network
 KEY_A = bytes(range(32))

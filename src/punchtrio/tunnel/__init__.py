@@ -38,6 +38,7 @@ from ._uapi import (
     parse_set,
     plan_set,
 )
+from ._uapi_client import format_uapi_set, parse_uapi_get
 from ._uapi_server import (
     SocketInUseError,
     UapiServer,
@@ -62,9 +63,7 @@ from ._wireguard_go import (
     WireGuardGoError,
     WireGuardGoTunnel,
     find_wireguard_go,
-    format_uapi_set,
     open_wireguard_go_tunnel,
-    parse_uapi_get,
 )
 
 __all__ = [
