@@ -76,17 +76,22 @@ def start_hub(
     turn: Sequence[str] = (),
     turn_secret_file: Path | None = None,
     turn_ttl: int | None = None,
+    state_dir: Path | None = None,
+    network_secret_file: Path | None = None,
 ) -> subprocess.Popen[bytes]:
     """Start ``punchtrio hub`` with embedded STUN (203.0.113.1:3478, alternate .2:3479) and, with
     ``relay``, its relay (UDP and TCP on :data:`RELAY_PORT`) in the hub namespace, and wait until
     it listens; it stops when the lab closes. ``turn`` URIs (with ``turn_secret_file`` and
-    optionally ``turn_ttl``) make it mint TURN credentials (see :func:`start_coturn`)."""
+    optionally ``turn_ttl``) make it mint TURN credentials (see :func:`start_coturn`). The store
+    is memory, or SQLite in ``state_dir`` (names, records and key survive a restart);
+    ``network_secret_file`` makes the network private. ``log`` is appended to. Raises
+    :class:`LabError` if it does not listen within 10 s."""
     hub = net.hub
+    store = ["--store", "memory"] if state_dir is None else ["--state-dir", str(state_dir)]
     argv = [
         *discovery.PUNCHTRIO,
         "hub",
-        "--store",
-        "memory",
+        *store,
         "--listen",
         f"{hub.primary_ip}:{HUB_PORT}",
         "--stun",
@@ -102,15 +107,17 @@ def start_hub(
         argv += ["--turn-secret-file", str(turn_secret_file)]
     if turn_ttl is not None:
         argv += ["--turn-ttl", str(turn_ttl)]
+    if network_secret_file is not None:
+        argv += ["--network-secret-file", str(network_secret_file)]
     with contextlib.ExitStack() as stack:
-        out: Any = subprocess.DEVNULL if log is None else stack.enter_context(log.open("wb"))
+        out: Any = subprocess.DEVNULL if log is None else stack.enter_context(log.open("ab"))
         proc = net.lab.spawn(hub.ns, *argv, stdout=out, stderr=subprocess.STDOUT)
     discovery.wait_listening(hub.ns, [(hub.primary_ip, 3478), (hub.alternate_ip, 3479)], proc)
     deadline = time.monotonic() + 10
     ports = (HUB_PORT, RELAY_PORT) if relay else (HUB_PORT,)
     while not all(f"{hub.primary_ip}:{port}" in hub.ns.run("ss", "-H", "-tln") for port in ports):
         if proc.poll() is not None or time.monotonic() > deadline:
-            raise LabError("punchtrio hub did not start listening")
+            raise LabError(f"punchtrio hub did not start listening: see {log or 'no log'}")
         time.sleep(0.05)
     return proc
 

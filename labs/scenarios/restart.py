@@ -21,8 +21,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from labs import discovery
-from labs.netns import LabError
-from labs.scenarios.punch_matrix import HUB_PORT, HUB_URL, RELAY_PORT, up_argv
+from labs.scenarios.punch_matrix import HUB_URL, start_hub, up_argv
 from labs.topology import Host, Nat, Network
 from punchtrio import PrivateKey
 
@@ -31,27 +30,8 @@ Event = dict[str, object]
 
 def start_state_hub(net: Network, state_dir: Path, log: Path) -> subprocess.Popen[bytes]:
     """Start ``punchtrio hub`` with its SQLite store in ``state_dir`` (so its names, records and
-    key survive a restart), embedded STUN and its relay, as ``punch_matrix.start_hub`` does, and
-    wait until it listens. Raises :class:`LabError` if it does not start within 10 s."""
-    hub = net.hub
-    argv = [
-        *discovery.PUNCHTRIO,
-        "hub",
-        "--state-dir", str(state_dir),
-        "--listen", f"{hub.primary_ip}:{HUB_PORT}",
-        "--stun", f"{hub.primary_ip}:3478",
-        "--stun-alternate", f"{hub.alternate_ip}:3479",
-        "--relay", f"{hub.primary_ip}:{RELAY_PORT}",
-    ]  # fmt: skip
-    with log.open("ab") as out:
-        proc = net.lab.spawn(hub.ns, *argv, stdout=out, stderr=subprocess.STDOUT)
-    discovery.wait_listening(hub.ns, [(hub.primary_ip, 3478), (hub.alternate_ip, 3479)], proc)
-    deadline = time.monotonic() + 10
-    while f"{hub.primary_ip}:{HUB_PORT}" not in hub.ns.run("ss", "-H", "-tln"):
-        if proc.poll() is not None or time.monotonic() > deadline:
-            raise LabError(f"punchtrio hub did not start listening: see {log}")
-        time.sleep(0.05)
-    return proc
+    key survive a restart), embedded STUN and its relay (:func:`punch_matrix.start_hub`)."""
+    return start_hub(net, log, state_dir=state_dir)
 
 
 def ordered_keys(workdir: Path, label: str) -> tuple[Path, Path]:

@@ -7,6 +7,7 @@ STUN server answering, and a clean exit on SIGTERM.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 import secrets
@@ -274,7 +275,9 @@ def _self_signed(tmp_path: Path) -> tuple[Path, Path]:
     return cert, key
 
 
-def test_tls_hub_serves_https(tmp_path: Path) -> None:
+@contextlib.contextmanager
+def _tls_hub(tmp_path: Path) -> Iterator[tuple[str, Path]]:
+    """A real ``punchtrio hub`` over TLS with a self-signed certificate: its URL and the cert."""
     cert, key = _self_signed(tmp_path)
     log = tmp_path / "hub.log"
     command = [
@@ -292,37 +295,25 @@ def test_tls_hub_serves_https(tmp_path: Path) -> None:
             assert process.poll() is None, log.read_text()
             time.sleep(0.05)
         assert url is not None
-        trusted = ssl.create_default_context(cafile=str(cert))
-        reply = httpx.get(f"{url}/v1/hub", verify=trusted)
-        assert HubInfo.from_json(reply.json()).api == 1
-        with pytest.raises(httpx.TransportError):
-            httpx.get(url.replace("https://", "http://") + "/healthz")
+        yield url, cert
     finally:
         process.terminate()
         process.wait(10)
 
 
+def test_tls_hub_serves_https(tmp_path: Path) -> None:
+    with _tls_hub(tmp_path) as (url, cert):
+        trusted = ssl.create_default_context(cafile=str(cert))
+        reply = httpx.get(f"{url}/v1/hub", verify=trusted)
+        assert HubInfo.from_json(reply.json()).api == 1
+        with pytest.raises(httpx.TransportError):
+            httpx.get(url.replace("https://", "http://") + "/healthz")
+
+
 def test_an_untrusted_hub_certificate_says_how_to_trust_it(tmp_path: Path) -> None:
     """A hub whose certificate is not in the system's store: the error says that verification
     failed and names --hub-ca; with the bundle (``verify=``), registration works."""
-    cert, key = _self_signed(tmp_path)
-    log = tmp_path / "hub.log"
-    command = [
-        sys.executable, "-m", "punchtrio.cli", "hub", "--store", "memory", "--listen", "127.0.0.1:0",
-        "--tls-cert", str(cert), "--tls-key", str(key),
-    ]  # fmt: skip
-    with log.open("w") as sink:
-        process = subprocess.Popen(command, stderr=sink, text=True)
-    try:
-        url = None
-        for _ in range(300):
-            if match := re.search(r"serving (https://\S+)", log.read_text()):
-                url = match[1]
-                break
-            assert process.poll() is None, log.read_text()
-            time.sleep(0.05)
-        assert url is not None
-        hub_url = url
+    with _tls_hub(tmp_path) as (hub_url, cert):
 
         async def attempt(verify: ssl.SSLContext | bool) -> None:
             client = HubClient(hub_url, PrivateKey.generate(), "alice", verify=verify, attempts=1)
@@ -336,6 +327,3 @@ def test_an_untrusted_hub_certificate_says_how_to_trust_it(tmp_path: Path) -> No
         assert "TLS certificate verification failed" in str(refused.value)
         assert "--hub-ca FILE" in str(refused.value)
         trio.run(attempt, ssl.create_default_context(cafile=str(cert)))
-    finally:
-        process.terminate()
-        process.wait(10)

@@ -20,8 +20,7 @@ from pathlib import Path
 
 import pytest
 from labs import discovery
-from labs.netns import LabError
-from labs.scenarios.punch_matrix import HUB_PORT, HUB_URL, RELAY_PORT
+from labs.scenarios.punch_matrix import HUB_URL, start_hub
 from labs.scenarios.restart import Side, first_ping, ping_count
 from labs.topology import Network, build
 
@@ -62,22 +61,7 @@ class MeshSide(Side):
 
 def start_network_hub(net: Network, secret: Path, log: Path) -> subprocess.Popen[bytes]:
     """``punchtrio hub`` with one private network (``secret``), embedded STUN and its relay."""
-    hub = net.hub
-    argv = [
-        *discovery.PUNCHTRIO, "hub", "--store", "memory",
-        "--listen", f"{hub.primary_ip}:{HUB_PORT}", "--network-secret-file", str(secret),
-        "--stun", f"{hub.primary_ip}:3478", "--stun-alternate", f"{hub.alternate_ip}:3479",
-        "--relay", f"{hub.primary_ip}:{RELAY_PORT}",
-    ]  # fmt: skip
-    with log.open("ab") as out:
-        proc = net.lab.spawn(hub.ns, *argv, stdout=out, stderr=subprocess.STDOUT)
-    discovery.wait_listening(hub.ns, [(hub.primary_ip, 3478), (hub.alternate_ip, 3479)], proc)
-    deadline = time.monotonic() + 10
-    while f"{hub.primary_ip}:{HUB_PORT}" not in hub.ns.run("ss", "-H", "-tln"):
-        if proc.poll() is not None or time.monotonic() > deadline:
-            raise LabError(f"punchtrio hub did not start listening: see {log}")
-        time.sleep(0.05)
-    return proc
+    return start_hub(net, log, network_secret_file=secret)
 
 
 def _status(interface: str) -> dict[str, object]:
