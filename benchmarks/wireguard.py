@@ -111,7 +111,7 @@ def _tunnel(a_kind: str, b_kind: str) -> Iterator[Pair]:
                 peer.stop()
 
 
-def _iperf(pair: Pair, *, reverse: bool = False) -> float:
+def tunnel_throughput(pair: Pair, *, reverse: bool = False) -> float:
     """Return single-stream TCP throughput a -> b (b -> a if ``reverse``) in Mbit/s."""
     server = subprocess.Popen(
         pair.b.exec("iperf3", "-s", "-1", "-B", OVERLAY[1]),
@@ -146,14 +146,14 @@ def _iperf(pair: Pair, *, reverse: bool = False) -> float:
 def _measure(a_kind: str, b_kind: str) -> tuple[float, float, float, float]:
     """Return (Mbit/s a->b, Mbit/s b->a, RTT ms at 20 pings/s, RTT ms at 500 pings/s)."""
     with _tunnel(a_kind, b_kind) as pair:
-        forward = _iperf(pair)
-        backward = _iperf(pair, reverse=True)
-        sparse = _rtt(pair, interval=0.05, count=100)
-        dense = _rtt(pair, interval=0.002, count=1000)
+        forward = tunnel_throughput(pair)
+        backward = tunnel_throughput(pair, reverse=True)
+        sparse = tunnel_rtt(pair, interval=0.05, count=100)
+        dense = tunnel_rtt(pair, interval=0.002, count=1000)
     return forward, backward, sparse, dense
 
 
-def _rtt(pair: Pair, *, interval: float, count: int) -> float:
+def tunnel_rtt(pair: Pair, *, interval: float, count: int) -> float:
     """Return the median ping RTT a -> b in ms (the median: the machine may be shared)."""
     argv = ["ping", "-c", str(count), "-i", str(interval), "-W", "2", OVERLAY[1]]
     out = pair.a.run(*argv, check=False)

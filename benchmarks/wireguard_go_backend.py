@@ -30,7 +30,7 @@ from labs.wireguard import (
     write_config,
 )
 
-from benchmarks.wireguard import ROUNDS, SECONDS, _iperf, _rtt
+from benchmarks.wireguard import ROUNDS, SECONDS, tunnel_rtt, tunnel_throughput
 
 NAME = "wireguard-go-backend"
 
@@ -80,7 +80,11 @@ def _tunnel(kind: str) -> Iterator[Pair]:
 def _measure(kind: str) -> tuple[float, float, float]:
     """Return (Mbit/s a->b, Mbit/s b->a, median RTT ms at 500 pings/s)."""
     with _tunnel(kind) as pair:
-        return _iperf(pair), _iperf(pair, reverse=True), _rtt(pair, interval=0.002, count=1000)
+        return (
+            tunnel_throughput(pair),
+            tunnel_throughput(pair, reverse=True),
+            tunnel_rtt(pair, interval=0.002, count=1000),
+        )
 
 
 def run() -> str:
