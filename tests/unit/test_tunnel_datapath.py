@@ -25,8 +25,8 @@ from .test_tunnel_userspace import (
     Delivered,
     FakeTun,
     StandInDevice,
+    _cross,
     _receive,
-    _send_all,
     _udp,
     fake_tuns,
 )
@@ -55,9 +55,7 @@ async def test_packets_cross_two_data_threads(fake_tuns: tuple[FakeTun, FakeTun]
             await nursery.start(a.serve)
             await nursery.start(b.serve)
             assert a.data_path == b.data_path == "thread"
-            async with trio.open_nursery() as senders:
-                senders.start_soon(_send_all, tun_a.outside, packets)
-                assert await _receive(tun_b.outside, len(packets)) == packets
+            assert await _cross(tun_a.outside, tun_b.outside, packets) == packets
             tun_b.outside.send(b"reply")
             assert await _receive(tun_a.outside, 1) == [b"reply"]
             with trio.fail_after(5):
