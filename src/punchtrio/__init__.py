@@ -5,6 +5,7 @@ events of the same names stay in ``punchtrio.punch``); everything else lives in 
 documented subpackages (``punchtrio.wireguard``, ``punchtrio.stun``, ``punchtrio.rendezvous``...).
 """
 
+from ._endpoint import EndpointError, check_endpoint_address, format_endpoint, parse_endpoint
 from ._exceptions import PunchtrioError
 from .connect import (
     ConnectError,
@@ -35,6 +36,7 @@ __all__ = [
     "CandidateType",
     "ConnectError",
     "Connector",
+    "EndpointError",
     "InvalidKeyError",
     "MemoryInterface",
     "Mux",
@@ -53,6 +55,9 @@ __all__ = [
     "StunServer",
     "TunnelConfig",
     "__version__",
+    "check_endpoint_address",
     "discover_nat",
+    "format_endpoint",
     "open_connector",
+    "parse_endpoint",
 ]

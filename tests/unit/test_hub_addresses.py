@@ -61,7 +61,7 @@ LOOPBACKS = [
 
 @pytest.mark.parametrize("address", LOOPBACKS)
 def test_every_encoding_of_loopback_is_refused(address: str) -> None:
-    with pytest.raises(ValidationError, match="must not be"):
+    with pytest.raises(ValidationError, match=r"^endpoint address: \S+ is "):
         Endpoint.parse(address)
 
 
@@ -108,7 +108,7 @@ async def test_the_hub_refuses_an_ipv6_encoded_loopback_endpoint() -> None:
             body["endpoints"] = [{"type": "host", "address": address}]
             reply = await peer.put("alice", body)
             assert reply.status_code == 400, address
-            assert "endpoint address must not be" in reply.json()["error"]
+            assert reply.json()["error"].startswith("endpoint address: "), address
         assert hub.store.stats().peers == 0
 
 

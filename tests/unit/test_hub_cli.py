@@ -20,7 +20,8 @@ def _args(*argv: str) -> object:
 
 def test_defaults() -> None:
     args = _args()
-    assert args.listen == "0.0.0.0:7777"  # type: ignore[attr-defined]
+    assert args.listen is None  # type: ignore[attr-defined]
+    assert _hub._addresses(None, "--listen", _hub.DEFAULT_LISTEN) == [("0.0.0.0", 7777)]
     config, limits = _hub.build_config(args)  # type: ignore[arg-type]
     assert (config.ttl, config.max_wait, config.rate, config.burst) == (300.0, 60.0, 50.0, 100.0)
     assert config.networks == ()

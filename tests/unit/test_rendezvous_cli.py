@@ -31,7 +31,7 @@ HUB = "http://192.0.2.1:9"
     ("extra", "message"),
     [
         (["--name", "Alice"], "--name must match"),
-        (["--name", "alice", "--endpoint", "127.0.0.1:51820"], "must not be loopback"),
+        (["--name", "alice", "--endpoint", "127.0.0.1:51820"], "is loopback"),
         (["--name", "alice", "--endpoint", "host.example:51820"], "literal IP"),
         (["--name", "alice", "--endpoint", "bogus:192.0.2.7:5"], "IPv4:port or [IPv6]:port"),
         (["--name", "alice", "--allowed-ip", "10.0.0.1/24"], "not a canonical CIDR"),

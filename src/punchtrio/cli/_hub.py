@@ -56,8 +56,12 @@ def register(subparsers: Any) -> None:
     hub.add_argument(
         "--listen",
         metavar="IP:PORT",
-        default="0.0.0.0:7777",
-        help="HTTP address (default 0.0.0.0:7777; IPv6 as [::]:7777)",
+        action="append",
+        default=None,
+        help=(
+            "HTTP address (default 0.0.0.0:7777; IPv6 as [::]:7777); repeat to listen on several, "
+            "e.g. both families: --listen 0.0.0.0:7777 --listen [::]:7777"
+        ),
     )
     hub.add_argument(
         "--key-file",
@@ -157,7 +161,13 @@ def register(subparsers: Any) -> None:
             "docs/deploy-hub.md, More than one process"
         ),
     )
-    hub.add_argument("--stun", metavar="IP:PORT", help="also serve STUN on this address")
+    hub.add_argument(
+        "--stun",
+        metavar="IP:PORT",
+        action="append",
+        default=None,
+        help="also serve STUN on this address; repeat for several (one per family, say)",
+    )
     hub.add_argument(
         "--stun-alternate",
         metavar="IP:PORT",
@@ -235,6 +245,25 @@ def _address(text: str, option: str) -> tuple[str, int]:
     except ValidationError as exc:
         raise UsageError(str(exc)) from None
     return str(ip), 0 if port == "0" else parsed_port
+
+
+DEFAULT_LISTEN = "0.0.0.0:7777"
+"""Where ``punchtrio hub`` listens without ``--listen``."""
+
+MAX_LISTEN = 8
+"""Most ``--listen`` (and ``--stun``) addresses of one hub."""
+
+
+def _addresses(texts: list[str] | None, option: str, default: str | None) -> list[tuple[str, int]]:
+    """Parse a repeatable address option: ``[]`` if absent and no ``default`` (``UsageError``)."""
+    texts = texts or ([] if default is None else [default])
+    if len(texts) > MAX_LISTEN:
+        raise UsageError(f"{option}: at most {MAX_LISTEN} addresses")
+    addresses = [_address(text, option) for text in texts]
+    for index, address in enumerate(addresses):
+        if address in addresses[:index]:
+            raise UsageError(f"{option} {texts[index]} is given twice")
+    return addresses
 
 
 def _positive(value: float, option: str) -> float:
@@ -377,8 +406,8 @@ def _run(args: argparse.Namespace) -> int:
             metrics_at = parse_listen_address(args.metrics)
         except ValueError as exc:
             raise UsageError(f"--metrics: {exc}") from None
-    listen = _address(args.listen, "--listen")
-    stun = None if args.stun is None else _address(args.stun, "--stun")
+    listen = _addresses(args.listen, "--listen", DEFAULT_LISTEN)
+    stun = _addresses(args.stun, "--stun", None) or None
     if args.stun_alternate is not None and stun is None:
         raise UsageError("--stun-alternate needs --stun")
     alternate = (
@@ -412,10 +441,11 @@ def _run(args: argparse.Namespace) -> int:
         store = RedisStore(args.redis, limits)
     shared_socket = None
     if args.workers > 1:
-        from ..rendezvous import bind_hub_socket
+        from ..rendezvous import bind_hub_sockets
 
-        shared_socket = bind_hub_socket(listen)  # once, before the workers fork
-        opened.callback(shared_socket.close)
+        shared_socket = bind_hub_sockets(listen)  # once, before the workers fork
+        for sock in shared_socket:
+            opened.callback(sock.close)
     # Workers refuse requests signed before the hub (their supervisor) started, also after a
     # restart of one of them: its replay cache is in Redis, kept.
     started = time.time() if args.workers > 1 else None

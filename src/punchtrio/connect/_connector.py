@@ -618,7 +618,10 @@ class Connector:
                 servers.append((str(entry.ip), entry.port))
                 continue
             host = await self._hub_host()
-            if host is not None:
+            # A hub serving STUN on both families tags each null entry with its family: only
+            # the one of the hub host's family is reachable at that host.
+            family = None if host is None else ipaddress.ip_address(host).version
+            if host is not None and entry.family in (None, family):
                 servers.append((host, entry.port))
         return servers
 

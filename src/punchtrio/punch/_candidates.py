@@ -21,6 +21,7 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
+from .._endpoint import EndpointError, check_endpoint_address
 from .._exceptions import PunchtrioError
 from ..stun import BindingSucceeded, StunTransaction
 
@@ -61,16 +62,15 @@ TYPE_PREFERENCE = {
 def check_candidate_address(ip: IPAddress) -> IPAddress:
     """Return ``ip`` if a peer could reach it; raise :class:`CandidateError` otherwise.
 
-    Refused: unspecified, loopback, multicast, link-local, IPv4 broadcast and reserved, and
-    IPv4-mapped IPv6 addresses (the hub applies the same rules to endpoints).
+    The rule is :func:`punchtrio.check_endpoint_address`, the one the hub applies to endpoints
+    (unspecified, loopback, multicast, link-local, broadcast and reserved IPv4, IPv4-mapped IPv6,
+    discard-only ``100::/64`` and the other special IPv6 ranges are refused); the message is its
+    reason (``fe80::1 is link-local without a scope id``).
     """
-    if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
-        raise CandidateError(f"{ip} is an IPv4-mapped IPv6 address")
-    if ip.is_unspecified or ip.is_loopback or ip.is_multicast or ip.is_link_local:
-        raise CandidateError(f"{ip} is not a unicast address a peer can reach")
-    if isinstance(ip, ipaddress.IPv4Address) and (ip.is_reserved or ip.packed == b"\xff" * 4):
-        raise CandidateError(f"{ip} is a broadcast or reserved address")
-    return ip
+    try:
+        return check_endpoint_address(ip)
+    except EndpointError as exc:
+        raise CandidateError(str(exc)) from None
 
 
 def candidate_priority(type: CandidateType, local_preference: int = 65535) -> int:

@@ -115,6 +115,11 @@ class PunchSettings:
       and after 4 unanswered the path is lost (4 to 9 s after it broke);
     - ``upgrade_ratio`` 0.5: a working path of the same kind replaces the chosen one only if its
       round trip is below half the chosen one's;
+    - ``family_margin`` 0.010: between working paths of the same kind and different IP
+      versions, IPv6 replaces IPv4 when its round trip is at most this much longer, and IPv4
+      replaces IPv6 only when its round trip is below ``upgrade_ratio`` times (IPv6's minus this
+      margin) (IPv6 paths usually cross no NAT mapping that can expire or rebind; as in Happy
+      Eyeballs, RFC 8305);
     - ``max_pairs`` 16: remote addresses per peer, candidates and peer-reflexive ones together
       (relayed paths come on top);
     - ``window`` :data:`~punchtrio.punch.PROBE_WINDOW`: allowed clock difference between peers;
@@ -136,6 +141,7 @@ class PunchSettings:
     heartbeat_retry: float = 1.0
     lost_after: int = 4
     upgrade_ratio: float = 0.5
+    family_margin: float = 0.010
     max_pairs: int = 16
     window: float = PROBE_WINDOW
     relay_delay: float = 0.5
@@ -150,6 +156,8 @@ class PunchSettings:
             raise PunchError("intervals must be positive")
         if self.heartbeat_retry <= 0 or self.fast_period < 0 or self.window <= 0:
             raise PunchError("heartbeat_retry and window must be positive, fast_period >= 0")
+        if self.family_margin < 0:
+            raise PunchError("family_margin must be >= 0")
         if min(self.max_unanswered, self.lost_after, self.max_pairs) < 1:
             raise PunchError("max_unanswered, lost_after and max_pairs must be at least 1")
 
@@ -993,4 +1001,12 @@ class Puncher:
             return new.preference < old.preference
         if new.rtt is None or old.rtt is None:
             return False
+        new_v6, old_v6 = ":" in new.remote[0], ":" in old.remote[0]
+        if new_v6 != old_v6:
+            # Design decision: IPv6 wins near-ties (no NAT mapping to expire or rebind); the
+            # two thresholds leave a gap between them, so the choice cannot flap.
+            margin = self.settings.family_margin
+            if new_v6:
+                return new.rtt <= old.rtt + margin
+            return new.rtt < (old.rtt - margin) * self.settings.upgrade_ratio
         return new.rtt < old.rtt * self.settings.upgrade_ratio

@@ -19,6 +19,7 @@ from typing import Protocol
 
 import trio
 
+from .._endpoint import format_endpoint
 from .._exceptions import PunchtrioError
 
 DEFAULT_MAX_BUFFER = 256 * 1024
@@ -170,8 +171,7 @@ class RelayStream:
         """Whether the connection is up (set by :meth:`run`)."""
 
     def __repr__(self) -> str:
-        host, port = self.address
-        return f"RelayStream({host}:{port}, tls={self._tls is not None})"
+        return f"RelayStream({format_endpoint(self.address)}, tls={self._tls is not None})"
 
     @property
     def counters(self) -> dict[str, int]:

@@ -89,7 +89,13 @@ from ._store import (
 
 if TYPE_CHECKING:
     from ._hub import HubConfig, HubCounters, KeyDirectory, create_app
-    from ._serve import HubListeners, HubServeError, bind_hub_socket, serve_hub
+    from ._serve import (
+        HubListeners,
+        HubServeError,
+        bind_hub_socket,
+        bind_hub_sockets,
+        serve_hub,
+    )
 
 __all__ = [
     "API_VERSION",
@@ -165,6 +171,7 @@ __all__ = [
     "VerifiedRequest",
     "assignment_candidates",
     "bind_hub_socket",
+    "bind_hub_sockets",
     "check_network_prefixes",
     "create_app",
     "error_reason",
@@ -185,7 +192,13 @@ def __getattr__(name: str) -> object:
         from . import _hub
 
         return getattr(_hub, name)
-    if name in ("HubListeners", "HubServeError", "bind_hub_socket", "serve_hub"):
+    if name in (
+        "HubListeners",
+        "HubServeError",
+        "bind_hub_socket",
+        "bind_hub_sockets",
+        "serve_hub",
+    ):
         from . import _serve
 
         return getattr(_serve, name)

@@ -17,6 +17,7 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, TypeVar
 
+from .._endpoint import EndpointError, check_endpoint_address, format_endpoint, parse_endpoint
 from .._exceptions import PunchtrioError
 from ..keys import InvalidKeyError, PublicKey
 
@@ -55,16 +56,8 @@ NAME_PATTERN = re.compile(r"[a-z0-9][a-z0-9._-]{0,62}")
 """Peer names: 1-63 characters of lowercase ASCII letters, digits, ``.``, ``_`` and ``-``, starting
 with a letter or a digit (matched with ``fullmatch``)."""
 
-_PORT = re.compile(r"[0-9]{1,5}")
 _IPV4_TEXT = re.compile(r"[0-9.]{7,15}")
 _IPV6_TEXT = re.compile(r"[0-9a-fA-F:.]{2,45}")
-
-# IPv6 ranges that carry an IPv4 address at a fixed place: an endpoint there is checked as that
-# IPv4 address too, so ::127.0.0.1, 64:ff9b::7f00:1 or 2002:7f00:1:: are loopback like 127.0.0.1.
-_IPV4_COMPATIBLE = ipaddress.IPv6Network("::/96")  # deprecated by RFC 4291: refused outright
-_IPV4_TRANSLATED = ipaddress.IPv6Network("::ffff:0:0:0/96")  # RFC 2765 (SIIT)
-_NAT64_WELL_KNOWN = ipaddress.IPv6Network("64:ff9b::/96")  # RFC 6052: the IPv4 in the last 32 bits
-_NAT64_LOCAL = ipaddress.IPv6Network("64:ff9b:1::/48")  # RFC 8215: local use, formats vary
 
 # Prefixes no peer may claim as allowed IPs: routing them into a tunnel hijacks local or
 # special-purpose traffic. Any prefix that overlaps one of these is refused, which also refuses
@@ -141,75 +134,33 @@ def parse_ip(text: str, *, what: str = "address") -> IPAddress:
 def check_unicast(ip: IPAddress, *, what: str = "address") -> IPAddress:
     """Return ``ip`` if a peer can be reached at it.
 
-    Refused (:class:`ValidationError`): unspecified, loopback, multicast, link-local, the IPv4
-    broadcast and reserved (240.0.0.0/4) ranges, IPv4-mapped (``::ffff:0:0/96``) and the deprecated
-    IPv4-compatible (``::/96``) IPv6 addresses, and local-use NAT64 (``64:ff9b:1::/48``). An IPv6
-    address that embeds an IPv4 address at a fixed place (NAT64 ``64:ff9b::/96``, 6to4
-    ``2002::/16``, Teredo ``2001::/32``, IPv4-translated ``::ffff:0:0:0/96``) is refused if that
-    IPv4 address would be, so no encoding of 127.0.0.1 passes. Private addresses are accepted
-    (they are valid host candidates).
+    The rule is :func:`punchtrio.check_endpoint_address`, shared with the connector's candidates
+    (unspecified, loopback, multicast, link-local, broadcast and reserved IPv4, IPv4-mapped and
+    IPv4-compatible IPv6, local-use NAT64, discard-only ``100::/64``, and any IPv6 address that
+    embeds a refused IPv4 address are refused). Raises :class:`ValidationError` naming ``what`` and
+    the reason (``endpoint: fe80::1 is link-local without a scope id``).
     """
-    if isinstance(ip, ipaddress.IPv6Address):
-        _check_embedded_ipv4(ip, what)
-    if ip.is_unspecified:
-        raise ValidationError(f"{what} must not be unspecified")
-    if ip.is_loopback:
-        raise ValidationError(f"{what} must not be loopback")
-    if ip.is_multicast:
-        raise ValidationError(f"{what} must not be multicast")
-    if ip.is_link_local:
-        raise ValidationError(f"{what} must not be link-local")
-    if isinstance(ip, ipaddress.IPv4Address) and (ip.is_reserved or ip.packed == b"\xff" * 4):
-        raise ValidationError(f"{what} must not be broadcast or reserved")
-    return ip
-
-
-def _check_embedded_ipv4(ip: ipaddress.IPv6Address, what: str) -> None:
-    if ip.ipv4_mapped is not None:
-        raise ValidationError(f"{what} must not be an IPv4-mapped IPv6 address")
-    if ip in _IPV4_COMPATIBLE and not (ip.is_unspecified or ip.is_loopback):
-        raise ValidationError(f"{what} must not be an IPv4-compatible IPv6 address")
-    if ip in _NAT64_LOCAL:
-        raise ValidationError(f"{what} must not be a local-use NAT64 address")
-    embedded: list[ipaddress.IPv4Address] = []
-    if ip in _NAT64_WELL_KNOWN or ip in _IPV4_TRANSLATED:
-        embedded.append(ipaddress.IPv4Address(int(ip) & 0xFFFFFFFF))
-    if ip.sixtofour is not None:
-        embedded.append(ip.sixtofour)
-    if ip.teredo is not None:
-        embedded.extend(ip.teredo)
-    for inner in embedded:
-        try:
-            check_unicast(inner, what=what)
-        except ValidationError as exc:
-            raise ValidationError(f"{exc} (embedded in {ip})") from None
+    try:
+        return check_endpoint_address(ip)
+    except EndpointError as exc:
+        raise ValidationError(f"{what}: {exc}") from None
 
 
 def parse_address(text: object, *, what: str = "address") -> tuple[IPAddress, int]:
     """Parse ``IPv4:port`` or ``[IPv6]:port`` into ``(ip, port)``; the port is 1-65535.
 
-    Only the syntax is checked here; see :func:`check_unicast` for which addresses a peer may use.
-    Raises :class:`ValidationError`.
+    The syntax of :func:`punchtrio.parse_endpoint`; see :func:`check_unicast` for which addresses
+    a peer may use. Raises :class:`ValidationError`.
     """
-    if not isinstance(text, str) or len(text) > 64:
-        raise ValidationError(f"{what} must be a string IP:port")
-    if text.startswith("["):
-        host, sep, port = text[1:].partition("]:")
-        if not sep or ":" not in host:
-            raise ValidationError(f"{what} must be IPv4:port or [IPv6]:port")
-    else:
-        host, sep, port = text.rpartition(":")
-        if not sep or ":" in host:
-            raise ValidationError(f"{what} must be IPv4:port or [IPv6]:port")
-    ip = parse_ip(host, what=what)
-    if not _PORT.fullmatch(port) or not 0 < int(port) < 65536:
-        raise ValidationError(f"{what} must have a port from 1 to 65535")
-    return ip, int(port)
+    try:
+        return parse_endpoint(text, what=what)
+    except EndpointError as exc:
+        raise ValidationError(str(exc)) from None
 
 
 def format_address(ip: IPAddress, port: int) -> str:
-    """Format ``(ip, port)`` as ``IPv4:port`` or ``[IPv6]:port``."""
-    return f"[{ip}]:{port}" if ip.version == 6 else f"{ip}:{port}"
+    """Format ``(ip, port)`` as ``IPv4:port`` or ``[IPv6]:port`` (:func:`punchtrio.format_endpoint`)."""
+    return format_endpoint((ip, port))
 
 
 def parse_allowed_ip(text: object, *, what: str = "allowed_ips") -> IPNetwork:
@@ -496,11 +447,15 @@ class StunAddress:
     """A STUN server the hub runs, as published in ``GET /v1/hub``.
 
     JSON: ``{"ip": "203.0.113.1", "port": 3478}``; ``ip`` is ``null`` when the STUN server listens on
-    every address of the hub: then use the hub's own host. Raises :class:`ValidationError`.
+    every address of the hub: then use the hub's own host. ``family`` (4 or 6; optional, only with
+    a ``null`` ip, omitted when ``None``) says which of the hub host's addresses: a hub serving STUN
+    on both families publishes ``{"ip": null, "port": 3478, "family": 4}`` and one with
+    ``"family": 6``. Raises :class:`ValidationError`.
     """
 
     ip: IPAddress | None
     port: int
+    family: int | None = None
 
     def __post_init__(self) -> None:
         if self.ip is not None:
@@ -511,19 +466,25 @@ class StunAddress:
             or not 0 < self.port < 65536
         ):
             raise ValidationError("stun port must be from 1 to 65535")
+        if self.family is not None and (isinstance(self.family, bool) or self.family not in (4, 6)):
+            raise ValidationError("stun family must be 4 or 6")
+        if self.family is not None and self.ip is not None:
+            raise ValidationError("stun family is only given with a null ip")
 
     def to_json(self) -> dict[str, Any]:
         """Return the JSON object of this server."""
-        return {"ip": None if self.ip is None else str(self.ip), "port": self.port}
+        family = {} if self.family is None else {"family": self.family}
+        return {"ip": None if self.ip is None else str(self.ip), "port": self.port, **family}
 
     @classmethod
     def from_json(cls, obj: object) -> StunAddress:
         """Parse a JSON STUN server. Raises :class:`ValidationError`."""
-        fields = _exact_keys(obj, "stun", required=("ip", "port"))
+        fields = _exact_keys(obj, "stun", required=("ip", "port"), optional=("family",))
         ip = fields["ip"]
         if ip is not None and not isinstance(ip, str):
             raise ValidationError("stun ip must be a string or null")
-        return cls(None if ip is None else parse_ip(ip, what="stun ip"), fields["port"])  # type: ignore[arg-type]
+        parsed = None if ip is None else parse_ip(ip, what="stun ip")
+        return cls(parsed, fields["port"], fields.get("family"))  # type: ignore[arg-type]
 
 
 @dataclass(frozen=True, slots=True)

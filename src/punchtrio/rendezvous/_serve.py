@@ -6,6 +6,7 @@ import ipaddress
 import math
 import socket
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass, replace
 from functools import partial
 from typing import Any
@@ -39,20 +40,40 @@ class HubListeners:
     stun: tuple[tuple[str, int], ...]
 
 
-def bind_hub_socket(listen: tuple[str, int]) -> socket.socket:
+Address = tuple[str, int]
+"""An ``(ip, port)`` pair as sockets take it."""
+
+
+def _addresses(given: Address | Sequence[Address]) -> list[Address]:
+    """One ``(ip, port)`` or a sequence of them, as a list (one address is the common case)."""
+    if len(given) == 2 and isinstance(given[0], str):
+        return [given]  # type: ignore[list-item]
+    return list(given)  # type: ignore[arg-type]
+
+
+def bind_hub_socket(
+    listen: Address, *, v6only: bool = False, start_listening: bool = True
+) -> socket.socket:
     """Bind and listen on the hub's TCP address ``listen`` ``(ip, port)`` (port 0: the kernel
     chooses), for :func:`serve_hub` ``listen_socket``.
 
     ``punchtrio hub --workers`` binds it once in the supervising process and every forked worker
-    accepts on it (docs/deploy-hub.md, "More than one process"). Raises :class:`HubServeError`.
+    accepts on it (docs/deploy-hub.md, "More than one process"). ``v6only`` (default off: ``[::]``
+    takes IPv4 too, as IPv4-mapped) makes an IPv6 socket IPv6 only, so ``0.0.0.0`` and ``[::]``
+    can listen on the same port side by side. ``start_listening=False`` only binds: until
+    Hypercorn calls ``listen()`` on it, connections are refused rather than queued. Raises
+    :class:`HubServeError`.
     """
     family = socket.AF_INET6 if ":" in listen[0] else socket.AF_INET
     sock = socket.socket(family, socket.SOCK_STREAM)
     try:
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        if family == socket.AF_INET6 and v6only:
+            sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
         sock.bind(listen)
-        sock.listen(HypercornConfig.backlog)
+        if start_listening:
+            sock.listen(HypercornConfig.backlog)
     except OSError as exc:
         sock.close()
         raise HubServeError(f"cannot listen on {_text(listen)}: {exc.strerror or exc}") from None
@@ -60,28 +81,53 @@ def bind_hub_socket(listen: tuple[str, int]) -> socket.socket:
     return sock
 
 
+def bind_hub_sockets(
+    listen: Address | Sequence[Address], *, start_listening: bool = True
+) -> list[socket.socket]:
+    """Bind every address of ``listen`` with :func:`bind_hub_socket` (``start_listening`` as
+    there), IPv6 ones IPv6-only when there are several (so ``0.0.0.0:7777`` and ``[::]:7777``
+    coexist).
+
+    Raises :class:`HubServeError` (and closes what it bound) if one cannot be bound.
+    """
+    addresses = _addresses(listen)
+    bound: list[socket.socket] = []
+    try:
+        for address in addresses:
+            several = len(addresses) > 1
+            bound.append(bind_hub_socket(address, v6only=several, start_listening=start_listening))
+    except HubServeError:
+        for sock in bound:
+            sock.close()
+        raise
+    return bound
+
+
 def hypercorn_config(
-    listen: tuple[str, int],
+    listen: Address | Sequence[Address],
     *,
     max_wait: float,
     tls_cert: str | None = None,
     tls_key: str | None = None,
-    listen_socket: socket.socket | None = None,
+    listen_socket: socket.socket | Sequence[socket.socket] | None = None,
 ) -> HypercornConfig:
-    """Return the Hypercorn configuration of a hub listening on ``listen`` ``(ip, port)``.
+    """Return the Hypercorn configuration of a hub listening on ``listen`` (one ``(ip, port)`` or
+    several).
 
     Request heads must arrive within :data:`HEADER_TIMEOUT`; Hypercorn refuses (400) a head still
     incomplete past :data:`~punchtrio.rendezvous.MAX_HEADER_BYTES`, and the app checks every
     complete head against that and :data:`~punchtrio.rendezvous.MAX_HEADERS` (431). A
     connection that sends nothing for ``max_wait`` plus 30 seconds is closed (long polls stay
     silent for up to ``max_wait``). Access logs are off: they would record client addresses and
-    peer names of every poll. With ``listen_socket`` (from :func:`bind_hub_socket`), Hypercorn
-    accepts on that socket instead of binding ``listen``.
+    peer names of every poll. With ``listen_socket`` (from :func:`bind_hub_socket`, or several),
+    Hypercorn accepts on those sockets instead of binding ``listen``.
     """
     config = HypercornConfig()
-    config.bind = [format_address(ipaddress.ip_address(listen[0]), listen[1])]
+    config.bind = [_text(address) for address in _addresses(listen)]
+    if isinstance(listen_socket, socket.socket):
+        listen_socket = [listen_socket]
     if listen_socket is not None:
-        config.bind = [f"fd://{listen_socket.fileno()}"]
+        config.bind = [f"fd://{sock.fileno()}" for sock in listen_socket]
     config.certfile = tls_cert
     config.keyfile = tls_key
     config.h11_max_incomplete_size = MAX_HEADER_BYTES
@@ -96,34 +142,78 @@ def hypercorn_config(
 
 async def serve_hub(
     config: HubConfig,
-    listen: tuple[str, int],
+    listen: Address | Sequence[Address],
     *,
     store: Store | None = None,
     tls_cert: str | None = None,
     tls_key: str | None = None,
-    stun: tuple[str, int] | None = None,
-    stun_alternate: tuple[str, int] | None = None,
-    listen_socket: socket.socket | None = None,
+    stun: Address | Sequence[Address] | None = None,
+    stun_alternate: Address | None = None,
+    listen_socket: socket.socket | Sequence[socket.socket] | None = None,
     started: float | None = None,
     clock: Clock = time.time,
     task_status: trio.TaskStatus[HubListeners] = trio.TASK_STATUS_IGNORED,
 ) -> None:
     """Run the hub until cancelled: HTTP on ``listen``, and a STUN server on ``stun`` if given.
 
-    ``listen``, ``stun`` and ``stun_alternate`` are ``(ip, port)``; port 0 lets the kernel choose.
-    The bound STUN addresses are published in ``GET /v1/hub`` (an unspecified IP as ``null``: "the
-    hub's own host"). Reports a :class:`HubListeners` through ``task_status`` once both listen.
+    ``listen`` and ``stun`` are one ``(ip, port)`` or several (IPv4 and IPv6 side by side: with
+    several, IPv6 sockets are IPv6-only); ``stun_alternate`` is ``(ip, port)``, the RFC 5780
+    alternate of the ``stun`` address of its family. Port 0 lets the kernel choose. The bound STUN
+    addresses are published in ``GET /v1/hub`` (an unspecified or loopback IP as ``null``: "the
+    hub's own host"; with STUN on both families, each ``null`` entry names its ``family``).
+    Reports a :class:`HubListeners` through ``task_status`` once both listen.
     Requests signed before the hub started are refused (``HubConfig.not_before``), so the hub
     begins to listen when the next second of ``clock`` (Unix seconds) begins, at most 1 s later.
     ``started`` (Unix seconds, default: now) is when "the hub" started: a supervisor of workers on
     a shared store passes its own start, so a restarted worker keeps the hub's fence (its replay
     cache, in the store, survived the worker). ``listen_socket``: accept on this listening socket
-    (:func:`bind_hub_socket`, shared by ``--workers``) rather than binding ``listen``, which then
-    only names it. Raises :class:`HubServeError` if a socket cannot be bound or TLS files cannot
-    be loaded.
+    or these (:func:`bind_hub_sockets`, shared by ``--workers``) rather than binding ``listen``,
+    which then only names it. Raises :class:`HubServeError` if a socket cannot be bound or TLS
+    files cannot be loaded.
     """
     if (tls_cert is None) != (tls_key is None):
         raise HubServeError("give both --tls-cert and --tls-key, or neither")
+    stuns = [] if stun is None else _addresses(stun)
+    alternates = _alternates(stuns, stun_alternate)
+    owned: list[socket.socket] = []
+    if listen_socket is None and len(_addresses(listen)) > 1:
+        # Hypercorn binds without IPV6_V6ONLY, so [::] would take 0.0.0.0's port: bind here
+        # (a taken port fails before anything starts) and let Hypercorn listen when it starts.
+        owned = bind_hub_sockets(listen, start_listening=False)
+        listen_socket = owned
+    try:
+        await _serve(
+            config,
+            listen,
+            store=store,
+            tls_cert=tls_cert,
+            tls_key=tls_key,
+            stuns=list(zip(stuns, alternates, strict=True)),
+            listen_socket=listen_socket,
+            owned=owned,
+            started=started,
+            clock=clock,
+            task_status=task_status,
+        )
+    finally:
+        for sock in owned:
+            sock.close()
+
+
+async def _serve(
+    config: HubConfig,
+    listen: Address | Sequence[Address],
+    *,
+    store: Store | None,
+    tls_cert: str | None,
+    tls_key: str | None,
+    stuns: list[tuple[Address, Address | None]],
+    listen_socket: socket.socket | Sequence[socket.socket] | None,
+    owned: list[socket.socket],
+    started: float | None,
+    clock: Clock,
+    task_status: trio.TaskStatus[HubListeners],
+) -> None:
     hyper = hypercorn_config(
         listen,
         max_wait=config.max_wait,
@@ -140,9 +230,11 @@ async def serve_hub(
     async with trio.open_nursery() as nursery:
         stun_bound: list[tuple[str, int]] = []
         try:
-            if stun is not None:
-                what = f"serve STUN on {_text(stun)}"
-                stun_bound = list(await nursery.start(StunServer(stun, stun_alternate).serve))
+            for address, alternate in stuns:
+                what = f"serve STUN on {_text(address)}"
+                server = StunServer(address, alternate, v6only=len(stuns) > 1)
+                stun_bound.extend(await nursery.start(server.serve))
+            if stun_bound:
                 config = replace(config, stun=_published(stun_bound))
             listener = getattr(store, "run", None)
             if listener is not None:  # a shared store's wake-up listener (RedisStore)
@@ -154,9 +246,11 @@ async def serve_hub(
             config = replace(config, not_before=max(config.not_before, math.floor(start) + 1))
             app = create_app(config, store, clock=clock)
             await trio.sleep(max(0.0, config.not_before - clock()))
-            what = f"listen on {_text(listen)}"
+            what = f"listen on {', '.join(_text(a) for a in _addresses(listen))}"
             asgi: Any = app  # Starlette is an ASGI app; Hypercorn's stubs want its own types
             binds = await nursery.start(partial(hypercorn_serve, asgi, hyper))
+            for sock in owned:  # Hypercorn's own socket objects hold these descriptors now
+                sock.detach()
         except Exception as exc:
             os_error = _find_os_error(exc)
             if os_error is None:
@@ -186,12 +280,27 @@ def _text(address: tuple[str, int]) -> str:
     return format_address(ipaddress.ip_address(address[0]), address[1])
 
 
-def _published(bound: list[tuple[str, int]]) -> tuple[StunAddress, ...]:
+def _alternates(stuns: list[Address], alternate: Address | None) -> list[Address | None]:
+    """The alternate of each STUN address: ``alternate`` for the first one of its family."""
+    chosen: list[Address | None] = [None] * len(stuns)
+    if alternate is None:
+        return chosen
+    family = ":" in alternate[0]
+    for index, (ip, _port) in enumerate(stuns):
+        if (":" in ip) == family:
+            chosen[index] = alternate
+            return chosen
+    raise HubServeError(f"--stun-alternate {_text(alternate)} has no --stun address of its family")
+
+
+def _published(bound: list[Address]) -> tuple[StunAddress, ...]:
+    families = {":" in ip for ip, _port in bound}
     addresses = []
     for ip_text, port in bound[:8]:
         ip = ipaddress.ip_address(ip_text)
         unreachable = ip.is_unspecified or ip.is_loopback or ip.is_link_local
-        address = StunAddress(None if unreachable else ip, port)
+        family = ip.version if unreachable and len(families) > 1 else None
+        address = StunAddress(None if unreachable else ip, port, family=family)
         if address not in addresses:
             addresses.append(address)
     return tuple(addresses)

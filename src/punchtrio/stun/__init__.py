@@ -9,7 +9,9 @@
 """
 
 from ._discovery import (
+    IPV6_TRANSLATIONS,
     MAPPING_BEHAVIOURS,
+    Ipv6Report,
     NatDiscoveryError,
     NatReport,
     StunAlternateNoResponseError,
@@ -17,10 +19,13 @@ from ._discovery import (
     StunNoResponseError,
     StunUnreachableError,
     classify_filtering,
+    classify_ipv6_translation,
     classify_mapping,
+    discover_ipv6,
     discover_nat,
     format_endpoint,
     parse_endpoint,
+    resolve_ipv6,
 )
 from ._layers import (
     ATTRIBUTE_TYPES,
@@ -80,6 +85,7 @@ from ._transaction import (
 
 __all__ = [
     "ATTRIBUTE_TYPES",
+    "IPV6_TRANSLATIONS",
     "MAGIC_COOKIE",
     "MAPPING_BEHAVIOURS",
     "RC",
@@ -95,6 +101,7 @@ __all__ = [
     "Data",
     "ErrorCode",
     "Fingerprint",
+    "Ipv6Report",
     "Lifetime",
     "MappedAddress",
     "MessageIntegrity",
@@ -128,7 +135,9 @@ __all__ = [
     "XorPeerAddress",
     "XorRelayedAddress",
     "classify_filtering",
+    "classify_ipv6_translation",
     "classify_mapping",
+    "discover_ipv6",
     "discover_nat",
     "encode_message",
     "format_endpoint",
@@ -138,6 +147,7 @@ __all__ = [
     "new_transaction_id",
     "parse_endpoint",
     "parse_message",
+    "resolve_ipv6",
     "verify_fingerprint",
     "verify_integrity",
 ]

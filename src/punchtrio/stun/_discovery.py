@@ -12,11 +12,12 @@ from __future__ import annotations
 import errno
 import ipaddress
 import socket
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import trio
 
+from .._endpoint import format_endpoint
 from .._exceptions import PunchtrioError
 from ._transaction import (
     RTO,
@@ -28,7 +29,9 @@ from ._transaction import (
 )
 
 __all__ = [
+    "IPV6_TRANSLATIONS",
     "MAPPING_BEHAVIOURS",
+    "Ipv6Report",
     "NatDiscoveryError",
     "NatReport",
     "StunAlternateNoResponseError",
@@ -36,10 +39,13 @@ __all__ = [
     "StunNoResponseError",
     "StunUnreachableError",
     "classify_filtering",
+    "classify_ipv6_translation",
     "classify_mapping",
+    "discover_ipv6",
     "discover_nat",
     "format_endpoint",
     "parse_endpoint",
+    "resolve_ipv6",
 ]
 
 Endpoint = tuple[str, int]
@@ -84,12 +90,6 @@ class StunAlternateNoResponseError(NatDiscoveryError):
     """The server's alternate address (its OTHER-ADDRESS) never answered (exit 6)."""
 
     exit_code = 6
-
-
-def format_endpoint(endpoint: Endpoint) -> str:
-    """Return ``ip:port``, with the IPv6 address in brackets."""
-    ip, port = endpoint
-    return f"[{ip}]:{port}" if ":" in ip else f"{ip}:{port}"
 
 
 def parse_endpoint(text: str) -> tuple[str, int]:
@@ -428,3 +428,161 @@ async def _lifetime(
                 return at_least, wait
             at_least = wait
         return at_least, None
+
+
+# --- the IPv6 side: is there a translator (NPTv6, NAT66), and does unsolicited inbound get in? ----
+
+IPV6_TRANSLATIONS = ("none", "nptv6", "nat66")
+"""The values of :attr:`Ipv6Report.translation`: ``none`` (the server saw our own address and
+port), ``nptv6`` (the address changed, the port did not: a stateless prefix translator, RFC 6296)
+and ``nat66`` (the port changed: a stateful IPv6 NAT)."""
+
+
+def classify_ipv6_translation(local: Endpoint, public: Endpoint) -> str:
+    """Return one of :data:`IPV6_TRANSLATIONS` from our local IPv6 endpoint and the one a STUN
+    server saw (its XOR-MAPPED-ADDRESS); addresses compare as addresses, not as text."""
+    same_ip = ipaddress.ip_address(local[0]) == ipaddress.ip_address(public[0])
+    if local[1] != public[1]:
+        return "nat66"
+    return "none" if same_ip else "nptv6"
+
+
+@dataclass(frozen=True)
+class Ipv6Report:
+    """What ``punchtrio nat`` found out about this host's IPv6 path to a STUN server.
+
+    ``tested`` is false when the test could not run, and ``reason`` says why (the server has no
+    IPv6 address, this host has no IPv6 route, no answer over IPv6); the other fields are then
+    ``None``. Otherwise ``local_endpoint`` is our socket's address, ``public_endpoint`` the
+    server-reflexive one, ``address_changed``/``port_changed`` compare them and ``translation``
+    is one of :data:`IPV6_TRANSLATIONS`. ``filtering`` (one of the RFC 5780 filtering behaviours)
+    and ``unsolicited_inbound`` (whether an answer from the server's other IP and port, which we
+    never sent to, got in) come from the CHANGE-REQUEST tests; both are ``None``, with ``reason``
+    saying why, when the server has no IPv6 alternate address (OTHER-ADDRESS) to test with.
+    """
+
+    tested: bool
+    reason: str | None = None
+    server: Endpoint | None = None
+    local_endpoint: Endpoint | None = None
+    public_endpoint: Endpoint | None = None
+    translation: str | None = None
+    filtering: str | None = None
+    unsolicited_inbound: bool | None = None
+
+    @property
+    def address_changed(self) -> bool | None:
+        """Whether the server saw another IPv6 address than our own (``None``: not tested)."""
+        if self.local_endpoint is None or self.public_endpoint is None:
+            return None
+        local, public = self.local_endpoint[0], self.public_endpoint[0]
+        return ipaddress.ip_address(local) != ipaddress.ip_address(public)
+
+    @property
+    def port_changed(self) -> bool | None:
+        """Whether the server saw another port than our own (``None``: not tested)."""
+        if self.local_endpoint is None or self.public_endpoint is None:
+            return None
+        return self.local_endpoint[1] != self.public_endpoint[1]
+
+    def to_json(self) -> dict[str, Any]:
+        """Return the report as a JSON-ready dict (endpoints as ``[ip]:port`` strings)."""
+
+        def text(endpoint: Endpoint | None) -> str | None:
+            return None if endpoint is None else format_endpoint(endpoint)
+
+        return {
+            "tested": self.tested,
+            "reason": self.reason,
+            "server": text(self.server),
+            "local_endpoint": text(self.local_endpoint),
+            "public_endpoint": text(self.public_endpoint),
+            "address_changed": self.address_changed,
+            "port_changed": self.port_changed,
+            "translation": self.translation,
+            "filtering": self.filtering,
+            "unsolicited_inbound": self.unsolicited_inbound,
+        }
+
+
+async def resolve_ipv6(server: Endpoint | str) -> Endpoint | None:
+    """Return the STUN server's IPv6 ``(ip, port)``: the address itself if it is an IPv6
+    literal, else the first IPv6 address its name resolves to; ``None`` if it has none (an IPv4
+    literal, a name without AAAA records, or a name that does not resolve)."""
+    try:
+        host, port = parse_endpoint(server) if isinstance(server, str) else server
+    except ValueError:
+        return None
+    try:
+        ip = ipaddress.ip_address(host)
+    except ValueError:
+        pass
+    else:
+        return (str(ip), port) if ip.version == 6 else None
+    try:
+        infos = await trio.socket.getaddrinfo(
+            host, port, family=socket.AF_INET6, type=socket.SOCK_DGRAM
+        )
+    except (OSError, UnicodeError):
+        return None
+    for info in infos:
+        found = ipaddress.IPv6Address(str(info[4][0]).partition("%")[0])
+        if found.ipv4_mapped is None:
+            return str(found), int(info[4][1])
+    return None
+
+
+async def discover_ipv6(
+    server: Endpoint | None, *, probe_timeout: float = 3.0, rto: float = RTO
+) -> Ipv6Report:
+    """Test this host's IPv6 path to the STUN server at ``server`` (an IPv6 ``(ip, port)``, or
+    ``None``: the server has none, reported as not tested).
+
+    One Binding request gives the server-reflexive endpoint (NPTv6 / NAT66 detection: does it
+    differ from our own?); if the server has an IPv6 alternate address, the RFC 5780 filtering
+    tests (CHANGE-REQUEST) tell whether unsolicited inbound gets in. ``probe_timeout`` (seconds,
+    default 3) bounds each probe. Never raises for a network problem: it is the report's
+    ``reason``.
+    """
+    if server is None:
+        return Ipv6Report(False, "the STUN server has no IPv6 address")
+    prober = _Prober(server, probe_timeout, rto)
+    name = format_endpoint(server)
+    with trio.socket.socket(socket.AF_INET6, socket.SOCK_DGRAM) as sock:
+        try:
+            await sock.connect(server)
+        except OSError as exc:
+            return Ipv6Report(False, f"no IPv6 route to {name}: {exc.strerror}", server)
+        prober.local_ip = sock.getsockname()[0]
+        local = (
+            str(ipaddress.ip_address(prober.local_ip.partition("%")[0])),
+            sock.getsockname()[1],
+        )
+        try:
+            event = await prober.run(StunTransaction(server, trio.current_time(), rto=rto), sock)
+        except NatDiscoveryError as exc:
+            return Ipv6Report(False, str(exc), server)
+    if not isinstance(event, BindingSucceeded):
+        why = event.reason if isinstance(event, BindingFailed) else "no response over IPv6"
+        return Ipv6Report(False, f"STUN server {name}: {why}", server)
+    report = Ipv6Report(
+        True,
+        None,
+        server,
+        local,
+        event.mapped,
+        classify_ipv6_translation(local, event.mapped),
+    )
+    other = event.other_address
+    if other is None or ":" not in other[0]:
+        return replace(
+            report,
+            reason="inbound not tested: the STUN server has no IPv6 alternate address (OTHER-ADDRESS)",
+        )
+    try:
+        filtering = await _filtering(prober, server, other)
+    except NatDiscoveryError as exc:
+        return replace(report, reason=f"inbound not tested: {exc}")
+    return replace(
+        report, filtering=filtering, unsolicited_inbound=filtering == "endpoint-independent"
+    )

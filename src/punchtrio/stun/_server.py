@@ -321,8 +321,12 @@ def _pick_ports(primary: Endpoint, alternate: Endpoint | None) -> tuple[Endpoint
             sock.close()
 
 
-def _bind_all(responder: StunResponder) -> dict[Endpoint, socket.socket]:
-    """Bind every endpoint; ports given as 0 are chosen by the kernel, the same on both IPs."""
+def _bind_all(responder: StunResponder, *, v6only: bool = False) -> dict[Endpoint, socket.socket]:
+    """Bind every endpoint; ports given as 0 are chosen by the kernel, the same on both IPs.
+
+    ``v6only``: IPv6 sockets take no IPv4 (``IPV6_V6ONLY``), so another server can bind the same
+    port on IPv4.
+    """
     wanted = (responder.primary, responder.alternate)
     fixed = all(ep is None or ep[1] for ep in wanted)
     last_error: OSError | None = None
@@ -333,6 +337,8 @@ def _bind_all(responder: StunResponder) -> dict[Endpoint, socket.socket]:
             for endpoint in responder.local_endpoints:
                 sock = socket.socket(_family(endpoint[0]), socket.SOCK_DGRAM)
                 sockets[endpoint] = sock
+                if v6only and sock.family == socket.AF_INET6:
+                    sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
                 sock.bind(endpoint)
                 sock.setblocking(False)
             return sockets
@@ -348,8 +354,10 @@ def _bind_all(responder: StunResponder) -> dict[Endpoint, socket.socket]:
 class StunServer:
     """The STUN server as a Trio service: ``await server.serve()`` runs it until cancelled.
 
-    Arguments are those of :class:`StunResponder`. Ports given as 0 are chosen by the kernel (the
-    alternate IP gets the same two ports as the primary IP). Start it in a nursery with
+    Arguments are those of :class:`StunResponder`, and ``v6only`` (default off): IPv6 sockets
+    take no IPv4 (``IPV6_V6ONLY``), so a second server can serve IPv4 on the same port. Ports
+    given as 0 are chosen by the kernel (the alternate IP gets the same two ports as the primary
+    IP). Start it in a nursery with
     ``endpoints = await nursery.start(server.serve)``; ``stats`` counts what it did.
     """
 
@@ -360,8 +368,10 @@ class StunServer:
         *,
         rate: float | None = 50.0,
         burst: float = 100.0,
+        v6only: bool = False,
     ) -> None:
         self.responder = StunResponder(primary, alternate, rate=rate, burst=burst)
+        self.v6only = v6only
 
     @property
     def stats(self) -> ServerStats:
@@ -375,7 +385,7 @@ class StunServer:
 
         Raises :class:`StunServerError` if a socket cannot be bound. Sockets close on cancellation.
         """
-        sockets = _bind_all(self.responder)
+        sockets = _bind_all(self.responder, v6only=self.v6only)
         try:
             async with trio.open_nursery() as nursery:
                 for endpoint, sock in sockets.items():
