@@ -1,6 +1,7 @@
 """An in-process virtual internet for tests and NAT research, built on Trio's custom socket factory.
 
-Build hosts, routers and RFC 4787 NATs joined by links with latency, jitter, loss and duplication;
+Build IPv4, IPv6 or dual-stack hosts, routers, RFC 4787 NATs (NAT66 included) and stateful IPv6
+firewalls joined by links with latency, jitter, loss and duplication;
 enter the :class:`Internet` and ordinary Trio code using ``trio.socket`` (UDP, and TCP through
 ``trio.open_tcp_stream`` / ``trio.serve_tcp``) runs unchanged on the simulated hosts, in virtual time under ``trio.testing.MockClock``. See ``docs/netsim.md``.
 """
@@ -8,7 +9,16 @@ enter the :class:`Internet` and ordinary Trio code using ``trio.socket`` (UDP, a
 from ._addresses import NetsimError
 from ._internet import Internet, NoCurrentHostError
 from ._link import Link
-from ._nat import Filtering, Mapping, NatBehavior, NatBinding, NatTable, PortAllocation
+from ._nat import (
+    Filtering,
+    Ipv6Firewall,
+    Ipv6FirewallTable,
+    Mapping,
+    NatBehavior,
+    NatBinding,
+    NatTable,
+    PortAllocation,
+)
 from ._services import DistantRendezvous, serve_stun
 from ._socket import (
     MAX_DATAGRAM,
@@ -55,6 +65,8 @@ __all__ = [
     "Host",
     "Interface",
     "Internet",
+    "Ipv6Firewall",
+    "Ipv6FirewallTable",
     "Link",
     "Mapping",
     "NatBehavior",

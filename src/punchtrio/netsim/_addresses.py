@@ -9,10 +9,23 @@ import socket
 from collections.abc import Callable
 from typing import Any
 
+from .._endpoint import format_endpoint
 from .._exceptions import PunchtrioError
 
 IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
 Endpoint = tuple[IPAddress, int]
+
+__all__ = [
+    "LOOPBACK",
+    "Endpoint",
+    "IPAddress",
+    "NetsimError",
+    "family_of",
+    "format_endpoint",
+    "parse_ip",
+    "parse_sockaddr",
+    "to_sockaddr",
+]
 
 LOOPBACK: dict[int, IPAddress] = {
     socket.AF_INET: ipaddress.IPv4Address("127.0.0.1"),
@@ -37,12 +50,6 @@ def parse_ip(text: str | IPAddress, *, what: str = "address") -> IPAddress:
 def family_of(address: IPAddress) -> socket.AddressFamily:
     """Return ``AF_INET`` or ``AF_INET6`` for ``address``."""
     return socket.AF_INET if address.version == 4 else socket.AF_INET6
-
-
-def format_endpoint(endpoint: Endpoint) -> str:
-    """Format an endpoint as ``1.2.3.4:5`` or ``[2001:db8::1]:5``."""
-    ip, port = endpoint
-    return f"[{ip}]:{port}" if ip.version == 6 else f"{ip}:{port}"
 
 
 def to_sockaddr(family: int, endpoint: Endpoint) -> tuple[Any, ...]:

@@ -6,18 +6,18 @@ import errno
 import random
 import socket as _stdlib_socket
 from collections import Counter
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from types import TracebackType
 from typing import Any
 
 import trio
 
-from ._addresses import IPAddress, NetsimError, family_of, format_endpoint, parse_ip
+from ._addresses import IPAddress, NetsimError, family_of, format_endpoint, parse_ip, to_sockaddr
 from ._engine import Engine
 from ._link import Link
-from ._nat import NatBehavior
+from ._nat import Ipv6Firewall, NatBehavior
 from ._socket import UnsupportedSocketError
-from ._topology import NAT, Host, Network, Node, Router, _current_host, _Packet
+from ._topology import DEFAULT_FIREWALL, NAT, Host, Network, Node, Router, _current_host, _Packet
 from ._trace import TraceRecord, Verdict
 
 
@@ -69,17 +69,28 @@ class _Resolver(trio.abc.HostnameResolver):
     ) -> list[Any]:
         await trio.lowlevel.checkpoint()
         name = host.decode("ascii") if host is not None else ""
-        address = self._internet.resolve(name)
-        if address is None or (family and family != family_of(address)):
+        addresses = [
+            address
+            for address in self._internet.resolve_all(name)
+            if not family or family == family_of(address)
+        ]
+        if not addresses:
             raise _stdlib_socket.gaierror(
                 _stdlib_socket.EAI_NONAME, f"netsim has no name {name!r} (add it with add_name)"
             )
         port_number = int(port) if port is not None else 0
-        sockaddr: tuple[Any, ...] = (str(address), port_number)
-        if address.version == 6:
-            sockaddr = (*sockaddr, 0, 0)
         kinds = [type] if type else [_stdlib_socket.SOCK_DGRAM]
-        return [(family_of(address), kind, proto, "", sockaddr) for kind in kinds]
+        return [
+            (
+                family_of(address),
+                kind,
+                proto,
+                "",
+                to_sockaddr(family_of(address), (address, port_number)),
+            )
+            for address in addresses
+            for kind in kinds
+        ]
 
     async def getnameinfo(
         self, sockaddr: tuple[str, int] | tuple[str, int, int, int], flags: int
@@ -117,9 +128,9 @@ class Internet:
         self.trace = trace
         self.counters: Counter[Verdict] = Counter()
         self._nodes: list[Node] = []
-        self._names: dict[str, IPAddress] = {}
+        self._names: dict[str, tuple[IPAddress, ...]] = {}
         self._engine = Engine()
-        self.network = Network(self, "internet", None)
+        self.network = Network(self, "internet", ())
         """The public network; :meth:`add_host` and friends attach to it."""
         self._scope: trio.CancelScope | None = None
         self._nursery_manager: Any = None
@@ -131,45 +142,81 @@ class Internet:
     # --- building ----------------------------------------------------------------------------
 
     def add_host(
-        self, *addresses: str | IPAddress, name: str | None = None, link: Link | None = None
+        self,
+        *addresses: str | IPAddress,
+        name: str | None = None,
+        link: Link | None = None,
     ) -> Host:
         """Attach a host to the public network; see :meth:`Network.add_host`."""
         return self.network.add_host(*addresses, name=name, link=link)
 
     def add_nat(
         self,
-        address: str | IPAddress,
+        address: str | IPAddress | None = None,
         *,
         behavior: NatBehavior | None = None,
-        lan: str = "10.0.0.0/24",
+        lan: str | None = "10.0.0.0/24",
         name: str | None = None,
         link: Link | None = None,
         block_udp: bool = False,
+        address6: str | IPAddress | None = None,
+        lan6: str | Sequence[str] | None = None,
+        ipv6: Ipv6Firewall | NatBehavior | None = DEFAULT_FIREWALL,
     ) -> NAT:
-        """Attach a NAT to the public network; see :meth:`Network.add_nat`."""
+        """Attach a NAT (a site's gateway) to the public network; see :meth:`Network.add_nat`.
+
+        ``address`` is required unless ``lan=None`` (an IPv6-only site).
+        """
         return self.network.add_nat(
-            address, behavior=behavior, lan=lan, name=name, link=link, block_udp=block_udp
+            address,
+            behavior=behavior,
+            lan=lan,
+            name=name,
+            link=link,
+            block_udp=block_udp,
+            address6=address6,
+            lan6=lan6,
+            ipv6=ipv6,
         )
 
     def add_router(
         self,
         address: str | IPAddress,
         *,
-        lan: str,
+        lan: str | None,
         name: str | None = None,
         link: Link | None = None,
         block_udp: bool = False,
+        lan6: str | Sequence[str] | None = None,
     ) -> Router:
         """Attach a router to the public network; see :meth:`Network.add_router`."""
-        return self.network.add_router(address, lan=lan, name=name, link=link, block_udp=block_udp)
+        return self.network.add_router(
+            address, lan=lan, name=name, link=link, block_udp=block_udp, lan6=lan6
+        )
 
-    def add_name(self, name: str, address: str | IPAddress) -> None:
-        """Make ``trio.socket.getaddrinfo(name, ...)`` and ``sendto((name, port))`` give ``address``."""
-        self._names[name.lower().rstrip(".")] = parse_ip(address)
+    def add_name(self, name: str, *addresses: str | IPAddress) -> None:
+        """Make ``trio.socket.getaddrinfo(name, ...)`` and ``sendto((name, port))`` give ``addresses``.
 
-    def resolve(self, name: str) -> IPAddress | None:
-        """Return the address added for ``name`` with :meth:`add_name`, or None."""
-        return self._names.get(name.lower().rstrip("."))
+        Give an IPv4 and an IPv6 address for a dual-stack name (A and AAAA records):
+        ``getaddrinfo`` returns them in the order given (filtered by its ``family``), and a
+        socket's ``sendto``/``connect`` uses the first one of its own family. Adding a name again
+        replaces its addresses. Raises :class:`NetsimError` without an address or for a
+        non-literal one.
+        """
+        if not addresses:
+            raise NetsimError(f"add_name({name!r}) needs at least one address")
+        self._names[name.lower().rstrip(".")] = tuple(parse_ip(a) for a in addresses)
+
+    def resolve(self, name: str, family: int = 0) -> IPAddress | None:
+        """Return the first address added for ``name`` (of ``family`` if not 0), or None."""
+        for address in self.resolve_all(name):
+            if not family or family_of(address) == family:
+                return address
+        return None
+
+    def resolve_all(self, name: str) -> tuple[IPAddress, ...]:
+        """Return every address added for ``name`` with :meth:`add_name`, in order (or ``()``)."""
+        return self._names.get(name.lower().rstrip("."), ())
 
     @property
     def nodes(self) -> list[Node]:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import enum
+import ipaddress
 import math
 import random
 from dataclasses import dataclass, field
@@ -110,6 +111,58 @@ class NatBehavior:
 
 
 @dataclass(frozen=True)
+class Ipv6Firewall:
+    """A stateful IPv6 firewall without translation: ``ct state established,related accept; drop``.
+
+    Outbound packets pass unchanged and create (or refresh) a state; an inbound packet passes
+    only if it matches a live state, and is dropped otherwise (verdict ``filtered``).
+
+    - ``filtering``: :class:`Filtering`: what a state admits. Address-and-port-dependent (default:
+      conntrack's per-flow states) admits only the remote IP and port the inside endpoint sent
+      to; address-dependent any port of that IP; endpoint-independent anyone, once the inside
+      endpoint has sent something.
+    - ``timeout``: seconds a UDP state lives after its last refresh (default 120, conntrack's
+      ``nf_conntrack_udp_timeout_stream``).
+    - ``tcp_timeout``: the same for TCP (default 7440).
+    - ``inbound_refresh``: whether admitted inbound packets refresh the state too (default True,
+      as conntrack does).
+
+    Raises :class:`NetsimError` for a non-positive or infinite timeout.
+    """
+
+    filtering: Filtering = Filtering.ADDRESS_AND_PORT_DEPENDENT
+    timeout: float = 120.0
+    tcp_timeout: float = 7440.0
+    inbound_refresh: bool = True
+
+    def __post_init__(self) -> None:
+        for name in ("timeout", "tcp_timeout"):
+            value = getattr(self, name)
+            if not (value > 0 and math.isfinite(value)):
+                raise NetsimError(f"{name} must be > 0 seconds, got {value!r}")
+
+    def behavior(self, *, tcp: bool = False) -> NatBehavior:
+        """Return the :class:`NatBehavior` its state table runs with (UDP, or TCP if ``tcp``).
+
+        A state is keyed as finely as the filter: per remote endpoint (APDF), per remote address
+        (ADF) or per inside endpoint (EIF), so every key expires on its own, as conntrack's do.
+        """
+        mapping = {
+            Filtering.ENDPOINT_INDEPENDENT: Mapping.ENDPOINT_INDEPENDENT,
+            Filtering.ADDRESS_DEPENDENT: Mapping.ADDRESS_DEPENDENT,
+            Filtering.ADDRESS_AND_PORT_DEPENDENT: Mapping.ADDRESS_AND_PORT_DEPENDENT,
+        }[self.filtering]
+        timeout = self.tcp_timeout if tcp else self.timeout
+        return NatBehavior(
+            mapping=mapping,
+            filtering=self.filtering,
+            mapping_timeout=timeout,
+            tcp_mapping_timeout=self.tcp_timeout,
+            inbound_refresh=self.inbound_refresh,
+        )
+
+
+@dataclass(frozen=True)
 class NatBinding:
     """A snapshot of one row of a NAT's mapping table, for inspection.
 
@@ -156,6 +209,7 @@ class NatTable:
         self._by_key: dict[_Key, _Binding] = {}
         self._by_port: dict[int, _Binding] = {}
         self._next_port = behavior.port_range[0]
+        self._translate = True
         self.expired = 0
         """How many mappings have expired so far."""
 
@@ -173,7 +227,8 @@ class NatTable:
         if now < binding.refreshed + self.behavior.mapping_timeout:
             return binding
         del self._by_key[(binding.internal, binding.destination)]
-        del self._by_port[binding.port]
+        if self._translate:
+            del self._by_port[binding.port]
         self.expired += 1
         return None
 
@@ -185,22 +240,29 @@ class NatTable:
         key = (src, self._destination(dst))
         binding = self._live(self._by_key.get(key), now)
         if binding is None:
-            port = self._allocate(src[1], now)
-            if port is None:
-                return None
+            if self._translate:
+                port = self._allocate(src[1], now)
+                if port is None:
+                    return None
+            else:
+                port = src[1]
             binding = _Binding(src, port, key[1], now, now)
             self._by_key[key] = binding
-            self._by_port[port] = binding
+            if self._translate:
+                self._by_port[port] = binding
         binding.refreshed = now
         binding.addresses.add(dst[0])
         binding.endpoints.add(dst)
-        return (self.external, binding.port)
+        return (self.external, binding.port) if self._translate else src
 
-    def inbound(self, src: Endpoint, port: int, now: float) -> tuple[Endpoint | None, str]:
+    def inbound(
+        self, src: Endpoint, port: int, now: float, *, address: IPAddress | None = None
+    ) -> tuple[Endpoint | None, str]:
         """Look up an inbound packet to external ``port`` from ``src``.
 
-        Return ``(internal endpoint, "")`` if admitted, else ``(None, reason)`` with reason
-        ``"no-mapping"`` or ``"dropped-by-filter"``.
+        ``address`` is the packet's destination address; a NAT table has one external address and
+        ignores it (an :class:`Ipv6FirewallTable` needs it). Return ``(internal endpoint, "")`` if
+        admitted, else ``(None, reason)`` with reason ``"no-mapping"`` or ``"dropped-by-filter"``.
         """
         binding = self._live(self._by_port.get(port), now)
         if binding is None:
@@ -246,18 +308,22 @@ class NatTable:
         self._by_port.clear()
         self._next_port = self.behavior.port_range[0]
 
+    def _rows(self) -> list[_Binding]:
+        return [self._by_port[port] for port in sorted(self._by_port)]
+
     def bindings(self, now: float) -> list[NatBinding]:
         """Return the live mappings, sorted by external port, dropping expired ones."""
         rows = []
-        for port in sorted(self._by_port):
-            binding = self._live(self._by_port.get(port), now)
+        for row in self._rows():
+            binding = self._live(row, now)
             if binding is None:
                 continue
             destination = binding.destination
+            external = (self.external, binding.port) if self._translate else binding.internal
             rows.append(
                 NatBinding(
                     internal=format_endpoint(binding.internal),
-                    external=format_endpoint((self.external, port)),
+                    external=format_endpoint(external),
                     destination=(
                         None
                         if destination is None
@@ -272,3 +338,60 @@ class NatTable:
                 )
             )
         return rows
+
+
+class Ipv6FirewallTable(NatTable):
+    """The state table of an :class:`Ipv6Firewall` (sans-IO): a :class:`NatTable` that never translates.
+
+    :meth:`outbound` returns the source unchanged after creating or refreshing its state;
+    :meth:`inbound` needs the destination ``address`` and returns ``(None, "filtered")`` for a
+    packet that matches no live state. States are keyed as finely as ``firewall.filtering`` (see
+    :meth:`Ipv6Firewall.behavior`) and expire like mappings (``expired`` counts them).
+    ``external`` is unused (:attr:`UNUSED_EXTERNAL`). ``tcp=True`` makes the TCP table
+    (``tcp_timeout``).
+    """
+
+    UNUSED_EXTERNAL = ipaddress.IPv6Address("::")
+    """The placeholder ``external`` address of a table that never translates."""
+
+    def __init__(self, firewall: Ipv6Firewall, *, tcp: bool = False) -> None:
+        super().__init__(self.UNUSED_EXTERNAL, firewall.behavior(tcp=tcp), random.Random(0))
+        self.firewall = firewall
+        """The configuration this table was made from."""
+        self._translate = False
+
+    def inbound(
+        self, src: Endpoint, port: int, now: float, *, address: IPAddress | None = None
+    ) -> tuple[Endpoint | None, str]:
+        """Admit an inbound packet from ``src`` to ``(address, port)`` if it matches a live state.
+
+        Return ``((address, port), "")`` if admitted, else ``(None, "filtered")``. Raises
+        :class:`NetsimError` without ``address``.
+        """
+        if address is None:
+            raise NetsimError("a firewall table needs the inbound packet's destination address")
+        internal = (address, port)
+        binding = self._live(self._by_key.get((internal, self._destination(src))), now)
+        if binding is None:
+            return None, "filtered"
+        if self.behavior.inbound_refresh:
+            binding.refreshed = now
+        return internal, ""
+
+    def has_state(self, src: Endpoint, dst: Endpoint, now: float) -> bool:
+        """True if an outbound packet from ``src`` to ``dst`` would find a live state."""
+        return self._live(self._by_key.get((src, self._destination(dst))), now) is not None
+
+    def _rows(self) -> list[_Binding]:
+        return sorted(self._by_key.values(), key=_state_order)
+
+
+def _state_order(binding: _Binding) -> tuple[int, ...]:
+    (ip, port), destination = binding.internal, binding.destination
+    if destination is None:
+        rest: tuple[int, ...] = ()
+    elif isinstance(destination, tuple):
+        rest = (destination[0].version, int(destination[0]), destination[1])
+    else:
+        rest = (destination.version, int(destination))
+    return (ip.version, int(ip), port, *rest)

@@ -214,6 +214,8 @@ class UDPSocket(SocketType):
         self._check_open()
         ip, port = self._parse_destination(address)
         self._autobind()
+        if self._local_ip is None:
+            self._host.source_address(self._family, ip)  # ENETUNREACH without a route
         self._peer = (ip, port)
 
     # --- sending -----------------------------------------------------------------------------
@@ -250,7 +252,7 @@ class UDPSocket(SocketType):
 
     def _parse_destination(self, address: Any) -> tuple[IPAddress, int]:
         ip, port = parse_sockaddr(
-            self._family, address, allow_wildcard=False, resolve=self._host.internet.resolve
+            self._family, address, allow_wildcard=False, resolve=self._resolve
         )
         assert ip is not None
         if port == 0:
@@ -368,6 +370,10 @@ class UDPSocket(SocketType):
         raise OSError(errno.ENOTCONN, "Transport endpoint is not connected")
 
     # --- helpers for the host ----------------------------------------------------------------
+
+    def _resolve(self, name: str) -> IPAddress | None:
+        """Look ``name`` up among the simulation's names, for an address of this socket's family."""
+        return self._host.internet.resolve(name, int(self._family))
 
     def _check_open(self) -> None:
         if self._closed:
@@ -489,6 +495,8 @@ class NonBlockingSocket:
         sock._check_open()
         peer = sock._parse_destination(address)
         sock._autobind()
+        if sock._local_ip is None:
+            sock.host.source_address(sock.family, peer[0])  # ENETUNREACH without a route
         sock._peer = peer
 
     def sendto(self, data: Buffer, *args: Any) -> int:

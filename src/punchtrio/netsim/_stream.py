@@ -351,7 +351,7 @@ class TCPSocket(SocketType):
         if self._connection is not None:
             raise OSError(errno.EISCONN, "Transport endpoint is already connected")
         ip, port = parse_sockaddr(
-            self._family, address, allow_wildcard=False, resolve=self._host.internet.resolve
+            self._family, address, allow_wildcard=False, resolve=self._resolve
         )
         assert ip is not None
         if port == 0:
@@ -652,6 +652,10 @@ class TCPSocket(SocketType):
         raise UnsupportedSocketError(errno.EOPNOTSUPP, "netsim TCP sockets have no recvmsg_into")
 
     # --- helpers -----------------------------------------------------------------------------
+
+    def _resolve(self, name: str) -> IPAddress | None:
+        """Look ``name`` up among the simulation's names, for an address of this socket's family."""
+        return self._host.internet.resolve(name, int(self._family))
 
     def _check_open(self) -> None:
         if self._closed:

@@ -9,7 +9,7 @@ import errno
 import ipaddress
 import socket as _stdlib_socket
 from collections import Counter
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, TypeVar
 
@@ -26,7 +26,7 @@ from ._addresses import (
 )
 from ._engine import Emission
 from ._link import Link
-from ._nat import NatBehavior, NatBinding, NatTable
+from ._nat import Ipv6Firewall, Ipv6FirewallTable, NatBehavior, NatBinding, NatTable
 from ._socket import NonBlockingSocket, UDPSocket, UnsupportedSocketError
 from ._stream import TCPSocket
 from ._tcp import TcpSegment
@@ -41,8 +41,14 @@ FIRST_EPHEMERAL_PORT = 49152
 INITIAL_TTL = 64
 """Hops a packet may take through routers and NATs before it is dropped (``ttl-exceeded``)."""
 
+IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
 _S = TypeVar("_S", UDPSocket, TCPSocket)
 _BindKey = tuple[int, "IPAddress | None", int]
+
+DEFAULT_FIREWALL = Ipv6Firewall()
+"""The IPv6 side a dual-stack or IPv6-only NAT gets unless told otherwise."""
+
+_ULA = ipaddress.IPv6Network("fc00::/7")
 
 _current_host: contextvars.ContextVar[Host | None] = contextvars.ContextVar(
     "punchtrio_netsim_host", default=None
@@ -98,28 +104,31 @@ class Node:
 
 
 class Network:
-    """One network segment: the public internet (no prefix) or a LAN with an address prefix.
+    """One network segment: the public internet (no prefix) or a LAN with address prefixes.
 
-    Nodes on a network reach each other directly; packets to other addresses go by the longest
-    matching route, else to the network's gateway (the NAT or router that owns a LAN). A LAN drops
-    packets to unassigned addresses inside its own prefix (``no-route``).
+    A LAN has an IPv4 prefix, IPv6 prefixes, or both (dual-stack). Nodes on a network reach each
+    other directly; packets to other addresses go by the longest matching route, else to the
+    network's gateway (the NAT or router that owns a LAN). A LAN drops packets to unassigned
+    addresses inside its own prefixes (``no-route``).
     """
 
-    def __init__(
-        self,
-        internet: Internet,
-        name: str,
-        prefix: ipaddress.IPv4Network | ipaddress.IPv6Network | None,
-    ) -> None:
+    def __init__(self, internet: Internet, name: str, prefixes: tuple[IPNetwork, ...]) -> None:
         self.internet = internet
         self.name = name
-        self.prefix = prefix
+        self.prefixes = prefixes
+        """Every prefix of this LAN, IPv4 first; ``()`` on the public network."""
         self.gateway: Interface | None = None
         self._by_address: dict[IPAddress, Interface] = {}
-        self._routes: list[tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, Interface]] = []
+        self._routes: list[tuple[IPNetwork, Interface]] = []
+
+    @property
+    def prefix(self) -> IPNetwork | None:
+        """The LAN's first prefix (its IPv4 prefix when it has one); None on the public network."""
+        return self.prefixes[0] if self.prefixes else None
 
     def __repr__(self) -> str:
-        return f"<netsim.Network {self.name} {self.prefix or 'public'}>"
+        shown = " ".join(str(prefix) for prefix in self.prefixes) or "public"
+        return f"<netsim.Network {self.name} {shown}>"
 
     @property
     def nodes(self) -> list[Node]:
@@ -130,15 +139,21 @@ class Network:
         return [seen[i] for i in sorted(seen)]
 
     def add_host(
-        self, *addresses: str | IPAddress, name: str | None = None, link: Link | None = None
+        self,
+        *addresses: str | IPAddress,
+        name: str | None = None,
+        link: Link | None = None,
+        ip_version: int | None = None,
     ) -> Host:
         """Attach a new :class:`Host` with ``addresses`` (IP literals; IPv4 and/or IPv6).
 
-        On a LAN, no address means the next free one in the prefix. ``link`` defaults to a perfect
-        link; ``name`` defaults to ``host<N>``. Raises :class:`NetsimError` for a non-literal,
-        duplicate or out-of-prefix address.
+        On a LAN, no address means the next free one of each of the LAN's prefixes (a dual-stack
+        LAN gives one IPv4 and one IPv6 address), or only of those of ``ip_version`` (4 or 6).
+        ``link`` defaults to a perfect link; ``name`` defaults to ``host<N>``. Raises
+        :class:`NetsimError` for a non-literal, duplicate or out-of-prefix address, or an
+        ``ip_version`` the LAN has no prefix for.
         """
-        parsed = self._addresses(addresses)
+        parsed = self._addresses(addresses, ip_version)
         host = Host(self.internet, self.internet._new_name(name, "host"))
         host._interface = self._attach(host, parsed, link)
         return host
@@ -148,87 +163,169 @@ class Network:
         address: str | IPAddress | None = None,
         *,
         behavior: NatBehavior | None = None,
-        lan: str = "10.0.0.0/24",
+        lan: str | None = "10.0.0.0/24",
         name: str | None = None,
         link: Link | None = None,
         block_udp: bool = False,
+        address6: str | IPAddress | None = None,
+        lan6: str | Sequence[str] | None = None,
+        ipv6: Ipv6Firewall | NatBehavior | None = DEFAULT_FIREWALL,
     ) -> NAT:
-        """Attach a new :class:`NAT` with external ``address`` here and a fresh LAN ``lan`` inside.
+        """Attach a new :class:`NAT` (a site's gateway) here, with a fresh LAN behind it.
 
-        The NAT takes the first address of ``lan`` as its inside address; hosts added to
-        ``nat.lan`` sit behind it. ``behavior`` defaults to :class:`NatBehavior` ``()``.
-        ``block_udp=True`` makes it a network that lets only TCP out: it drops every UDP packet it
-        would forward, in both directions (verdict ``blocked``; see :attr:`Router.block_udp`).
-        Raises :class:`NetsimError` for an invalid address, prefix or name, and then changes
-        nothing.
+        The IPv4 side (as before): external ``address`` (on a LAN, the next free one if omitted),
+        ``behavior`` (default :class:`NatBehavior` ``()``) and the LAN prefix ``lan``; ``lan=None``
+        makes a site without IPv4 (``address`` must then be None). The family of ``address`` and
+        ``lan`` decides which side they describe, so ``add_nat("2001:db8::1", lan="fd00::/64")``
+        is a single-family NAT66.
+
+        The IPv6 side, present when ``lan6`` (an IPv6 CIDR text, or several) is given: ``ipv6`` is
+        an :class:`Ipv6Firewall` (default: routed, stateful filtering, no translation), a
+        :class:`NatBehavior` (NAT66: translated to ``address6``), or None (routed, no filtering).
+        ``address6`` is the gateway's outside IPv6 address: required for NAT66 (picked from this
+        network's IPv6 prefix on a LAN), optional otherwise. With a firewall or None this network
+        routes the ``lan6`` prefixes through the gateway.
+
+        The gateway takes the first address of each LAN prefix as its inside address.
+        ``block_udp=True`` drops every UDP packet it would forward, in both directions (verdict
+        ``blocked``; see :attr:`Router.block_udp`). Raises :class:`NetsimError` for an invalid
+        address, prefix, combination or name, and then changes nothing.
         """
-        (external,) = self._addresses((address,) if address is not None else ())
+        primary = _prefixes(lan, what="lan")
+        secondary = _prefixes(lan6, what="lan6", version=6)
+        if not primary and address is not None:
+            raise NetsimError("a NAT without an IPv4 side (lan=None) takes no address")
+        if not primary and not secondary:
+            raise NetsimError("a NAT needs a LAN: give lan, lan6 or both")
+        if primary and primary[0].version == 6 and (secondary or address6 is not None):
+            raise NetsimError("lan is already IPv6: give the IPv6 side once (lan or lan6)")
+        if address6 is not None and not secondary:
+            raise NetsimError("address6 is the outside address of an IPv6 side: it needs lan6")
+        if ipv6 is not None and not isinstance(ipv6, (Ipv6Firewall, NatBehavior)):
+            raise NetsimError(f"ipv6 must be an Ipv6Firewall, a NatBehavior or None, got {ipv6!r}")
+        sides: list[_Side] = []
+        if primary:
+            version = primary[0].version
+            (external,) = self._addresses((address,) if address is not None else (), version)
+            if external.version != version:
+                raise NetsimError(f"address {external} and lan {primary[0]} differ in family")
+            sides.append(_Side(version, behavior or NatBehavior(), external))
+        if secondary:
+            outside6: IPAddress | None = None
+            if address6 is not None or (isinstance(ipv6, NatBehavior) and self.prefixes):
+                given = (address6,) if address6 is not None else ()
+                (outside6,) = self._addresses(given, 6)
+                if outside6.version != 6:
+                    raise NetsimError(f"address6 must be an IPv6 address, got {outside6}")
+            if isinstance(ipv6, NatBehavior) and outside6 is None:
+                raise NetsimError("NAT66 (ipv6=NatBehavior(...)) needs address6")
+            sides.append(_Side(6, ipv6, outside6))
+        self._check_routes(() if isinstance(ipv6, NatBehavior) else secondary)
         name = self.internet._new_name(name, "nat")
-        inside = _lan(self.internet, f"{name}-lan", lan)
-        nat = NAT(self.internet, name, behavior or NatBehavior(), external)
+        inside = Network(self.internet, f"{name}-lan", primary + secondary)
+        nat = NAT(self.internet, name, sides)
+        nat.behavior = behavior or (NatBehavior() if primary else nat.table.behavior)
         nat.block_udp = block_udp
-        nat.outside = self._attach(nat, (external,), link)
+        outside = tuple(side.outside for side in sides if side.outside is not None)
+        nat.outside = self._attach(nat, outside, link)
         nat.lan = inside
-        nat.inside = inside._attach(nat, (inside._gateway_address(),), None)
+        nat.inside = inside._attach(nat, inside._gateway_addresses(), None)
         inside.gateway = nat.inside
+        for side in sides:
+            if side.kind != "nat":
+                self._add_routes([p for p in inside.prefixes if p.version == side.version], nat)
         return nat
 
     def add_router(
         self,
         address: str | IPAddress | None = None,
         *,
-        lan: str,
+        lan: str | None,
         name: str | None = None,
         link: Link | None = None,
         block_udp: bool = False,
+        lan6: str | Sequence[str] | None = None,
     ) -> Router:
         """Attach a new :class:`Router` at ``address`` that routes the prefix ``lan`` without NAT.
 
-        This network gets a route to ``lan`` through the router; hosts added to ``router.lan`` are
-        reachable by their own addresses. ``block_udp=True`` makes the router drop every UDP
-        packet it would forward (see :attr:`Router.block_udp`). Raises :class:`NetsimError` for an
-        invalid address, prefix or name, and then changes nothing.
+        ``lan6`` (an IPv6 CIDR text, or several) routes IPv6 prefixes too; ``lan=None`` with
+        ``lan6`` makes an IPv6-only router. ``address`` is its outside address (on a LAN, the
+        next free one of the first LAN prefix's family if omitted). This network gets a route to
+        every LAN prefix through the router; hosts added to ``router.lan`` are reachable by their
+        own addresses. ``block_udp=True`` makes the router drop every UDP packet it would forward
+        (see :attr:`Router.block_udp`). Raises :class:`NetsimError` for an invalid address,
+        prefix or name, and then changes nothing.
         """
-        (outside,) = self._addresses((address,) if address is not None else ())
+        prefixes = _prefixes(lan, what="lan") + _prefixes(lan6, what="lan6", version=6)
+        if not prefixes:
+            raise NetsimError("a router needs a LAN: give lan, lan6 or both")
+        if len({str(p) for p in prefixes}) != len(prefixes):
+            raise NetsimError("a router's LAN prefixes must differ")
+        given = (address,) if address is not None else ()
+        outside = self._addresses(given, prefixes[0].version)
+        self._check_routes(prefixes)
         name = self.internet._new_name(name, "router")
-        inside = _lan(self.internet, f"{name}-lan", lan)
-        assert inside.prefix is not None
+        inside = Network(self.internet, f"{name}-lan", prefixes)
         router = Router(self.internet, name)
         router.block_udp = block_udp
-        router.outside = self._attach(router, (outside,), link)
+        router.outside = self._attach(router, outside[:1], link)
         router.lan = inside
-        router.inside = inside._attach(router, (inside._gateway_address(),), None)
+        router.inside = inside._attach(router, inside._gateway_addresses(), None)
         inside.gateway = router.inside
-        self._routes.append((inside.prefix, router.outside))
-        self._routes.sort(key=lambda route: -route[0].prefixlen)
+        self._add_routes(list(prefixes), router)
         return router
 
-    def _gateway_address(self) -> IPAddress:
-        assert self.prefix is not None
-        return self.prefix.network_address + 1
+    def _check_routes(self, prefixes: Sequence[IPNetwork]) -> None:
+        """Raise :class:`NetsimError` if a prefix to be routed here overlaps a routed one."""
+        for prefix in prefixes:
+            for existing, _ in self._routes:
+                if existing.version == prefix.version and existing.overlaps(prefix):
+                    raise NetsimError(
+                        f"{prefix} overlaps {existing}, already routed on {self.name}"
+                    )
 
-    def _addresses(self, given: tuple[str | IPAddress | None, ...]) -> tuple[IPAddress, ...]:
-        """Parse and check node addresses (or pick the next free one on a LAN); change nothing."""
+    def _add_routes(self, prefixes: list[IPNetwork], router: Router) -> None:
+        for prefix in prefixes:
+            self._routes.append((prefix, router.outside))
+        self._routes.sort(key=lambda route: -route[0].prefixlen)
+
+    def _gateway_addresses(self) -> tuple[IPAddress, ...]:
+        return tuple(prefix.network_address + 1 for prefix in self.prefixes)
+
+    def _addresses(
+        self, given: tuple[str | IPAddress | None, ...], ip_version: int | None = None
+    ) -> tuple[IPAddress, ...]:
+        """Parse and check node addresses (or pick the next free ones on a LAN); change nothing."""
         parsed = tuple(parse_ip(a) for a in given if a is not None)
         if not parsed:
-            if self.prefix is None:
+            if ip_version not in (None, 4, 6):
+                raise NetsimError(f"ip_version must be 4 or 6, got {ip_version!r}")
+            if not self.prefixes:
                 raise NetsimError(f"a node on {self.name} needs an explicit address")
-            free = (
-                self.prefix.network_address + offset
-                for offset in range(2, self.prefix.num_addresses - 1)
-            )
-            candidate = next((a for a in free if a not in self._by_address), None)
-            if candidate is None:
-                raise NetsimError(f"no free address left in {self.prefix}")
-            return (candidate,)
+            prefixes = [p for p in self.prefixes if ip_version in (None, p.version)]
+            if not prefixes:
+                raise NetsimError(f"{self.name} has no IPv{ip_version} prefix")
+            return tuple(self._free_address(prefix) for prefix in prefixes)
         for address in parsed:
             if address in self._by_address or parsed.count(address) > 1:
                 raise NetsimError(f"{address} is already used on {self.name}")
             if address.is_loopback or address.is_multicast or address.is_unspecified:
                 raise NetsimError(f"{address} cannot be a node address")
-            if self.prefix is not None and address not in self.prefix:
-                raise NetsimError(f"{address} is outside {self.name}'s prefix {self.prefix}")
+            if self.prefixes and not any(address in prefix for prefix in self.prefixes):
+                shown = " ".join(str(prefix) for prefix in self.prefixes)
+                raise NetsimError(f"{address} is outside {self.name}'s prefix {shown}")
         return parsed
+
+    def _free_address(self, prefix: IPNetwork) -> IPAddress:
+        free = (prefix.network_address + offset for offset in range(2, prefix.num_addresses - 1))
+        candidate = next((a for a in free if a not in self._by_address), None)
+        if candidate is None:
+            raise NetsimError(f"no free address left in {prefix}")
+        return candidate
+
+    def _owns(self, address: IPAddress) -> bool:
+        """True if ``address`` lies inside one of this LAN's prefixes."""
+        return any(address in prefix for prefix in self.prefixes)
 
     def _attach(self, node: Node, addresses: tuple[IPAddress, ...], link: Link | None) -> Interface:
         interface = Interface(node, self, addresses, link or Link())
@@ -243,7 +340,7 @@ class Network:
         for prefix, via in self._routes:
             if dst.version == prefix.version and dst in prefix and via is not sender:
                 return via
-        if self.prefix is not None and dst.version == self.prefix.version and dst in self.prefix:
+        if self._owns(dst):
             return None
         if self.gateway is not None and self.gateway is not sender:
             return self.gateway
@@ -393,14 +490,23 @@ class Host(Node):
     def source_address(self, family: int, dst: IPAddress) -> IPAddress:
         """Return the source address this host uses towards ``dst`` from a wildcard-bound socket.
 
-        Raises ``OSError(ENETUNREACH)`` if the host has no address of that family.
+        For IPv6, a unique-local destination (``fc00::/7``) gets a unique-local source when the
+        host has one, any other destination a global (non-ULA) source, else the first IPv6
+        address: RFC 6724's scope and label rules, reduced to what the simulator has. Raises
+        ``OSError(ENETUNREACH)`` if the host has no address of that family (no route), as the
+        kernel does.
         """
         if dst.is_loopback:
             return LOOPBACK[family]
-        for address in self.addresses:
-            if family_of(address) == family:
-                return address
-        raise OSError(errno.ENETUNREACH, "Network is unreachable (no address of this family)")
+        candidates = [address for address in self.addresses if family_of(address) == family]
+        if not candidates:
+            raise OSError(errno.ENETUNREACH, "Network is unreachable")
+        if family == _stdlib_socket.AF_INET6:
+            want_ula = dst in _ULA
+            for address in candidates:
+                if (address in _ULA) == want_ula:
+                    return address
+        return candidates[0]
 
     def bind(self, sock: UDPSocket | TCPSocket, ip: IPAddress | None, port: int) -> None:
         """Bind ``sock`` (socket use only); raises ``OSError`` as the kernel would.
@@ -595,9 +701,7 @@ class Router(Node):
         if packet.dst[0] in self.outside.addresses or packet.dst[0] in self.inside.addresses:
             self._note(packet, Verdict.NO_LISTENER)
             return
-        prefix = self.lan.prefix
-        inward = prefix is not None and packet.dst[0].version == prefix.version
-        inward = inward and packet.dst[0] in prefix  # type: ignore[operator]
+        inward = self.lan._owns(packet.dst[0])
         if interface is self.outside and not inward:
             self._note(packet, Verdict.NO_ROUTE)
             return
@@ -606,60 +710,143 @@ class Router(Node):
         out.network._transmit(out, packet)
 
 
-class NAT(Router):
-    """A NAT between its LAN (``lan``) and the network above it, with RFC 4787 behaviour.
-
-    ``behavior`` is its :class:`NatBehavior`; ``external_address`` is its one outside address;
-    :meth:`mappings` shows the live mapping table; ``counters`` counts verdicts.
-    """
+class _Side:
+    """What a site's gateway does with one IP version: translate (NAT), filter (firewall) or route."""
 
     def __init__(
-        self, internet: Internet, name: str, behavior: NatBehavior, external: IPAddress
+        self, version: int, policy: NatBehavior | Ipv6Firewall | None, outside: IPAddress | None
     ) -> None:
-        super().__init__(internet, name)
-        self.behavior = behavior
-        self.external_address = external
-        self.table = NatTable(external, behavior, internet.rng)
-        """The UDP translation state, a :class:`NatTable`."""
-        self.tcp_table = NatTable(
-            external,
-            dataclasses.replace(behavior, mapping_timeout=behavior.tcp_mapping_timeout),
-            internet.rng,
+        self.version = version
+        self.policy = policy
+        self.outside = outside
+        self.kind = (
+            "nat"
+            if isinstance(policy, NatBehavior)
+            else "firewall"
+            if isinstance(policy, Ipv6Firewall)
+            else "routed"
         )
-        """The TCP translation state: a separate :class:`NatTable` (its own ports), with the same
-        behaviour except that mappings live ``behavior.tcp_mapping_timeout`` seconds."""
+        self.table: NatTable | None = None
+        self.tcp_table: NatTable | None = None
 
-    def mappings(self) -> list[NatBinding]:
-        """Return the live UDP mappings (a snapshot), sorted by external port; expired ones are gone."""
-        return self.table.bindings(trio.current_time())
 
-    def tcp_mappings(self) -> list[NatBinding]:
-        """Return the live TCP mappings (a snapshot), sorted by external port."""
-        return self.tcp_table.bindings(trio.current_time())
+class NAT(Router):
+    """A site's gateway between its LAN (``lan``) and the network above it, one policy per family.
+
+    The IPv4 side (and a single-family IPv6 NAT) is an RFC 4787 NAT with ``behavior``; a
+    dual-stack or IPv6-only site adds an IPv6 side: NAT66 (the same NAT rules, translated to
+    ``external_address6``), a stateful :class:`Ipv6Firewall`, or plain routing. ``families``
+    lists the IP versions it serves; :meth:`mappings` shows the live state; ``counters`` counts
+    verdicts. ``table``, ``tcp_table``, ``behavior`` and ``external_address`` are those of the
+    first side (IPv4 when present); ``external_address`` is ``::`` for an IPv6-only firewall
+    site without ``address6``.
+    """
+
+    def __init__(self, internet: Internet, name: str, sides: list[_Side]) -> None:
+        super().__init__(internet, name)
+        self._sides = {side.version: side for side in sides}
+        for side in sides:
+            policy = side.policy
+            if isinstance(policy, NatBehavior):
+                assert side.outside is not None
+                side.table = NatTable(side.outside, policy, internet.rng)
+                side.tcp_table = NatTable(
+                    side.outside,
+                    dataclasses.replace(policy, mapping_timeout=policy.tcp_mapping_timeout),
+                    internet.rng,
+                )
+            elif isinstance(policy, Ipv6Firewall):
+                side.table = Ipv6FirewallTable(policy)
+                side.tcp_table = Ipv6FirewallTable(policy, tcp=True)
+        first = sides[0]
+        self.external_address: IPAddress = first.outside or Ipv6FirewallTable.UNUSED_EXTERNAL
+        """The outside address of the first side (the IPv4 NAT's external address)."""
+        self.external_address6: IPAddress | None = next(
+            (side.outside for side in sides if side.version == 6), None
+        )
+        """The gateway's outside IPv6 address (``address6``), or None."""
+        self.table = first.table or Ipv6FirewallTable(DEFAULT_FIREWALL)
+        """The first side's UDP translation state, a :class:`NatTable`."""
+        self.tcp_table = first.tcp_table or Ipv6FirewallTable(DEFAULT_FIREWALL, tcp=True)
+        """The first side's TCP translation state: a separate :class:`NatTable` (its own ports),
+        with the same behaviour except that mappings live ``behavior.tcp_mapping_timeout``
+        seconds."""
+        self.behavior = self.table.behavior
+        """The first side's :class:`NatBehavior` (for a firewall, the one its table runs with)."""
+
+    @property
+    def families(self) -> tuple[int, ...]:
+        """The IP versions this gateway serves, IPv4 first: ``(4,)``, ``(6,)`` or ``(4, 6)``."""
+        return tuple(sorted(self._sides))
+
+    def table_for(self, ip_version: int, *, tcp: bool = False) -> NatTable:
+        """Return the UDP (or, with ``tcp``, TCP) state table of the ``ip_version`` side.
+
+        A firewall side's table is an :class:`Ipv6FirewallTable`. Raises :class:`NetsimError` if
+        the gateway does not serve that version, or only routes it (no state).
+        """
+        side = self._sides.get(ip_version)
+        if side is None or side.table is None or side.tcp_table is None:
+            raise NetsimError(f"{self.name} keeps no IPv{ip_version} state")
+        return self._side_table(side, tcp=tcp)
+
+    def _side_table(self, side: _Side, *, tcp: bool) -> NatTable:
+        if side is self._sides[self.families[0]]:
+            return self.tcp_table if tcp else self.table  # may have been replaced by a test
+        table = side.tcp_table if tcp else side.table
+        assert table is not None
+        return table
+
+    def _tables(self, ip_version: int | None, *, tcp: bool) -> list[NatTable]:
+        versions = self.families if ip_version is None else (ip_version,)
+        return [
+            self._side_table(self._sides[v], tcp=tcp)
+            for v in versions
+            if v in self._sides and self._sides[v].table is not None
+        ]
+
+    def mappings(self, ip_version: int | None = None) -> list[NatBinding]:
+        """Return the live UDP mappings (a snapshot): IPv4 first, each side by external port.
+
+        ``ip_version`` (4 or 6) limits them to one side. A firewall state shows ``internal ==
+        external``. Expired rows are gone.
+        """
+        now = trio.current_time()
+        return [row for table in self._tables(ip_version, tcp=False) for row in table.bindings(now)]
+
+    def tcp_mappings(self, ip_version: int | None = None) -> list[NatBinding]:
+        """Return the live TCP mappings (a snapshot), as :meth:`mappings` does for UDP."""
+        now = trio.current_time()
+        return [row for table in self._tables(ip_version, tcp=True) for row in table.bindings(now)]
 
     def reset(self) -> None:
-        """Forget every UDP and TCP mapping at once, as a NAT reboot does."""
-        self.table.clear()
-        self.tcp_table.clear()
-
-    def _table(self, packet: _Packet) -> NatTable:
-        return self.table if packet.segment is None else self.tcp_table
+        """Forget every UDP and TCP mapping and firewall state at once, as a reboot does."""
+        for table in self._tables(None, tcp=False) + self._tables(None, tcp=True):
+            table.clear()
 
     def _forward(self, interface: Interface, packet: _Packet) -> None:
         now = trio.current_time()
-        if interface is self.outside:
-            self._inbound(packet, now)
+        side = self._sides.get(packet.dst[0].version)
+        if side is None:
+            self._note(packet, Verdict.NO_ROUTE, f"no IPv{packet.dst[0].version} here")
             return
-        if family_of(packet.dst[0]) != family_of(self.external_address):
-            self._note(packet, Verdict.NO_ROUTE, "family not translated")
-            return
-        if packet.dst[0] == self.external_address:
-            self._hairpin(packet, now)
-            return
-        if packet.dst[0] in self.inside.addresses:
+        if side.kind == "routed":
+            super()._forward(interface, packet)
+        elif side.kind == "firewall":
+            self._filter(side, interface, packet, now)
+        elif interface is self.outside:
+            self._inbound(side, packet, now)
+        elif packet.dst[0] == side.outside:
+            self._hairpin(side, packet, now)
+        elif packet.dst[0] in self.inside.addresses:
             self._note(packet, Verdict.NO_LISTENER)
-            return
-        mapped = self._table(packet).outbound(packet.src, packet.dst, now)
+        else:
+            self._outbound(side, packet, now)
+
+    def _outbound(self, side: _Side, packet: _Packet, now: float) -> None:
+        mapped = self._side_table(side, tcp=packet.segment is not None).outbound(
+            packet.src, packet.dst, now
+        )
         if mapped is None:
             self._note(packet, Verdict.PORTS_EXHAUSTED)
             return
@@ -670,12 +857,13 @@ class NAT(Router):
         out = _Packet(mapped, packet.dst, packet.payload, packet.ttl, packet.segment)
         self.outside.network._transmit(self.outside, out)
 
-    def _inbound(self, packet: _Packet, now: float) -> None:
-        if packet.dst[0] != self.external_address:
+    def _inbound(self, side: _Side, packet: _Packet, now: float) -> None:
+        if packet.dst[0] != side.outside:
             self._note(packet, Verdict.NO_ROUTE)
             return
         # An unsolicited inbound SYN finds no mapping and is dropped silently (RFC 5382 REQ-4).
-        internal, reason = self._table(packet).inbound(packet.src, packet.dst[1], now)
+        table = self._side_table(side, tcp=packet.segment is not None)
+        internal, reason = table.inbound(packet.src, packet.dst[1], now)
         if internal is None:
             self._note(packet, Verdict(reason))
             return
@@ -683,16 +871,48 @@ class NAT(Router):
         translated = _Packet(packet.src, internal, packet.payload, packet.ttl, packet.segment)
         self.inside.network._transmit(self.inside, translated)
 
-    def _hairpin(self, packet: _Packet, now: float) -> None:
-        if not self.behavior.hairpinning:
+    def _hairpin(self, side: _Side, packet: _Packet, now: float) -> None:
+        table = self._side_table(side, tcp=packet.segment is not None)
+        primary = side is self._sides[self.families[0]]
+        if not (self.behavior if primary else table.behavior).hairpinning:
             self._note(packet, Verdict.NO_HAIRPIN)
             return
-        mapped = self._table(packet).outbound(packet.src, packet.dst, now)
+        mapped = table.outbound(packet.src, packet.dst, now)
         if mapped is None:
             self._note(packet, Verdict.PORTS_EXHAUSTED)
             return
         self._note(packet, Verdict.HAIRPINNED, f"{_text(packet.src)} as {_text(mapped)}")
-        self._inbound(_Packet(mapped, packet.dst, packet.payload, packet.ttl, packet.segment), now)
+        self._inbound(
+            side, _Packet(mapped, packet.dst, packet.payload, packet.ttl, packet.segment), now
+        )
+
+    def _filter(self, side: _Side, interface: Interface, packet: _Packet, now: float) -> None:
+        dst = packet.dst[0]
+        if dst in self.outside.addresses or dst in self.inside.addresses:
+            self._note(packet, Verdict.NO_LISTENER)
+            return
+        table = self._side_table(side, tcp=packet.segment is not None)
+        inward = self.lan._owns(dst)
+        if interface is self.outside:
+            if not inward:
+                self._note(packet, Verdict.NO_ROUTE)
+                return
+            admitted, _ = table.inbound(packet.src, packet.dst[1], now, address=dst)
+            if admitted is None:
+                self._note(packet, Verdict.FILTERED, "no state")
+                return
+            self._note(packet, Verdict.FORWARDED, "fw established")
+            self.inside.network._transmit(self.inside, packet)
+            return
+        detail = ""
+        if self.internet.trace is not None:
+            known = isinstance(table, Ipv6FirewallTable) and table.has_state(
+                packet.src, packet.dst, now
+            )
+            detail = "fw established" if known else "fw new"
+        table.outbound(packet.src, packet.dst, now)
+        self._note(packet, Verdict.FORWARDED, detail)
+        self.outside.network._transmit(self.outside, packet)
 
 
 def _connection_order(key: tuple[Endpoint, Endpoint]) -> tuple[int, ...]:
@@ -711,13 +931,28 @@ def _text(endpoint: Endpoint) -> str:
     return format_endpoint(endpoint)
 
 
-def _lan(internet: Internet, name: str, prefix: str) -> Network:
-    try:
-        network = ipaddress.ip_network(prefix)
-    except ValueError:
-        raise NetsimError(
-            f"LAN prefix must be a CIDR literal like 10.0.0.0/24, got {prefix!r}"
-        ) from None
-    if network.num_addresses < 4:
-        raise NetsimError(f"LAN prefix {prefix} is too small")
-    return Network(internet, name, network)
+def _prefixes(
+    given: str | Sequence[str] | None, *, what: str, version: int | None = None
+) -> tuple[IPNetwork, ...]:
+    """Parse LAN prefixes (one CIDR text or several; None for none); raise :class:`NetsimError`."""
+    if given is None:
+        return ()
+    texts = [given] if isinstance(given, str) else list(given)
+    parsed: list[IPNetwork] = []
+    for text in texts:
+        try:
+            network = ipaddress.ip_network(text)
+        except (TypeError, ValueError):
+            raise NetsimError(
+                f"{what} must be a CIDR literal like 10.0.0.0/24 or 2001:db8:1::/64, got {text!r}"
+            ) from None
+        if version is not None and network.version != version:
+            raise NetsimError(f"{what} must be an IPv{version} prefix, got {text}")
+        if network.num_addresses < 4:
+            raise NetsimError(f"LAN prefix {text} is too small")
+        if any(network.overlaps(other) for other in parsed if other.version == network.version):
+            raise NetsimError(f"{what} prefixes overlap: {text}")
+        parsed.append(network)
+    if not parsed and not isinstance(given, str):
+        raise NetsimError(f"{what} must name at least one prefix")
+    return tuple(parsed)

@@ -43,6 +43,8 @@ class Verdict(str, enum.Enum):
     """The packet crossed too many routers (a routing loop)."""
     BLOCKED = "blocked"
     """A router or NAT with ``block_udp`` dropped a UDP packet."""
+    FILTERED = "filtered"
+    """A stateful IPv6 firewall dropped an inbound packet that matches no state."""
 
 
 @dataclass(frozen=True)
