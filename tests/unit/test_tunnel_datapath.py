@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import ipaddress
+import math
 import socket
 import sys
 import threading
@@ -12,7 +13,7 @@ import pytest
 import trio
 import trio.testing
 
-from punchtrio.tunnel import UserspaceTunnel
+from punchtrio.tunnel import UserspaceTunnel, _datapath
 from punchtrio.tunnel._tunwriter import INLINE_TUN_WRITES
 from punchtrio.tunnel._turns import RunLoopTurns, clock_is_real
 from punchtrio.wireguard import Device, PeerConfig
@@ -233,3 +234,98 @@ async def test_an_error_on_the_data_thread_ends_serve_with_it(
         await serve_one_datagram()
     assert raised.group_contains(ValueError, match="a bug", depth=None)
     assert tunnel.data_path == "thread"
+
+
+class QueueingDevice(StandInDevice):
+    """A stand-in that queues handshake messages (first byte 1) as a deferring Device does."""
+
+    def __init__(self) -> None:
+        super().__init__(peer=None)
+        self.pending = 0
+        self.processed = 0
+        self.threads: set[int] = set()  # where queued messages were processed
+
+    @property
+    def handshake_queue_room(self) -> int:
+        return 1024 - self.pending
+
+    def receive_datagram(self, data: bytes, addr: tuple[str, int], now: float) -> bytes | None:
+        if data[:1] == b"\x01":
+            self.pending += 1
+            return None
+        return super().receive_datagram(data, addr, now)
+
+    def process_handshakes(self, now: float, limit: int) -> bool:
+        n = min(limit, self.pending)
+        if n:
+            self.threads.add(threading.get_ident())
+        self.pending -= n
+        self.processed += n
+        return self.pending > 0
+
+    def get_timer(self) -> float | None:
+        return -math.inf if self.pending else self.deadline  # due at once while queued
+
+    def handle_timer(self, now: float) -> None:
+        self.process_handshakes(now, 16)
+        super().handle_timer(now)
+
+
+async def test_a_handshake_backlog_is_served_on_the_data_thread_behind_transport(
+    fake_tuns: tuple[FakeTun, FakeTun],
+) -> None:
+    # Trio's thread must not take queued handshakes through its timer while the data thread
+    # runs: two threads taking turns with the GIL delay every packet by up to 5 ms.
+    tun, _ = fake_tuns
+    sock, handshake = _udp(), _udp()
+    device = QueueingDevice()
+    tunnel = UserspaceTunnel(device, tun, [sock], handshake_sockets=[handshake], data_thread=True)
+    flood = [b"\x01" + bytes(147)] * 3000
+    transport = [b"\x04" + bytes([i]) * 100 for i in range(100)]
+    with sock, handshake, socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sender:
+        async with trio.open_nursery() as nursery:
+            await nursery.start(tunnel.serve)
+            for i, datagram in enumerate(flood):
+                sender.sendto(datagram, handshake.getsockname())
+                if i % 30 == 0:
+                    sender.sendto(transport[i // 30], sock.getsockname())
+            assert await _receive(tun.outside, len(transport)) == [d[1:] for d in transport]
+            with trio.fail_after(10):
+                while device.processed < len(flood):  # noqa: ASYNC110 - a plain counter
+                    await trio.sleep(0.01)
+            nursery.cancel_scope.cancel()
+    assert device.processed == len(flood)
+    assert device.threads
+    assert threading.get_ident() not in device.threads
+    assert tunnel.counters.datagrams_received == len(flood) + len(transport)
+
+
+async def test_handshake_work_rests_while_transport_flows_and_not_after(
+    fake_tuns: tuple[FakeTun, FakeTun], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # A share this small makes each turn of handshake work rest about a thousand times as long
+    # as it took: while transport flows the backlog on the handshake socket is read slowly;
+    # once transport stops (TRANSPORT_RECENT), it is read at once.
+    monkeypatch.setattr(_datapath, "HANDSHAKE_SHARE", 0.001)
+    tun, _ = fake_tuns
+    sock, handshake = _udp(), _udp()
+    device = QueueingDevice()
+    tunnel = UserspaceTunnel(device, tun, [sock], handshake_sockets=[handshake], data_thread=True)
+    flood = [b"\x01" + bytes(147)] * 1000
+    with sock, handshake, socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sender:
+        async with trio.open_nursery() as nursery:
+            await nursery.start(tunnel.serve)
+            sender.sendto(b"\x04first", sock.getsockname())  # transport flows from now on
+            assert await _receive(tun.outside, 1) == [b"first"]
+            for datagram in flood:
+                sender.sendto(datagram, handshake.getsockname())
+            for i in range(60):  # 0.3 s of transport, one datagram every 5 ms
+                sender.sendto(b"\x04" + bytes([i]), sock.getsockname())
+                await trio.sleep(0.005)
+            while_flowing = device.processed
+            with trio.fail_after(10):
+                while device.processed < len(flood):  # noqa: ASYNC110 - a plain counter
+                    await trio.sleep(0.01)
+            nursery.cancel_scope.cancel()
+    assert while_flowing < len(flood) / 2
+    assert device.processed == len(flood)

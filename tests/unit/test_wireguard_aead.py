@@ -76,3 +76,28 @@ def test_functions_that_fail_the_known_answer_test_mean_the_fallback() -> None:
     assert _aead._load_sodium(SimpleNamespace(ffi=ffi, lib=lenient)) is None
     # and the real module passes
     assert _aead._load_sodium(SimpleNamespace(ffi=ffi, lib=lib)) is not None
+
+
+def test_cookie_replies_are_sealed_on_the_direct_path_and_match_the_bindings() -> None:
+    assert _aead.COOKIE_BACKEND == "libsodium (direct)", f"PyNaCl {nacl.__version__}"
+    assert _aead.seal_cookie is not _aead._seal_cookie_bindings
+    nonce = bytes(range(24))
+    for cookie, mac1 in ((bytes(16), bytes(16)), (b"\xaa" * 16, bytes(range(16)))):
+        sealed = _aead.seal_cookie(cookie, mac1, nonce, KEY)
+        assert len(sealed) == 32
+        assert sealed == _aead._seal_cookie_bindings(cookie, mac1, nonce, KEY)
+    assert _aead.seal_cookie(bytes(16), bytes(16), nonce, KEY) != _aead.seal_cookie(
+        bytes(16), b"\x01" + bytes(15), nonce, KEY
+    )
+
+
+def test_a_cookie_sealer_that_fails_its_known_answer_test_means_the_fallback() -> None:
+    from nacl._sodium import ffi, lib
+
+    def wrong_encrypt(*args: Any) -> int:
+        return 0  # writes nothing, says OK
+
+    assert _aead._load_sodium_cookie(SimpleNamespace(ffi=None, lib=SimpleNamespace())) is None
+    broken = SimpleNamespace(crypto_aead_xchacha20poly1305_ietf_encrypt=wrong_encrypt)
+    assert _aead._load_sodium_cookie(SimpleNamespace(ffi=ffi, lib=broken)) is None
+    assert _aead._load_sodium_cookie(SimpleNamespace(ffi=ffi, lib=lib)) is not None

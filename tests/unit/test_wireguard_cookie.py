@@ -48,6 +48,29 @@ def test_cookie_round_trip_binds_mac2_to_the_source_address() -> None:
     assert gen.add_macs(bytes(116), now=121.5)[-16:] == bytes(16)
 
 
+def test_check_mac2_or_reply_is_check_mac2_then_create_reply() -> None:
+    public = bytes(range(32))
+    seed = 7
+    checker = CookieChecker(public, random.Random(seed).randbytes)
+    same = CookieChecker(public, random.Random(seed).randbytes)
+    gen = CookieGenerator(public)
+    msg = gen.add_macs(bytes(116), now=0.0)  # no cookie yet: mac2 is zero
+    reply = checker.check_mac2_or_reply(msg, 5, ADDR_A, 0.0)
+    assert not same.check_mac2(msg, ADDR_A, 0.0)
+    assert reply == same.create_reply(msg, 5, ADDR_A, 0.0)  # same secret, same nonce
+    assert reply is not None
+    assert gen.consume_reply(parse_cookie_reply(reply), 0.5)
+    retry = gen.add_macs(bytes(116), now=1.0)
+    assert checker.check_mac2_or_reply(retry, 5, ADDR_A, 1.0) is None
+    other = checker.check_mac2_or_reply(retry, 5, ("192.0.2.99", ADDR_A[1]), 1.0)
+    assert other is not None
+    assert len(other) == COOKIE_REPLY_SIZE
+    # A wrong mac2 that is not zero is refused too.
+    forged = retry[:-1] + bytes([retry[-1] ^ 1])
+    assert checker.check_mac2_or_reply(forged, 5, ADDR_A, 1.0) is not None
+    assert not checker.check_mac2(forged, ADDR_A, 1.0)
+
+
 def test_cookie_reply_that_does_not_match_our_mac1_is_rejected() -> None:
     public = bytes(range(32))
     checker = CookieChecker(public, random.Random(1).randbytes)

@@ -12,6 +12,7 @@ the same batch functions below; only the waiting differs.
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import math
 import os
@@ -50,9 +51,34 @@ HANDSHAKE_READS = 64
 HANDSHAKES_PER_BATCH = 8
 """Queued handshake messages processed after each batch of UDP datagrams, once its transport
 data is decrypted and handed to the TUN: a handshake flood gets this share, never more, and what
-is left waits for the next batch or the device's timer."""
+is left waits for the next batch or the device's timer. With handshake sockets (see
+:func:`split_handshakes`) only their batches process handshakes: a transport batch then ends as
+soon as its packets are handed on."""
+
+HANDSHAKE_SHARE = 0.25
+"""Most of the data thread's time spent on handshake work (reading the handshake sockets,
+processing queued messages) while transport data flows (within :data:`TRANSPORT_RECENT`), as a
+fraction (a quarter); with no transport data, handshakes may take all of it.
+
+A flood would otherwise keep the thread busy all the time, reading messages to drop them, and a
+thread that never sleeps waits for the CPU when a packet comes (the scheduler favours threads
+that slept). After each turn of handshake work the handshake sockets rest three times as long
+as the turn took: the kernel drops what overruns their buffers, at no cost to the process, and
+the thread is idle, or on transport data, the rest of the time. Under a flood this bounds the
+handshakes answered (cookie replies, DH) to what a quarter of one core can do while the tunnel
+carries traffic; a legitimate initiation the kernel dropped is retried after REKEY_TIMEOUT."""
+
+TRANSPORT_RECENT = 0.1
+"""Seconds after the last transport datagram or TUN packet during which :data:`HANDSHAKE_SHARE`
+applies (100 ms)."""
+
+THREAD_TIMER_INTERVAL = 0.001
+"""Seconds between two :meth:`WireGuardDevice.handle_timer` calls by the data thread at most
+while it also serves a handshake socket (1 ms): the timer's share of the queue comes on top of
+the handshake batches', so it is spaced out while a flood keeps that socket readable."""
 
 _READ_SIZE = 65535
+_MIN_REST = 0.001  # epoll's resolution: a shorter rest would sleep a whole millisecond anyway
 
 LINGER = 0.001
 """Seconds a Trio-thread reader waits on its own descriptors after a batch (1 ms; 0 turns it off).
@@ -178,6 +204,8 @@ class UserspaceTunnel:
         self._handoff_wake: trio.Event | None = None
         self._token: trio.lowlevel.TrioToken | None = None
         self._turns: RunLoopTurns | None = None
+        self._wake_w: int | None = None  # the data thread's wake-up pipe while it runs
+        self._wake_r: int | None = None
         self.data_path = ""
         """Which data path :meth:`serve` runs: ``"thread"`` (the data thread), ``"trio"`` (Trio
         tasks), or ``""`` before it starts."""
@@ -285,8 +313,10 @@ class UserspaceTunnel:
         """Run the data thread (and the task that takes its hand-offs) until cancelled."""
         assert self._poller is not None
         stop = threading.Event()
-        wake_r, wake_w = os.pipe()
+        wake_r, wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
         self._poller.register(wake_r, select.EPOLLIN)
+        self._batches[wake_r] = self._drain_wake(wake_r)
+        self._wake_r = wake_r
         self._token = trio.lowlevel.current_trio_token()
         self._handoff_wake = trio.Event()
         turns = self._turns = RunLoopTurns()
@@ -296,8 +326,11 @@ class UserspaceTunnel:
                 nursery.start_soon(self._take_handoffs)
                 nursery.start_soon(self._stop_thread_when_cancelled, stop, wake_w)
                 task_status.started()
+                self._wake_w = wake_w
                 await trio.to_thread.run_sync(self._thread_loop, turns, stop)
         finally:
+            self._wake_w = self._wake_r = None
+            self._batches.pop(wake_r, None)
             trio.lowlevel.remove_instrument(turns)
             self._token = None
             os.close(wake_r)
@@ -308,31 +341,115 @@ class UserspaceTunnel:
             await trio.sleep_forever()
         finally:
             stop.set()
-            os.write(wake, b"x")
+            with contextlib.suppress(BlockingIOError):
+                os.write(wake, b"x")
+
+    @staticmethod
+    def _drain_wake(fd: int) -> Callable[[], tuple[bool, list[bytes] | None]]:
+        """Return a batch function that empties the data thread's wake-up pipe."""
+
+        def batch() -> tuple[bool, list[bytes] | None]:
+            with contextlib.suppress(BlockingIOError):
+                while os.read(fd, 4096):
+                    pass
+            return True, None
+
+        return batch
 
     def _thread_loop(self, turns: RunLoopTurns, stop: threading.Event) -> None:
-        """The data thread: sleep on the descriptors, serve them in turns with Trio's run loop."""
+        """The data thread: sleep on the descriptors, serve them in turns with Trio's run loop.
+
+        Each turn serves the transport descriptors (UDP sockets, TUN) first, up to
+        :data:`THREAD_BATCHES` batches each, then one batch of each readable handshake socket;
+        when the device's timer is due (at once while handshake messages are queued), the thread
+        calls ``handle_timer`` itself and polls without sleeping until it is not. So the flood's
+        work stays on this thread, in small quanta behind transport data, and Trio's thread is
+        never woken for it (two threads taking turns with the GIL would delay every packet by up
+        to the interpreter's switch interval, 5 ms). Handshake work (those batches and timer
+        calls) gets at most :data:`HANDSHAKE_SHARE` of the thread's time while transport data
+        flows: after each turn of it, the handshake sockets and a due timer rest in proportion
+        to the time it took, while transport descriptors are still served at once.
+        """
         assert self._poller is not None
-        poll = self._poller.poll
+        poller = self._poller
+        poll = poller.poll
         batches = self._batches
         put = self._tun_writer.put_blocking
+        device = self.device
+        now_ = self._now
+        handshake_fds = [sock.fileno() for sock in self._handshake_sockets]
+        rest_per_second = (1.0 - HANDSHAKE_SHARE) / HANDSHAKE_SHARE
+        due = resting = False
+        resting_until = last_timer = last_transport = -math.inf
+        spent = 0.0  # seconds of handshake work since the last rest
+        wake = self._wake_r
         while not stop.is_set():
-            ready = poll()
+            timeout = -1.0
+            if resting:
+                left = resting_until - now_()
+                if left > 0:
+                    timeout = left
+                else:
+                    resting = False
+                    for fd in handshake_fds:
+                        poller.modify(fd, select.EPOLLIN)
+            if due and not resting:
+                timeout = 0.0
+            ready = poll(timeout)
             stalled = None
             turns.acquire()
             try:
                 if stop.is_set():
                     return
+                later = []
                 for fd, _flags in ready:
+                    if fd in handshake_fds:
+                        later.append(fd)  # behind the transport descriptors, one batch each
+                        continue
                     batch = batches.get(fd)
                     if batch is None:
                         continue
+                    if fd != wake:
+                        last_transport = now_()
                     for _ in range(THREAD_BATCHES):
                         drained, stalled = batch()
                         if drained or stalled is not None or turns.loop_waiting:
                             break
                     if stalled is not None:
                         break
+                if stalled is None and not resting:
+                    began = now_()
+                    worked = bool(later)
+                    for fd in later:
+                        stalled = batches[fd]()[1]
+                        if stalled is not None:
+                            break
+                    now = now_()
+                    deadline = device.get_timer()
+                    if (
+                        stalled is None
+                        and deadline is not None
+                        and deadline <= now
+                        and (not later or now - last_timer >= THREAD_TIMER_INTERVAL)
+                    ):
+                        last_timer = now
+                        worked = True
+                        device.handle_timer(now)
+                        self._flush_from_thread()
+                        deadline = device.get_timer()
+                    ended = now_()
+                    due = deadline is not None and deadline <= ended
+                    if not (rest_per_second > 0 and ended - last_transport < TRANSPORT_RECENT):
+                        spent = 0.0
+                    elif worked:
+                        # epoll sleeps whole milliseconds: short turns add up to one rest.
+                        spent += ended - began
+                        if spent * rest_per_second >= _MIN_REST:
+                            resting_until = ended + spent * rest_per_second
+                            resting = True
+                            spent = 0.0
+                            for fd in handshake_fds:
+                                poller.modify(fd, 0)  # the kernel keeps (or drops) what arrives
             finally:
                 turns.release()
             if stalled is not None:
@@ -351,7 +468,9 @@ class UserspaceTunnel:
                 self._handoff_events.append(event)
                 due = True
         deadline = device.get_timer()
-        if deadline is not None and deadline < self._armed:
+        # A deadline already past is the data thread's own (see _thread_loop): Trio's timer
+        # takes only those still ahead.
+        if deadline is not None and deadline < self._armed and deadline > self._now():
             self._armed = deadline
             due = True
         if due and not self._handoff_due and self._token is not None:
@@ -455,6 +574,8 @@ class UserspaceTunnel:
         now_ = self._now
 
         device = self.device
+        # With handshake sockets, transport batches leave the queue to their batches and the timer.
+        quantum = HANDSHAKES_PER_BATCH if handshakes or not self._handshake_sockets else 0
 
         def batch() -> tuple[bool, list[bytes] | None]:
             now = now_()
@@ -508,7 +629,8 @@ class UserspaceTunnel:
             counters.receive_errors += errors
             stalled = packets if packets and not offer(packets) else None
             # Handshakes after the batch's transport data, a bounded share (the device queued them).
-            process_handshakes(now, HANDSHAKES_PER_BATCH)
+            if quantum:
+                process_handshakes(now, quantum)
             flush()
             return drained, stalled
 
@@ -622,6 +744,11 @@ class UserspaceTunnel:
             while (event := device.next_event()) is not None:
                 self.on_event(event)
         deadline = device.get_timer()
+        if deadline is not None and self._wake_w is not None and deadline <= self._now():
+            # Due now (handshake messages queued): the data thread serves it, not Trio's thread.
+            with contextlib.suppress(BlockingIOError):
+                os.write(self._wake_w, b"t")
+            return
         # Only an earlier deadline re-arms the timer: a later one lets it fire early, which the
         # device allows, instead of moving the cancel scope on nearly every packet.
         if deadline is not None and deadline < self._armed:

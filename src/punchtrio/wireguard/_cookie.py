@@ -13,16 +13,15 @@ from __future__ import annotations
 import hmac
 import ipaddress
 import socket
+import struct
 from collections.abc import Callable
 
-from nacl.bindings import (
-    crypto_aead_xchacha20poly1305_ietf_decrypt,
-    crypto_aead_xchacha20poly1305_ietf_encrypt,
-)
+from nacl.bindings import crypto_aead_xchacha20poly1305_ietf_decrypt
 from nacl.exceptions import CryptoError
 
+from ._aead import seal_cookie
 from ._config import Address
-from ._messages import CookieReply
+from ._messages import MESSAGE_COOKIE_REPLY, CookieReply
 from ._noise import LABEL_COOKIE, LABEL_MAC1, hash_, mac
 
 MAC_SIZE = 16
@@ -30,6 +29,7 @@ MAC_SIZE = 16
 COOKIE_NONCE_SIZE = 24
 """Bytes in an XChaCha20-Poly1305 nonce."""
 _NO_MAC = bytes(MAC_SIZE)
+_REPLY_HEADER = struct.Struct("<II")
 
 
 def address_bytes(addr: Address) -> bytes:
@@ -74,15 +74,31 @@ class CookieChecker:
 
     def check_mac2(self, msg: bytes, addr: Address, now: float) -> bool:
         """Return whether ``msg`` carries a mac2 made with the current cookie for ``addr``."""
+        if msg[-16:] == _NO_MAC:  # no cookie at all: a flood's usual message, no MAC needed
+            return False
         return hmac.compare_digest(mac(self._cookie(addr, now), msg[:-16]), msg[-16:])
+
+    def check_mac2_or_reply(
+        self, msg: bytes, receiver: int, addr: Address, now: float
+    ) -> bytes | None:
+        """Return ``None`` if ``msg`` carries a valid mac2 for ``addr``, else the cookie reply.
+
+        The same as :meth:`check_mac2` then :meth:`create_reply`, computing the cookie once.
+        """
+        mac2 = msg[-16:]
+        cookie = self._cookie(addr, now)
+        if mac2 != _NO_MAC and hmac.compare_digest(mac(cookie, msg[:-16]), mac2):
+            return None
+        return self._reply(cookie, msg, receiver)
 
     def create_reply(self, msg: bytes, receiver: int, addr: Address, now: float) -> bytes:
         """Return a 64-byte cookie reply to ``msg`` (sent from ``addr`` by sender index ``receiver``)."""
+        return self._reply(self._cookie(addr, now), msg, receiver)
+
+    def _reply(self, cookie: bytes, msg: bytes, receiver: int) -> bytes:
         nonce = self._random(COOKIE_NONCE_SIZE)
-        sealed = crypto_aead_xchacha20poly1305_ietf_encrypt(
-            self._cookie(addr, now), msg[-32:-16], nonce, self._cookie_key
-        )
-        return CookieReply(receiver, nonce, sealed).encode()
+        sealed = seal_cookie(cookie, msg[-32:-16], nonce, self._cookie_key)
+        return _REPLY_HEADER.pack(MESSAGE_COOKIE_REPLY, receiver) + nonce + sealed
 
 
 class CookieGenerator:

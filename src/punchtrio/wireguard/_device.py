@@ -854,9 +854,11 @@ class Device:
             if not charged and not self._limiter.allow(addr, now):
                 self.counters["rate_limited"] += 1
                 return
-            if not self._checker.check_mac2(data, addr, now):
-                sender = int.from_bytes(data[4:8], "little")
-                self._out.append((self._checker.create_reply(data, sender, addr, now), addr))
+            reply = self._checker.check_mac2_or_reply(
+                data, int.from_bytes(data[4:8], "little"), addr, now
+            )
+            if reply is not None:
+                self._out.append((reply, addr))
                 self.counters["under_load"] += 1
                 return
         try:
