@@ -394,7 +394,9 @@ def test_a_peer_that_moves_rebinds_and_its_old_address_is_unbound() -> None:
     assert world.server.is_bound(a.addr)
     assert not world.server.is_bound(old)
     b.send(a, b"to the new address")
-    assert list(world.deliver()) == [a.addr]
+    routed = world.deliver()
+    assert old not in routed
+    assert a.receive_all(routed) == [(b.key, b"to the new address")]
 
 
 def test_bound_with_a_wrong_mac_is_ignored() -> None:
@@ -405,7 +407,7 @@ def test_bound_with_a_wrong_mac_is_ignored() -> None:
     assert isinstance(parsed, Bind)
     from punchtrio.relay._hub_frames import bound_body
 
-    forged = bound_body(parsed.timestamp, 90_000) + bytes(32)
+    forged = bound_body(parsed.timestamp, 90_000, 7) + bytes(32)
     assert a.relay.receive_frame(forged, world.now) is None
     assert not a.relay.bound
     assert a.relay.counters["bad_mac"] == 1
@@ -493,3 +495,127 @@ def test_reprs_hide_keys() -> None:
     for text in (repr(a.relay), repr(world.server), repr(parse_control(bind))):
         assert a.key.hex() not in text
         assert "mac" not in text.lower()
+
+
+# -- channels: short data frames after the relay names a peer ----------------------------------
+
+
+def _learn_channels(world: World, a: Client, b: Client) -> None:
+    """Both send keyed frames, learn their channels from the relay's CHANNEL frames."""
+    a.send(b, b"keyed a")
+    b.send(a, b"keyed b")
+    routed = world.deliver()
+    assert a.receive_all(routed) == [(b.key, b"keyed b")]
+    assert b.receive_all(routed) == [(a.key, b"keyed a")]
+    assert a.relay.channel_of(b.key) is not None
+    assert b.relay.channel_of(a.key) is not None
+
+
+def test_peers_switch_to_channel_frames_after_the_relay_names_them() -> None:
+    world = World()
+    a, b = world.client(), world.client()
+    a.bind()
+    b.bind()
+    _learn_channels(world, a, b)
+    assert world.server.counters["channels"] == 2
+    assert len(a.relay.wrap(b.key, b"x" * 100)) == 7 + 100
+    # a uses its channel first: b has not yet, so b still gets a keyed frame from a
+    a.send(b, b"short from a")
+    (to_b,) = world.deliver()[b.addr]
+    assert to_b[4] == 0x11
+    assert b.relay.receive_frame(to_b, world.now) == (a.key, b"short from a")
+    # b uses its channel: now both directions are short
+    b.send(a, b"short from b")
+    (to_a,) = world.deliver()[a.addr]
+    assert to_a[4] == 0x13
+    assert len(to_a) == 7 + len(b"short from b")
+    assert a.relay.receive_frame(to_a, world.now) == (b.key, b"short from b")
+    a.send(b, b"again")
+    (to_b,) = world.deliver()[b.addr]
+    assert to_b[4] == 0x13
+    assert b.relay.receive_frame(to_b, world.now) == (a.key, b"again")
+    assert world.server.counters["forwarded"] == 5
+
+
+def test_channel_announcements_repeat_at_most_once_a_second() -> None:
+    world = World()
+    a, b = world.client(), world.client()
+    a.bind()
+    b.bind()
+    for _ in range(3):
+        world.server.receive_datagram(b"\xf1prl\x10" + b.key + b"k", a.addr, world.now)
+    assert world.server.counters["channels"] == 1
+    world.now += 1.0
+    world.server.receive_datagram(b"\xf1prl\x10" + b.key + b"k", a.addr, world.now)
+    assert world.server.counters["channels"] == 2
+    frames = world.deliver()[a.addr]
+    assert [f[4] for f in frames] == [0x06, 0x06]
+    assert len({f[5:11] for f in frames}) == 1  # the same epoch and number each time
+
+
+def test_unknown_channels_and_unbound_senders_are_dropped_and_counted() -> None:
+    world = World()
+    a, b, c = world.client(), world.client(), world.client()
+    a.bind()
+    b.bind()
+    c.bind()
+    _learn_channels(world, a, b)
+    channel = a.relay.channel_of(b.key)
+    assert channel is not None
+    frame = a.relay.wrap(b.key, b"hijack")
+    # c never got that channel: its table does not name b, nothing is forwarded
+    world.server.receive_datagram(frame, c.addr, world.now)
+    assert world.server.dropped["unknown_channel"] == 1
+    world.server.receive_datagram(frame, ("198.51.100.9", 9), world.now)
+    assert world.server.dropped["unbound"] == 1
+    world.server.receive_datagram(b"\xf1prl\x12\x00", a.addr, world.now)
+    assert world.server.dropped["malformed"] == 1
+    world.server.receive_datagram(b"\xf1prl\x12\x00\x01" + bytes(MAX_PAYLOAD + 1), a.addr, 0.0)
+    assert world.server.dropped["oversized"] == 1
+    assert world.deliver() == {}
+    # a data frame on a channel the client was never told of is dropped by the client
+    assert a.relay.receive_frame(b"\xf1prl\x13\x7f\x7fdata", world.now) is None
+    assert a.relay.counters["unknown_channel"] == 1
+
+
+def test_forged_or_stale_channel_frames_are_ignored() -> None:
+    from punchtrio.relay._hub_frames import channel_body
+
+    world = World()
+    a, b = world.client(), world.client()
+    a.bind()
+    b.bind()
+    a.send(b, b"keyed")
+    (announce,) = world.deliver()[a.addr]
+    forged = announce[:-32] + bytes(32)
+    assert a.relay.receive_frame(forged, world.now) is None
+    assert a.relay.counters["bad_mac"] == 1
+    epoch = int.from_bytes(announce[5:9], "big")
+    other_epoch = channel_body((epoch + 1) % 2**32, 1, b.key) + announce[-32:]
+    assert a.relay.receive_frame(other_epoch, world.now) is None
+    assert a.relay.channel_of(b.key) is None
+    assert a.relay.receive_frame(announce, world.now) is None
+    assert a.relay.channel_of(b.key) == 1
+
+
+def test_renewal_keeps_channels_and_a_new_address_starts_afresh() -> None:
+    world = World()
+    a, b = world.client(), world.client()
+    a.bind()
+    b.bind()
+    _learn_channels(world, a, b)
+    world.now += 35.0  # past the renewal point (a third of 90 s, jittered by 10 %: 27-33 s)
+    a.relay.handle_timer(world.now)
+    a.pump()
+    assert isinstance(a.relay.next_event(), RelayBound)
+    assert a.relay.channel_of(b.key) is not None
+    a.send(b, b"after renewal")
+    assert b.receive_all(world.deliver()) == [(a.key, b"after renewal")]
+    # a moves: a fresh binding, a new channel table, back to keyed frames
+    a.addr = ("192.0.2.201", 40002)
+    a.relay.connect(world.now)
+    a.pump()
+    assert a.relay.channel_of(b.key) is None
+    assert a.relay.wrap(b.key, b"")[4] == 0x10
+    a.send(b, b"keyed again")
+    assert b.receive_all(world.deliver()) == [(a.key, b"keyed again")]

@@ -24,10 +24,13 @@ from punchtrio.relay._hub_frames import (
     Bind,
     Bound,
     Challenge,
+    Channel,
     Hello,
     Refused,
     bind_body,
     bound_body,
+    channel_body,
+    channel_prefix,
     encode_challenge,
     encode_hello,
     encode_refused,
@@ -37,9 +40,11 @@ from punchtrio.relay._hub_frames import (
 
 keys = st.binary(min_size=32, max_size=32)
 u64 = st.integers(min_value=0, max_value=2**64 - 1)
+u32 = st.integers(min_value=0, max_value=2**32 - 1)
+channels = st.integers(min_value=1, max_value=0xFFFF)
 relay_frames = st.builds(
     lambda kind, body: b"\xf1prl" + bytes([kind]) + body,
-    st.sampled_from([0x01, 0x02, 0x03, 0x04, 0x05, 0x10, 0x11, 0x00, 0xFF]),
+    st.sampled_from([0x01, 0x02, 0x03, 0x04, 0x05, 0x06, 0x10, 0x11, 0x12, 0x13, 0x00, 0xFF]),
     st.binary(max_size=200),
 )
 anything = st.one_of(st.binary(max_size=200), relay_frames)
@@ -62,11 +67,38 @@ def test_bind_round_trips(
     assert classify(frame) is Kind.RELAY
 
 
-@given(u64, st.integers(min_value=0, max_value=2**32 - 1), st.binary(min_size=32, max_size=32),
-       st.integers(min_value=0, max_value=255))  # fmt: skip
-def test_bound_and_refused_round_trip(stamp: int, lifetime: int, mac: bytes, code: int) -> None:
-    assert parse_control(bound_body(stamp, lifetime) + mac) == Bound(stamp, lifetime, mac)
+@given(u64, u32, u32, st.binary(min_size=32, max_size=32), st.integers(min_value=0, max_value=255))
+def test_bound_and_refused_round_trip(
+    stamp: int, lifetime: int, epoch: int, mac: bytes, code: int
+) -> None:
+    frame = bound_body(stamp, lifetime, epoch) + mac
+    assert parse_control(frame) == Bound(stamp, lifetime, epoch, mac)
+    assert len(frame) == 53
     assert parse_control(encode_refused(stamp, code)) == Refused(stamp, code)
+
+
+@given(u32, channels, keys, st.binary(min_size=32, max_size=32))
+def test_channel_round_trips(epoch: int, channel: int, key: bytes, mac: bytes) -> None:
+    frame = channel_body(epoch, channel, key) + mac
+    assert parse_control(frame) == Channel(epoch, channel, key, mac)
+    assert len(frame) == 75
+    assert classify(frame) is Kind.RELAY
+    with pytest.raises(HubRelayFrameError, match="75 bytes"):
+        parse_control(frame[:-1])
+
+
+@given(st.sampled_from([0x12, 0x13]), channels, st.binary(max_size=1500))
+def test_channel_data_frames_round_trip(kind: int, channel: int, payload: bytes) -> None:
+    frame = channel_prefix(kind, channel) + payload
+    assert parse_data(frame) == (kind, channel.to_bytes(2, "big"), payload)
+    assert len(frame) == 7 + len(payload)
+    assert classify(frame) is Kind.RELAY
+
+
+def test_a_full_sized_channel_frame_fits_a_1500_byte_ip_packet() -> None:
+    # a WireGuard datagram of the default tunnel MTU (1420 + 32) in IPv4 + UDP (28 bytes)
+    assert len(channel_prefix(0x12, 0xFFFF) + bytes(1452)) + 28 <= 1500
+    assert len(b"\xf1prl\x10" + bytes(32) + bytes(1452)) + 28 > 1500  # the keyed frame does not
 
 
 @given(anything)
@@ -91,6 +123,10 @@ def test_parse_data_refuses_oversized_and_short() -> None:
         parse_data(b"\xf1prl\x10" + bytes(MAX_FRAME))
     with pytest.raises(HubRelayFrameError, match="at least"):
         parse_data(b"\xf1prl\x10" + bytes(10))
+    with pytest.raises(HubRelayFrameError, match="at most"):
+        parse_data(b"\xf1prl\x12" + bytes(1503))
+    with pytest.raises(HubRelayFrameError, match="at least 7"):
+        parse_data(b"\xf1prl\x13\x00")
 
 
 _CLIENT = HubRelayClient(PrivateKey.generate().raw, PrivateKey.generate().public_key().raw)
@@ -173,3 +209,42 @@ async def test_bounded_writer_writes_a_full_queue_through_to_the_socket() -> Non
     assert writer.direct_writes == 1
     left.close()
     right.close()
+
+
+async def test_bounded_writer_queued_from_another_thread_wakes_the_loop() -> None:
+    # As the userspace tunnel's data thread does while Trio's loop sleeps in its I/O wait:
+    # nothing else wakes the loop here until the 5 s timeout.
+    import threading
+    import time
+
+    left, right = socket.socketpair()
+    left.setblocking(False)
+    sender = trio.SocketStream(trio.socket.from_stdlib_socket(left))
+    writer = BoundedWriter(max_buffer=1024)
+    try:
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(writer.run, sender)
+            await trio.sleep(0.05)  # the writer waits on its event
+            began = time.monotonic()
+            frames = [b"frame-%d;" % n for n in range(3)]
+
+            def data_thread() -> None:
+                time.sleep(0.2)  # meanwhile the loop sleeps in its I/O wait, below
+                for frame in frames:
+                    writer.send_nowait(frame)
+
+            thread = threading.Thread(target=data_thread)
+            thread.start()
+            got = b""
+            with trio.move_on_after(5):
+                while len(got) < len(b"".join(frames)):
+                    await trio.lowlevel.wait_readable(right)
+                    got += right.recv(1024)
+            thread.join()
+            assert got == b"".join(frames)
+            assert time.monotonic() - began < 2.0
+            assert writer.thread_wakes == 1  # one wake for the burst
+            nursery.cancel_scope.cancel()
+    finally:
+        right.close()
+        left.close()

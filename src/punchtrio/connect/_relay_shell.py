@@ -100,11 +100,20 @@ class RelayShell:
         """Relay frames dropped before a link's core saw them (an unknown source or peer)."""
 
     async def run(self, target: RelayTarget, *, stream_after: float, udp_blocked: bool) -> None:
-        """Bind to the hub's relay until cancelled: over UDP, and over TCP (TLS) when
-        ``udp_blocked`` or the UDP binding has not succeeded after ``stream_after`` seconds."""
+        """Bind to the hub's relay until cancelled: over UDP, and over TCP (TLS) at once when
+        ``udp_blocked``, else when the UDP binding has not succeeded after ``stream_after``
+        seconds.
+
+        Design decision: UDP is tried even when ``udp_blocked`` (no STUN answer yet), because
+        that verdict comes from a short first wait; a UDP binding that succeeds later is
+        preferred over the stream, and in a network that really drops UDP it costs a HELLO
+        now and then (the client's backoff, up to 30 s).
+        """
+        if udp_blocked:
+            stream_after = 0.0
         async with trio.open_nursery() as nursery:
             udp: RelayLink | None = None
-            if target.udp is not None and not udp_blocked:
+            if target.udp is not None:
                 server = (str(target.udp[0]), int(target.udp[1]))
                 udp = self._links.add_link(
                     "hub", "udp", server, self._client(target.hub_key), self._udp_sender(server)
@@ -114,7 +123,7 @@ class RelayShell:
                 self._service(udp)
                 nursery.start_soon(self._timer, udp)
             if target.tcp is not None:
-                if udp is not None:
+                if udp is not None and stream_after > 0:
                     await trio.sleep(stream_after)
                 if udp is None or not udp.client.bound:
                     nursery.start_soon(self._stream_link, target)

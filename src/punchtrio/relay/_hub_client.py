@@ -18,20 +18,27 @@ from dataclasses import dataclass
 from ..keys import PrivateKey, PublicKey
 from ..rendezvous import NetworkSecret, keyed_mac, peer_mac_key
 from ._hub_frames import (
+    CHANNEL_HEADER_LEN,
     DATA_HEADER_LEN,
+    DELIVER_CHANNEL_PREFIX,
     DELIVER_PREFIX,
     KEY_LEN,
+    MAX_CHANNEL_FRAME,
     MAX_FRAME,
     NO_NETWORK,
     REFUSAL_REASONS,
     SEND_PREFIX,
     Bound,
     Challenge,
+    Channel,
+    FrameType,
     HubRelayFrameError,
     Refused,
     bind_body,
     bind_mac_message,
     bound_mac_message,
+    channel_mac_message,
+    channel_prefix,
     encode_hello,
     parse_control,
 )
@@ -75,9 +82,16 @@ class HubRelayClient:
     in step. Raises :class:`~punchtrio.keys.InvalidKeyError` for a key of the wrong size and
     :class:`~punchtrio.rendezvous.AuthenticationError` for a low-order hub key.
 
+    Data to a peer goes in keyed frames (its 32-byte key) until the relay names the peer by a
+    2-byte channel (a CHANNEL frame, authenticated like BOUND); from then on :meth:`wrap`
+    returns the 7-byte-header channel frame, which keeps a full-sized WireGuard datagram of the
+    default tunnel MTU inside a 1500-byte IP packet.
+
     :attr:`counters` (``dict[str, int]``): ``data`` frames delivered, ``malformed`` and
-    ``unexpected`` frames dropped, ``bad_mac`` BOUND frames dropped, ``binds`` sent, ``bound``,
-    ``refused``, ``expired`` bindings, ``retries``.
+    ``unexpected`` frames dropped, ``bad_mac`` BOUND or CHANNEL frames dropped,
+    ``unknown_channel`` data frames dropped (a channel this client was never told of),
+    ``binds`` sent, ``bound``, ``refused``, ``expired`` bindings, ``retries``, ``channels``
+    learnt.
     """
 
     def __init__(
@@ -107,11 +121,14 @@ class HubRelayClient:
         self._last_timestamp = 0
         self._pending_timestamp = -1
         self._expires: float | None = None
+        self._epoch: int | None = None
+        self._send_prefix: dict[bytes, bytes] = {}  # peer key -> SEND_CHANNEL prefix
+        self._sources: dict[int, bytes] = {}  # channel -> peer key
         self.bound: bool = False
         """Whether the relay currently holds a binding for this key (as far as the client knows)."""
         self.counters: dict[str, int] = dict.fromkeys(
-            ("data", "malformed", "unexpected", "bad_mac", "binds", "bound", "refused",
-             "expired", "retries"),
+            ("data", "malformed", "unexpected", "bad_mac", "unknown_channel", "binds", "bound",
+             "refused", "expired", "retries", "channels"),
             0,
         )  # fmt: skip
 
@@ -161,15 +178,24 @@ class HubRelayClient:
     # frames
 
     def wrap(self, destination: bytes, payload: bytes) -> bytes:
-        """Return the data frame carrying ``payload`` to the peer with public key ``destination``.
+        """Return the data frame carrying ``payload`` to the peer with public key ``destination``:
+        a channel frame once the relay has named the peer by a channel, else a keyed frame.
 
         The relay forwards it only while this client is bound and ``destination`` is a bound peer
         of the same network, with at most :data:`~punchtrio.relay.MAX_PAYLOAD` bytes of payload.
         Raises :class:`ValueError` if ``destination`` is not 32 bytes.
         """
+        prefix = self._send_prefix.get(destination)
+        if prefix is not None:
+            return b"".join((prefix, payload))
         if len(destination) != KEY_LEN:
             raise ValueError("a destination is a 32-byte public key")
         return b"".join((SEND_PREFIX, destination, payload))
+
+    def channel_of(self, destination: bytes) -> int | None:
+        """Return the channel number the relay gave the peer ``destination``, or ``None``."""
+        prefix = self._send_prefix.get(destination)
+        return None if prefix is None else (prefix[5] << 8) | prefix[6]
 
     def receive_frame(self, data: bytes, now: float) -> tuple[bytes, bytes] | None:
         """Handle one frame from the relay received at ``now``.
@@ -177,6 +203,16 @@ class HubRelayClient:
         Returns ``(source public key, payload)`` for a data frame; ``None`` for a control frame
         (handled here) or a bad one (dropped and counted). Never raises.
         """
+        if data.startswith(DELIVER_CHANNEL_PREFIX):
+            if self._state == _IDLE or not CHANNEL_HEADER_LEN <= len(data) <= MAX_CHANNEL_FRAME:
+                self.counters["unexpected" if self._state == _IDLE else "malformed"] += 1
+                return None
+            source = self._sources.get((data[5] << 8) | data[6])
+            if source is None:
+                self.counters["unknown_channel"] += 1
+                return None
+            self.counters["data"] += 1
+            return source, data[CHANNEL_HEADER_LEN:]
         if data.startswith(DELIVER_PREFIX):
             if self._state == _IDLE or not DATA_HEADER_LEN <= len(data) <= MAX_FRAME:
                 self.counters["unexpected" if self._state == _IDLE else "malformed"] += 1
@@ -194,6 +230,8 @@ class HubRelayClient:
             self._on_bound(frame, data, now)
         elif isinstance(frame, Refused):
             self._on_refused(frame, now)
+        elif isinstance(frame, Channel):
+            self._on_channel(frame, data)
         else:
             self.counters["unexpected"] += 1
         return None
@@ -227,6 +265,10 @@ class HubRelayClient:
             self.counters["bad_mac"] += 1
             return
         lifetime = frame.lifetime_ms / 1000
+        if frame.epoch != self._epoch:  # a new channel table at the relay: ours names nothing
+            self._epoch = frame.epoch
+            self._send_prefix.clear()
+            self._sources.clear()
         self.bound = True
         self.counters["bound"] += 1
         self._state = _WAIT
@@ -235,6 +277,20 @@ class HubRelayClient:
         jitter = 0.9 + 0.2 * self._random(1)[0] / 255
         self._deadline = now + lifetime * REBIND_FRACTION * jitter
         self._events.append(RelayBound(lifetime))
+
+    def _on_channel(self, frame: Channel, data: bytes) -> None:
+        if not self.bound or frame.epoch != self._epoch or frame.channel == 0:
+            self.counters["unexpected"] += 1
+            return
+        expected = keyed_mac(self._mac_key, channel_mac_message(data[: -len(frame.mac)]))
+        if not hmac.compare_digest(expected, frame.mac):
+            self.counters["bad_mac"] += 1
+            return
+        if self._sources.get(frame.channel) == frame.public_key:
+            return  # a repeat
+        self._send_prefix[frame.public_key] = channel_prefix(FrameType.SEND_CHANNEL, frame.channel)
+        self._sources[frame.channel] = frame.public_key
+        self.counters["channels"] += 1
 
     def _on_refused(self, frame: Refused, now: float) -> None:
         # Unauthenticated (the relay cannot always compute our MAC key), so a refusal only

@@ -27,17 +27,26 @@ MAC_LEN = 32
 HEADER_LEN = len(RELAY_MAGIC) + 1
 """Magic and type byte: the prefix of every frame (5 bytes)."""
 DATA_HEADER_LEN = HEADER_LEN + KEY_LEN
-"""Prefix of a data frame: magic, type, a public key (37 bytes)."""
+"""Prefix of a keyed data frame: magic, type, a public key (37 bytes)."""
+CHANNEL_LEN = 2
+"""Length of a channel number on the wire, in bytes (big-endian)."""
+CHANNEL_HEADER_LEN = HEADER_LEN + CHANNEL_LEN
+"""Prefix of a channel data frame: magic, type, a channel number (7 bytes)."""
+MAX_CHANNEL = 0xFFFF
+"""Largest channel number; 0 is never assigned."""
 MAX_PAYLOAD = 1500
 """Largest payload of a data frame, in bytes: a WireGuard datagram of a tunnel MTU up to 1468
 (the default MTU of 1420 gives 1452-byte datagrams). Larger frames are dropped and counted."""
 MAX_FRAME = DATA_HEADER_LEN + MAX_PAYLOAD
-"""Largest frame the relay accepts (1537 bytes)."""
+"""Largest frame the relay accepts (1537 bytes, a keyed data frame)."""
+MAX_CHANNEL_FRAME = CHANNEL_HEADER_LEN + MAX_PAYLOAD
+"""Largest channel data frame (1507 bytes)."""
 NO_NETWORK = bytes(NETWORK_LEN)
 """The network id field of a bind on a hub without network secrets."""
 
 _BIND_MAC_PREFIX = b"punchtrio-relay-v1 bind\n"
 _BOUND_MAC_PREFIX = b"punchtrio-relay-v1 bound\n"
+_CHANNEL_MAC_PREFIX = b"punchtrio-relay-v1 channel\n"
 
 
 class HubRelayFrameError(PunchtrioError):
@@ -57,10 +66,16 @@ class FrameType(enum.IntEnum):
     """Relay to client: the binding's lifetime, authenticated with the client's MAC key."""
     REFUSED = 0x05
     """Relay to client: why a bind was refused (:class:`RefusalCode`)."""
+    CHANNEL = 0x06
+    """Relay to client: the short channel number that names one peer for this binding."""
     SEND = 0x10
     """Client to relay: a payload for the peer whose public key follows the type byte."""
     DELIVER = 0x11
     """Relay to client: a payload from the peer whose public key follows the type byte."""
+    SEND_CHANNEL = 0x12
+    """Client to relay: a payload for the peer the 2-byte channel number names."""
+    DELIVER_CHANNEL = 0x13
+    """Relay to client: a payload from the peer the 2-byte channel number names."""
 
 
 class RefusalCode(enum.IntEnum):
@@ -126,13 +141,16 @@ class Bind:
 
 @dataclass(frozen=True, slots=True)
 class Bound:
-    """``[magic][BOUND][timestamp u64 ms][lifetime u32 ms][mac 32]`` (49 bytes).
+    """``[magic][BOUND][timestamp u64 ms][lifetime u32 ms][epoch u32][mac 32]`` (53 bytes).
 
-    ``timestamp`` echoes the bind it answers; the MAC (same key as the bind's) covers the rest.
+    ``timestamp`` echoes the bind it answers; ``epoch`` names the binding's channel table (a
+    renewal on the same route keeps it; any other bind starts a new one, and the client then
+    forgets its channels); the MAC (same key as the bind's) covers the rest.
     """
 
     timestamp: int
     lifetime_ms: int
+    epoch: int
     mac: bytes
 
 
@@ -145,17 +163,38 @@ class Refused:
     code: int
 
 
-ControlFrame = Hello | Challenge | Bind | Bound | Refused
+@dataclass(frozen=True, slots=True)
+class Channel:
+    """``[magic][CHANNEL][epoch u32][channel u16][peer key 32][mac 32]`` (75 bytes).
+
+    For the binding whose channel table is ``epoch``, ``channel`` names the peer ``public_key``:
+    in SEND_CHANNEL frames from this client (to the peer) and DELIVER_CHANNEL frames to it (from
+    the peer). The MAC (the bind's key) covers the rest, prefixed with
+    ``punchtrio-relay-v1 channel\\n`` (see :func:`channel_mac_message`).
+    """
+
+    epoch: int
+    channel: int
+    public_key: bytes
+    mac: bytes
+
+
+ControlFrame = Hello | Challenge | Bind | Bound | Refused | Channel
 """Any control frame (everything but data)."""
 
 _U64 = struct.Struct("!Q")
-_BOUND = struct.Struct("!QI")
+_BOUND = struct.Struct("!QII")
+_CHANNEL = struct.Struct("!IH")
 _REFUSED = struct.Struct("!QB")
 _PREFIX = {kind: RELAY_MAGIC + bytes([kind]) for kind in FrameType}
 SEND_PREFIX = _PREFIX[FrameType.SEND]
 """The first 5 bytes of a client-to-relay data frame."""
 DELIVER_PREFIX = _PREFIX[FrameType.DELIVER]
 """The first 5 bytes of a relay-to-client data frame."""
+SEND_CHANNEL_PREFIX = _PREFIX[FrameType.SEND_CHANNEL]
+"""The first 5 bytes of a client-to-relay channel data frame."""
+DELIVER_CHANNEL_PREFIX = _PREFIX[FrameType.DELIVER_CHANNEL]
+"""The first 5 bytes of a relay-to-client channel data frame."""
 
 _SIZES = {
     FrameType.HELLO: HEADER_LEN + KEY_LEN,
@@ -163,6 +202,7 @@ _SIZES = {
     FrameType.BIND: HEADER_LEN + KEY_LEN + NETWORK_LEN + COOKIE_LEN + 8 + MAC_LEN,
     FrameType.BOUND: HEADER_LEN + _BOUND.size + MAC_LEN,
     FrameType.REFUSED: HEADER_LEN + _REFUSED.size,
+    FrameType.CHANNEL: HEADER_LEN + _CHANNEL.size + KEY_LEN + MAC_LEN,
 }
 
 
@@ -186,14 +226,30 @@ def bind_mac_message(body: bytes) -> bytes:
     return _BIND_MAC_PREFIX + body
 
 
-def bound_body(timestamp: int, lifetime_ms: int) -> bytes:
-    """Return a BOUND frame without its MAC."""
-    return _PREFIX[FrameType.BOUND] + _BOUND.pack(timestamp, lifetime_ms)
+def bound_body(timestamp: int, lifetime_ms: int, epoch: int) -> bytes:
+    """Return a BOUND frame without its MAC (``epoch``: the binding's channel table, u32)."""
+    return _PREFIX[FrameType.BOUND] + _BOUND.pack(timestamp, lifetime_ms, epoch)
 
 
 def bound_mac_message(body: bytes) -> bytes:
     """Return the bytes a BOUND's MAC covers, given the frame without its MAC."""
     return _BOUND_MAC_PREFIX + body
+
+
+def channel_body(epoch: int, channel: int, public_key: bytes) -> bytes:
+    """Return a CHANNEL frame without its MAC (``channel`` 1 to :data:`MAX_CHANNEL`)."""
+    return b"".join((_PREFIX[FrameType.CHANNEL], _CHANNEL.pack(epoch, channel), public_key))
+
+
+def channel_mac_message(body: bytes) -> bytes:
+    """Return the bytes a CHANNEL's MAC covers, given the frame without its MAC."""
+    return _CHANNEL_MAC_PREFIX + body
+
+
+def channel_prefix(kind: int, channel: int) -> bytes:
+    """Return the 7-byte prefix of a channel data frame of type ``kind`` (SEND_CHANNEL or
+    DELIVER_CHANNEL) for ``channel``."""
+    return _PREFIX[FrameType(kind)] + channel.to_bytes(CHANNEL_LEN, "big")
 
 
 def encode_refused(timestamp: int, code: int) -> bytes:
@@ -209,7 +265,7 @@ def frame_type(data: bytes) -> int:
 
 
 def parse_control(data: bytes) -> ControlFrame:
-    """Parse one control frame (HELLO, CHALLENGE, BIND, BOUND or REFUSED) of exact size.
+    """Parse one control frame (HELLO, CHALLENGE, BIND, BOUND, REFUSED or CHANNEL) of exact size.
 
     Raises :class:`HubRelayFrameError` for anything else: no magic, a data or unknown type, or
     a wrong length.
@@ -240,26 +296,35 @@ def parse_control(data: bytes) -> ControlFrame:
             body[cookie_end + 8 :],
         )
     if kind == FrameType.BOUND:
-        timestamp, lifetime_ms = _BOUND.unpack_from(body)
-        return Bound(timestamp, lifetime_ms, body[_BOUND.size :])
+        timestamp, lifetime_ms, epoch = _BOUND.unpack_from(body)
+        return Bound(timestamp, lifetime_ms, epoch, body[_BOUND.size :])
+    if kind == FrameType.CHANNEL:
+        epoch, channel = _CHANNEL.unpack_from(body)
+        key_end = _CHANNEL.size + KEY_LEN
+        return Channel(epoch, channel, body[_CHANNEL.size : key_end], body[key_end:])
     timestamp, code = _REFUSED.unpack_from(body)
     return Refused(timestamp, code)
 
 
 def parse_data(data: bytes) -> tuple[int, bytes, bytes]:
-    """Parse a SEND or DELIVER frame into ``(type, public key, payload)``.
+    """Parse a data frame into ``(type, address, payload)``: for SEND and DELIVER the address
+    is a 32-byte public key, for SEND_CHANNEL and DELIVER_CHANNEL the 2-byte channel number.
 
     Raises :class:`HubRelayFrameError` if ``data`` is not one, or its payload exceeds
     :data:`MAX_PAYLOAD`. (The relay and client check the same rules inline on their fast paths.)
     """
     kind = frame_type(data)
-    if kind not in (FrameType.SEND, FrameType.DELIVER):
+    if kind in (FrameType.SEND, FrameType.DELIVER):
+        header = DATA_HEADER_LEN
+    elif kind in (FrameType.SEND_CHANNEL, FrameType.DELIVER_CHANNEL):
+        header = CHANNEL_HEADER_LEN
+    else:
         raise HubRelayFrameError("not a data frame")
-    if len(data) < DATA_HEADER_LEN:
-        raise HubRelayFrameError("a data frame is at least 37 bytes")
-    if len(data) > MAX_FRAME:
+    if len(data) < header:
+        raise HubRelayFrameError(f"a data frame of type {kind:#04x} is at least {header} bytes")
+    if len(data) > header + MAX_PAYLOAD:
         raise HubRelayFrameError(f"a data frame's payload is at most {MAX_PAYLOAD} bytes")
-    return kind, data[HEADER_LEN:DATA_HEADER_LEN], data[DATA_HEADER_LEN:]
+    return kind, data[HEADER_LEN:header], data[header:]
 
 
 # -- TCP / TLS stream framing ----------------------------------------------------------------

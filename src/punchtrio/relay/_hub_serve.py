@@ -22,6 +22,7 @@ from collections.abc import Callable
 
 import trio
 
+from .._endpoint import format_endpoint
 from .._exceptions import PunchtrioError
 from ._hub_frames import HubRelayFrameError, HubStreamDecoder, encode_hub_stream_frame
 from ._hub_server import TICK, HubRelayServer
@@ -164,7 +165,7 @@ class HubRelayService:
 
     async def _bind(self) -> tuple[socket.socket, list[trio.SocketListener]]:
         ip, port = self.address
-        where = f"[{ip}]:{port}" if ":" in ip else f"{ip}:{port}"
+        where = format_endpoint((ip, port))
         family = socket.AF_INET6 if ipaddress.ip_address(ip).version == 6 else socket.AF_INET
         for _attempt in range(8 if port == 0 else 1):
             sock = _udp_socket(family)

@@ -23,19 +23,26 @@ from .._token_bucket import TokenBuckets, address_key
 from ..keys import PrivateKey, PublicKey
 from ..rendezvous import NetworkSecret, hub_mac_key, keyed_mac
 from ._hub_frames import (
+    CHANNEL_HEADER_LEN,
     COOKIE_LEN,
     DATA_HEADER_LEN,
     DELIVER_PREFIX,
+    MAX_CHANNEL_FRAME,
     MAX_FRAME,
     NO_NETWORK,
+    SEND_CHANNEL_PREFIX,
     SEND_PREFIX,
     Bind,
+    FrameType,
     Hello,
     HubRelayFrameError,
     RefusalCode,
     bind_mac_message,
     bound_body,
     bound_mac_message,
+    channel_body,
+    channel_mac_message,
+    channel_prefix,
     encode_challenge,
     encode_refused,
     parse_control,
@@ -55,6 +62,11 @@ COOKIE_SLOT = 30.0
 """Seconds per cookie period; a cookie is accepted in its period and the next (30-60 s)."""
 TICK = 1.0
 """Seconds between housekeeping runs: expiry, fair share, replay memory."""
+CHANNEL_ANNOUNCE_INTERVAL = 1.0
+"""Seconds between two CHANNEL frames for one peer of one binding, while the client still sends
+keyed data frames to that peer (the first CHANNEL may have been lost)."""
+MAX_CHANNELS = 4096
+"""Channels one binding holds at most; peers beyond them stay on keyed data frames."""
 
 DROP_REASONS = (
     "unbound",
@@ -63,6 +75,7 @@ DROP_REASONS = (
     "oversized",
     "malformed",
     "rate_limited",
+    "unknown_channel",
 )
 """Why a frame is dropped (the keys of :attr:`HubRelayServer.dropped`)."""
 
@@ -100,8 +113,24 @@ class HubRelayLimits:
             raise ValueError("total_rate must be >= 0, max_bindings and bind_burst >= 1")
 
 
+class _Channels:
+    """One binding's channel table: number <-> peer key, and which numbers the client uses."""
+
+    __slots__ = ("announced", "by_number", "epoch", "numbers", "short")
+
+    def __init__(self, epoch: int) -> None:
+        self.epoch = epoch
+        self.by_number: dict[int, bytes] = {}
+        self.numbers: dict[bytes, int] = {}
+        self.announced: dict[bytes, float] = {}
+        # peer key -> DELIVER_CHANNEL prefix, once the client sent on that channel (it knows it)
+        self.short: dict[bytes, bytes] = {}
+
+
 class _Binding:
-    __slots__ = ("active", "deliver", "expires", "key", "network", "peers", "route")
+    __slots__ = (
+        "active", "channels", "deliver", "expires", "key", "mac_key", "network", "peers", "route",
+    )  # fmt: skip
 
     def __init__(
         self,
@@ -110,12 +139,16 @@ class _Binding:
         route: Route,
         expires: float,
         peers: dict[bytes, _Binding],
+        mac_key: bytes,
+        channels: _Channels,
     ) -> None:
         self.key = key
         self.network = network
         self.route = route
         self.expires = expires
         self.peers = peers
+        self.mac_key = mac_key
+        self.channels = channels
         self.deliver = DELIVER_PREFIX + key
         self.active = False
 
@@ -133,7 +166,8 @@ class HubRelayServer:
 
     :attr:`counters`: ``forwarded`` frames and ``forwarded_bytes`` (payload), ``hello``,
     ``bound`` binds, ``refused_<reason>`` binds (``not_registered``, ``authentication``,
-    ``stale``, ``bad_cookie``, ``full``, ``rate_limited``), ``expired`` bindings.
+    ``stale``, ``bad_cookie``, ``full``, ``rate_limited``), ``expired`` bindings,
+    ``channels`` announced (CHANNEL frames sent).
     :attr:`dropped`: frames dropped by reason (:data:`DROP_REASONS`).
     """
 
@@ -152,6 +186,7 @@ class HubRelayServer:
         self._networks = {bytes.fromhex(n.network_id): n for n in networks}
         self._registered = registered
         self._wall_clock = wall_clock
+        self._random = random
         self._cookie_secret = random(32)
         self._lifetime_ms = int(limits.lifetime * 1000)
         self._outbox: list[tuple[bytes, Route]] = []
@@ -170,7 +205,7 @@ class HubRelayServer:
         )
         self._next_tick: float | None = None
         self.counters: dict[str, int] = dict.fromkeys(
-            ("forwarded", "forwarded_bytes", "hello", "bound", "expired",
+            ("forwarded", "forwarded_bytes", "hello", "bound", "expired", "channels",
              *(f"refused_{code.name.lower()}" for code in RefusalCode)),
             0,
         )  # fmt: skip
@@ -298,6 +333,26 @@ class HubRelayServer:
     # internals
 
     def _receive(self, data: bytes, route: Route, now: float) -> None:
+        if data.startswith(SEND_CHANNEL_PREFIX):
+            binding = self._by_route.get(route)
+            size = len(data)
+            if binding is None or binding.expires <= now:
+                self.dropped["unbound"] += 1
+            elif size > MAX_CHANNEL_FRAME:
+                self.dropped["oversized"] += 1
+            elif size < CHANNEL_HEADER_LEN:
+                self.dropped["malformed"] += 1
+            else:
+                channels = binding.channels
+                number = (data[5] << 8) | data[6]
+                destination = channels.by_number.get(number)
+                if destination is None:
+                    self.dropped["unknown_channel"] += 1
+                    return
+                if destination not in channels.short:
+                    channels.short[destination] = channel_prefix(FrameType.DELIVER_CHANNEL, number)
+                self._forward(binding, destination, data, CHANNEL_HEADER_LEN, now)
+            return
         if data.startswith(SEND_PREFIX):
             binding = self._by_route.get(route)
             size = len(data)
@@ -309,26 +364,8 @@ class HubRelayServer:
                 self.dropped["malformed"] += 1
             else:
                 destination = data[5:DATA_HEADER_LEN]
-                peer = binding.peers.get(destination)
-                if peer is None or peer.expires <= now:
-                    reason = "unknown_destination"
-                    if peer is None and destination in self._key_count:
-                        reason = "cross_network"
-                    self.dropped[reason] += 1
-                elif not self._limiter.allow(binding.key, now, size - DATA_HEADER_LEN):
-                    binding.active = True
-                    self.dropped["rate_limited"] += 1
-                else:
-                    binding.active = True
-                    self._outbox.append(
-                        (
-                            b"".join((binding.deliver, memoryview(data)[DATA_HEADER_LEN:])),
-                            peer.route,
-                        )
-                    )
-                    counters = self.counters
-                    counters["forwarded"] += 1
-                    counters["forwarded_bytes"] += size - DATA_HEADER_LEN
+                if self._forward(binding, destination, data, DATA_HEADER_LEN, now):
+                    self._offer_channel(binding, destination, now)
             return
         self._tick_from(now)
         try:
@@ -345,6 +382,55 @@ class HubRelayServer:
             self._bind(frame, data, route, now)
         else:  # CHALLENGE, BOUND, REFUSED: relay-to-client frames
             self.dropped["malformed"] += 1
+
+    def _forward(
+        self, binding: _Binding, destination: bytes, data: bytes, header: int, now: float
+    ) -> bool:
+        """Forward the payload of ``data`` (after ``header`` bytes) from ``binding`` to its peer
+        ``destination``; return whether the peer is a live binding of the same network."""
+        peer = binding.peers.get(destination)
+        if peer is None or peer.expires <= now:
+            reason = "unknown_destination"
+            if peer is None and destination in self._key_count:
+                reason = "cross_network"
+            self.dropped[reason] += 1
+            return False
+        size = len(data) - header
+        binding.active = True
+        if not self._limiter.allow(binding.key, now, size):
+            self.dropped["rate_limited"] += 1
+            return True
+        # The peer gets the short form once it has sent on its own channel to this sender.
+        prefix = peer.channels.short.get(binding.key) or binding.deliver
+        self._outbox.append((b"".join((prefix, memoryview(data)[header:])), peer.route))
+        counters = self.counters
+        counters["forwarded"] += 1
+        counters["forwarded_bytes"] += size
+        return True
+
+    def _offer_channel(self, binding: _Binding, destination: bytes, now: float) -> None:
+        """Tell a client that still sends keyed frames to ``destination`` its channel number
+        (assigning one on first use), at most once per :data:`CHANNEL_ANNOUNCE_INTERVAL`."""
+        channels = binding.channels
+        if destination in channels.short:
+            return
+        number = channels.numbers.get(destination)
+        if number is None:
+            number = len(channels.numbers) + 1
+            if number > MAX_CHANNELS:
+                return
+            channels.numbers[destination] = number
+            channels.by_number[number] = destination
+        elif now - channels.announced.get(destination, -CHANNEL_ANNOUNCE_INTERVAL) < (
+            CHANNEL_ANNOUNCE_INTERVAL
+        ):
+            return
+        channels.announced[destination] = now
+        body = channel_body(channels.epoch, number, destination)
+        self._outbox.append(
+            (body + keyed_mac(binding.mac_key, channel_mac_message(body)), binding.route)
+        )
+        self.counters["channels"] += 1
 
     def _tick_from(self, now: float) -> None:
         if self._next_tick is None:
@@ -414,14 +500,20 @@ class HubRelayServer:
         for stale in (old, same_route):
             if stale is not None:
                 self._unbind(stale)
+        if old is not None and old.route == route:
+            channels = old.channels  # a renewal: the client's channels stay valid
+        else:
+            channels = _Channels(int.from_bytes(self._random(4), "big"))
         peers = self._peers.setdefault(network_bytes, {})
-        binding = _Binding(key, network_bytes, route, now + self.limits.lifetime, peers)
+        binding = _Binding(
+            key, network_bytes, route, now + self.limits.lifetime, peers, mac_key, channels
+        )
         peers[key] = binding
         self._by_route[route] = binding
         self._key_count[key] = self._key_count.get(key, 0) + 1
         self._last_timestamp[key] = frame.timestamp
         self.counters["bound"] += 1
-        reply = bound_body(frame.timestamp, self._lifetime_ms)
+        reply = bound_body(frame.timestamp, self._lifetime_ms, channels.epoch)
         self._outbox.append((reply + keyed_mac(mac_key, bound_mac_message(reply)), route))
 
     def _mac_key(

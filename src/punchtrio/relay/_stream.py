@@ -13,6 +13,7 @@ import errno
 import os
 import socket
 import ssl
+import threading
 from collections.abc import Awaitable, Callable
 from functools import partial
 from typing import Protocol
@@ -53,6 +54,17 @@ class BoundedWriter:
     task is not in the middle of a send: a burst larger than the queue (a batch of packets read
     from the TUN at once) is then dropped only if the connection itself is full.
     ``direct_writes`` counts those writes.
+
+    :meth:`send_nowait` may be called from another thread than Trio's (the userspace tunnel's
+    data thread, which takes turns with Trio's run loop while the loop waits for I/O): it then
+    wakes :meth:`run` through the run's :class:`trio.lowlevel.TrioToken`, once per burst, so
+    the frames queued during one batch leave in one send as soon as the loop runs again.
+    ``thread_wakes`` counts those wake-ups.
+
+    Design decision: wake the loop from the data thread rather than set the event there,
+    because a task made runnable from another thread while the loop sleeps in its I/O wait
+    is only noticed at the loop's next I/O event: queued frames then waited for an unrelated
+    packet (an incoming frame, a timer), and the queue overflowed meanwhile.
     """
 
     def __init__(self, max_buffer: int = DEFAULT_MAX_BUFFER) -> None:
@@ -68,6 +80,10 @@ class BoundedWriter:
         self._fd = -1
         self._sending = False
         self.direct_writes = 0
+        self.thread_wakes = 0
+        self._token: trio.lowlevel.TrioToken | None = None
+        self._trio_thread: int | None = None
+        self._wake_pending = False
 
     @property
     def buffered(self) -> int:
@@ -92,8 +108,25 @@ class BoundedWriter:
             return False
         buffer += data
         if not self._wake.is_set():
-            self._wake.set()
+            self._notify()
         return True
+
+    def _notify(self) -> None:
+        """Wake :meth:`run`: directly from Trio's thread, through the token from any other."""
+        token = self._token
+        if token is None or threading.get_ident() == self._trio_thread:
+            self._wake.set()
+        elif not self._wake_pending:
+            self._wake_pending = True
+            self.thread_wakes += 1
+            try:
+                token.run_sync_soon(self._wake_from_thread)
+            except trio.RunFinishedError:
+                self._wake_pending = False
+
+    def _wake_from_thread(self) -> None:
+        self._wake_pending = False
+        self._wake.set()
 
     def close(self) -> None:
         """Refuse further data (what is queued is still written if :meth:`run` goes on)."""
@@ -120,6 +153,8 @@ class BoundedWriter:
 
         Raises what ``stream.send_all`` raises (``trio.BrokenResourceError`` and the like).
         """
+        self._token = trio.lowlevel.current_trio_token()
+        self._trio_thread = threading.get_ident()
         buffer = self._buffer
         while True:
             if not buffer:
@@ -207,7 +242,7 @@ class RelayStream:
         one). Cancelling closes the connection.
         """
         host, port = self.address
-        where = f"{host}:{port}" if ":" not in host else f"[{host}]:{port}"
+        where = format_endpoint((host, port))
         try:
             tcp = await trio.open_tcp_stream(host, port)
         except OSError as exc:

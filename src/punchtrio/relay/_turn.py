@@ -39,6 +39,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Literal
 
+from .._endpoint import format_endpoint
 from .._exceptions import PunchtrioError
 from ..stun import (
     MAGIC_COOKIE,
@@ -344,9 +345,7 @@ def _normalize_peer(peer: Endpoint) -> Endpoint:
 
 
 def _format(endpoint: Endpoint) -> str:
-    return (
-        f"[{endpoint[0]}]:{endpoint[1]}" if ":" in endpoint[0] else f"{endpoint[0]}:{endpoint[1]}"
-    )
+    return format_endpoint(endpoint)
 
 
 def _xor_address(ip: str, port: int, transaction_id: bytes) -> bytes:
