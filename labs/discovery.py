@@ -30,6 +30,8 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+from punchtrio import format_endpoint
+
 from .netns import LabError, Namespace
 from .topology import Host, Network
 
@@ -51,8 +53,8 @@ class Server:
 
     @property
     def endpoint(self) -> str:
-        """The primary endpoint as ``ip:port``, as clients take it."""
-        return f"{self.primary[0]}:{self.primary[1]}"
+        """The primary endpoint as ``ip:port`` (``[ip6]:port``), as clients take it."""
+        return format_endpoint(self.primary)
 
 
 def wait_listening(
@@ -65,7 +67,7 @@ def wait_listening(
 
     Also fails early if ``process`` exits meanwhile.
     """
-    wanted = {f"{ip}:{port}" for ip, port in endpoints}
+    wanted = {format_endpoint((ip, port)) for ip, port in endpoints}  # as ss: [2001:db8::1]:3478
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         listening = {line.split()[3] for line in ns.run("ss", "-H", "-uln").splitlines() if line}
@@ -77,27 +79,41 @@ def wait_listening(
     raise LabError(f"nothing listens on {sorted(wanted)} after {timeout} s: {process.args!r}")
 
 
-def _hub_endpoints(net: Network, port: int, alt_port: int) -> list[tuple[str, int]]:
-    hub = net.hub
-    return [(ip, p) for ip in (hub.primary_ip, hub.alternate_ip) for p in (port, alt_port)]
+def _hub_endpoints(
+    net: Network, port: int, alt_port: int, pair: tuple[str, str] | None = None
+) -> list[tuple[str, int]]:
+    primary, alternate = pair or (net.hub.primary_ip, net.hub.alternate_ip)
+    return [(ip, p) for ip in (primary, alternate) for p in (port, alt_port)]
 
 
 def start_punchtrio_stun(
-    net: Network, port: int = STUN_PORT, alt_port: int = STUN_ALT_PORT, log: Path | None = None
+    net: Network,
+    port: int = STUN_PORT,
+    alt_port: int = STUN_ALT_PORT,
+    log: Path | None = None,
+    *,
+    family: int = 4,
 ) -> Server:
-    """Start ``punchtrio stun-server`` in the hub on both addresses; stopped when the lab closes."""
+    """Start ``punchtrio stun-server`` in the hub on both addresses of IP version ``family``
+    (default 4; 6 needs a hub with IPv6); stopped when the lab closes."""
     hub = net.hub
+    if family == 6:
+        if hub.primary_ip6 is None or hub.alternate_ip6 is None:
+            raise LabError("this lab's hub has no IPv6 (build(..., hub='dual'))")
+        primary, alternate = hub.primary_ip6, hub.alternate_ip6
+    else:
+        primary, alternate = hub.primary_ip, hub.alternate_ip
     argv = [
         *PUNCHTRIO,
         "stun-server",
         "--primary",
-        f"{hub.primary_ip}:{port}",
+        format_endpoint((primary, port)),
         "--alternate",
-        f"{hub.alternate_ip}:{alt_port}",
+        format_endpoint((alternate, alt_port)),
     ]
     proc = _spawn_logged(net, argv, log)
-    wait_listening(hub.ns, _hub_endpoints(net, port, alt_port), proc)
-    return Server("punchtrio", proc, (hub.primary_ip, port), (hub.alternate_ip, alt_port))
+    wait_listening(hub.ns, _hub_endpoints(net, port, alt_port, (primary, alternate)), proc)
+    return Server("punchtrio", proc, (primary, port), (alternate, alt_port))
 
 
 def start_coturn(

@@ -11,6 +11,10 @@ tests (on a fresh port: a reply from A2:P2, then one from A1:P2) and prints one 
 ``mapping``, ``filtering``, ``public_endpoint`` and ``port_preservation`` spelled as ``punchtrio nat
 --json`` does. ``hairpin-listen``/``hairpin-send`` check whether a datagram sent to another host's
 public mapping arrives, and from which source; ``punch`` is the simplest possible UDP hole punch. Run it as ``python -m labs.udpprobe ...`` inside a namespace.
+
+``agent`` holds one UDP socket of either family and obeys commands on stdin (``send``, ``recv``),
+so a test steps datagrams by hand across namespaces; :class:`Agent` (:func:`start_agent`) drives
+one from the outside.
 """
 
 from __future__ import annotations
@@ -23,6 +27,13 @@ import socket
 import sys
 import time
 from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, cast
+
+if TYPE_CHECKING:
+    import subprocess
+
+    from .netns import Lab, Namespace
 
 _TRIES = 3
 _WAIT_S = 0.3
@@ -174,6 +185,109 @@ def punch(server: tuple[str, int], duration: float) -> None:
         print(json.dumps({"received_from": received}), flush=True)
 
 
+def agent(family: int, port: int, address: str | None = None) -> None:
+    """One UDP socket (IPv4 or IPv6, ``family`` 4 or 6) on ``port``, driven by lines on stdin.
+
+    ``address`` is the local address to bind (default: every one of the family); bind one where
+    the namespace has several, so replies come from the address the peer sent to.
+
+    Prints ``ready PORT`` once bound, then answers each command with one line:
+    ``send IP PORT TEXT`` sends ``TEXT`` (``sent``, or ``error ERRNO_NAME`` when the kernel refuses,
+    e.g. ``ENETUNREACH`` without a route); ``recv SECONDS`` waits for one datagram (``got IP PORT
+    TEXT`` or ``none``). Exits at the end of stdin.
+    """
+    import errno
+
+    sock = socket.socket(socket.AF_INET6 if family == 6 else socket.AF_INET, socket.SOCK_DGRAM)
+    if family == 6:
+        sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+    sock.bind((address or ("::" if family == 6 else "0.0.0.0"), port))
+    print(f"ready {sock.getsockname()[1]}", flush=True)
+    for line in sys.stdin:
+        command, _, rest = line.strip().partition(" ")
+        if command == "send":
+            host, port_text, text = rest.split(" ", 2)
+            try:
+                sock.sendto(text.encode(), (host, int(port_text)))
+                print("sent", flush=True)
+            except OSError as exc:
+                print(f"error {errno.errorcode.get(exc.errno or 0, exc)}", flush=True)
+        elif command == "recv":
+            if select.select([sock], [], [], float(rest))[0]:
+                data, source = sock.recvfrom(2048)
+                print(f"got {source[0]} {source[1]} {data.decode(errors='replace')}", flush=True)
+            else:
+                print("none", flush=True)
+        else:
+            print(f"error unknown command {command!r}", flush=True)
+
+
+@dataclass
+class Agent:
+    """A running :func:`agent` in a lab namespace: one UDP socket there, stepped by the caller.
+
+    ``port`` is the socket's local port. The process stops with its lab.
+    """
+
+    process: subprocess.Popen[str]
+    port: int
+
+    def _ask(self, line: str) -> str:
+        assert self.process.stdin is not None
+        assert self.process.stdout is not None
+        self.process.stdin.write(line + "\n")
+        self.process.stdin.flush()
+        answer = self.process.stdout.readline().strip()
+        if not answer:
+            raise RuntimeError(f"udpprobe agent exited (status {self.process.poll()})")
+        return answer
+
+    def send(self, host: str, port: int, text: str = "probe") -> str | None:
+        """Send ``text`` (one line, default ``"probe"``) to ``(host, port)``; return ``None``, or
+        the errno name the kernel refused it with (``"ENETUNREACH"``)."""
+        answer = self._ask(f"send {host} {port} {text}")
+        return None if answer == "sent" else answer.removeprefix("error ")
+
+    def receive(self, timeout: float = 0.5) -> tuple[str, int, str] | None:
+        """The next datagram as ``(source ip, source port, text)``, or ``None`` after ``timeout``
+        seconds (default 0.5)."""
+        answer = self._ask(f"recv {timeout}")
+        if answer == "none":
+            return None
+        _, host, port, text = answer.split(" ", 3)
+        return host, int(port), text
+
+
+def start_agent(
+    lab: Lab, ns: Namespace, *, family: int, port: int = 0, address: str | None = None
+) -> Agent:
+    """Start :func:`agent` in ``ns`` (stopped when ``lab`` closes) on ``port`` (0: any free one)
+    with a socket of IP version ``family`` (4 or 6), bound to ``address`` (default: any), and
+    wait until it is bound. Raises :class:`RuntimeError` if it does not start."""
+    import subprocess
+    from pathlib import Path
+
+    argv = [sys.executable, "-m", "labs.udpprobe", "agent", "--family", str(family)]
+    if address is not None:
+        argv += ["--address", address]
+    spawned = lab.spawn(  # text=True: a Popen[str], which spawn's annotation cannot say
+        ns,
+        *argv,
+        "--port",
+        str(port),
+        cwd=Path(__file__).resolve().parents[1],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    proc = cast("subprocess.Popen[str]", spawned)
+    assert proc.stdout is not None
+    ready = proc.stdout.readline().split()
+    if len(ready) != 2 or ready[0] != "ready":
+        raise RuntimeError(f"udpprobe agent did not start in {ns.name} (status {proc.poll()})")
+    return Agent(proc, int(ready[1]))
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Command line: ``serve``, ``classify``, ``hairpin-listen`` or ``hairpin-send``."""
     parser = argparse.ArgumentParser(prog="python -m labs.udpprobe", description=__doc__)
@@ -196,8 +310,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     punch_cmd = sub.add_parser("punch")
     punch_cmd.add_argument("server")
     punch_cmd.add_argument("--duration", type=float, default=1.5)
+    agent_cmd = sub.add_parser("agent")
+    agent_cmd.add_argument("--family", type=int, choices=(4, 6), default=4)
+    agent_cmd.add_argument("--port", type=int, default=0)
+    agent_cmd.add_argument("--address")
     args = parser.parse_args(argv)
-    if args.action == "serve":
+    if args.action == "agent":
+        agent(args.family, args.port, args.address)
+    elif args.action == "serve":
         serve([args.a1, args.a2], [args.p1, args.p2])
     elif args.action == "classify":
         print(json.dumps(classify(args.a1, args.a2, args.p1, args.p2, args.port)))

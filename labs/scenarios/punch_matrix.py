@@ -20,13 +20,14 @@ from typing import Any
 from labs import discovery
 from labs.netns import LabError
 from labs.topology import Host, NatSpec, Network, build
-from punchtrio import PrivateKey
+from punchtrio import PrivateKey, format_endpoint
 
 NAME = "punch-matrix"
 DESCRIPTION = "punchtrio hub + two `punchtrio up` per NAT pair; ping through the tunnel, time it"
 
 HUB_PORT = 7777
 HUB_URL = f"http://203.0.113.1:{HUB_PORT}"
+"""The hub's URL on IPv4 (:func:`hub_url` picks the one a host can reach)."""
 RELAY_PORT = 7778
 """The hub's own relay, UDP and TCP, on the hub's primary address."""
 PING_DEADLINE = 20.0
@@ -85,22 +86,22 @@ def start_hub(
     optionally ``turn_ttl``) make it mint TURN credentials (see :func:`start_coturn`). The store
     is memory, or SQLite in ``state_dir`` (names, records and key survive a restart);
     ``network_secret_file`` makes the network private. ``log`` is appended to. Raises
-    :class:`LabError` if it does not listen within 10 s."""
+    :class:`LabError` if it does not listen within 10 s.
+
+    On a hub with IPv6 (``build(..., hub="dual" | "ipv6")``) the API and STUN listen on the
+    primary address of each family (``[2001:db8::1]:7777``, ``[2001:db8::1]:3478``), the STUN
+    alternate is that of the first family, and the relay is on :attr:`Hub.primary_ip` (IPv4 on
+    a dual-stack hub)."""
     hub = net.hub
+    pairs = hub.address_pairs
     store = ["--store", "memory"] if state_dir is None else ["--state-dir", str(state_dir)]
-    argv = [
-        *discovery.PUNCHTRIO,
-        "hub",
-        *store,
-        "--listen",
-        f"{hub.primary_ip}:{HUB_PORT}",
-        "--stun",
-        f"{hub.primary_ip}:3478",
-        "--stun-alternate",
-        f"{hub.alternate_ip}:3479",
-    ]
+    argv = [*discovery.PUNCHTRIO, "hub", *store]
+    for primary, _alternate in pairs:
+        argv += ["--listen", format_endpoint((primary, HUB_PORT))]
+        argv += ["--stun", format_endpoint((primary, 3478))]
+    argv += ["--stun-alternate", format_endpoint((pairs[0][1], 3479))]
     if relay:
-        argv += ["--relay", f"{hub.primary_ip}:{RELAY_PORT}"]
+        argv += ["--relay", format_endpoint((hub.primary_ip, RELAY_PORT))]
     for uri in turn:
         argv += ["--turn", uri]
     if turn:
@@ -112,10 +113,13 @@ def start_hub(
     with contextlib.ExitStack() as stack:
         out: Any = subprocess.DEVNULL if log is None else stack.enter_context(log.open("ab"))
         proc = net.lab.spawn(hub.ns, *argv, stdout=out, stderr=subprocess.STDOUT)
-    discovery.wait_listening(hub.ns, [(hub.primary_ip, 3478), (hub.alternate_ip, 3479)], proc)
+    stuns = [(primary, 3478) for primary, _ in pairs] + [(pairs[0][1], 3479)]
+    discovery.wait_listening(hub.ns, stuns, proc)
     deadline = time.monotonic() + 10
-    ports = (HUB_PORT, RELAY_PORT) if relay else (HUB_PORT,)
-    while not all(f"{hub.primary_ip}:{port}" in hub.ns.run("ss", "-H", "-tln") for port in ports):
+    tcp = [(primary, HUB_PORT) for primary, _ in pairs]
+    if relay:
+        tcp.append((hub.primary_ip, RELAY_PORT))
+    while not all(format_endpoint(at) in hub.ns.run("ss", "-H", "-tln") for at in tcp):
         if proc.poll() is not None or time.monotonic() > deadline:
             raise LabError(f"punchtrio hub did not start listening: see {log or 'no log'}")
         time.sleep(0.05)
@@ -156,13 +160,22 @@ def start_coturn(
     return [base + "udp", base + "tcp"], proc
 
 
-def up_argv(name: str, key_file: Path, address: str, peer: str) -> list[str]:
-    """The ``punchtrio up --hub ... --json`` command line for one side."""
+def hub_url(net: Network, host: Host) -> str:
+    """The URL of :func:`start_hub`'s API that ``host`` can reach: :data:`HUB_URL` (IPv4) when
+    both have IPv4, else the hub's primary IPv6 address (``http://[2001:db8::1]:7777``)."""
+    if host.nat.has_ipv4 and net.hub.stack != "ipv6":
+        return HUB_URL
+    return f"http://{format_endpoint((str(net.hub.primary_ip6), HUB_PORT))}"
+
+
+def up_argv(name: str, key_file: Path, address: str, peer: str, *, hub: str = HUB_URL) -> list[str]:
+    """The ``punchtrio up --hub ... --json`` command line for one side (``hub``: the hub's URL,
+    default :data:`HUB_URL`)."""
     return [
         *discovery.PUNCHTRIO,
         "up",
         "--hub",
-        HUB_URL,
+        hub,
         "--name",
         name,
         "--key-file",
@@ -178,17 +191,19 @@ def up_argv(name: str, key_file: Path, address: str, peer: str) -> list[str]:
 def run_pair(net: Network, label: str, a: Host, b: Host, workdir: Path) -> PairResult:
     """Run ``punchtrio up`` on ``a`` and ``b`` at once and ping b's tunnel address from ``a``.
 
-    Names are ``<label>-a`` / ``<label>-b``, tunnel addresses 10.99.0.1/24 and .2/24. Returns the
+    Names are ``<label>-a`` / ``<label>-b``, tunnel addresses 10.99.0.1/24 and .2/24, each side's
+    hub URL :func:`hub_url` (IPv6 from an IPv6-only site). Returns the
     time to the first ping reply and both sides' events, after stopping both processes with SIGTERM
     (which tears their tunnels down).
     """
     names = (f"{label}-a", f"{label}-b")
     procs: dict[str, subprocess.Popen[bytes]] = {}
     argvs = []
-    for index, name in enumerate(names):
+    for index, (host, name) in enumerate(zip((a, b), names, strict=True)):
         key = workdir / f"{name}.key"
         PrivateKey.generate().write(key)
-        argvs.append(up_argv(name, key, f"10.99.0.{index + 1}/24", names[1 - index]))
+        url = hub_url(net, host)
+        argvs.append(up_argv(name, key, f"10.99.0.{index + 1}/24", names[1 - index], hub=url))
     start = time.monotonic()
     for host, name, argv in zip((a, b), names, argvs, strict=True):
         procs[name] = net.lab.spawn(host.ns, *argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
@@ -303,10 +318,11 @@ def running_pair(
     """
     names = (f"{label}-a", f"{label}-b")
     argvs = []
-    for index, name in enumerate(names):
+    for index, (host, name) in enumerate(zip((a, b), names, strict=True)):
         key = workdir / f"{name}.key"
         PrivateKey.generate().write(key)
-        argv = up_argv(name, key, f"10.99.0.{index + 1}/24", names[1 - index])
+        url = hub_url(net, host)
+        argv = up_argv(name, key, f"10.99.0.{index + 1}/24", names[1 - index], hub=url)
         if interfaces is not None:
             argv += ["--interface", interfaces[index]]
         argvs.append([*argv, *extra])

@@ -26,6 +26,7 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metri
 from prometheus_client.parser import text_string_to_metric_families
 from prometheus_client.registry import Collector, CollectorRegistry
 
+from ._endpoint import format_endpoint
 from ._exceptions import PunchtrioError
 from .keys import encode_key
 
@@ -274,7 +275,7 @@ async def serve_metrics(
 
     app: Any = Starlette(routes=[Route("/metrics", metrics, methods=["GET"])])
     ip = ipaddress.ip_address(listen[0])
-    where = f"[{ip}]:{listen[1]}" if ip.version == 6 else f"{ip}:{listen[1]}"
+    where = format_endpoint((ip, listen[1]))
     # Bound here rather than by Hypercorn, which leaves its socket open when bind fails.
     sock = socket.socket(socket.AF_INET6 if ip.version == 6 else socket.AF_INET)
     try:

@@ -480,13 +480,14 @@ async def test_a_hub_name_is_resolved_in_a_worker_thread(
 ) -> None:
     asked: list[tuple[str, int]] = []
 
-    def resolve(name: str) -> str:
+    def resolve(name: str, *args: object) -> list[tuple[object, ...]]:
         asked.append((name, threading.get_ident()))
         if name == "gone.example":
             raise socket.gaierror(socket.EAI_NONAME, "Name or service not known")
-        return "192.0.2.9"
+        v6 = (socket.AF_INET6, socket.SOCK_DGRAM, 17, "", ("2001:db8::9", 0, 0, 0))
+        return [v6, (socket.AF_INET, socket.SOCK_DGRAM, 17, "", ("192.0.2.9", 0))]
 
-    monkeypatch.setattr(socket, "gethostbyname", resolve)
+    monkeypatch.setattr(socket, "getaddrinfo", resolve)
     hub = Connector(
         "alice", KEYS["alice"], "http://Hub.Example:7777/", TunnelConfig("10.99.0.1/24")
     )

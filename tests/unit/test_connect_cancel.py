@@ -79,7 +79,7 @@ async def test_cancelling_at_each_stage_leaves_nothing(
                     stun_servers=[PRIMARY],
                     wall_clock=wall_clock,
                 ) as alice:
-                    assert alice_host.sockets  # the one socket is bound
+                    assert alice_host.sockets  # the sockets (one per family) are bound
                     async for event in alice.events:
                         seen.append(event)
                         if (isinstance(event, StageStarted) and event.stage == stage) or isinstance(

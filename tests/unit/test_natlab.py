@@ -58,8 +58,15 @@ def test_bridge_netfilter_is_turned_off_only_where_the_module_exists(
     monkeypatch.setattr("os.path.exists", exists)
     ns = _Recorder()
     _topology._bridges_skip_netfilter(ns)  # type: ignore[arg-type]
-    assert seen == ["/proc/sys/net/bridge/bridge-nf-call-iptables"]
-    expected = [("sysctl", "-q", "-w", "net.bridge.bridge-nf-call-iptables=0")] if loaded else []
+    assert seen == [f"/proc/sys/net/bridge/bridge-nf-call-{t}" for t in ("iptables", "ip6tables")]
+    expected = (
+        [
+            ("sysctl", "-q", "-w", f"net.bridge.bridge-nf-call-{t}=0")
+            for t in ("iptables", "ip6tables")
+        ]
+        if loaded
+        else []
+    )
     assert ns.commands == expected
 
 

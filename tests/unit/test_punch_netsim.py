@@ -12,7 +12,7 @@ import trio
 from nacl.bindings import crypto_scalarmult_base
 
 from punchtrio import netsim
-from punchtrio.mux import Kind, Mux, MuxedDevice, serve_mux
+from punchtrio.mux import Datagram, Kind, Mux, MuxedDevice, serve_mux
 from punchtrio.netsim import NatBehavior
 from punchtrio.punch import (
     PING,
@@ -310,3 +310,48 @@ async def test_wireguard_runs_over_the_mapping_the_punch_opened(
     # One mapping on each NAT: STUN, probes and WireGuard all used the same external port.
     for nat in nats.values():
         assert [m.external.rsplit(":", 1)[1] for m in nat.mappings()] == [str(PORT)]
+
+
+class _Silent:
+    """A socket whose datagrams go nowhere (a network that drops UDP)."""
+
+    def __init__(self) -> None:
+        self.sent: list[tuple[float, tuple[str, int]]] = []
+
+    def sendto(self, data: bytes, address: tuple[str, int]) -> int:
+        self.sent.append((trio.current_time(), address))
+        return len(data)
+
+
+async def test_gather_gives_up_early_when_no_server_answers_within_answer_within(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    _send, replies = trio.open_memory_channel[Datagram](math.inf)
+    sock = _Silent()
+    began = trio.current_time()
+    result = await gather_reflexive(sock, replies, [PRIMARY], rto=0.5, rc=3, answer_within=0.75)
+    assert trio.current_time() - began == pytest.approx(0.75)
+    assert result.candidates == ()
+    assert [at - began for at, _ in sock.sent] == pytest.approx([0.0, 0.5])
+    began = trio.current_time()
+    await gather_reflexive(sock, replies, [PRIMARY], rto=0.5, rc=3)  # the whole exchange
+    assert trio.current_time() - began == pytest.approx(3.5)
+
+
+async def test_gather_with_answer_within_still_collects_a_prompt_answer(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    net = netsim.Internet(seed=7)
+    server = net.add_host(PRIMARY[0], ALTERNATE[0], name="stun")
+    nat = net.add_nat("198.51.100.1", behavior=NatBehavior.port_restricted_cone(), link=WAN)
+    host = nat.lan.add_host(name="alice")
+    async with net, trio.open_nursery() as nursery:
+        await nursery.start(netsim.serve_stun, server, PRIMARY, ALTERNATE)
+        sock = host.udp_socket()
+        await sock.bind(("", PORT))
+        mux = Mux()
+        stun = mux.open_queue(Kind.STUN)
+        await nursery.start(serve_mux, sock, mux)
+        result = await gather_reflexive(sock, stun, [PRIMARY], rc=3, answer_within=0.75)
+        assert [c.address for c in result.candidates] == ["198.51.100.1"]
+        nursery.cancel_scope.cancel()

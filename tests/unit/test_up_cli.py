@@ -500,3 +500,10 @@ def test_candidates_are_written_as_endpoints_with_ipv6_in_brackets() -> None:
     name, fields = _up.describe(event)
     assert name == "candidates_gathered"
     assert fields["candidates"] == ["host [fd00::2]:51820", "srflx 198.51.100.7:40000"]
+    console = Console(file=io.StringIO(), force_terminal=False, width=200)
+    view = ProgressView(console)
+    view(name, fields)
+    view.close()
+    line = console.file.getvalue()  # type: ignore[attr-defined]
+    assert "candidates: host [fd00::2]:51820, srflx 198.51.100.7:40000 (NAT mapping" in line
+    assert "fd00::2:51820" not in line

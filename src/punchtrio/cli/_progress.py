@@ -60,7 +60,7 @@ class ProgressView:
             self._status.start()
 
     def __call__(self, event: str, fields: dict[str, Any]) -> None:
-        line = self._line(event, fields)
+        line = self._line(event, _escaped(fields))
         if event == "stage_started":
             text = _STAGE_TEXT.get(str(fields.get("stage")), "{peer}").format(
                 peer=fields.get("peer") or "peer"
@@ -120,3 +120,18 @@ class ProgressView:
         if self._status is not None:
             self._status.stop()
             self._status = None
+
+
+def _escaped(fields: dict[str, Any]) -> dict[str, Any]:
+    """``fields`` with their text escaped for rich markup: ``[fd00::2]:51820`` is an endpoint,
+    not a markup tag (unescaped, rich would print ``:51820``)."""
+    from rich.markup import escape
+
+    def one(value: Any) -> Any:
+        if isinstance(value, str):
+            return escape(value)
+        if isinstance(value, list):
+            return [one(item) for item in value]
+        return value
+
+    return {key: one(value) for key, value in fields.items()}

@@ -27,7 +27,7 @@ from typing import Any
 
 import trio
 
-from .. import PunchtrioError
+from .. import PunchtrioError, format_endpoint
 from ..connect import (
     CandidatesGathered,
     ConnectError,
@@ -702,7 +702,7 @@ def _record(record: Any) -> dict[str, Any]:
 
 
 def _endpoint(ip: Any, port: int) -> str:
-    return f"[{ip}]:{port}" if ":" in str(ip) else f"{ip}:{port}"
+    return format_endpoint((str(ip), port))
 
 
 def _oneline(exc: BaseException) -> str:

@@ -1,7 +1,8 @@
-"""The connector's Trio shell: one socket, one nursery, the whole pipeline.
+"""The connector's Trio shell: one port (a socket per IP family), one nursery, the whole pipeline.
 
 :class:`~punchtrio.connect.ConnectCore` decides (stages, signals, who initiates, timeouts, path
-changes); this module does its I/O. The one UDP socket is drained by
+changes); this module does its I/O. The UDP sockets (IPv4 and IPv6 on one port, see
+``_sockets``) are drained by
 :class:`~punchtrio.tunnel.UserspaceTunnel` through a :class:`~punchtrio.mux.MuxedDevice`:
 WireGuard goes to the device, STUN to a queue, relay frames to the relay shell, and probes to the
 core *synchronously*, inside the tunnel's drain loop. So when a pong makes the puncher choose a
@@ -13,7 +14,6 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import errno
 import ipaddress
 import math
 import socket
@@ -30,6 +30,7 @@ import trio
 if sys.version_info < (3, 11):
     from exceptiongroup import BaseExceptionGroup
 
+from .._endpoint import format_endpoint
 from .._exceptions import PunchtrioError
 from ..keys import PrivateKey, PublicKey
 from ..mux import Datagram, Kind, Mux, MuxedDevice
@@ -65,7 +66,7 @@ from ..rendezvous import (
     ValidationError,
     validate_name,
 )
-from ..tunnel import TunDevice, TunnelError, UserspaceTunnel
+from ..tunnel import TunDevice, UserspaceTunnel
 from ..wireguard import Device
 from ._config import TunnelConfig
 from ._core import (
@@ -98,6 +99,14 @@ from ._memif import MemoryInterface
 from ._mesh import MeshPolicy, follow_directory
 from ._relay_shell import RelayShell, RelayTarget
 from ._relays import RelayLinks
+from ._sockets import (
+    SocketSet,
+    family_of,
+    open_sockets,
+    reachable_families,
+    stun_servers,
+    url_addresses,
+)
 from ._turn_shell import TurnShell
 
 Address = tuple[str, int]
@@ -107,6 +116,9 @@ UNREGISTER_TIMEOUT = 5.0
 
 TURN_ALLOCATE_WAIT = 2.0
 """Seconds the first registration waits for a TURN allocation before it goes without one."""
+FIRST_STUN_WAIT = 0.75
+"""Seconds the first registration waits for any STUN answer before it goes without (UDP may be
+blocked: the relay over TCP then starts at once); the full STUN exchange goes on after it."""
 
 
 @dataclass(frozen=True)
@@ -179,25 +191,8 @@ def _check_directory(rendezvous: Rendezvous, secret: NetworkSecret | None) -> No
         )
 
 
-def _bind_error(port: int, exc: OSError) -> str:
-    """One line on why the UDP port could not be bound, naming the fix."""
-    if exc.errno == errno.EADDRINUSE:
-        return (
-            f"UDP port {port} is already in use (another `punchtrio up` or WireGuard?): stop it "
-            "or choose another port (listen_port=, --listen-port)"
-        )
-    if exc.errno == errno.EACCES:
-        return f"UDP port {port} needs privileges: run as root or choose a port above 1023"
-    return f"cannot bind UDP port {port}: {exc.strerror or exc}"
-
-
-def _format(endpoint: Address) -> str:
-    host, port = endpoint[0], endpoint[1]
-    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
-
-
 class Connector:
-    """Connect this machine to named peers behind NATs: the whole pipeline, on one UDP socket.
+    """Connect this machine to named peers behind NATs: the whole pipeline, on one UDP port.
 
     - ``name``: our name at the rendezvous; ``private_key``: our WireGuard key.
     - ``rendezvous``: any :class:`~punchtrio.rendezvous.Rendezvous` (``MemoryRendezvous`` in tests
@@ -229,8 +224,12 @@ class Connector:
       URI over UDP or TCP and its credentials) to allocate a relayed candidate on, over UDP, or
       over TCP when UDP seems blocked; ``()`` (default) uses the ones a hub URL mints
       credentials for (``punchtrio hub --turn``).
-    - ``socket_factory(family, type)``: makes the UDP socket (default: the simulated host's
-      ``nonblocking_socket`` inside :mod:`punchtrio.netsim`, else :class:`socket.socket`).
+    - ``socket_factory(family, type)``: makes the UDP sockets (default: the simulated host's
+      ``nonblocking_socket`` inside :mod:`punchtrio.netsim`, else :class:`socket.socket`). One
+      per family is bound to ``listen_port`` (AF_INET, and AF_INET6 with ``IPV6_V6ONLY``); a
+      family the host lacks (the factory raises ``EAFNOSUPPORT``, or binding ``EADDRNOTAVAIL``)
+      is left out, and IPv4 and IPv6 are gathered and probed only where the host has an address
+      of that family, so an IPv6-only host runs on IPv6 alone.
     - ``wall_clock``: Unix time for probe timestamps and WireGuard's TAI64N.
     - ``all_peers``: a mesh: connect to every peer the rendezvous lists in our network (ourselves
       excepted), add peers as they join and remove them (their WireGuard peer and routes) as
@@ -377,7 +376,8 @@ class Connector:
         self._nursery: trio.Nursery | None = None
         self.tunnel: UserspaceTunnel | None = None
         """The running tunnel (``None`` before :meth:`run` starts it)."""
-        self._sock: Any = None
+        self._sock: SocketSet | None = None
+        self._families: tuple[int, ...] = (4, 6)  # the IP versions we gather and probe in
         self._timer_scope: trio.CancelScope | None = None
         self._started = False
         for peer in peers:
@@ -410,7 +410,7 @@ class Connector:
     @property
     def listen_port(self) -> int:
         """The bound UDP port (0 before :meth:`run` binds it)."""
-        return int(self._sock.getsockname()[1]) if self._sock is not None else 0
+        return self._sock.port if self._sock is not None else 0
 
     async def connect(self, peer: str) -> PeerConnected:
         """Connect to ``peer`` (starting it if it is not one of ``peers``) and wait for the tunnel.
@@ -455,9 +455,11 @@ class Connector:
                     tun = stack.enter_context(self._open_tun())
                 self._mux.route(Kind.PROBE, self._on_probe)
                 stun = self._mux.open_queue(Kind.STUN)
-                real = isinstance(sock, socket.socket)
+                # The puncher probes the families there is a socket for (IPv6-only hosts: 6).
+                self.core.puncher.families = frozenset(sock.families)
+                real = sock.real
                 self.tunnel = UserspaceTunnel(
-                    self._muxed, tun, [sock], on_event=self._on_wireguard, gso=real, gro=real
+                    self._muxed, tun, sock.sockets, on_event=self._on_wireguard, gso=real, gro=real
                 )
                 try:
                     async with contextlib.AsyncExitStack() as hub:
@@ -529,22 +531,34 @@ class Connector:
         port = self.listen_port
         exclude = () if self._interface is not None else (str(getattr(self.tunnel, "name", "")),)
         addresses = local_addresses(exclude_interfaces=exclude)
+        assert self._sock is not None
+        families = self._families = reachable_families(self._sock.families, addresses)
+        self.core.puncher.families = frozenset(families)
         own = self.config.interface.ip
-        candidates = host_candidates(port, [a for a in addresses if a != own])
+        usable = [a for a in addresses if a != own and a.version in families]
+        candidates = host_candidates(port, usable)
         networks = tuple(local_networks(exclude))  # the tunnel's own interface excluded
-        servers = await self._stun_addresses()
+        servers = [s for s in await self._stun_addresses() if family_of(s[0]) in families]
         error: str | None = None
         varies: bool | None = None
         if not servers:
             error = "no STUN server configured"
         else:
+            first = self.core.gathered is None
             result = await gather_reflexive(
-                self._sock, stun, servers, rto=self._stun_rto, rc=self._stun_attempts
+                self._sock,
+                stun,
+                servers,
+                rto=self._stun_rto,
+                rc=self._stun_attempts,
+                answer_within=FIRST_STUN_WAIT if first else None,
             )
             candidates += list(result.candidates)
             varies = result.mapping_varies
             if not result.candidates:
                 error = "no STUN server answered"
+                if first:
+                    self._regather.set()  # the full exchange once registered (a late answer re-registers)
         candidates = self._with_mapping(candidates)
         self._feed(Gathered(tuple(self._with_turn(candidates)), varies, error, networks, announce))
 
@@ -612,32 +626,18 @@ class Connector:
             info = self.rendezvous.hub_info
         if info is None:
             return []
-        servers: list[Address] = []
-        for entry in info.stun:
-            if entry.ip is not None:
-                servers.append((str(entry.ip), entry.port))
-                continue
-            host = await self._hub_host()
-            # A hub serving STUN on both families tags each null entry with its family: only
-            # the one of the hub host's family is reachable at that host.
-            family = None if host is None else ipaddress.ip_address(host).version
-            if host is not None and entry.family in (None, family):
-                servers.append((host, entry.port))
-        return servers
+        entries = [(e.ip, e.port, e.family) for e in info.stun]
+        hosts = await self._hub_hosts() if any(ip is None for ip, _, _ in entries) else {}
+        return stun_servers(entries, hosts)
+
+    async def _hub_hosts(self) -> dict[int, str]:
+        """The hub host's address of each family (a literal, or what the name resolves to)."""
+        return await url_addresses(self._hub_url)
 
     async def _hub_host(self) -> str | None:
-        host = urlsplit(self._hub_url or "").hostname or ""
-        try:
-            return str(ipaddress.ip_address(host))
-        except ValueError:
-            if not host:
-                return None
-            try:  # in a worker thread: a slow resolver must not stall the tunnel
-                return await trio.to_thread.run_sync(
-                    socket.gethostbyname, host, abandon_on_cancel=True
-                )
-            except (OSError, UnicodeError):  # unresolvable, or a label too long for IDNA
-                return None
+        """The hub host's address in the first family we gather in (IPv4 first), or ``None``."""
+        hosts = await self._hub_hosts()
+        return next((hosts[f] for f in self._families if f in hosts), None)
 
     async def _register(self) -> PeerRecord:
         endpoints = []
@@ -879,7 +879,12 @@ class Connector:
         blocked = not any(c.type is CandidateType.SRFLX for c in self.candidates)
         wanted = "tcp" if blocked else "udp"
         usable = [
-            s for s in servers if s.uri.address and s.uri.transport == wanted and not s.uri.secure
+            s
+            for s in servers
+            if s.uri.address
+            and s.uri.transport == wanted
+            and not s.uri.secure
+            and ipaddress.ip_address(s.uri.address[0]).version in self._families
         ]
         if not usable:
             return False
@@ -954,11 +959,11 @@ class Connector:
         """
         link = self._links.link_of(address)
         if link is not None:
-            return _format(link.server), f"{link.name}/{link.transport}"
+            return format_endpoint(link.server), f"{link.name}/{link.transport}"
         turn = self._turn
         if turn is not None and turn.owns(address):
-            return _format(turn.address), turn.name
-        return _format(address), None
+            return format_endpoint(turn.address), turn.name
+        return format_endpoint(address), None
 
     def _relay_status(self) -> str:
         """Why no relay carried the path either, in one line (for a punch failure)."""
@@ -987,24 +992,14 @@ class Connector:
         with contextlib.suppress(trio.ClosedResourceError, trio.BrokenResourceError):
             self._send_events.send_nowait(event)
 
-    def _open_socket(self) -> Any:
+    def _open_socket(self) -> SocketSet:
         factory = self._socket_factory
         if factory is None:
             # No simulation runs unless punchtrio.netsim was imported: don't import it here.
             netsim = sys.modules.get("punchtrio.netsim")
             host = netsim.current_host() if netsim is not None else None
             factory = host.nonblocking_socket if host is not None else socket.socket
-        sock = factory(socket.AF_INET, socket.SOCK_DGRAM)
-        try:
-            sock.setblocking(False)
-            sock.bind(("", self.config.listen_port))
-        except OSError as exc:
-            sock.close()
-            raise TunnelError(_bind_error(self.config.listen_port, exc)) from None
-        except BaseException:
-            sock.close()
-            raise
-        return sock
+        return open_sockets(factory, self.config.listen_port)
 
     def _open_tun(self) -> TunDevice:
         from ..tunnel import configure_interface

@@ -7,7 +7,9 @@ namespace (so every interface, nftables table and conntrack entry), also after a
 kinds are those of :data:`KINDS` (:data:`EXPECTED` gives each one's mapping and filtering, spelled
 as ``punchtrio nat --json``). ``punchtrio demo`` builds its lab with this, and so do the
 repository's lab tests, scenarios and benchmarks (through ``labs.topology``). See the NAT lab
-page of the documentation for how each kind is made and why.
+page of the documentation for how each kind is made and why. IPv6 sites (:data:`IPV6_KINDS`:
+``firewall``, a global prefix behind a stateful firewall; ``nat66``) and dual-stack ones
+(``NatSpec("sym", ipv6="firewall")``) come with a dual-stack or IPv6-only hub (``hub=``).
 
 Standard library only; needs root and :data:`REQUIRED_BINARIES` at :func:`build` time.
 """
@@ -18,9 +20,14 @@ from .._netns import Lab, LabError, Namespace
 from ._topology import (
     EXPECTED,
     HUB_ALTERNATE,
+    HUB_ALTERNATE6,
     HUB_PRIMARY,
+    HUB_PRIMARY6,
+    HUB_STACKS,
+    IPV6_KINDS,
     KINDS,
     REQUIRED_BINARIES,
+    WAN6_NET,
     WAN_NET,
     Host,
     Hub,
@@ -29,6 +36,7 @@ from ._topology import (
     Network,
     build,
     cleanup,
+    nft6_ruleset,
     nft_ruleset,
     udp_blocked_between,
 )
@@ -36,9 +44,14 @@ from ._topology import (
 __all__ = [
     "EXPECTED",
     "HUB_ALTERNATE",
+    "HUB_ALTERNATE6",
     "HUB_PRIMARY",
+    "HUB_PRIMARY6",
+    "HUB_STACKS",
+    "IPV6_KINDS",
     "KINDS",
     "REQUIRED_BINARIES",
+    "WAN6_NET",
     "WAN_NET",
     "Host",
     "Hub",
@@ -50,6 +63,7 @@ __all__ = [
     "Network",
     "build",
     "cleanup",
+    "nft6_ruleset",
     "nft_ruleset",
     "udp_blocked_between",
 ]

@@ -205,12 +205,15 @@ def local_networks(exclude_interfaces: Iterable[str] = ()) -> list[IPNetwork]:
 
     The same interfaces as :func:`local_addresses` (``exclude_interfaces`` skipped); a peer
     address inside one of them is on a network we share. Inside a :mod:`punchtrio.netsim`
-    simulation, the simulated host's LAN prefix (none on the public internet, which is no shared
-    network). Returns ``[]`` if netlink is refused.
+    simulation, the simulated host's LAN prefixes (IPv4 and IPv6 on a dual-stack LAN; none on the
+    public internet, which is no shared network). Returns ``[]`` if netlink is refused.
     """
     netsim = sys.modules.get("punchtrio.netsim")  # no simulation runs unless it was imported
     host = netsim.current_host() if netsim is not None else None
-    if host is not None:
+    if host is not None:  # every prefix of a dual-stack LAN (netsim's ``prefixes``), else its one
+        prefixes = getattr(host.network, "prefixes", None)
+        if prefixes is not None:
+            return list(prefixes)
         prefix = host.network.prefix
         return [] if prefix is None else [prefix]
     excluded = set(exclude_interfaces)
@@ -265,10 +268,12 @@ class ReflexiveResult:
 
     ``mappings`` pairs each answering server address with the mapped endpoint it reported;
     ``candidates`` holds the distinct mapped endpoints as server-reflexive candidates;
-    ``mapping_varies`` is ``True`` when two server addresses saw different mappings (the NAT maps
-    per destination: a plain punch to its reflexive address cannot work), ``False`` when they saw
-    the same, ``None`` with fewer than two answers; ``failed`` names the servers that did not answer
-    or answered with an error.
+    ``mapping_varies`` is ``True`` when two server addresses of one family saw different mappings
+    (the NAT maps per destination: a plain punch to its reflexive address cannot work), ``False``
+    when they saw the same, ``None`` with fewer than two answers in either family; IPv4's verdict
+    when it has one, else IPv6's (mappings of different families are never compared: they are
+    different addresses by nature). ``failed`` names the servers that did not answer or answered
+    with an error.
     """
 
     mappings: tuple[tuple[Address, Address], ...]
@@ -277,15 +282,21 @@ class ReflexiveResult:
     failed: tuple[Address, ...] = field(default=())
 
 
+def _version(ip: str) -> int:
+    return 6 if ":" in ip else 4
+
+
 class ReflexiveGatherer:
     """Ask STUN servers for our mapped address, sans-IO, over a socket the caller shares.
 
     Sends one Binding transaction (RFC 8489 retransmissions, see
     :class:`~punchtrio.stun.StunTransaction`; ``rto`` seconds, ``rc`` requests) to every address
-    in ``servers`` at once. With a single server address, the first answer's OTHER-ADDRESS (RFC
-    5780) is asked too, so there are two destinations to compare. Drive it like every punchtrio
+    in ``servers`` at once. With a single server address of a family, the first answer's
+    OTHER-ADDRESS (RFC 5780) of that family is asked too, so there are two destinations to
+    compare. Servers of both families may be given: each family is judged on its own. Drive it like every punchtrio
     core: :meth:`datagrams_to_send`, :meth:`receive_datagram`, :meth:`get_timer`,
-    :meth:`handle_timer`; :attr:`done` then :meth:`result`. Raises ``ValueError`` if ``servers``
+    :meth:`handle_timer` (and :meth:`unreachable` when a send fails for want of a route);
+    :attr:`done` then :meth:`result`. Raises ``ValueError`` if ``servers``
     is empty or not IP literals.
     """
 
@@ -296,7 +307,11 @@ class ReflexiveGatherer:
             raise ValueError("at least one STUN server address is needed")
         self._rto, self._rc = rto, rc
         self._transactions = [StunTransaction(s, now, rto=rto, rc=rc, rm=4) for s in servers]
-        self._follow_other = len({s[0] for s in servers}) < 2
+        ips: dict[int, set[str]] = {}
+        for server in servers:
+            ips.setdefault(_version(server[0]), set()).add(server[0])
+        # The families with one server address: follow its OTHER-ADDRESS to get a second.
+        self._follow_other = {family for family, seen in ips.items() if len(seen) < 2}
         self._answers: list[tuple[Address, Address]] = []
         self._failed: list[Address] = []
 
@@ -316,6 +331,15 @@ class ReflexiveGatherer:
                 self._collect(t, now)
                 return True
         return False
+
+    def unreachable(self, destination: Address) -> None:
+        """Give up on ``destination`` now: the kernel refused to send there (no route: an IPv6
+        server from a host with only unique-local IPv6, or IPv4 from an IPv6-only network), so
+        its retransmissions would only delay :attr:`done`. It counts as failed."""
+        for t in list(self._transactions):
+            if t.destination == destination and not t.done:
+                self._transactions.remove(t)
+                self._failed.append(destination)
 
     def get_timer(self) -> float | None:
         """Return when :meth:`handle_timer` is due (the caller's clock), or ``None``."""
@@ -337,17 +361,27 @@ class ReflexiveGatherer:
             return
         self._answers.append((transaction.destination, event.mapped))
         other = event.other_address
-        if self._follow_other and other is not None and other[0] != transaction.destination[0]:
-            self._follow_other = False
+        family = _version(transaction.destination[0])
+        if (
+            family in self._follow_other
+            and other is not None
+            and other[0] != transaction.destination[0]
+            and _version(other[0]) == family
+        ):
+            self._follow_other.discard(family)
             self._transactions.append(StunTransaction(other, now, rto=self._rto, rc=self._rc, rm=4))
 
     def result(self) -> ReflexiveResult:
         """Return what was learnt so far (call it once :attr:`done`)."""
         mapped = [m for _, m in self._answers]
-        by_server_ip: dict[str, Address] = {}
+        by_server_ip: dict[int, dict[str, Address]] = {4: {}, 6: {}}
         for server, m in self._answers:
-            by_server_ip.setdefault(server[0], m)
-        varies = None if len(by_server_ip) < 2 else len(set(by_server_ip.values())) > 1
+            by_server_ip[_version(server[0])].setdefault(server[0], m)
+        verdicts = [
+            None if len(seen) < 2 else len(set(seen.values())) > 1
+            for seen in (by_server_ip[4], by_server_ip[6])
+        ]
+        varies = verdicts[0] if verdicts[0] is not None else verdicts[1]
         candidates = []
         for rank, endpoint in enumerate(dict.fromkeys(mapped)):
             try:

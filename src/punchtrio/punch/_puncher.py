@@ -898,7 +898,11 @@ class Puncher:
         peer.bday = None
         if s is None or role is None:
             return
-        srflx = [c for c in ordered if c.type is CandidateType.SRFLX and c.version in self.families]
+        # Design decision: birthday punching is IPv4's: it answers NATs that map per destination,
+        # and IPv6 has no address translation to defeat (its extra sockets are IPv4 ones too).
+        srflx = [c for c in ordered if c.type is CandidateType.SRFLX and c.version == 4]
+        if 4 not in self.families:
+            return
         if not srflx:
             return
         if role == "hard":

@@ -7,6 +7,7 @@ one) or a non-blocking stdlib-like socket shared with the WireGuard fast path.
 
 from __future__ import annotations
 
+import errno
 import math
 from collections.abc import Callable, Iterable, Sequence
 from typing import Any
@@ -18,6 +19,11 @@ from ._candidates import Candidate, IPNetwork, ReflexiveGatherer, ReflexiveResul
 from ._puncher import Puncher, PunchEvent
 
 Address = tuple[str, int]
+
+NO_ROUTE = frozenset(
+    {errno.ENETUNREACH, errno.EHOSTUNREACH, errno.EAFNOSUPPORT, errno.EADDRNOTAVAIL}
+)
+"""Send errors that mean the destination cannot be reached from this host at all."""
 
 
 async def send_datagram(sock: Any, data: bytes, address: Address) -> None:
@@ -99,21 +105,35 @@ async def gather_reflexive(
     *,
     rto: float = 0.5,
     rc: int = 7,
+    answer_within: float | None = None,
 ) -> ReflexiveResult:
     """Ask STUN ``servers`` what ``sock`` looks like from outside; return the result.
 
     ``replies`` is the mux's STUN queue for this socket. Takes at most about ``rto * (2**rc + 3)``
     seconds when nobody answers (defaults: 0.5 s and 7 requests, about 65 s; lower ``rc`` to fail
-    faster). Raises ``ValueError`` for an empty or non-literal server list.
+    faster). With ``answer_within`` (seconds), it gives up when no server has answered by then
+    and returns what it has (no mappings; the caller may ask again later). Raises
+    ``ValueError`` for an empty or non-literal server list.
     """
     gatherer = ReflexiveGatherer(servers, trio.current_time(), rto=rto, rc=rc)
+    give_up = math.inf if answer_within is None else trio.current_time() + answer_within
     while not gatherer.done:
         for data, address in gatherer.datagrams_to_send(trio.current_time()):
-            await send_datagram(sock, data, address)
+            try:
+                if isinstance(sock, trio.socket.SocketType):
+                    await sock.sendto(data, address)
+                else:
+                    sock.sendto(data, address)
+            except OSError as exc:
+                if exc.errno in NO_ROUTE:  # no route there: waiting for answers is pointless
+                    gatherer.unreachable(address)
         deadline = gatherer.get_timer()
-        with trio.move_on_at(math.inf if deadline is None else deadline):
+        with trio.move_on_at(min(give_up, math.inf if deadline is None else deadline)):
             datagram = await replies.receive()
-            gatherer.receive_datagram(datagram.data, datagram.source, datagram.time)
+            if gatherer.receive_datagram(datagram.data, datagram.source, datagram.time):
+                give_up = math.inf  # someone answered: wait for the others as usual
             continue
+        if trio.current_time() >= give_up:
+            break
         gatherer.handle_timer(trio.current_time())
     return gatherer.result()

@@ -23,6 +23,7 @@ from dataclasses import dataclass, field
 from nacl.bindings import crypto_scalarmult
 from nacl.exceptions import RuntimeError as NaclRuntimeError
 
+from .._endpoint import format_endpoint as _format_endpoint
 from .._exceptions import PunchtrioError
 from ..wireguard import ConfigError as WireGuardConfigError
 from ..wireguard import Device, PeerConfig
@@ -314,9 +315,11 @@ def parse_endpoint(value: str) -> Address:
 
 
 def format_endpoint(endpoint: Address) -> str:
-    """Return ``endpoint`` as UAPI writes it: ``1.2.3.4:51820`` or ``[2001:db8::1]:51820``."""
-    host, port = endpoint[0], endpoint[1]
-    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+    """Return ``endpoint`` as UAPI writes it: ``1.2.3.4:51820`` or ``[2001:db8::1]:51820``.
+
+    UAPI's form is :func:`punchtrio.format_endpoint`'s, which this calls.
+    """
+    return _format_endpoint(endpoint)
 
 
 def format_get(info: DeviceInfo) -> bytes:
