@@ -332,17 +332,28 @@ class HubRelayServer:
 
     # internals
 
+    def _data_sender(
+        self, route: Route, size: int, limit: int, header: int, now: float
+    ) -> _Binding | None:
+        """The live binding a data frame of ``size`` bytes from ``route`` may use, or ``None``
+        with the drop counted (unbound, oversized past ``limit``, shorter than ``header``)."""
+        binding = self._by_route.get(route)
+        if binding is None or binding.expires <= now:
+            self.dropped["unbound"] += 1
+        elif size > limit:
+            self.dropped["oversized"] += 1
+        elif size < header:
+            self.dropped["malformed"] += 1
+        else:
+            return binding
+        return None
+
     def _receive(self, data: bytes, route: Route, now: float) -> None:
         if data.startswith(SEND_CHANNEL_PREFIX):
-            binding = self._by_route.get(route)
-            size = len(data)
-            if binding is None or binding.expires <= now:
-                self.dropped["unbound"] += 1
-            elif size > MAX_CHANNEL_FRAME:
-                self.dropped["oversized"] += 1
-            elif size < CHANNEL_HEADER_LEN:
-                self.dropped["malformed"] += 1
-            else:
+            binding = self._data_sender(
+                route, len(data), MAX_CHANNEL_FRAME, CHANNEL_HEADER_LEN, now
+            )
+            if binding is not None:
                 channels = binding.channels
                 number = (data[5] << 8) | data[6]
                 destination = channels.by_number.get(number)
@@ -354,15 +365,8 @@ class HubRelayServer:
                 self._forward(binding, destination, data, CHANNEL_HEADER_LEN, now)
             return
         if data.startswith(SEND_PREFIX):
-            binding = self._by_route.get(route)
-            size = len(data)
-            if binding is None or binding.expires <= now:
-                self.dropped["unbound"] += 1
-            elif size > MAX_FRAME:
-                self.dropped["oversized"] += 1
-            elif size < DATA_HEADER_LEN:
-                self.dropped["malformed"] += 1
-            else:
+            binding = self._data_sender(route, len(data), MAX_FRAME, DATA_HEADER_LEN, now)
+            if binding is not None:
                 destination = data[5:DATA_HEADER_LEN]
                 if self._forward(binding, destination, data, DATA_HEADER_LEN, now):
                     self._offer_channel(binding, destination, now)

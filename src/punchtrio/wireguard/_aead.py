@@ -49,6 +49,17 @@ def _open_bindings(data: bytes, key: bytes) -> bytearray | None:
         return None
 
 
+def _sodium_functions(module: Any, *names: str) -> tuple[Any, list[Any]] | None:
+    """Return ``(ffi, [lib.name, ...])`` of ``module`` (default PyNaCl's private compiled module
+    ``nacl._sodium``), or None when it cannot be imported or lacks any of ``names``."""
+    try:
+        if module is None:
+            module = importlib.import_module("nacl._sodium")
+        return module.ffi, [getattr(module.lib, name) for name in names]
+    except (ImportError, AttributeError):
+        return None
+
+
 def _load_sodium(
     module: Any = None,
 ) -> tuple[Callable[..., bytes], Callable[..., bytearray | None]] | None:
@@ -58,14 +69,14 @@ def _load_sodium(
     imported, lacks the two functions, or its functions fail the known-answer test below (tests
     pass a stand-in ``module`` to check each case).
     """
-    try:
-        if module is None:
-            module = importlib.import_module("nacl._sodium")  # PyNaCl's private compiled module
-        ffi, lib = module.ffi, module.lib
-        encrypt = lib.crypto_aead_chacha20poly1305_ietf_encrypt
-        decrypt = lib.crypto_aead_chacha20poly1305_ietf_decrypt
-    except (ImportError, AttributeError):
+    found = _sodium_functions(
+        module,
+        "crypto_aead_chacha20poly1305_ietf_encrypt",
+        "crypto_aead_chacha20poly1305_ietf_decrypt",
+    )
+    if found is None:
         return None
+    ffi, (encrypt, decrypt) = found
     from_buffer = ffi.from_buffer
     null = ffi.NULL
 
@@ -141,13 +152,10 @@ def _load_sodium_cookie(module: Any = None) -> Callable[[bytes, bytes, bytes, by
     Returns None (the caller falls back to ``nacl.bindings``) when the module cannot be imported,
     lacks the function, or the function fails a known-answer test against the bindings.
     """
-    try:
-        if module is None:
-            module = importlib.import_module("nacl._sodium")
-        ffi, lib = module.ffi, module.lib
-        encrypt = lib.crypto_aead_xchacha20poly1305_ietf_encrypt
-    except (ImportError, AttributeError):
+    found = _sodium_functions(module, "crypto_aead_xchacha20poly1305_ietf_encrypt")
+    if found is None:
         return None
+    ffi, (encrypt,) = found
     from_buffer = ffi.from_buffer
     null = ffi.NULL
 
