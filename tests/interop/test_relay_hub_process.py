@@ -55,16 +55,27 @@ class RunningHub:
         self.url = url
         self.relay = relay
         self.metrics_url = metrics_url
+        self.log: Path | None = None
 
 
 @pytest.fixture
 def hub(tmp_path: Path) -> Iterator[RunningHub]:
+    yield from _run_hub(tmp_path, ["--relay", "127.0.0.1:0"])
+
+
+@pytest.fixture
+def dual_stack_hub(tmp_path: Path) -> Iterator[RunningHub]:
+    yield from _run_hub(tmp_path, ["--relay", "127.0.0.1:0", "--relay", "[::1]:0"])
+
+
+def _run_hub(tmp_path: Path, relay: list[str]) -> Iterator[RunningHub]:
+    """A ``punchtrio hub`` process with these ``--relay`` options, until SIGTERM (exit 0)."""
     require_root_and()
     key = tmp_path / "hub.key"
     PrivateKey.generate().write(key)
     command = [
         sys.executable, "-m", "punchtrio.cli", "hub", "--store", "memory",
-        "--listen", "127.0.0.1:0", "--relay", "127.0.0.1:0",
+        "--listen", "127.0.0.1:0", *relay,
         "--key-file", str(key), "--rate", "0", "--metrics", "127.0.0.1:0",
     ]  # fmt: skip
     log = tmp_path / "hub.log"
@@ -83,6 +94,7 @@ def hub(tmp_path: Path) -> Iterator[RunningHub]:
             assert process.poll() is None, f"the hub exited early: {text}"
             time.sleep(0.05)
         assert found is not None, "the hub did not start within 15 s"
+        found.log = log
         yield found
     finally:
         process.send_signal(signal.SIGTERM)
@@ -91,6 +103,7 @@ def hub(tmp_path: Path) -> Iterator[RunningHub]:
         except subprocess.TimeoutExpired:
             process.kill()
             process.wait()
+    assert process.returncode == 0, log.read_text()
 
 
 async def _register(http: httpx.AsyncClient, info: HubInfo, name: str) -> HubRelayClient:
@@ -103,8 +116,9 @@ async def _register(http: httpx.AsyncClient, info: HubInfo, name: str) -> HubRel
 
 
 async def _udp(client: HubRelayClient, relay: tuple[str, int]) -> trio.socket.SocketType:
-    sock = trio.socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
-    await sock.bind(("127.0.0.1", 0))
+    v6 = ":" in relay[0]
+    sock = trio.socket.socket(socket.AF_INET6 if v6 else socket.AF_INET, socket.SOCK_DGRAM)
+    await sock.bind(("::1" if v6 else "127.0.0.1", 0))
     client.connect(trio.current_time())
     with trio.fail_after(10):
         while not client.bound and not client.counters["refused"]:
@@ -200,4 +214,60 @@ async def test_registered_peers_exchange_frames_over_udp_and_tcp(hub: RunningHub
         assert "punchtrio_hub_relay_bound_peers 2.0" in metrics  # carol's stream closed
         assert 'punchtrio_hub_relay_binds_total{result="not_registered"} 1.0' in metrics
         for sock in (alice_sock, bob_sock, stranger_sock):
+            sock.close()
+
+
+async def test_a_relay_on_both_families_carries_ipv4_to_ipv6(dual_stack_hub: RunningHub) -> None:
+    """``--relay 127.0.0.1:0 --relay [::1]:0``: one port on both, published per family; a peer
+    bound over IPv4 and one bound over IPv6 (UDP and TCP) reach each other."""
+    hub = dual_stack_hub
+    assert hub.log is not None
+    port = hub.relay[1]
+    assert f"relay on ::1 port {port} (UDP, TCP)" in hub.log.read_text()
+    v4, v6 = ("127.0.0.1", port), ("::1", port)
+    async with httpx.AsyncClient(base_url=hub.url, timeout=30) as http:
+        body = (await http.get("/v1/hub")).json()
+        assert body["relays"] == [
+            {"ip": None, "port": port, "tls": False, "family": 4},
+            {"ip": None, "port": port, "tls": False, "family": 6},
+        ]
+        info = HubInfo.from_json(body)
+        alice = await _register(http, info, "alice")
+        bob = await _register(http, info, "bob")
+        carol = await _register(http, info, "carol")
+        alice_sock, bob_sock = await _udp(alice, v4), await _udp(bob, v6)
+        await alice_sock.sendto(alice.wrap(bob.public_key, b"4 to 6"), v4)
+        await bob_sock.sendto(bob.wrap(alice.public_key, b"6 to 4"), v6)
+        with trio.fail_after(10):
+            assert await _data(bob, bob_sock) == (alice.public_key, b"4 to 6")
+            assert await _data(alice, alice_sock) == (bob.public_key, b"6 to 4")
+
+        # TCP over IPv6 (carol) <-> UDP over IPv4 (alice)
+        stream = RelayStream(v6, decoder_factory=HubStreamDecoder)
+        received: list[tuple[bytes, bytes]] = []
+        progress = Progress()
+
+        def on_frame(frame: bytes, now: float) -> None:
+            result = carol.receive_frame(frame, now)
+            if result is not None:
+                received.append(result)
+            for out in carol.datagrams_to_send():
+                stream.send_nowait(encode_hub_stream_frame(out))
+            progress.poke()
+
+        async with trio.open_nursery() as nursery:
+            carol.connect(trio.current_time())
+            for frame in carol.datagrams_to_send():
+                stream.send_nowait(encode_hub_stream_frame(frame))
+            await nursery.start(stream.run, on_frame)
+            with trio.fail_after(10):
+                await progress.until(lambda: carol.bound)
+            stream.send_nowait(encode_hub_stream_frame(carol.wrap(alice.public_key, b"tcp6")))
+            await alice_sock.sendto(alice.wrap(carol.public_key, b"udp4"), v4)
+            with trio.fail_after(10):
+                assert await _data(alice, alice_sock) == (carol.public_key, b"tcp6")
+                await progress.until(lambda: received)
+            assert received == [(alice.public_key, b"udp4")]
+            nursery.cancel_scope.cancel()
+        for sock in (alice_sock, bob_sock):
             sock.close()

@@ -472,7 +472,8 @@ async def test_packets_cross_both_ways_across_the_first_rekey(
 )
 async def test_the_hub_host_for_advertised_stun_is_the_url_host(url: str, host: str) -> None:
     connector = Connector("alice", KEYS["alice"], url, TunnelConfig("10.99.0.1/24"))
-    assert await connector._hub_host() == host
+    version = 6 if ":" in host else 4
+    assert await connector._hub_hosts() == {version: host}
 
 
 async def test_a_hub_name_is_resolved_in_a_worker_thread(
@@ -491,8 +492,8 @@ async def test_a_hub_name_is_resolved_in_a_worker_thread(
     hub = Connector(
         "alice", KEYS["alice"], "http://Hub.Example:7777/", TunnelConfig("10.99.0.1/24")
     )
-    assert await hub._hub_host() == "192.0.2.9"
+    assert await hub._hub_hosts() == {4: "192.0.2.9", 6: "2001:db8::9"}
     gone = Connector("alice", KEYS["alice"], "http://gone.example/", TunnelConfig("10.99.0.1/24"))
-    assert await gone._hub_host() is None  # unresolvable: no STUN server from the hub, no error
+    assert await gone._hub_hosts() == {}  # unresolvable: no STUN server from the hub, no error
     assert [name for name, _ in asked] == ["hub.example", "gone.example"]
     assert all(thread != threading.get_ident() for _, thread in asked)

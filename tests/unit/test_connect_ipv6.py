@@ -26,6 +26,7 @@ from punchtrio.connect._sockets import (
     addresses_by_family,
     open_sockets,
     reachable_families,
+    relay_server,
     stun_servers,
 )
 from punchtrio.punch import (
@@ -311,9 +312,11 @@ async def _run(
     alice: dict[str, object] | None = None,
     bob: dict[str, object] | None = None,
     stun: tuple[tuple[str, int], ...] = (S4, S6),
+    services: tuple[tuple[netsim.Host, Callable[..., Any]], ...] = (),
 ) -> dict[str, list[object]]:
     """Both connectors (``alice``/``bob``: extra options of each) until each connects or fails,
-    then a ping alice -> bob through the tunnel (its arrival is "ping" in bob's events)."""
+    then a ping alice -> bob through the tunnel (its arrival is "ping" in bob's events).
+    ``services`` (a host and its ``serve``) start first."""
     events: dict[str, list[object]] = {"alice": [], "bob": []}
     ifaces = {name: MemoryInterface(name) for name in events}
     per_side = {"alice": alice or {}, "bob": bob or {}}
@@ -325,6 +328,9 @@ async def _run(
         async with world.net, trio.open_nursery() as nursery:
             await nursery.start(netsim.serve_stun, world.stun, S4, S4_OTHER)
             await nursery.start(netsim.serve_stun, world.stun, S6, S6_OTHER)
+            for host, serve in services:
+                with host.activate():
+                    await nursery.start(serve)
             for name, connector in connectors.items():
                 with world.hosts[name].activate():
                     await nursery.start(connector.run)
@@ -456,8 +462,8 @@ def test_an_unreachable_server_counts_as_failed_and_is_not_retried() -> None:
 async def test_the_hub_host_is_taken_in_a_family_we_gather_in(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    """A hub name with both families: the IPv4 address, or the IPv6 one on an IPv6-only host
-    (its relay and its untagged STUN entries are reached there)."""
+    """A hub name with both families: the relay is reached at the address of the family its
+    entry names (an untagged entry: IPv4)."""
     from punchtrio import Connector
 
     def resolve(name: str, *args: object) -> list[tuple[object, ...]]:
@@ -468,10 +474,48 @@ async def test_the_hub_host_is_taken_in_a_family_we_gather_in(
     connector = Connector(
         "alice", KEYS["alice"], "http://hub.example/", TunnelConfig("10.99.0.1/24")
     )
-    assert await connector._hub_hosts() == {4: "192.0.2.9", 6: "2001:db8::9"}
-    assert await connector._hub_host() == "192.0.2.9"
-    connector._families = (6,)
-    assert await connector._hub_host() == "2001:db8::9"
+    hosts = await connector._hub_hosts()
+    assert hosts == {4: "192.0.2.9", 6: "2001:db8::9"}
+    assert relay_server([(None, 7778, None)], (4, 6), hosts) == (0, ("192.0.2.9", 7778))
+    # An untagged relay entry is the hub host's IPv4 address: nothing for an IPv6-only peer.
+    assert relay_server([(None, 7778, None)], (6,), hosts) is None
+    assert relay_server([(None, 7778, 6)], (6,), hosts) == (0, ("2001:db8::9", 7778))
+
+
+V4, V6 = ipaddress.ip_address("198.51.100.7"), ipaddress.ip_address("2001:db8::7")
+HOSTS = {4: "192.0.2.9", 6: "2001:db8::9"}
+
+
+@pytest.mark.parametrize(
+    ("entries", "families", "hosts", "answered", "chosen"),
+    [
+        # A dual-stack relay: IPv4 first, unless STUN answered in IPv6 alone.
+        ([(None, 1, 4), (None, 1, 6)], (4, 6), HOSTS, (), (0, ("192.0.2.9", 1))),
+        ([(None, 1, 4), (None, 1, 6)], (4, 6), HOSTS, (6,), (1, ("2001:db8::9", 1))),
+        ([(None, 1, 4), (None, 1, 6)], (4, 6), HOSTS, (4, 6), (0, ("192.0.2.9", 1))),
+        # An IPv6-only peer takes the IPv6 entry wherever it is listed.
+        ([(None, 1, 4), (None, 1, 6)], (6,), HOSTS, (), (1, ("2001:db8::9", 1))),
+        ([(V4, 1, None), (V6, 1, None)], (6,), {}, (), (1, ("2001:db8::7", 1))),
+        # An entry of a family the hub host has no address in is left out.
+        ([(None, 1, 4), (None, 1, 6)], (4, 6), {4: "192.0.2.9"}, (6,), (0, ("192.0.2.9", 1))),
+        # An untagged entry is the hub host's IPv4 address (IPv6 if it has no IPv4 one).
+        ([(None, 1, None)], (6,), HOSTS, (), None),
+        ([(None, 1, None)], (6,), {6: "2001:db8::9"}, (), (0, ("2001:db8::9", 1))),
+        # Nothing reachable in our families.
+        ([(V4, 1, None)], (6,), HOSTS, (), None),
+        ([(None, 1, 6)], (4, 6), {4: "192.0.2.9"}, (), None),
+        ([], (4, 6), HOSTS, (), None),
+    ],
+)
+def test_the_relay_address_is_one_of_a_family_that_works(
+    entries: list[tuple[object, int, int | None]],
+    families: tuple[int, ...],
+    hosts: dict[int, str],
+    answered: tuple[int, ...],
+    chosen: tuple[int, tuple[str, int]] | None,
+) -> None:
+    got = relay_server(entries, families, hosts, answered=answered)  # type: ignore[arg-type]
+    assert got == chosen
 
 
 def _sites(
@@ -571,3 +615,49 @@ async def test_two_hosts_of_one_dual_stack_site_take_the_lan_path(
     assert events["bob"][-1] == "ping"
     connected = _connected(events["alice"])
     assert (connected.path, connected.endpoint) == ("lan", "[2001:db8:1:1::3]:51820")
+
+
+async def test_ipv6_only_peers_without_udp_relay_over_the_hub_relay_s_ipv6_tcp(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    """Two IPv6-only sites that drop all UDP: no STUN answer, no punch; the hub's relay on both
+    families is reached at its IPv6 address over TCP (its IPv4 one is no use to them)."""
+    from punchtrio import PrivateKey
+    from punchtrio.connect import HubRelay
+    from punchtrio.relay import HubRelayServer, HubRelayService
+    from punchtrio.rendezvous import HubRelayAddress
+
+    from .test_connect_basic import wall_clock
+
+    world, _ = _sites(
+        {"lan": None, "address6": "2001:db8:3::1", "lan6": "2001:db8:3:1::/64", "block_udp": True},
+        {"lan": None, "address6": "2001:db8:4::1", "lan6": "2001:db8:4:1::/64", "block_udp": True},
+    )
+    v4, v6 = ("203.0.113.20", 7778), ("2001:db8:5::20", 7778)
+    relay_host = world.net.add_host(v4[0], v6[0], name="relay")
+    hub_key = PrivateKey(bytes(range(201, 233)))
+    hub = world.hub
+
+    def registered(key: bytes, network: str, wall: float) -> bool:
+        return network == "" and any(r.public_key.raw == key for r in hub.records())
+
+    server = HubRelayServer(hub_key, registered=registered, wall_clock=wall_clock)
+    service = HubRelayService(server, v4, v6)
+    relay = HubRelay(
+        HubRelayAddress(ipaddress.ip_address(v4[0]), v4[1]),
+        hub_key.public_key(),
+        others=(HubRelayAddress(ipaddress.ip_address(v6[0]), v6[1]),),
+    )
+    events = await _run(
+        world,
+        alice={"hub_relay": relay},
+        bob={"hub_relay": relay},
+        services=((relay_host, service.serve),),
+    )
+    assert events["bob"][-1] == "ping"
+    for name in ("alice", "bob"):
+        connected = _connected(events[name])
+        assert (connected.path, connected.relay) == ("relay", "hub/tcp"), name
+        assert connected.endpoint == "[2001:db8:5::20]:7778", name
+    assert server.counters["forwarded"] > 0
+    assert service.counters["streams"] == 2

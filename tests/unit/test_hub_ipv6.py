@@ -126,9 +126,10 @@ def test_a_taken_second_address_closes_the_first() -> None:
             bind_hub_sockets([("127.0.0.1", 0), ("::1", port)])
 
 
-def test_one_stun_family_publishes_as_before() -> None:
+def test_one_ipv4_stun_address_publishes_as_before() -> None:
     assert _published([("0.0.0.0", 3478)]) == (StunAddress(None, 3478),)
-    assert _published([("::", 3478)]) == (StunAddress(None, 3478),)
+    # IPv6 alone is tagged: a dual-stack client would otherwise ask the hub host's IPv4 address.
+    assert _published([("::", 3478)]) == (StunAddress(None, 3478, family=6),)
     assert StunAddress(None, 3478).to_json() == {"ip": None, "port": 3478}
     both = _published([("0.0.0.0", 3478), ("::", 3478), ("2001:db8::1", 3478)])
     assert [s.to_json() for s in both] == [
@@ -182,6 +183,15 @@ def test_listen_and_stun_are_repeatable() -> None:
         ),
         (["--stun", "[::1]:3478", "--stun", "[::1]:x"], "--stun must have a port"),
         ([a for i in range(9) for a in ("--listen", f"192.0.2.1:{i + 1}")], "at most 8"),
+        (
+            ["--relay", "0.0.0.0:7778", "--relay", "127.0.0.1:7778"],
+            "--relay: give at most one IPv4 and one IPv6 address",
+        ),
+        (
+            ["--relay", "0.0.0.0:7778", "--relay", "[::]:7779"],
+            "--relay: both addresses need the same port",
+        ),
+        (["--relay", "[::1]:7778", "--relay", "[::1]:7778"], "--relay [::1]:7778 is given twice"),
     ],
 )
 def test_bad_listen_exits_with_one_line(
@@ -247,3 +257,42 @@ async def test_the_connector_uses_the_stun_entry_of_its_hub_urls_family(
         assert await connector._stun_addresses() == expected
     finally:
         await connector.rendezvous.aclose()
+
+
+def test_a_relay_on_both_families_is_published_per_family() -> None:
+    from punchtrio.rendezvous import HubRelayAddress, published_addresses
+
+    relays = tuple(
+        HubRelayAddress(ip, port, False, family)
+        for ip, port, family in published_addresses([("0.0.0.0", 7778), ("::", 7778)])
+    )
+    info = HubInfo(PrivateKey.generate().public_key(), (), 300, 60, 60, 0, False, relays=relays)
+    body = info.to_json()
+    assert "relay" not in body
+    assert body["relays"] == [
+        {"ip": None, "port": 7778, "tls": False, "family": 4},
+        {"ip": None, "port": 7778, "tls": False, "family": 6},
+    ]
+    assert HubInfo.from_json(body) == info
+    assert info.relay == relays[0]
+
+
+@pytest.mark.parametrize(
+    ("relays", "message"),
+    [
+        ({"relay": {"ip": None, "port": 1, "tls": False}, "relays": []}, "not both"),
+        ({"relays": []}, "one or two"),
+        ({"relays": [{"ip": None, "port": n, "tls": False, "family": 4} for n in (1, 2, 3)]},
+         "one or two"),
+        ({"relays": [{"ip": None, "port": 1, "tls": False, "family": 6},
+                     {"ip": "2001:db8::1", "port": 1, "tls": False}]}, "one address per IP"),
+        ({"relays": [{"ip": None, "port": 1, "tls": False},
+                     {"ip": None, "port": 1, "tls": False, "family": 6}]}, "one address per IP"),
+        ({"relay": {"ip": None, "port": 1, "tls": False, "family": 5}}, "relay family must be"),
+        ({"relay": {"ip": "192.0.2.1", "port": 1, "tls": False, "family": 4}}, "null ip"),
+    ],
+)  # fmt: skip
+def test_bad_relay_entries_are_refused(relays: dict[str, object], message: str) -> None:
+    body = HubInfo(PrivateKey.generate().public_key(), (), 300, 60, 60, 0, False).to_json()
+    with pytest.raises(ValidationError, match=message):
+        HubInfo.from_json({**body, **relays})

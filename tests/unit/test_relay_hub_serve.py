@@ -274,8 +274,12 @@ async def test_the_hub_publishes_the_relay_counts_it_and_keeps_the_directory() -
     directory = KeyDirectory(clock=lambda: 1_800_000_000.0 + trio.current_time())
     setup = Setup()
     relay = HubRelayAddress(None, 7778, True)
-    async with Hub(relay=relay, directory=directory) as hub:
-        info = HubInfo.from_json((await hub.http.get("/v1/hub")).json())
+    async with Hub(relays=(relay,), directory=directory) as hub:
+        published = (await hub.http.get("/v1/hub")).json()
+        assert published["relay"] == {"ip": None, "port": 7778, "tls": True}
+        assert "relays" not in published  # one address: what every client has always read
+        info = HubInfo.from_json(published)
+        assert info.relays == (relay,)
         assert info.relay == relay
         metrics = hub.scrape(TextCollector(setup.server.metrics_lines))
         assert metrics["punchtrio_hub_relay_bound_peers"] == 0
@@ -376,3 +380,63 @@ async def test_a_gso_burst_is_read_with_gro_split_and_forwarded_in_order() -> No
     assert service.counters["udp_reads"] < 10
     assert service.counters["udp_sends"] < 10
     assert setup.server.counters["forwarded"] == len(payloads)
+
+
+async def test_a_dual_stack_relay_carries_frames_between_ipv4_and_ipv6_peers() -> None:
+    """One relay core on an IPv4 and an IPv6 address (one port, IPv6 socket IPv6-only): a peer
+    bound over IPv4 UDP and one over IPv6 UDP reach each other, each answered on its family."""
+    setup = Setup()
+    service = HubRelayService(setup.server, (LOOPBACK, 0), ("::1", 0))
+    async with trio.open_nursery() as nursery:
+        first = await nursery.start(service.serve)
+        assert [ip for ip, _ in service.bound] == [LOOPBACK, "::1"]
+        assert {port for _, port in service.bound} == {first[1]}
+        assert service._socks[6].getsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY) == 1
+        v4_peer, v6_peer = setup.client(), setup.client()
+        v4 = await _udp_socket()
+        v6 = trio.socket.socket(socket.AF_INET6, socket.SOCK_DGRAM)
+        await v6.bind(("::1", 0))
+        await _udp_bind(v4_peer, v4, service.bound[0])
+        await _udp_bind(v6_peer, v6, service.bound[1])
+        await v4.sendto(v4_peer.wrap(v6_peer.public_key, b"4 to 6"), service.bound[0])
+        await v6.sendto(v6_peer.wrap(v4_peer.public_key, b"6 to 4"), service.bound[1])
+        for sock, peer, sender, text in ((v6, v6_peer, v4_peer, b"4 to 6"),
+                                         (v4, v4_peer, v6_peer, b"6 to 4")):  # fmt: skip
+            with trio.fail_after(5):
+                unwrapped = None
+                while unwrapped is None:  # the relay's CHANNEL frame may come first
+                    data, _ = await sock.recvfrom(2048)
+                    unwrapped = peer.receive_frame(data, trio.current_time())
+            assert unwrapped == (sender.public_key, text)
+        # TCP is served on both addresses too.
+        for address in service.bound:
+            stream = await trio.open_tcp_stream(*address)
+            await stream.aclose()
+        v4.close()
+        v6.close()
+        nursery.cancel_scope.cancel()
+
+
+async def test_a_dual_stack_relay_binds_both_or_neither() -> None:
+    """The IPv6 side's port is taken: one line naming it, and the IPv4 side is not left bound."""
+    taken = socket.socket(socket.AF_INET6, socket.SOCK_DGRAM)
+    taken.bind(("::1", 0))
+    port = taken.getsockname()[1]
+    service = HubRelayService(Setup().server, (LOOPBACK, port), ("::1", port))
+    with pytest.raises(HubRelayServeError, match=rf"cannot serve the relay on \[::1\]:{port}"):
+        await service.serve()
+    again = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    again.bind((LOOPBACK, port))  # free: the failed start released its IPv4 socket
+    again.close()
+    taken.close()
+
+
+@pytest.mark.parametrize(
+    "addresses",
+    [(), ((LOOPBACK, 0), ("127.0.0.2", 0)), ((LOOPBACK, 7000), ("::1", 7001))],
+)
+def test_relay_addresses_are_one_per_family_on_one_port(
+    addresses: tuple[tuple[str, int], ...],
+) -> None:
+    with pytest.raises(ValueError, match="relay serves"):
+        HubRelayService(Setup().server, *addresses)

@@ -176,9 +176,12 @@ def register(subparsers: Any) -> None:
     hub.add_argument(
         "--relay",
         metavar="IP:PORT",
+        action="append",
+        default=None,
         help=(
             "also relay WireGuard between registered peers of one network, on UDP and TCP at "
-            "this address (TLS on TCP with --tls-cert); see docs/relay.md"
+            "this address (TLS on TCP with --tls-cert); give it twice for both families (one "
+            "IPv4 and one IPv6 address, one port); see docs/relay.md"
         ),
     )
     hub.add_argument(
@@ -263,6 +266,17 @@ def _addresses(texts: list[str] | None, option: str, default: str | None) -> lis
     for index, address in enumerate(addresses):
         if address in addresses[:index]:
             raise UsageError(f"{option} {texts[index]} is given twice")
+    return addresses
+
+
+def _relay_addresses(texts: list[str] | None) -> list[tuple[str, int]]:
+    """Parse ``--relay``: at most one address per family, all on one port (``UsageError``)."""
+    addresses = _addresses(texts, "--relay", None)
+    families = [":" in ip for ip, _ in addresses]
+    if len(set(families)) != len(families):
+        raise UsageError("--relay: give at most one IPv4 and one IPv6 address")
+    if len({port for _, port in addresses}) > 1:
+        raise UsageError("--relay: both addresses need the same port (UDP and TCP on each)")
     return addresses
 
 
@@ -449,9 +463,9 @@ def _run(args: argparse.Namespace) -> int:
     # Workers refuse requests signed before the hub (their supervisor) started, also after a
     # restart of one of them: its replay cache is in Redis, kept.
     started = time.time() if args.workers > 1 else None
-    relay = None if args.relay is None else _address(args.relay, "--relay")
+    relay = _relay_addresses(args.relay)
     relay_tls = None
-    if relay is not None and args.tls_cert and args.tls_key:
+    if relay and args.tls_cert and args.tls_key:
         from ..relay import server_tls_context
 
         relay_tls = server_tls_context(args.tls_cert, args.tls_key)
@@ -476,7 +490,7 @@ def _run(args: argparse.Namespace) -> int:
         registry = hub_registry(store, counters)
     hub = (
         partial(serve, config)
-        if relay is None
+        if not relay
         else partial(_serve_with_relay, serve, config, relay, relay_tls, registry=registry)
     )
     if args.workers > 1:
@@ -523,7 +537,7 @@ def _check_workers(args: argparse.Namespace) -> None:
 async def _serve_with_relay(
     serve: Callable[..., Awaitable[None]],
     config: HubConfig,
-    relay: tuple[str, int],
+    relay: list[tuple[str, int]],
     tls: ssl.SSLContext | None,
     *,
     registry: CollectorRegistry | None = None,
@@ -531,14 +545,12 @@ async def _serve_with_relay(
 ) -> None:
     """Bind the hub's relay first (so a taken port starts nothing), then serve the hub with the
     relay published in ``GET /v1/hub`` and its counters in ``registry`` (the metrics listener's)."""
-    import ipaddress
-
     from ..relay import HubRelayServeError, HubRelayServer, HubRelayService
-    from ..rendezvous import HubRelayAddress, HubServeError, KeyDirectory
+    from ..rendezvous import HubRelayAddress, HubServeError, KeyDirectory, published_addresses
 
     directory = KeyDirectory()
     server = HubRelayServer(config.key, config.networks, registered=directory.is_registered)
-    service = HubRelayService(server, relay, tls=tls)
+    service = HubRelayService(server, *relay, tls=tls)
     if registry is not None:
         from ..metrics import TextCollector
 
@@ -546,22 +558,20 @@ async def _serve_with_relay(
     failure: HubServeError | HubRelayServeError | None = None
     async with trio.open_nursery() as nursery:
         try:
-            ip, port = await nursery.start(service.serve)
-            address = ipaddress.ip_address(ip)
-            hidden = address.is_unspecified or address.is_loopback or address.is_link_local
-            published = HubRelayAddress(None if hidden else address, port, tls is not None)
-            config = dataclasses.replace(
-                config,
-                relay=published,
-                directory=directory,
+            await nursery.start(service.serve)
+            published = tuple(
+                HubRelayAddress(ip, port, tls is not None, family)
+                for ip, port, family in published_addresses(service.bound)
             )
+            config = dataclasses.replace(config, relays=published, directory=directory)
             listeners = await nursery.start(serve, config)
         except (HubServeError, HubRelayServeError) as exc:
             failure = exc
             nursery.cancel_scope.cancel()
         else:
             transport = "TLS" if tls is not None else "TCP"
-            log.info("relay on %s port %s (UDP, %s)", ip, port, transport)
+            for ip, port in service.bound:
+                log.info("relay on %s port %s (UDP, %s)", ip, port, transport)
             task_status.started(listeners)
     if failure is not None:
         raise failure

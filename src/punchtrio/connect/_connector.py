@@ -104,6 +104,7 @@ from ._sockets import (
     family_of,
     open_sockets,
     reachable_families,
+    relay_server,
     stun_servers,
     url_addresses,
 )
@@ -126,11 +127,14 @@ class HubRelay:
     """A hub's own relay, for a connector whose rendezvous is not that hub's URL (netsim, tests,
     a hub reached through another client): its ``address`` as ``GET /v1/hub`` publishes it and
     the hub's ``public_key``, which authenticates the relay's answers. A relay address without an
-    IP needs ``host``, the hub's literal address."""
+    IP needs ``host``, the hub's literal address. A relay on both IP versions lists its address
+    of the other version in ``others`` (as :attr:`~punchtrio.rendezvous.HubInfo.relays` does);
+    the connector binds at the one of a family it can use."""
 
     address: HubRelayAddress
     public_key: PublicKey
     host: str | None = None
+    others: tuple[HubRelayAddress, ...] = ()
 
 
 class ConnectError(PunchtrioError):
@@ -634,11 +638,6 @@ class Connector:
         """The hub host's address of each family (a literal, or what the name resolves to)."""
         return await url_addresses(self._hub_url)
 
-    async def _hub_host(self) -> str | None:
-        """The hub host's address in the first family we gather in (IPv4 first), or ``None``."""
-        hosts = await self._hub_hosts()
-        return next((hosts[f] for f in self._families if f in hosts), None)
-
     async def _register(self) -> PeerRecord:
         endpoints = []
         for candidate in self.candidates[:16]:
@@ -846,20 +845,27 @@ class Connector:
         await shell.run(target, stream_after=self._relay_stream_after, udp_blocked=blocked)
 
     async def _relay_target(self) -> RelayTarget | None:
+        """Where to bind at the hub's relay: the address of the first family where STUN was
+        answered (UDP gets through), else of the first family we have (:func:`relay_server`)."""
         given = self._hub_relay
         if given is not None:
-            address, key, host = given.address, given.public_key, given.host
+            relays, key = (given.address, *given.others), given.public_key
+            hosts = {family_of(given.host): given.host} if given.host else None
         else:
             info = getattr(self.rendezvous, "hub_info", None)
-            if info is None or info.relay is None:
+            if info is None or not info.relays:
                 return None
-            address, key, host = info.relay, info.public_key, None
-        ip = str(address.ip) if address.ip is not None else host or await self._hub_host()
-        if ip is None:
+            relays, key, hosts = info.relays, info.public_key, None
+        if hosts is None:
+            hosts = await self._hub_hosts() if any(r.ip is None for r in relays) else {}
+        answered = {family_of(c.address) for c in self.candidates if c.type is CandidateType.SRFLX}
+        entries = [(r.ip, r.port, r.family) for r in relays]
+        chosen = relay_server(entries, self._families, hosts, answered=answered)
+        if chosen is None:
             return None
-        server = (ip, address.port)
-        name = urlsplit(self._hub_url or "").hostname or ip
-        return RelayTarget(key.raw, server, server, address.tls, name)
+        index, server = chosen
+        name = urlsplit(self._hub_url or "").hostname or server[0]
+        return RelayTarget(key.raw, server, server, relays[index].tls, name)
 
     async def _start_turn(
         self, nursery: trio.Nursery, stun: trio.MemoryReceiveChannel[Datagram]

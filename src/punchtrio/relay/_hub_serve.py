@@ -71,9 +71,13 @@ def server_tls_context(cert_file: str, key_file: str) -> ssl.SSLContext:
 
 
 class HubRelayService:
-    """Serves one :class:`~punchtrio.relay.HubRelayServer` on UDP and TCP at ``address``.
+    """Serves one :class:`~punchtrio.relay.HubRelayServer` on UDP and TCP at each of ``addresses``.
 
-    ``address`` is ``(ip, port)``; port 0 lets the kernel pick one free for both UDP and TCP.
+    Each address is ``(ip, port)``, at most one per IP version (a dual-stack relay gives an IPv4
+    and an IPv6 one; IPv6 sockets are IPv6-only, so each family has its own). Every address is
+    served on one port: port 0 lets the kernel pick one free for UDP and TCP on all of them, and
+    a different port on a second address is refused. Raises :class:`ValueError` for no address,
+    two of one family or different ports.
     ``tls`` (a server context, see :func:`server_tls_context`) makes the TCP side TLS;
     ``max_buffer`` bounds what is queued for each TCP client (bytes, default 256 KiB).
 
@@ -91,23 +95,27 @@ class HubRelayService:
     def __init__(
         self,
         server: HubRelayServer,
-        address: tuple[str, int],
-        *,
+        *addresses: tuple[str, int],
         tls: ssl.SSLContext | None = None,
         max_buffer: int = DEFAULT_MAX_BUFFER,
         gso: bool = True,
         gro: bool = True,
     ) -> None:
+        versions = [ipaddress.ip_address(ip).version for ip, _ in addresses]
+        if not addresses or len(set(versions)) != len(versions):
+            raise ValueError("a relay serves one to two addresses, at most one per IP version")
+        if len({port for _, port in addresses}) != 1:
+            raise ValueError("a relay serves every address on one port")
         self.server = server
-        self.address = address
+        self.addresses = addresses
         self.tls = tls
         self.max_buffer = max_buffer
         self.gso = gso
         self.gro = gro
         self._gso_max_frame = 0xFFFF  # larger frames exceeded a route's MTU: sent one by one
-        self.bound: tuple[str, int] | None = None
-        """The bound ``(ip, port)`` once serving."""
-        self._sock: socket.socket | None = None
+        self.bound: tuple[tuple[str, int], ...] = ()
+        """The bound ``(ip, port)`` of each address once serving."""
+        self._socks: dict[int, socket.socket] = {}  # by IP version
         self._writers: dict[int, BoundedWriter] = {}
         self.counters: dict[str, int] = dict.fromkeys(
             ("udp_send_dropped", "send_errors", "stream_dropped", "streams", "streams_refused",
@@ -116,30 +124,36 @@ class HubRelayService:
         )  # fmt: skip
 
     def __repr__(self) -> str:
-        return f"HubRelayService({self.address!r}, tls={self.tls is not None})"
+        where = ", ".join(repr(address) for address in self.addresses)
+        return f"HubRelayService({where}, tls={self.tls is not None})"
 
     async def serve(
         self, *, task_status: trio.TaskStatus[tuple[str, int]] = trio.TASK_STATUS_IGNORED
     ) -> None:
-        """Bind, report the bound ``(ip, port)`` through ``task_status``, serve until cancelled.
+        """Bind every address, report the first bound ``(ip, port)`` through ``task_status``
+        (:attr:`bound` has them all), serve until cancelled.
 
-        Raises :class:`HubRelayServeError` with a one-line reason if UDP or TCP cannot be bound.
+        Raises :class:`HubRelayServeError` with a one-line reason if UDP or TCP cannot be bound
+        on one of them (then none is left bound).
         """
-        sock, listeners = await self._bind()
-        self._sock = sock
-        real = type(sock) is socket.socket
+        socks, listeners = await self._bind()
+        self._socks = {4 if sock.family == socket.AF_INET else 6: sock for sock in socks}
+        real = all(type(sock) is socket.socket for sock in socks)
         self.gso = self.gso and real
-        self.gro = self.gro and real and _enable_gro(sock)
-        host, port = sock.getsockname()[:2]
-        self.bound = (host, port)
+        # The GRO reader also reads a socket that refused GRO (no size given: one datagram).
+        accepted = [_enable_gro(sock) for sock in socks] if self.gro and real else []
+        self.gro = True in accepted
+        self.bound = tuple((str(s.getsockname()[0]), int(s.getsockname()[1])) for s in socks)
         try:
             async with trio.open_nursery() as nursery:
-                nursery.start_soon(self._udp_loop, sock)
+                for sock in socks:
+                    nursery.start_soon(self._udp_loop, sock)
                 nursery.start_soon(self._timer_loop)
                 await nursery.start(trio.serve_listeners, self._handle_stream, listeners)
-                task_status.started((host, port))
+                task_status.started(self.bound[0])
         finally:
-            sock.close()
+            for sock in socks:
+                sock.close()
             for listener in listeners:
                 with trio.CancelScope(shield=True):
                     await listener.aclose()
@@ -163,30 +177,33 @@ class HubRelayService:
 
     # binding
 
-    async def _bind(self) -> tuple[socket.socket, list[trio.SocketListener]]:
-        ip, port = self.address
-        where = format_endpoint((ip, port))
-        family = socket.AF_INET6 if ipaddress.ip_address(ip).version == 6 else socket.AF_INET
+    async def _bind(self) -> tuple[list[socket.socket], list[trio.SocketListener]]:
+        port = self.addresses[0][1]
         for _attempt in range(8 if port == 0 else 1):
-            sock = _udp_socket(family)
+            socks: list[socket.socket] = []
+            listeners: list[trio.SocketListener] = []
+            chosen = port
             try:
-                sock.setblocking(False)
-                for option in (socket.SO_RCVBUF, socket.SO_SNDBUF):
-                    try:
-                        sock.setsockopt(socket.SOL_SOCKET, option, _SOCKET_BUFFER)
-                    except OSError:
-                        pass
-                sock.bind((ip, port))
-                chosen = sock.getsockname()[1]
-                listeners = await trio.open_tcp_listeners(chosen, host=ip)
+                for ip, _ in self.addresses:
+                    where = format_endpoint((ip, chosen))
+                    sock = _udp_socket(socket.AF_INET6 if ":" in ip else socket.AF_INET)
+                    socks.append(sock)
+                    _prepare(sock)
+                    sock.bind((ip, chosen))
+                    chosen = sock.getsockname()[1]
+                    listeners += await trio.open_tcp_listeners(chosen, host=ip)
             except OSError as exc:
-                sock.close()
+                for sock in socks:
+                    sock.close()
+                for listener in listeners:
+                    await trio.aclose_forcefully(listener)
                 if port == 0 and exc.errno == errno.EADDRINUSE:
-                    continue  # the kernel's free UDP port is taken on TCP: pick another
+                    continue  # the kernel's free port is taken elsewhere: pick another
                 raise HubRelayServeError(
                     f"cannot serve the relay on {where}: {exc.strerror or exc}"
                 ) from None
-            return sock, listeners
+            return socks, listeners
+        where = ", ".join(format_endpoint(address) for address in self.addresses)
         raise HubRelayServeError(f"cannot serve the relay on {where}: no free port")
 
     # the data path
@@ -211,14 +228,16 @@ class HubRelayService:
                     by_peer[route] = [frame]
                 else:
                     frames.append(frame)
-        if by_peer and self._sock is not None:
+        socks = self._socks
+        if by_peer and socks:
             send = self._send_runs if self.gso else self._send_each
             for route, frames in by_peer.items():
-                send(frames, route)
+                sock = socks.get(6 if ":" in route[0] else 4)
+                if sock is not None:
+                    send(sock, frames, route)
 
-    def _send_each(self, frames: list[bytes], route: tuple[str, int]) -> None:
-        assert self._sock is not None
-        sendto = self._sock.sendto
+    def _send_each(self, sock: socket.socket, frames: list[bytes], route: tuple[str, int]) -> None:
+        sendto = sock.sendto
         counters = self.counters
         counters["udp_sends"] += len(frames)
         for frame in frames:
@@ -229,11 +248,10 @@ class HubRelayService:
             except OSError:
                 counters["send_errors"] += 1
 
-    def _send_runs(self, frames: list[bytes], route: tuple[str, int]) -> None:
-        """Send ``frames`` to ``route``; each run of equal-sized frames (the last of a run may be
-        shorter, as GSO allows) goes out in one ``sendmsg`` that the kernel segments."""
-        assert self._sock is not None
-        sendmsg = self._sock.sendmsg
+    def _send_runs(self, sock: socket.socket, frames: list[bytes], route: tuple[str, int]) -> None:
+        """Send ``frames`` to ``route`` on ``sock``; each run of equal-sized frames (the last of a
+        run may be shorter, as GSO allows) goes out in one ``sendmsg`` that the kernel segments."""
+        sendmsg = sock.sendmsg
         counters = self.counters
         i, n = 0, len(frames)
         while i < n:
@@ -261,13 +279,13 @@ class HubRelayService:
             except OSError as exc:
                 if j - i > 1 and exc.errno in _NO_GSO:
                     self.gso = False  # this kernel or route cannot segment: one by one from now
-                    self._send_each(frames[i:], route)
+                    self._send_each(sock, frames[i:], route)
                     return
                 if j - i > 1 and exc.errno == errno.EMSGSIZE:
                     # A segment above the route's MTU, which the kernel fragments only when
                     # sent on its own: frames this large go one by one from now.
                     self._gso_max_frame = min(self._gso_max_frame, size - 1)
-                    self._send_each(frames[i:j], route)
+                    self._send_each(sock, frames[i:j], route)
                 else:
                     counters["send_errors"] += j - i
             i = j
@@ -425,6 +443,19 @@ def _enable_gro(sock: socket.socket) -> bool:
     except OSError:
         return False
     return True
+
+
+def _prepare(sock: socket.socket) -> None:
+    """Make ``sock`` non-blocking with large buffers; an IPv6 one IPv6-only (the IPv4 address, if
+    any, has its own socket)."""
+    sock.setblocking(False)
+    for option in (socket.SO_RCVBUF, socket.SO_SNDBUF):
+        try:
+            sock.setsockopt(socket.SOL_SOCKET, option, _SOCKET_BUFFER)
+        except OSError:
+            pass
+    if sock.family == socket.AF_INET6 and type(sock) is socket.socket:
+        sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
 
 
 def _udp_socket(family: int) -> socket.socket:

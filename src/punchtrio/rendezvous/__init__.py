@@ -94,6 +94,7 @@ if TYPE_CHECKING:
         HubServeError,
         bind_hub_socket,
         bind_hub_sockets,
+        published_addresses,
         serve_hub,
     )
 
@@ -182,6 +183,7 @@ __all__ = [
     "parse_address",
     "parse_allowed_ip",
     "peer_mac_key",
+    "published_addresses",
     "serve_hub",
     "validate_name",
 ]
@@ -197,6 +199,7 @@ def __getattr__(name: str) -> object:
         "HubServeError",
         "bind_hub_socket",
         "bind_hub_sockets",
+        "published_addresses",
         "serve_hub",
     ):
         from . import _serve

@@ -59,6 +59,7 @@ from ._models import (
     SignalMessage,
     StunAddress,
     ValidationError,
+    check_relay_addresses,
     dump_json,
     error_body,
     messages_to_json,
@@ -112,7 +113,8 @@ class HubConfig:
     ``turn``: TURN servers to publish, whose coturn REST credentials the hub mints with
     ``turn_secret`` (their ``--static-auth-secret``; never shown in the repr) for ``turn_ttl``
     seconds (3600) to registered peers (``GET /v1/peers/{name}/turn``).
-    ``relay``: the hub's own relay to publish (``None``: no relay); ``directory``: a
+    ``relays``: the addresses of the hub's own relay to publish (at most one per IP version;
+    none: no relay); ``directory``: a
     :class:`KeyDirectory` the app keeps up to date with every registration and deletion, so the
     relay can check that a key is registered; ``counters``: the :class:`HubCounters` the app
     counts its requests into (``None``: its own; ``punchtrio.metrics.HubCollector`` serves them
@@ -135,10 +137,13 @@ class HubConfig:
     turn: tuple[TurnServerURI, ...] = field(default=())
     turn_secret: bytes | None = field(default=None, repr=False)
     turn_ttl: float = 3600.0
-    relay: HubRelayAddress | None = None
+    relays: tuple[HubRelayAddress, ...] = ()
     directory: KeyDirectory | None = field(default=None, compare=False)
     counters: HubCounters | None = field(default=None, compare=False, repr=False)
     addresses: AddressPolicy = field(default_factory=AddressPolicy)
+
+    def __post_init__(self) -> None:
+        check_relay_addresses(self.relays)  # a bad one is refused here, not on every GET /v1/hub
 
 
 class KeyDirectory:
@@ -415,7 +420,7 @@ class _Hub:
             round(self.clock(), 3),
             self.verifier.network_required,
             turn=config.turn,
-            relay=config.relay,
+            relays=config.relays,
             network_prefixes=config.addresses.prefixes,
         )
         return _json(info.to_json())

@@ -466,10 +466,7 @@ class StunAddress:
             or not 0 < self.port < 65536
         ):
             raise ValidationError("stun port must be from 1 to 65535")
-        if self.family is not None and (isinstance(self.family, bool) or self.family not in (4, 6)):
-            raise ValidationError("stun family must be 4 or 6")
-        if self.family is not None and self.ip is not None:
-            raise ValidationError("stun family is only given with a null ip")
+        _check_family(self.family, self.ip, "stun")
 
     def to_json(self) -> dict[str, Any]:
         """Return the JSON object of this server."""
@@ -494,12 +491,15 @@ class HubRelayAddress:
     JSON: ``{"ip": "203.0.113.1", "port": 7778, "tls": false}``: the relay listens on UDP and on
     TCP at the same ``ip`` and ``port``; ``tls`` says whether its TCP side speaks TLS. ``ip`` is
     ``null`` when the relay listens on every address of the hub (or on loopback): then use the
-    hub's own host. Raises :class:`ValidationError`.
+    hub's own host. ``family`` (4 or 6; optional, only with a ``null`` ip, omitted when ``None``)
+    says which of the hub host's addresses, as for :class:`StunAddress`: a relay on both
+    families publishes one entry per family. Raises :class:`ValidationError`.
     """
 
     ip: IPAddress | None
     port: int
     tls: bool = False
+    family: int | None = None
 
     def __post_init__(self) -> None:
         if self.ip is not None:
@@ -512,21 +512,37 @@ class HubRelayAddress:
             raise ValidationError("relay port must be from 1 to 65535")
         if not isinstance(self.tls, bool):
             raise ValidationError("relay tls must be a boolean")
+        _check_family(self.family, self.ip, "relay")
+
+    @property
+    def version(self) -> int | None:
+        """The IP version this address is reached over: its ``ip``'s, else its ``family``
+        (``None``: the hub host's, whichever the client reaches it over)."""
+        return self.ip.version if self.ip is not None else self.family
 
     def to_json(self) -> dict[str, Any]:
         """Return the JSON object of this relay."""
         ip = None if self.ip is None else str(self.ip)
-        return {"ip": ip, "port": self.port, "tls": self.tls}
+        family = {} if self.family is None else {"family": self.family}
+        return {"ip": ip, "port": self.port, "tls": self.tls, **family}
 
     @classmethod
     def from_json(cls, obj: object) -> HubRelayAddress:
         """Parse a JSON relay address. Raises :class:`ValidationError`."""
-        fields = _exact_keys(obj, "relay", required=("ip", "port", "tls"))
+        fields = _exact_keys(obj, "relay", required=("ip", "port", "tls"), optional=("family",))
         ip = fields["ip"]
         if ip is not None and not isinstance(ip, str):
             raise ValidationError("relay ip must be a string or null")
         parsed = None if ip is None else parse_ip(ip, what="relay ip")
-        return cls(parsed, fields["port"], fields["tls"])  # type: ignore[arg-type]
+        return cls(parsed, fields["port"], fields["tls"], fields.get("family"))  # type: ignore[arg-type]
+
+
+def _check_family(family: object, ip: IPAddress | None, what: str) -> None:
+    """Refuse a ``family`` tag other than 4 or 6, or one beside an ``ip`` (which has its own)."""
+    if family is not None and (isinstance(family, bool) or family not in (4, 6)):
+        raise ValidationError(f"{what} family must be 4 or 6")
+    if family is not None and ip is not None:
+        raise ValidationError(f"{what} family is only given with a null ip")
 
 
 @dataclass(frozen=True, slots=True)
@@ -538,8 +554,10 @@ class HubInfo:
     ``ttl``, ``max_wait`` and ``auth_window`` are seconds; ``time`` is the hub's clock (Unix
     seconds) so clients can sign with a corrected timestamp. ``turn`` (optional, omitted when
     empty; at most :data:`MAX_TURN_SERVERS`) lists the TURN servers whose credentials the hub
-    mints, as ``turn:``/``turns:`` URI texts. ``relay`` (optional, omitted when ``None``: the hub
-    runs no relay of its own) is a :class:`HubRelayAddress`. ``network_prefixes`` (optional,
+    mints, as ``turn:``/``turns:`` URI texts. ``relays`` are the hub's own relay's addresses
+    (:class:`HubRelayAddress`; none: the hub runs no relay of its own; at most one per IP version):
+    one is published as ``"relay": {...}``, two as ``"relays": [{...}, {...}]``, so a hub with one
+    relay address answers as before. ``network_prefixes`` (optional,
     omitted when empty; at most one IPv4 and one IPv6 prefix) are the overlay prefixes the hub
     assigns addresses from and confines address claims to (``punchtrio hub --network-prefix``).
     Raises :class:`ValidationError`.
@@ -554,7 +572,7 @@ class HubInfo:
     network_required: bool
     api: int = API_VERSION
     turn: tuple[TurnServerURI, ...] = ()
-    relay: HubRelayAddress | None = None
+    relays: tuple[HubRelayAddress, ...] = ()
     network_prefixes: tuple[IPNetwork, ...] = ()
 
     def __post_init__(self) -> None:
@@ -564,8 +582,12 @@ class HubInfo:
         if not isinstance(self.network_required, bool):
             raise ValidationError("network_required must be a boolean")
         _check_turn_uris(self.turn)
-        if self.relay is not None and not isinstance(self.relay, HubRelayAddress):
-            raise ValidationError("relay must be a HubRelayAddress or None")
+        check_relay_addresses(self.relays)
+
+    @property
+    def relay(self) -> HubRelayAddress | None:
+        """The first of :attr:`relays`, or ``None`` when the hub runs no relay."""
+        return self.relays[0] if self.relays else None
 
     def to_json(self) -> dict[str, Any]:
         """Return the JSON object of this hub description."""
@@ -579,7 +601,8 @@ class HubInfo:
             "time": self.time,
             "network_required": self.network_required,
             **({"turn": [str(uri) for uri in self.turn]} if self.turn else {}),
-            **({"relay": self.relay.to_json()} if self.relay is not None else {}),
+            **({"relay": self.relays[0].to_json()} if len(self.relays) == 1 else {}),
+            **({"relays": [r.to_json() for r in self.relays]} if len(self.relays) > 1 else {}),
             **(
                 {"network_prefixes": [str(n) for n in self.network_prefixes]}
                 if self.network_prefixes
@@ -595,13 +618,24 @@ class HubInfo:
             obj,
             "hub",
             required=(*keys, "network_required"),
-            optional=("turn", "relay", "network_prefixes"),
+            optional=("turn", "relay", "relays", "network_prefixes"),
         )
         if fields["api"] != API_VERSION or isinstance(fields["api"], bool):
             raise ValidationError(f"hub speaks API {fields['api']!r}, expected {API_VERSION}")
         stun = fields["stun"]
         if not isinstance(stun, list) or len(stun) > 8:
             raise ValidationError("stun must be a list of at most 8 servers")
+        if "relay" in fields and "relays" in fields:
+            raise ValidationError("hub: give relay or relays, not both")
+        relays = (
+            fields["relays"]
+            if "relays" in fields
+            else [fields["relay"]]
+            if "relay" in fields
+            else []
+        )
+        if not isinstance(relays, list) or ("relays" in fields and not 0 < len(relays) <= 2):
+            raise ValidationError("relays must be a list of one or two relay addresses")
         return cls(
             parse_public_key(fields["public_key"]),
             tuple(StunAddress.from_json(s) for s in stun),
@@ -611,9 +645,25 @@ class HubInfo:
             fields["time"],  # type: ignore[arg-type]
             fields["network_required"],  # type: ignore[arg-type]
             turn=_turn_uris_from_json(fields.get("turn", [])),
-            relay=None if "relay" not in fields else HubRelayAddress.from_json(fields["relay"]),
+            relays=tuple(HubRelayAddress.from_json(r) for r in relays),
             network_prefixes=_network_prefixes_from_json(fields.get("network_prefixes", [])),
         )
+
+
+def check_relay_addresses(relays: object) -> tuple[HubRelayAddress, ...]:
+    """Return ``relays`` if they are a hub relay's addresses: a tuple of at most two
+    :class:`HubRelayAddress`, one per IP version (an address with neither an ``ip`` nor a
+    ``family`` counts as either, so it stands alone). Raises :class:`ValidationError`."""
+    if not isinstance(relays, tuple) or not all(isinstance(r, HubRelayAddress) for r in relays):
+        raise ValidationError("relays must be a tuple of HubRelayAddress")
+    versions = [r.version for r in relays]
+    if (
+        len(relays) > 2
+        or len(set(versions)) != len(versions)
+        or (len(relays) > 1 and None in versions)
+    ):
+        raise ValidationError("relays: at most one address per IP version")
+    return relays
 
 
 def check_network_prefixes(prefixes: object) -> tuple[IPNetwork, ...]:

@@ -18,7 +18,7 @@ from hypercorn.trio import serve as hypercorn_serve
 from .._exceptions import PunchtrioError
 from ..stun import StunServer, StunServerError
 from ._hub import HubConfig, create_app
-from ._models import MAX_HEADER_BYTES, StunAddress, format_address
+from ._models import MAX_HEADER_BYTES, IPAddress, StunAddress, format_address
 from ._store import Clock, Store
 
 HEADER_TIMEOUT = 5.0
@@ -294,13 +294,30 @@ def _alternates(stuns: list[Address], alternate: Address | None) -> list[Address
 
 
 def _published(bound: list[Address]) -> tuple[StunAddress, ...]:
-    families = {":" in ip for ip, _port in bound}
     addresses = []
-    for ip_text, port in bound[:8]:
-        ip = ipaddress.ip_address(ip_text)
-        unreachable = ip.is_unspecified or ip.is_loopback or ip.is_link_local
-        family = ip.version if unreachable and len(families) > 1 else None
-        address = StunAddress(None if unreachable else ip, port, family=family)
+    for ip, port, family in published_addresses(bound[:8]):
+        address = StunAddress(ip, port, family=family)
         if address not in addresses:
             addresses.append(address)
     return tuple(addresses)
+
+
+def published_addresses(bound: Sequence[Address]) -> list[tuple[IPAddress | None, int, int | None]]:
+    """Return how ``GET /v1/hub`` publishes a hub service bound to ``bound`` (its STUN server
+    or its relay): ``(ip, port, family)`` for each ``(ip, port)``.
+
+    An address no client can be told (unspecified, loopback, link-local) is published without
+    an ip, meaning "the hub's own host"; such an entry names its ``family`` (4 or 6) so that a
+    client picks the hub host's address of that family, unless it is the service's only family
+    and that is IPv4 (then ``None``: what a hub of one IPv4 address has always published, and
+    what a client reads as "the hub host's IPv4 address").
+    """
+    families = {":" in ip for ip, _port in bound}
+    published: list[tuple[IPAddress | None, int, int | None]] = []
+    for ip_text, port in bound:
+        ip = ipaddress.ip_address(ip_text)
+        unreachable = ip.is_unspecified or ip.is_loopback or ip.is_link_local
+        tagged = unreachable and (len(families) > 1 or ip.version == 6)
+        family = ip.version if tagged else None
+        published.append((None if unreachable else ip, port, family))
+    return published
