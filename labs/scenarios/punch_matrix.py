@@ -90,8 +90,8 @@ def start_hub(
 
     On a hub with IPv6 (``build(..., hub="dual" | "ipv6")``) the API and STUN listen on the
     primary address of each family (``[2001:db8::1]:7777``, ``[2001:db8::1]:3478``), the STUN
-    alternate is that of the first family, and the relay is on :attr:`Hub.primary_ip` (IPv4 on
-    a dual-stack hub)."""
+    alternate is that of the first family, and the relay is on the primary address of each
+    family too (one port)."""
     hub = net.hub
     pairs = hub.address_pairs
     store = ["--store", "memory"] if state_dir is None else ["--state-dir", str(state_dir)]
@@ -101,7 +101,8 @@ def start_hub(
         argv += ["--stun", format_endpoint((primary, 3478))]
     argv += ["--stun-alternate", format_endpoint((pairs[0][1], 3479))]
     if relay:
-        argv += ["--relay", format_endpoint((hub.primary_ip, RELAY_PORT))]
+        for primary, _alternate in pairs:
+            argv += ["--relay", format_endpoint((primary, RELAY_PORT))]
     for uri in turn:
         argv += ["--turn", uri]
     if turn:
@@ -118,7 +119,7 @@ def start_hub(
     deadline = time.monotonic() + 10
     tcp = [(primary, HUB_PORT) for primary, _ in pairs]
     if relay:
-        tcp.append((hub.primary_ip, RELAY_PORT))
+        tcp += [(primary, RELAY_PORT) for primary, _ in pairs]
     while not all(format_endpoint(at) in hub.ns.run("ss", "-H", "-tln") for at in tcp):
         if proc.poll() is not None or time.monotonic() > deadline:
             raise LabError(f"punchtrio hub did not start listening: see {log or 'no log'}")
@@ -128,21 +129,38 @@ def start_hub(
 
 TURN_PORT = 3480
 """coturn's port (UDP and TCP) on the hub's alternate address, beside the hub's STUN."""
+TURN_TLS_PORT = 5349
+"""coturn's TLS port (``turns:``) on the hub's alternate address, with ``start_coturn(tls=True)``."""
 
 
 def start_coturn(
-    net: Network, workdir: Path, secret: str
+    net: Network, workdir: Path, secret: str, *, tls: bool = False
 ) -> tuple[list[str], subprocess.Popen[bytes]]:
     """Start a real coturn (``turnserver``) in the hub namespace on the hub's alternate address,
     :data:`TURN_PORT`, with coturn's REST credentials for ``secret``; wait until it listens and
     return its ``turn:`` URIs (UDP, TCP) for :func:`start_hub`, and the process. It stops when
-    the lab closes."""
+    the lab closes. With ``tls``, coturn also speaks TLS on :data:`TURN_TLS_PORT` with a
+    self-signed certificate for that address (``workdir / "turn.crt"``, the CA bundle peers
+    verify it with), and the ``turns:`` URI comes third."""
     hub = net.hub
     log = workdir / "turnserver.log"
+    tls_options = ["--no-tls"]
+    if tls:
+        cert, key = workdir / "turn.crt", workdir / "turn.key"
+        subprocess.run(
+            ["openssl", "req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:P-256",
+             "-nodes", "-days", "2", "-subj", "/CN=punchtrio lab TURN",
+             "-addext", f"subjectAltName=IP:{hub.alternate_ip}",
+             "-keyout", str(key), "-out", str(cert)],
+            check=True, capture_output=True,
+        )  # fmt: skip
+        tls_options = [
+            "--tls-listening-port", str(TURN_TLS_PORT), "--cert", str(cert), "--pkey", str(key),
+        ]  # fmt: skip
     with log.open("wb") as out:
         proc = net.lab.spawn(
             hub.ns,
-            "turnserver", "-n", "--no-cli", "--no-tls", "--no-dtls", "--simple-log",
+            "turnserver", "-n", "--no-cli", *tls_options, "--no-dtls", "--simple-log",
             "--log-file", "stdout", "--listening-ip", hub.alternate_ip,
             "--relay-ip", hub.alternate_ip, "--listening-port", str(TURN_PORT),
             "--min-port", "49160", "--max-port", "49260", "--realm", "punchtrio.lab",
@@ -152,12 +170,16 @@ def start_coturn(
             stdout=out, stderr=subprocess.STDOUT,
         )  # fmt: skip
     deadline = time.monotonic() + 15
-    while f"{hub.alternate_ip}:{TURN_PORT}" not in hub.ns.run("ss", "-H", "-tln"):
+    ports = [TURN_PORT, TURN_TLS_PORT] if tls else [TURN_PORT]
+    while not all(f"{hub.alternate_ip}:{p}" in hub.ns.run("ss", "-H", "-tln") for p in ports):
         if proc.poll() is not None or time.monotonic() > deadline:
             raise LabError(f"turnserver did not start: {log.read_text(errors='replace')[-500:]}")
         time.sleep(0.05)
     base = f"turn:{hub.alternate_ip}:{TURN_PORT}?transport="
-    return [base + "udp", base + "tcp"], proc
+    uris = [base + "udp", base + "tcp"]
+    if tls:
+        uris.append(f"turns:{hub.alternate_ip}:{TURN_TLS_PORT}")
+    return uris, proc
 
 
 def hub_url(net: Network, host: Host) -> str:

@@ -363,3 +363,27 @@ def test_an_ipv6_only_peer_meets_a_nat66_or_dual_stack_peer_directly(first: NatS
         with running_pair(net, "mx", a, b, Path(tmp), interfaces=ifaces) as pair:
             _assert_direct_over_ipv6(pair)
         assert pair.result.returncodes == {"mx-a": 0, "mx-b": 0}
+
+
+def test_an_ipv6_only_peer_whose_network_drops_udp_is_relayed_over_ipv6() -> None:
+    """A firewalled IPv6-only site that drops all outgoing UDP, and one that does not, at a
+    dual-stack hub relaying on both families: the blocked side binds at the relay's IPv6 address
+    over TCP, the other over UDP, and the tunnel carries pings."""
+    require_root_and(*UP_BINARIES)
+    specs = [NatSpec("firewall", block_udp=True), NatSpec("firewall")]
+    with tempfile.TemporaryDirectory(prefix="pt-v6-") as tmp, build(specs) as net:
+        start_hub(net, Path(tmp) / "hub.log")
+        a, b = net.requested[0].hosts[0], net.requested[1].hosts[0]
+        with running_pair(net, "rl", a, b, Path(tmp)) as pair:
+            assert pair.result.seconds is not None, pair.result.stderr
+            relay = f"[{HUB_PRIMARY6}]:7778"
+            for name, transport in (("rl-a", "hub/tcp"), ("rl-b", "hub/udp")):
+                event = pair.result.connected(name)
+                assert event is not None, (name, pair.events[name])
+                assert (event["path"], event["relay"], event["endpoint"]) == (
+                    "relay",
+                    transport,
+                    relay,
+                ), event
+            assert pair.ping(3) == 3
+        assert pair.result.returncodes == {"rl-a": 0, "rl-b": 0}

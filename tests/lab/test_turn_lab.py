@@ -18,6 +18,7 @@ from pathlib import Path
 import pytest
 from labs.scenarios.punch_matrix import (
     TURN_PORT,
+    TURN_TLS_PORT,
     run_pair,
     running_pair,
     start_coturn,
@@ -104,3 +105,32 @@ def test_a_relayed_tunnel_outlives_its_turn_credentials(turn_lab: tuple[Network,
         assert subprocess.run(final, capture_output=True, check=False).returncode == 0
     for name, code in pair.result.returncodes.items():
         assert code == 0, pair.result.stderr[name]
+
+
+def test_a_network_that_drops_udp_reaches_turn_over_tls() -> None:
+    """The hub advertises coturn over UDP and over TLS only (no TCP): the peer whose network
+    drops UDP allocates over TLS, verifying coturn's certificate with ``--hub-ca``; the other
+    allocates over UDP, and the pair pings relay to relay."""
+    require_root_and("ip", "nft", "conntrack", "ss", "ping", "turnserver", "openssl")
+    specs = ["sym", NatSpec("full", block_udp=True)]
+    with tempfile.TemporaryDirectory(prefix="pt-turns-") as tmp, build(specs) as net:
+        work = Path(tmp)
+        uris, _ = start_coturn(net, work, SECRET, tls=True)
+        udp, _tcp, tls = uris
+        secret_file = work / "turn.secret"
+        secret_file.write_text(SECRET + "\n")
+        start_hub(net, work / "hub.log", relay=False, turn=[udp, tls], turn_secret_file=secret_file)
+        sym, blocked = (nat.hosts[0] for nat in net.requested)
+        ca = ("--hub-ca", str(work / "turn.crt"))
+        with running_pair(net, "tls", blocked, sym, work, extra=ca) as pair:
+            assert pair.result.seconds is not None, pair.result.stderr
+            expected = {
+                "tls-a": f"turns:{net.hub.alternate_ip}:{TURN_TLS_PORT}?transport=tcp",
+                "tls-b": udp,
+            }
+            for name, relay in expected.items():
+                connected = pair.result.connected(name)
+                assert connected is not None, (name, pair.events[name])
+                assert (connected["path"], connected.get("relay")) == ("relay", relay), connected
+            assert pair.ping(3) == 3
+        assert pair.result.returncodes == {"tls-a": 0, "tls-b": 0}, pair.result.stderr

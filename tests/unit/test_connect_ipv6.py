@@ -21,12 +21,12 @@ from punchtrio.connect import (
     PeerFailed,
     TunnelConfig,
 )
+from punchtrio.connect._relay_choice import relay_server
 from punchtrio.connect._sockets import (
     SocketSet,
     addresses_by_family,
     open_sockets,
     reachable_families,
-    relay_server,
     stun_servers,
 )
 from punchtrio.punch import (

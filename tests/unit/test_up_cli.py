@@ -71,7 +71,7 @@ def test_plan_from_arguments(tmp_path: pathlib.Path) -> None:
         ["--peer", "alice"],
         ["--peer", "bob"],
         ["--stun", "stun.example:3478"],
-        ["--stun", "[2001:db8::1]:3478"],
+        ["--stun", "2001:db8::1:3478"],
         ["--listen-port", "70000"],
         ["--interface", "x" * 16],
         ["--address", "10.99.0.1"],
@@ -111,13 +111,18 @@ def test_parse_stun_accepts_every_ipv4_endpoint(ip: Any, port: int) -> None:
     assert _up.parse_stun(f"{ip}:{port}") == (str(ip), port)
 
 
+@given(st.ip_addresses(v=6), st.integers(1, 65535))
+def test_parse_stun_accepts_every_bracketed_ipv6_endpoint(ip: Any, port: int) -> None:
+    assert _up.parse_stun(f"[{ip}]:{port}") == (str(ip), port)
+
+
 @given(st.text(max_size=80))
 def test_parse_stun_rejects_with_a_usage_error_only(text: str) -> None:
     try:
         ip, port = _up.parse_stun(text)
     except UsageError:
         return
-    assert f"{ip}:{port}" == text or text.endswith(f":{port}")
+    assert text in (f"{ip}:{port}", f"[{ip}]:{port}") or text.endswith(f":{port}")
 
 
 def test_a_peer_failure_is_one_line_naming_the_stage(
@@ -394,12 +399,15 @@ def test_progress_view_prints_plain_steps_off_a_terminal() -> None:
         (["--turn", "turn:203.0.113.5:3478"], "--turn needs --turn-user NAME"),
         (["--turn-user", "u"], "--turn-user and --turn-password-file need --turn URI"),
         (
-            ["--turn", "turns:203.0.113.5:5349", "--turn-user", "u", "--turn-password-file", "PW"],
-            "TURN over TLS is not supported by up yet",
-        ),
-        (
-            ["--turn", "turn:turn.example:3478", "--turn-user", "u", "--turn-password-file", "PW"],
-            "give a literal IP address",
+            [
+                "--turn",
+                "turns:203.0.113.5:5349?transport=udp",
+                "--turn-user",
+                "u",
+                "--turn-password-file",
+                "PW",
+            ],
+            "turns: over UDP (DTLS) is not supported",
         ),
         (["--turn", "http://x", "--turn-user", "u", "--turn-password-file", "PW"], "--turn: "),
         (
@@ -480,7 +488,8 @@ def test_hub_trust_options(tmp_path: pathlib.Path) -> None:
     garbage.write_text("not a certificate\n")
     with pytest.raises(UsageError, match="not a PEM CA bundle"):
         _plan([*https, "--hub-ca", str(garbage)])
-    with pytest.raises(UsageError, match="--hub-ca needs an https:// --hub URL"):
+    # An http:// hub takes --hub-ca too: it verifies the relays over TLS the hub advertises.
+    with pytest.raises(UsageError, match="not a PEM CA bundle"):
         _plan(_args(tmp_path, "--hub-ca", str(garbage)))
     with pytest.raises(UsageError, match="--hub-key: "):
         _plan(_args(tmp_path, "--hub-key", "not-a-key"))

@@ -107,8 +107,8 @@ class UpPlan:
     never relays (``--no-relay``); ``metrics``: where to serve Prometheus metrics
     (``--metrics``; ``None``: nowhere); ``all_peers``: connect to every peer of the network as
     it joins, and drop it as it leaves (``--all-peers``; needs ``network_secret``); ``hub_ca``:
-    the TLS context that verifies the hub with our own CA bundle (``--hub-ca``; ``None``: the
-    system's CAs); ``hub_key``: the hub's pinned public key (``--hub-key``); ``port_mapping``:
+    the TLS context that verifies the hub and relays over TLS with our own CA bundle
+    (``--hub-ca``; ``None``: the system's CAs); ``hub_key``: the hub's pinned public key (``--hub-key``); ``port_mapping``:
     ask the gateway for a mapping (``--port-mapping``).
     """
 
@@ -181,7 +181,10 @@ def register(subparsers: Any) -> None:
     up.add_argument(
         "--hub-ca",
         metavar="FILE",
-        help="verify the hub's TLS certificate with this CA bundle (PEM) instead of the system's",
+        help=(
+            "verify TLS certificates with this CA bundle (PEM) instead of the system's: the "
+            "hub's (https://), and those of relays over TLS (the hub's relay, turns: servers)"
+        ),
     )
     up.add_argument(
         "--hub-key",
@@ -369,18 +372,17 @@ def build_plan(args: argparse.Namespace) -> UpPlan:
         not args.no_relay,
         metrics,
         args.all_peers,
-        _hub_tls(args.hub, args.hub_ca),
+        _hub_tls(args.hub_ca),
         _hub_key(args.hub_key),
         args.port_mapping,
     )
 
 
-def _hub_tls(hub: str, ca_file: str | None) -> ssl.SSLContext | None:
-    """The TLS context that verifies the hub with ``--hub-ca FILE`` (``None`` without it)."""
+def _hub_tls(ca_file: str | None) -> ssl.SSLContext | None:
+    """The TLS context of ``--hub-ca FILE`` (``None`` without it): it verifies the hub, and the
+    relays over TLS that the connector uses."""
     if ca_file is None:
         return None
-    if not hub.startswith("https://"):
-        raise UsageError("--hub-ca needs an https:// --hub URL (it verifies the hub's certificate)")
     try:
         return ssl.create_default_context(cafile=ca_file)
     except FileNotFoundError:
@@ -435,11 +437,6 @@ def _turn_servers(
             credentials = TurnCredentials(user, password)
         except (TurnURIError, TurnCredentialsError) as exc:
             raise UsageError(f"--turn: {exc}") from None
-        if uri.address is None or uri.secure:
-            raise UsageError(
-                f"--turn {text[:60]}: give a literal IP address (turn:IP:PORT, "
-                "?transport=tcp for TCP); TURN over TLS is not supported by up yet"
-            )
         servers.append(TurnServer(uri, credentials, 365 * 86400.0))
     return tuple(servers)
 
@@ -497,14 +494,12 @@ async def assigned_address(
 
 
 def parse_stun(text: str) -> tuple[str, int]:
-    """Parse ``--stun IP:PORT`` (a literal IPv4 address: the connector speaks IPv4); raise
-    :class:`UsageError` otherwise."""
+    """Parse ``--stun IPv4:PORT`` or ``--stun [IPv6]:PORT`` (a literal address; the connector
+    asks each server over its own family); raise :class:`UsageError` otherwise."""
     try:
         ip, port = parse_address(text, what="--stun")
     except ValidationError as exc:
         raise UsageError(str(exc)) from None
-    if ip.version != 4:
-        raise UsageError("--stun must be an IPv4 address with a port")
     return str(ip), port
 
 

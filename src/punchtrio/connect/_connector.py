@@ -97,14 +97,15 @@ from ._core import (
 from ._events import ConnectEvent, PathKind, PeerConnected, Stage, StageStarted
 from ._memif import MemoryInterface
 from ._mesh import MeshPolicy, follow_directory
+from ._relay_choice import client_tls_context, relay_server, turn_server
 from ._relay_shell import RelayShell, RelayTarget
 from ._relays import RelayLinks
 from ._sockets import (
     SocketSet,
+    addresses_by_family,
     family_of,
     open_sockets,
     reachable_families,
-    relay_server,
     stun_servers,
     url_addresses,
 )
@@ -287,6 +288,7 @@ class Connector:
         self._private_key = private_key
         self.public_key = private_key.public_key()
         self._own_hub = isinstance(rendezvous, str)
+        self._tls_verify = hub_verify  # also for relays over TLS (the hub's, turns: servers)
         if isinstance(rendezvous, str):
             self.rendezvous: Rendezvous = HubClient(
                 rendezvous,
@@ -865,7 +867,8 @@ class Connector:
             return None
         index, server = chosen
         name = urlsplit(self._hub_url or "").hostname or server[0]
-        return RelayTarget(key.raw, server, server, relays[index].tls, name)
+        tls = client_tls_context(self._tls_verify) if relays[index].tls else None
+        return RelayTarget(key.raw, server, server, tls, name)
 
     async def _start_turn(
         self, nursery: trio.Nursery, stun: trio.MemoryReceiveChannel[Datagram]
@@ -881,25 +884,15 @@ class Connector:
                 except RendezvousError as exc:  # no TURN then; the rest goes on
                     self._turn_note = f"the hub gave no TURN credentials: {exc}"
                     return False
-        # Over UDP unless the network drops UDP (no STUN answer): then over TCP.
         blocked = not any(c.type is CandidateType.SRFLX for c in self.candidates)
-        wanted = "tcp" if blocked else "udp"
-        usable = [
-            s
-            for s in servers
-            if s.uri.address
-            and s.uri.transport == wanted
-            and not s.uri.secure
-            and ipaddress.ip_address(s.uri.address[0]).version in self._families
-        ]
-        if not usable:
+        chosen = turn_server(await _turn_addresses(servers), self._families, udp_blocked=blocked)
+        if chosen is None:
             return False
-        server = usable[0]
-        assert server.uri.address is not None
-        address = (str(server.uri.address[0]), int(server.uri.address[1]))
+        server, address = chosen
         turn = self._turn = TurnShell(
             server,
             address,
+            tls=client_tls_context(self._tls_verify) if server.uri.secure else None,
             sock=self._sock,
             mux=self._mux,
             device=self._muxed,
@@ -1019,6 +1012,22 @@ class Connector:
             tun.close()
             raise
         return tun
+
+
+async def _turn_addresses(servers: Sequence[TurnServer]) -> list[tuple[TurnServer, Address]]:
+    """Each TURN server with the address of each family it is at: a literal as it is, a host
+    name resolved in a worker thread (one that does not resolve is left out)."""
+    pairs: list[tuple[TurnServer, Address]] = []
+    for server in servers:
+        literal = server.uri.address
+        if literal is not None:
+            pairs.append((server, (str(literal[0]), int(literal[1]))))
+            continue
+        resolved = await trio.to_thread.run_sync(
+            addresses_by_family, server.uri.host, abandon_on_cancel=True
+        )
+        pairs += [(server, (ip, server.uri.port)) for ip in resolved.values()]
+    return pairs
 
 
 @contextlib.asynccontextmanager

@@ -40,13 +40,13 @@ STREAM_BACKOFF = (1.0, 30.0)
 @dataclass(frozen=True)
 class RelayTarget:
     """Where to reach the hub's relay: ``udp`` and ``tcp`` addresses (either may be ``None``),
-    whether TCP speaks TLS (then verified against the system's CAs for ``server_hostname``), and
-    the hub's public key, which authenticates the relay's answers."""
+    the TLS context when TCP speaks TLS (verified for ``server_hostname``), and the hub's public
+    key, which authenticates the relay's answers."""
 
     hub_key: bytes
     udp: Address | None
     tcp: Address | None
-    tls: bool = False
+    tls: ssl.SSLContext | None = None
     server_hostname: str | None = None
 
 
@@ -179,7 +179,7 @@ class RelayShell:
         assert target.tcp is not None
         hub_key = target.hub_key
         server = (str(target.tcp[0]), int(target.tcp[1]))
-        transport: Transport = "tls" if target.tls else "tcp"
+        transport: Transport = "tls" if target.tls is not None else "tcp"
         link = self._links.add_link("hub", transport, server, self._client(hub_key), _nowhere)
         delay = STREAM_BACKOFF[0]
         while True:
@@ -187,7 +187,7 @@ class RelayShell:
             stream = RelayStream(
                 server,
                 decoder_factory=HubStreamDecoder,
-                tls=ssl.create_default_context() if target.tls else None,
+                tls=target.tls,
                 server_hostname=target.server_hostname,
             )
             link.send = functools.partial(_send_framed, stream)

@@ -222,44 +222,6 @@ def stun_servers(
     return servers
 
 
-def relay_server(
-    entries: Iterable[tuple[IPAddress | None, int, int | None]],
-    families: Iterable[int],
-    hub_hosts: Mapping[int, str],
-    *,
-    answered: Iterable[int] = (),
-) -> tuple[int, Address] | None:
-    """Choose which of the hub relay's ``(ip, port, family)`` entries to bind at; return its
-    index and the ``(ip, port)`` to reach it at, or ``None`` when no entry is reachable.
-
-    ``families`` are the IP versions we can send in, in order of preference; those in
-    ``answered`` (where STUN got an answer, so UDP to the hub host gets through) come first,
-    the rest keep their order (then the relay is reached over TCP, and any family may do). An
-    entry with an ``ip`` is reached at it, in its family; one without, at ``hub_hosts`` of its
-    ``family`` (an untagged one at the hub host's IPv4 address, or its IPv6 address if it has no
-    IPv4 one, as :func:`stun_servers` reads them).
-    """
-    listed = list(entries)
-    order = list(families)
-    heard = set(answered)
-    order = [f for f in order if f in heard] + [f for f in order if f not in heard]
-    for want in order:
-        for index, (ip, port, family) in enumerate(listed):
-            if ip is not None:
-                if ip.version == want:
-                    return index, (str(ip), port)
-                continue
-            host: str | None
-            if family is not None:
-                host = hub_hosts.get(family) if family == want else None
-            else:
-                untagged = next((f for f in (4, 6) if f in hub_hosts), None)
-                host = hub_hosts[want] if untagged == want else None
-            if host is not None:
-                return index, (host, port)
-    return None
-
-
 def reachable_families(
     socket_families: Iterable[int], addresses: Iterable[IPAddress]
 ) -> tuple[int, ...]:

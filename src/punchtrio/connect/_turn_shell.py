@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+import ssl
 from collections.abc import Callable, Iterable
 from typing import Any, Literal
 
@@ -39,7 +40,9 @@ PREFERENCE = {"udp": 1, "tcp": 2}
 
 
 class TurnShell:
-    """One TURN allocation of a connector: ``server`` with its credentials, on ``sock``.
+    """One TURN allocation of a connector: ``server`` with its credentials, on ``sock``, or
+    over a TCP connection of its own (a ``turn:...?transport=tcp`` server; a ``turns:`` one over
+    TLS with ``tls``, verified for the URI's host).
 
     Route the server's STUN and ChannelData datagrams to :meth:`on_datagram` (``Mux.route`` with
     ``source``). :attr:`relayed` is our relayed address once allocated; :attr:`error` why there
@@ -51,6 +54,7 @@ class TurnShell:
         server: TurnServer,
         address: Address,
         *,
+        tls: ssl.SSLContext | None = None,
         sock: Any,
         mux: Mux,
         device: MuxedDevice,
@@ -61,7 +65,9 @@ class TurnShell:
         self.server = server
         self.address = address
         self.name = str(server.uri)
-        self.transport: Literal["udp", "tcp"] = "tcp" if server.uri.transport == "tcp" else "udp"
+        self.transport: Literal["udp", "tcp"] = "udp" if server.uri.transport == "udp" else "tcp"
+        """How datagrams reach the server: ``"tcp"`` for TCP and for TLS over TCP."""
+        self._tls = tls
         self._client = TurnClient(address, server.credentials, transport=self.transport)
         self._deliver = deliver
         self._stream: RelayStream | None = None
@@ -95,7 +101,12 @@ class TurnShell:
         if self.transport == "udp":
             await self._allocate()
             return
-        stream = self._stream = RelayStream(self.address, decoder_factory=TurnStreamDecoder)
+        stream = self._stream = RelayStream(
+            self.address,
+            decoder_factory=TurnStreamDecoder,
+            tls=self._tls,
+            server_hostname=self.server.uri.host,
+        )
         connected = trio.Event()
         async with trio.open_nursery() as nursery:
 
