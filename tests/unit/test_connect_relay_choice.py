@@ -7,8 +7,8 @@ import ssl
 
 import pytest
 
-from punchtrio.connect._connector import _turn_addresses
 from punchtrio.connect._relay_choice import client_tls_context, turn_server
+from punchtrio.connect._sockets import turn_addresses
 from punchtrio.relay import TurnCredentials, TurnServer, TurnServerURI
 
 
@@ -68,7 +68,7 @@ async def test_a_turn_server_name_is_resolved_per_family(monkeypatch: pytest.Mon
 
     monkeypatch.setattr(socket, "getaddrinfo", resolve)
     gone = _server("turn:gone.example:3478")
-    assert await _turn_addresses([UDP4, NAMED, gone]) == [
+    assert await turn_addresses([UDP4, NAMED, gone]) == [
         (UDP4, ("203.0.113.5", 3478)),
         (NAMED, ("203.0.113.5", 5349)),
         (NAMED, ("2001:db8::5", 5349)),

@@ -8,14 +8,7 @@ and tests. See ``docs/connect.md``.
 """
 
 from ._config import TunnelConfig
-from ._connector import (
-    UNREGISTER_TIMEOUT,
-    ConnectError,
-    Connector,
-    HubRelay,
-    PeerState,
-    open_connector,
-)
+from ._connector import UNREGISTER_TIMEOUT, Connector
 from ._core import (
     PEER_DOWN_AFTER,
     SIGNAL_PREFIX,
@@ -48,6 +41,7 @@ from ._core import (
 from ._events import (
     STAGES,
     CandidatesGathered,
+    ConnectError,
     ConnectEvent,
     HandshakeCompleted,
     PathChanged,
@@ -58,6 +52,7 @@ from ._events import (
     PeerFailed,
     PeerFound,
     PeerRemoved,
+    PeerState,
     PunchStarted,
     Registered,
     Stage,
@@ -65,6 +60,8 @@ from ._events import (
 )
 from ._memif import MemoryInterface
 from ._mesh import LEFT_REASON, MeshPlan, MeshPolicy, follow_directory
+from ._open import open_connector
+from ._relay_choice import HubRelay
 
 __all__ = [
     "LEFT_REASON",

@@ -20,15 +20,14 @@ import socket
 import ssl
 import sys
 import time
-from collections.abc import AsyncIterator, Callable, Iterable, Iterator, Sequence
-from dataclasses import dataclass
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from typing import Any
 from urllib.parse import urlsplit
 
 import trio
 
 if sys.version_info < (3, 11):
-    from exceptiongroup import BaseExceptionGroup
+    pass
 
 from .._endpoint import format_endpoint
 from .._exceptions import PunchtrioError
@@ -56,7 +55,6 @@ from ..punch import (
 from ..relay import TurnServer
 from ..rendezvous import (
     HubClient,
-    HubRelayAddress,
     NetworkSecret,
     PeerDirectory,
     PeerRecord,
@@ -94,19 +92,19 @@ from ._core import (
     WaitForRecord,
     WireGuardEvent,
 )
-from ._events import ConnectEvent, PathKind, PeerConnected, Stage, StageStarted
+from ._events import ConnectError, ConnectEvent, PeerConnected, PeerState, StageStarted
 from ._memif import MemoryInterface
 from ._mesh import MeshPolicy, follow_directory
-from ._relay_choice import client_tls_context, relay_server, turn_server
+from ._relay_choice import HubRelay, client_tls_context, relay_server, turn_server
 from ._relay_shell import RelayShell, RelayTarget
 from ._relays import RelayLinks
 from ._sockets import (
     SocketSet,
-    addresses_by_family,
     family_of,
     open_sockets,
     reachable_families,
     stun_servers,
+    turn_addresses,
     url_addresses,
 )
 from ._turn_shell import TurnShell
@@ -121,58 +119,6 @@ TURN_ALLOCATE_WAIT = 2.0
 FIRST_STUN_WAIT = 0.75
 """Seconds the first registration waits for any STUN answer before it goes without (UDP may be
 blocked: the relay over TCP then starts at once); the full STUN exchange goes on after it."""
-
-
-@dataclass(frozen=True)
-class HubRelay:
-    """A hub's own relay, for a connector whose rendezvous is not that hub's URL (netsim, tests,
-    a hub reached through another client): its ``address`` as ``GET /v1/hub`` publishes it and
-    the hub's ``public_key``, which authenticates the relay's answers. A relay address without an
-    IP needs ``host``, the hub's literal address. A relay on both IP versions lists its address
-    of the other version in ``others`` (as :attr:`~punchtrio.rendezvous.HubInfo.relays` does);
-    the connector binds at the one of a family it can use."""
-
-    address: HubRelayAddress
-    public_key: PublicKey
-    host: str | None = None
-    others: tuple[HubRelayAddress, ...] = ()
-
-
-class ConnectError(PunchtrioError):
-    """Connecting to ``peer`` failed at ``stage`` (one of :data:`~punchtrio.connect.STAGES`).
-
-    ``str(error)`` is one line, ``"<stage>: <reason>"``, e.g. ``"punch: no path to bob after
-    8.5 s: both NATs map per destination; the hub's relay did not carry the probes either"``. The CLI exits
-    with :attr:`exit_code` 8.
-    """
-
-    exit_code = 8
-
-    def __init__(self, peer: str, stage: Stage, reason: str) -> None:
-        super().__init__(f"{stage}: {reason}")
-        self.peer = peer
-        self.stage = stage
-        self.reason = reason
-
-
-@dataclass(frozen=True)
-class PeerState:
-    """A snapshot of one peer: the ``stage`` it is in (or reached), its WireGuard ``public_key``
-    once found, the chosen ``path`` and ``endpoint`` (the relay server's address on a relayed
-    path, whose ``relay`` names it), and the ``error`` if it failed."""
-
-    name: str
-    stage: Stage | None = None
-    public_key: PublicKey | None = None
-    path: PathKind | None = None
-    endpoint: str | None = None
-    error: ConnectError | None = None
-    relay: str | None = None
-
-    @property
-    def connected(self) -> bool:
-        """Whether the tunnel to this peer is up."""
-        return self.stage == "established" and self.error is None
 
 
 def _checked_peer_name(name: str) -> str:
@@ -885,7 +831,7 @@ class Connector:
                     self._turn_note = f"the hub gave no TURN credentials: {exc}"
                     return False
         blocked = not any(c.type is CandidateType.SRFLX for c in self.candidates)
-        chosen = turn_server(await _turn_addresses(servers), self._families, udp_blocked=blocked)
+        chosen = turn_server(await turn_addresses(servers), self._families, udp_blocked=blocked)
         if chosen is None:
             return False
         server, address = chosen
@@ -1012,117 +958,3 @@ class Connector:
             tun.close()
             raise
         return tun
-
-
-async def _turn_addresses(servers: Sequence[TurnServer]) -> list[tuple[TurnServer, Address]]:
-    """Each TURN server with the address of each family it is at: a literal as it is, a host
-    name resolved in a worker thread (one that does not resolve is left out)."""
-    pairs: list[tuple[TurnServer, Address]] = []
-    for server in servers:
-        literal = server.uri.address
-        if literal is not None:
-            pairs.append((server, (str(literal[0]), int(literal[1]))))
-            continue
-        resolved = await trio.to_thread.run_sync(
-            addresses_by_family, server.uri.host, abandon_on_cancel=True
-        )
-        pairs += [(server, (ip, server.uri.port)) for ip in resolved.values()]
-    return pairs
-
-
-@contextlib.asynccontextmanager
-async def open_connector(
-    name: str,
-    private_key: PrivateKey,
-    rendezvous: Rendezvous | str,
-    tunnel: TunnelConfig | str,
-    *,
-    peers: Iterable[str] = (),
-    interface: MemoryInterface | None = None,
-    stun_servers: Sequence[Address] | None = None,
-    punch: PunchSettings | None = None,
-    wait_timeout: float = 120.0,
-    handshake_timeout: float = 15.0,
-    stun_rto: float = 0.5,
-    stun_attempts: int = 3,
-    restun_interval: float = 300.0,
-    retry_backoff: float | None = 2.0,
-    network_secret: NetworkSecret | None = None,
-    hub_verify: ssl.SSLContext | bool = True,
-    hub_public_key: PublicKey | None = None,
-    hub_relay: HubRelay | None = None,
-    relay: bool = True,
-    relay_stream_after: float = 3.0,
-    turn_servers: Sequence[TurnServer] = (),
-    socket_factory: Callable[[int, int], Any] | None = None,
-    wall_clock: Callable[[], float] = time.time,
-    all_peers: bool = False,
-    port_mapping: bool | str = False,
-    port_mapping_settings: PortMapSettings | None = None,
-) -> AsyncIterator[Connector]:
-    """Run a :class:`Connector` (same arguments) for the duration of the ``async with`` block.
-
-    The pipeline runs in a nursery inside the block; leaving the block (normally, by an exception
-    or by cancellation) stops it and removes everything: the record at the rendezvous, the tasks,
-    the socket and any TUN device. Yields the running connector.
-    """
-    connector = Connector(
-        name,
-        private_key,
-        rendezvous,
-        tunnel,
-        peers=peers,
-        interface=interface,
-        stun_servers=stun_servers,
-        punch=punch,
-        wait_timeout=wait_timeout,
-        handshake_timeout=handshake_timeout,
-        stun_rto=stun_rto,
-        stun_attempts=stun_attempts,
-        restun_interval=restun_interval,
-        retry_backoff=retry_backoff,
-        network_secret=network_secret,
-        hub_verify=hub_verify,
-        hub_public_key=hub_public_key,
-        hub_relay=hub_relay,
-        relay=relay,
-        relay_stream_after=relay_stream_after,
-        turn_servers=turn_servers,
-        socket_factory=socket_factory,
-        wall_clock=wall_clock,
-        all_peers=all_peers,
-        port_mapping=port_mapping,
-        port_mapping_settings=port_mapping_settings,
-    )
-    # Every error leaves as itself (a PunchtrioError for what goes wrong in the connector), never
-    # wrapped in an exception group: the caller's `except TunnelError:` must see it.
-    failure: Exception | None = None
-    try:
-        async with trio.open_nursery() as nursery:
-            try:
-                await nursery.start(connector.run)
-            except Exception as exc:  # the port, the TUN device: nothing was started
-                failure = exc
-            if failure is None:
-                try:
-                    yield connector
-                except Exception as exc:
-                    failure = exc  # re-raised below as it is
-                finally:
-                    nursery.cancel_scope.cancel()
-    except BaseExceptionGroup as group:
-        # One leaf leaves as itself, KeyboardInterrupt included (Ctrl-C in the caller's loop
-        # is a KeyboardInterrupt, not a group); several stay a group.
-        leaves = _leaves(group)
-        if len(leaves) != 1:
-            raise
-        raise leaves[0] from None
-    if failure is not None:
-        raise failure
-
-
-def _leaves(group: BaseExceptionGroup[BaseException]) -> list[BaseException]:
-    found: list[BaseException] = []
-    for exc in group.exceptions:
-        found.extend(_leaves(exc) if isinstance(exc, BaseExceptionGroup) else [exc])
-    return found

@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Literal
 
+from .._exceptions import PunchtrioError
 from ..keys import PublicKey
 from ..punch import Candidate
 from ..rendezvous import PeerRecord
@@ -159,3 +160,40 @@ ConnectEvent = (
     | PeerRemoved
 )
 """Every event type a connector emits."""
+
+
+class ConnectError(PunchtrioError):
+    """Connecting to ``peer`` failed at ``stage`` (one of :data:`~punchtrio.connect.STAGES`).
+
+    ``str(error)`` is one line, ``"<stage>: <reason>"``, e.g. ``"punch: no path to bob after
+    8.5 s: both NATs map per destination; the hub's relay did not carry the probes either"``. The CLI exits
+    with :attr:`exit_code` 8.
+    """
+
+    exit_code = 8
+
+    def __init__(self, peer: str, stage: Stage, reason: str) -> None:
+        super().__init__(f"{stage}: {reason}")
+        self.peer = peer
+        self.stage = stage
+        self.reason = reason
+
+
+@dataclass(frozen=True)
+class PeerState:
+    """A snapshot of one peer: the ``stage`` it is in (or reached), its WireGuard ``public_key``
+    once found, the chosen ``path`` and ``endpoint`` (the relay server's address on a relayed
+    path, whose ``relay`` names it), and the ``error`` if it failed."""
+
+    name: str
+    stage: Stage | None = None
+    public_key: PublicKey | None = None
+    path: PathKind | None = None
+    endpoint: str | None = None
+    error: ConnectError | None = None
+    relay: str | None = None
+
+    @property
+    def connected(self) -> bool:
+        """Whether the tunnel to this peer is up."""
+        return self.stage == "established" and self.error is None

@@ -8,11 +8,29 @@ from __future__ import annotations
 import ipaddress
 import ssl
 from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass
 
+from ..keys import PublicKey
 from ..relay import TurnServer
+from ..rendezvous import HubRelayAddress
 
 Address = tuple[str, int]
 IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
+
+
+@dataclass(frozen=True)
+class HubRelay:
+    """A hub's own relay, for a connector whose rendezvous is not that hub's URL (netsim, tests,
+    a hub reached through another client): its ``address`` as ``GET /v1/hub`` publishes it and
+    the hub's ``public_key``, which authenticates the relay's answers. A relay address without an
+    IP needs ``host``, the hub's literal address. A relay on both IP versions lists its address
+    of the other version in ``others`` (as :attr:`~punchtrio.rendezvous.HubInfo.relays` does);
+    the connector binds at the one of a family it can use."""
+
+    address: HubRelayAddress
+    public_key: PublicKey
+    host: str | None = None
+    others: tuple[HubRelayAddress, ...] = ()
 
 
 def relay_server(

@@ -18,12 +18,13 @@ import contextlib
 import errno
 import ipaddress
 import socket
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any
 from urllib.parse import urlsplit
 
 import trio
 
+from ..relay import TurnServer
 from ..tunnel import TunnelError
 
 Address = tuple[str, int]
@@ -257,3 +258,19 @@ async def url_addresses(url: str | None) -> dict[int, str]:
         ip = ipaddress.ip_address(host)
         return {ip.version: str(ip)}
     return await trio.to_thread.run_sync(addresses_by_family, host, abandon_on_cancel=True)
+
+
+async def turn_addresses(servers: Sequence[TurnServer]) -> list[tuple[TurnServer, Address]]:
+    """Each TURN server with the address of each family it is at: a literal as it is, a host
+    name resolved in a worker thread (one that does not resolve is left out)."""
+    pairs: list[tuple[TurnServer, Address]] = []
+    for server in servers:
+        literal = server.uri.address
+        if literal is not None:
+            pairs.append((server, (str(literal[0]), int(literal[1]))))
+            continue
+        resolved = await trio.to_thread.run_sync(
+            addresses_by_family, server.uri.host, abandon_on_cancel=True
+        )
+        pairs += [(server, (ip, server.uri.port)) for ip in resolved.values()]
+    return pairs
