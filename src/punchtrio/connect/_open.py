@@ -56,12 +56,18 @@ async def open_connector(
     all_peers: bool = False,
     port_mapping: bool | str = False,
     port_mapping_settings: PortMapSettings | None = None,
+    stop_signals: Iterable[int] = (),
 ) -> AsyncIterator[Connector]:
     """Run a :class:`Connector` (same arguments) for the duration of the ``async with`` block.
 
     The pipeline runs in a nursery inside the block; leaving the block (normally, by an exception
     or by cancellation) stops it and removes everything: the record at the rendezvous, the tasks,
     the socket and any TUN device. Yields the running connector.
+
+    ``stop_signals`` (default none), e.g. ``(signal.SIGTERM,)``: when one arrives, the block is
+    cancelled, the teardown runs as for any exit, and the ``async with`` ends normally, so a
+    service stopped by systemd deletes its hub record instead of leaving it for its TTL. Trio
+    receives signals only in the main thread: elsewhere this raises :class:`RuntimeError`.
     """
     connector = Connector(
         name,
@@ -96,10 +102,14 @@ async def open_connector(
     failure: Exception | None = None
     try:
         async with trio.open_nursery() as nursery:
+            signals = tuple(stop_signals)
+            if signals:
+                await nursery.start(_stop_on, signals, nursery.cancel_scope)
             try:
                 await nursery.start(connector.run)
             except Exception as exc:  # the port, the TUN device: nothing was started
                 failure = exc
+                nursery.cancel_scope.cancel()
             if failure is None:
                 try:
                     yield connector
@@ -116,6 +126,20 @@ async def open_connector(
         raise leaves[0] from None
     if failure is not None:
         raise failure
+
+
+async def _stop_on(
+    signals: tuple[int, ...],
+    scope: trio.CancelScope,
+    *,
+    task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED,
+) -> None:
+    """Cancel ``scope`` when one of ``signals`` arrives (listening before it reports started)."""
+    with trio.open_signal_receiver(*signals) as received:
+        task_status.started()
+        async for _ in received:
+            scope.cancel()
+            return
 
 
 def _leaves(group: BaseExceptionGroup[BaseException]) -> list[BaseException]:
