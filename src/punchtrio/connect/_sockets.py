@@ -25,7 +25,7 @@ from urllib.parse import urlsplit
 import trio
 
 from ..relay import TurnServer
-from ..tunnel import TunnelError
+from ..tunnel import TunnelError, grow_socket_buffers
 
 Address = tuple[str, int]
 IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
@@ -118,6 +118,7 @@ def _bind(factory: Callable[[int, int], Any], family: int, port: int) -> Any | N
         raise
     try:
         sock.setblocking(False)
+        grow_socket_buffers(sock)
         if family == socket.AF_INET6:
             sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
             sock.bind(("::", port))

@@ -49,6 +49,7 @@ from ._uapi_server import (
     start_uapi,
     uapi_path,
 )
+from ._udp import SOCKET_BUFFER, grow_socket_buffers
 from ._userspace import TunnelCounters, UserspaceTunnel, add_peers, open_userspace_tunnel
 from ._wgquick import (
     DEFAULT_MTU,
@@ -70,6 +71,7 @@ __all__ = [
     "DEFAULT_MTU",
     "ENTRY_POINT_GROUP",
     "MAX_REQUEST_BYTES",
+    "SOCKET_BUFFER",
     "ConfigError",
     "DeviceInfo",
     "GetRequest",
@@ -105,6 +107,7 @@ __all__ = [
     "format_errno",
     "format_get",
     "format_uapi_set",
+    "grow_socket_buffers",
     "load_tunnel_backend",
     "load_wgquick",
     "open_userspace_tunnel",
