@@ -22,7 +22,14 @@ from ._hub_frames import (
 )
 from ._hub_serve import HubRelayServeError, HubRelayService, server_tls_context
 from ._hub_server import DROP_REASONS, HubRelayLimits, HubRelayServer
-from ._stream import BoundedWriter, RelayStream, RelayStreamError, StreamDecoder
+from ._stream import (
+    DEFAULT_MAX_BUFFER,
+    STREAM_MAX_BUFFER,
+    BoundedWriter,
+    RelayStream,
+    RelayStreamError,
+    StreamDecoder,
+)
 
 # -- end of the hub's own relay --
 # -- TURN (punchtrio.relay._turn*) ------------------------------------------------------------
@@ -63,12 +70,14 @@ __all__: list[str] = [
     "CHANNEL_LIFETIME",
     "CHANNEL_MAX",
     "CHANNEL_MIN",
+    "DEFAULT_MAX_BUFFER",
     "DEFAULT_TURNS_PORT",
     "DEFAULT_TURN_PORT",
     "DROP_REASONS",
     "MAX_FRAME",
     "MAX_PAYLOAD",
     "PERMISSION_LIFETIME",
+    "STREAM_MAX_BUFFER",
     "BoundedWriter",
     "ChannelBound",
     "ChannelFailed",

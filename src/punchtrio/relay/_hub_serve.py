@@ -24,6 +24,7 @@ import trio
 
 from .._endpoint import format_endpoint
 from .._exceptions import PunchtrioError
+from .._socket_buffers import grow_socket_buffers
 from ._hub_frames import HubRelayFrameError, HubStreamDecoder, encode_hub_stream_frame
 from ._hub_server import TICK, HubRelayServer
 from ._stream import DEFAULT_MAX_BUFFER, BoundedWriter, kernel_fd
@@ -41,7 +42,6 @@ TLS_HANDSHAKE_TIMEOUT = 10.0
 """Seconds a TLS client has to complete its handshake."""
 MAX_STREAMS = 4096
 """Most TCP/TLS connections open at once; more are closed on arrival and counted."""
-_SOCKET_BUFFER = 4 * 1024 * 1024
 _READ_SIZE = 65536
 _UDP_SEGMENT = getattr(socket, "UDP_SEGMENT", 103)
 _UDP_GRO = getattr(socket, "UDP_GRO", 104)
@@ -449,11 +449,7 @@ def _prepare(sock: socket.socket) -> None:
     """Make ``sock`` non-blocking with large buffers; an IPv6 one IPv6-only (the IPv4 address, if
     any, has its own socket)."""
     sock.setblocking(False)
-    for option in (socket.SO_RCVBUF, socket.SO_SNDBUF):
-        try:
-            sock.setsockopt(socket.SOL_SOCKET, option, _SOCKET_BUFFER)
-        except OSError:
-            pass
+    grow_socket_buffers(sock)
     if sock.family == socket.AF_INET6 and type(sock) is socket.socket:
         sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
 

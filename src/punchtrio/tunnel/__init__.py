@@ -8,6 +8,7 @@ cross-platform userspace API (:func:`serve_uapi`, the sans-IO core in :class:`Ua
 and :func:`load_tunnel_backend` finds a backend by name (built-in or registered by a package).
 """
 
+from .._socket_buffers import SOCKET_BUFFER, grow_socket_buffers
 from ._backends import (
     ENTRY_POINT_GROUP,
     TunnelBackend,
@@ -49,7 +50,6 @@ from ._uapi_server import (
     start_uapi,
     uapi_path,
 )
-from ._udp import SOCKET_BUFFER, grow_socket_buffers
 from ._userspace import TunnelCounters, UserspaceTunnel, add_peers, open_userspace_tunnel
 from ._wgquick import (
     DEFAULT_MTU,

@@ -6,7 +6,6 @@ is asked once per socket lives in this module.
 
 from __future__ import annotations
 
-import contextlib
 import ctypes
 import errno
 import socket
@@ -14,10 +13,8 @@ import struct
 import sys
 from collections.abc import Sequence
 
+from .._socket_buffers import grow_socket_buffers
 from ._tun import TunnelError
-
-SOCKET_BUFFER = 4 << 20
-"""Send and receive buffer asked for on the UDP sockets (4 MiB); bursts of a fast flow fit."""
 
 GSO_MAX_SEGMENTS = 64
 """Most datagrams sent in one UDP GSO ``sendmsg`` (the kernel's UDP_MAX_SEGMENTS on older kernels)."""
@@ -92,27 +89,6 @@ def bind_udp(port: int | None, *, reuse_port: bool = False) -> list[socket.socke
         grow_socket_buffers(sock)
     return sockets
 
-
-def grow_socket_buffers(sock: socket.socket) -> None:
-    """Ask for :data:`SOCKET_BUFFER` bytes of send and receive buffer on ``sock``.
-
-    With CAP_NET_ADMIN past ``net.core.rmem_max``/``wmem_max`` (``SO_RCVBUFFORCE``), else up to
-    them; a refusal leaves the kernel's default. A burst from a fast flow (a GRO batch of a few
-    hundred kilobytes) overflowed the default 208 KiB receive buffer: the kernel dropped about
-    one datagram in eleven of a single TCP stream through the tunnel.
-    """
-    for forced, plain in _BUFFER_OPTIONS:
-        try:  # the FORCE variants pass net.core.*mem_max but need CAP_NET_ADMIN
-            sock.setsockopt(socket.SOL_SOCKET, forced, SOCKET_BUFFER)
-        except OSError:
-            with contextlib.suppress(OSError):
-                sock.setsockopt(socket.SOL_SOCKET, plain, SOCKET_BUFFER)
-
-
-_BUFFER_OPTIONS = (
-    (getattr(socket, "SO_SNDBUFFORCE", 32), socket.SO_SNDBUF),
-    (getattr(socket, "SO_RCVBUFFORCE", 33), socket.SO_RCVBUF),
-)
 
 SO_ATTACH_REUSEPORT_CBPF = getattr(socket, "SO_ATTACH_REUSEPORT_CBPF", 51)
 
