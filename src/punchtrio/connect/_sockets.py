@@ -24,8 +24,9 @@ from urllib.parse import urlsplit
 
 import trio
 
+from .._socket_buffers import grow_socket_buffers
 from ..relay import TurnServer
-from ..tunnel import TunnelError, grow_socket_buffers
+from ..tunnel import TunnelError
 
 Address = tuple[str, int]
 IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address

@@ -8,7 +8,6 @@ cross-platform userspace API (:func:`serve_uapi`, the sans-IO core in :class:`Ua
 and :func:`load_tunnel_backend` finds a backend by name (built-in or registered by a package).
 """
 
-from .._socket_buffers import SOCKET_BUFFER, grow_socket_buffers
 from ._backends import (
     ENTRY_POINT_GROUP,
     TunnelBackend,
@@ -71,7 +70,6 @@ __all__ = [
     "DEFAULT_MTU",
     "ENTRY_POINT_GROUP",
     "MAX_REQUEST_BYTES",
-    "SOCKET_BUFFER",
     "ConfigError",
     "DeviceInfo",
     "GetRequest",
@@ -107,7 +105,6 @@ __all__ = [
     "format_errno",
     "format_get",
     "format_uapi_set",
-    "grow_socket_buffers",
     "load_tunnel_backend",
     "load_wgquick",
     "open_userspace_tunnel",
