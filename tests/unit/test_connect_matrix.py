@@ -126,6 +126,6 @@ async def test_two_peers_behind_the_same_nat_use_the_lan(
     events = await run_pair(world)
     alice, bob = events["alice"], events["bob"]
     assert bob[-1] == "ping"
-    assert alice[-1] == PeerConnected("bob", "lan", "10.0.0.3:51820", alice[-1].elapsed_ms)  # type: ignore[union-attr]
+    assert alice[-1] == PeerConnected("bob", "lan", "10.0.0.3:51820", alice[-1].elapsed_ms)  # type: ignore[attr-defined]
     assert isinstance(bob[-2], PeerConnected)
     assert (bob[-2].path, bob[-2].endpoint) == ("lan", "10.0.0.2:51820")

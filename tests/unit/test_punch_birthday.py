@@ -42,8 +42,8 @@ from punchtrio.punch import (
 )
 from tests.packets import ipv4
 
-from .test_connect_basic import INNER, start_world
-from .test_connect_relay import HUB_RELAY, connector_for, relay_world
+from .test_connect_basic import INNER, connector_for, start_world
+from .test_connect_relay import HUB_RELAY, relay_world
 
 PORT_RESTRICTED = NatBehavior.port_restricted_cone()
 SYMMETRIC = NatBehavior(
@@ -133,7 +133,7 @@ def test_backoff_doubles_to_minutes_and_bad_settings_are_refused() -> None:
     assert [s.backoff(n) for n in (1, 2, 3, 4, 5, 6, 50)] == [60, 120, 240, 480, 960, 960, 960]
     for bad in ({"sockets": 0}, {"rate": 0.0}, {"retry": 2000.0}, {"port_range": (0, 10)}):
         with pytest.raises(BirthdayError):
-            BirthdaySettings(**bad)  # type: ignore[arg-type]
+            BirthdaySettings(**bad)
 
 
 def test_the_published_arithmetic_and_the_simulation_agree() -> None:
@@ -302,15 +302,18 @@ def test_a_failed_attempt_closes_the_sockets_and_backs_off_to_minutes() -> None:
             if isinstance(action, OpenSockets):
                 opened_at.append(now)
         hard.socket_datagrams()
-    opens = [a for a in actions if isinstance(a, OpenSockets)]
-    closes = [a for a in actions if isinstance(a, CloseSockets)]
-    assert len(opens) >= 2
-    assert len(closes) >= len(opens) - 1
+    # Three attempts within 400 s (at 0.5 s, after one minute, after two more), each of which
+    # closes exactly the sockets it opened before the next one opens any; the fourth would begin
+    # four minutes after the third ended.
+    kinds = [type(a) for a in actions if isinstance(a, (OpenSockets, CloseSockets))]
+    assert kinds == [OpenSockets, CloseSockets] * 3
+    assert all(a.peer == easy.public_key for a in actions if isinstance(a, CloseSockets))
     # After the first failure the next attempt waits a minute (retry), then two.
     gaps = [b - a for a, b in itertools.pairwise(opened_at)]
-    assert gaps[0] == pytest.approx(small.duration + 60, abs=0.2)
-    if len(gaps) > 1:
-        assert gaps[1] == pytest.approx(small.duration + 120, abs=0.2)
+    assert gaps == [
+        pytest.approx(small.duration + 60, abs=0.2),
+        pytest.approx(small.duration + 120, abs=0.2),
+    ]
 
 
 def test_no_birthday_when_both_map_per_destination() -> None:
@@ -362,6 +365,45 @@ async def test_the_extra_sockets_are_real_and_all_closed_on_cancel() -> None:
                 shell.flush()
             assert hard.birthday_probes > 0
             scope.cancel()
+    assert shell.open_count == 0
+    assert _open_fds() == before
+
+
+async def test_a_failed_attempt_with_real_sockets_closes_every_extra_one() -> None:
+    # Few probes, no linger: the attempt is over 0.1 s after the last mapping opened.
+    small = BirthdaySettings(sockets=32, max_probes=1, delay=0.0, settle=0.0, linger=0.0)
+    hard, easy = _punchers(small)
+    target = ("198.51.100.7", 9)  # TEST-NET-2: nothing answers
+    start = trio.current_time()
+    hard.start(
+        easy.public_key,
+        [Candidate(CandidateType.SRFLX, *target)],
+        start,
+        mapping_varies=True,
+        peer_mapping_varies=False,
+    )
+    shell = BirthdaySockets(
+        hard, route=lambda address, route: None, deliver=lambda d, s: None, base_port=lambda: 0
+    )
+    before = _open_fds()
+    async with trio.open_nursery() as nursery:
+        await nursery.start(shell.run)
+        hard.handle_timer(start + 0.001)
+        shell.flush()
+        assert shell.open_count == 32
+        assert _open_fds() - before == 32
+        # The puncher's clock is the argument: drive it past the attempt's end at once.
+        now = start
+        while now < start + small.duration + 1.0:
+            now += 0.005
+            hard.handle_timer(now)
+            shell.flush()
+            await trio.lowlevel.checkpoint()
+        assert hard.birthday_probes == 32  # one ping from each socket, none answered
+        assert shell.open_count == 0  # closed by the failure, while run() still runs
+        await trio.sleep(0.01)  # the readers of the closed sockets end
+        assert _open_fds() == before
+        nursery.cancel_scope.cancel()
     assert shell.open_count == 0
     assert _open_fds() == before
 

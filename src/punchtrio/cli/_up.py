@@ -194,7 +194,10 @@ def register(subparsers: Any) -> None:
     up.add_argument(
         "--port-mapping",
         action="store_true",
-        help="ask the gateway for a port mapping (PCP, then NAT-PMP) and offer it to peers",
+        help=(
+            "ask the gateway for a port mapping (PCP, then NAT-PMP; UPnP IGD when that first"
+            " attempt fails) and offer it to peers"
+        ),
     )
     up.add_argument(
         "--interface",
