@@ -7,7 +7,9 @@
 - A real ``miniupnpd`` (Debian ``miniupnpd-nftables``) as the ``port`` NAT's gateway: PCP and
   NAT-PMP mappings from :class:`punchtrio.punch.PortMapper`, and UPnP IGD ones from
   :class:`punchtrio.punch.UpnpMapping`, let a datagram from the internet in, are refreshed
-  before their lifetime ends, and are deleted when the session ends.
+  before their lifetime ends, and are deleted when the session ends; and ``punchtrio up
+  --port-mapping`` behind a symmetric NAT with miniupnpd gets a direct path to a peer behind
+  another symmetric NAT, which no punch reaches.
 """
 
 from __future__ import annotations
@@ -191,31 +193,37 @@ for _ in range(3):
 """
 
 
+def _start_miniupnpd(net: Network, nat: Nat, workdir: Path) -> None:
+    """Run a real miniupnpd as ``nat``'s gateway (PCP, NAT-PMP and UPnP IGD on its LAN side)
+    until the lab closes; wait until it listens on 5351."""
+    nat.ns.run("nft", "-f", "-", input=MINIUPNPD_NFT)
+    for rule in (
+        ("iifname", "lan0", "udp", "dport", "{ 1900, 5351 }", "accept"),
+        ("iifname", "wan0", "udp", "sport", "{ 3478, 3479 }", "accept"),
+    ):
+        nat.ns.run("nft", "insert", "rule", "ip", "ptnat", "input", *rule)
+    conf = workdir / f"miniupnpd-{nat.name}.conf"
+    conf.write_text(MINIUPNPD_CONF.format(stun=net.hub.primary_ip, lan=nat.lan_net))
+    log_path = workdir / f"miniupnpd-{nat.name}.log"
+    with log_path.open("wb") as log:
+        proc = net.lab.spawn(
+            nat.ns, "miniupnpd", "-d", "-f", str(conf), stdout=log, stderr=subprocess.STDOUT
+        )
+    deadline = time.monotonic() + 20
+    while f"{nat.lan_ip}:5351" not in nat.ns.run("ss", "-H", "-uln"):
+        assert proc.poll() is None, log_path.read_text()
+        assert time.monotonic() < deadline, "miniupnpd did not listen on 5351"
+        time.sleep(0.1)
+
+
 @pytest.fixture(scope="module")
 def gateway_lab() -> Iterator[tuple[Network, Nat, Host]]:
     require_root_and(*BINARIES, "miniupnpd")
     with tempfile.TemporaryDirectory(prefix="pt-upnpd-") as tmp, build(["port"]) as net:
         nat = net.requested[0]
         start_hub(net, Path(tmp) / "hub.log", relay=False)
-        nat.ns.run("nft", "-f", "-", input=MINIUPNPD_NFT)
-        for rule in (
-            ("iifname", "lan0", "udp", "dport", "{ 1900, 5351 }", "accept"),
-            ("iifname", "wan0", "udp", "sport", "{ 3478, 3479 }", "accept"),
-        ):
-            nat.ns.run("nft", "insert", "rule", "ip", "ptnat", "input", *rule)
-        conf = Path(tmp) / "miniupnpd.conf"
-        conf.write_text(MINIUPNPD_CONF.format(stun=net.hub.primary_ip, lan=nat.lan_net))
-        log = (Path(tmp) / "miniupnpd.log").open("wb")
-        proc = net.lab.spawn(
-            nat.ns, "miniupnpd", "-d", "-f", str(conf), stdout=log, stderr=subprocess.STDOUT
-        )
-        deadline = time.monotonic() + 20
-        while f"{nat.lan_ip}:5351" not in nat.ns.run("ss", "-H", "-uln"):
-            assert proc.poll() is None, (Path(tmp) / "miniupnpd.log").read_text()
-            assert time.monotonic() < deadline, "miniupnpd did not listen on 5351"
-            time.sleep(0.1)
+        _start_miniupnpd(net, nat, Path(tmp))
         yield net, nat, nat.hosts[0]
-        log.close()
 
 
 def _echo_through(net: Network, ip: str, port: int) -> bool:
@@ -310,3 +318,42 @@ def test_without_pcp_and_nat_pmp_the_mapping_falls_back_to_upnp(
     assert out.splitlines()[-1] == json.dumps({"event": "stopped"}), out
     rules = nat.ns.run("nft", "list", "chain", "inet", "miniupnpd", "prerouting_miniupnpd")
     assert f"{host.ip}:{internal}" not in rules, rules
+
+
+def test_up_port_mapping_gives_two_symmetric_nats_a_direct_path() -> None:
+    """Two ``masquerade fully-random`` NATs and no relay: no punch, not even birthday probing,
+    joins them. With ``up --port-mapping`` and a miniupnpd on a's gateway, a publishes its
+    mapped endpoint, b reaches it, and both sides report the direct path (b at a's mapping)."""
+    require_root_and(*BINARIES, "miniupnpd")
+    with tempfile.TemporaryDirectory(prefix="pt-upnpd-") as tmp, build(["sym", "sym"]) as net:
+        work = Path(tmp)
+        mapped, other = net.requested
+        start_hub(net, work / "hub.log", relay=False)
+        # A real router owns its public address: its own traffic (miniupnpd's STUN check, which
+        # turns port forwarding off when the port it sent from changes) is not remapped.
+        rule = ("ip", "saddr", mapped.public_ip, "accept")
+        mapped.ns.run("nft", "insert", "rule", "ip", "ptnat", "postrouting", *rule)
+        _start_miniupnpd(net, mapped, work)
+        a, b = mapped.hosts[0], other.hosts[0]
+        ifaces = (f"{net.lab.prefix}pma", f"{net.lab.prefix}pmb")
+        extra = ("--port-mapping",)
+        with running_pair(net, "pm", a, b, work, interfaces=ifaces, extra=extra) as pair:
+            assert pair.result.seconds is not None, f"no ping: {pair.result.stderr}"
+            rules = mapped.ns.run(
+                "nft", "list", "chain", "inet", "miniupnpd", "prerouting_miniupnpd"
+            )
+            assert f"dnat ip to {a.ip}:51820" in rules, rules
+            b_status = _status(ifaces[1])["peers"]
+            assert isinstance(b_status, list)
+            (peer,) = b_status
+            assert peer["path"] == "direct", peer
+            assert str(peer["endpoint"]).startswith(mapped.public_ip + ":"), peer
+            a_status = _status(ifaces[0])["peers"]
+            assert isinstance(a_status, list)
+            assert a_status[0]["path"] == "direct", a_status
+            assert pair.ping(count=3) >= 2
+        for name in pair.names:
+            assert pair.result.returncodes[name] == 0, pair.result.stderr[name]
+        # Deleted when a's up stopped.
+        rules = mapped.ns.run("nft", "list", "chain", "inet", "miniupnpd", "prerouting_miniupnpd")
+        assert f"{a.ip}:51820" not in rules, rules
