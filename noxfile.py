@@ -90,8 +90,9 @@ def wheel(session: nox.Session) -> None:
     (built,) = dist.glob("punchtrio-*.whl")
     with zipfile.ZipFile(built) as archive:
         names = archive.namelist()
-    if "punchtrio/py.typed" not in names:
-        session.error("the wheel lacks punchtrio/py.typed")
+    for packaged in ("punchtrio/py.typed", "punchtrio/punchtrio@.service"):
+        if packaged not in names:
+            session.error(f"the wheel lacks {packaged}")
     strays = [n for n in names if not n.startswith(("punchtrio/", "punchtrio-"))]
     if strays:
         session.error(f"the wheel holds files outside the package: {strays[:5]}")

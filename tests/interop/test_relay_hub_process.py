@@ -170,32 +170,7 @@ async def test_registered_peers_exchange_frames_over_udp_and_tcp(hub: RunningHub
             assert await _data(alice, alice_sock) == (bob.public_key, b"short to alice")
 
         # TCP (carol) <-> UDP (bob)
-        stream = RelayStream(hub.relay, decoder_factory=HubStreamDecoder)
-        received: list[tuple[bytes, bytes]] = []
-        progress = Progress()
-
-        def on_frame(frame: bytes, now: float) -> None:
-            result = carol.receive_frame(frame, now)
-            if result is not None:
-                received.append(result)
-            for out in carol.datagrams_to_send():
-                stream.send_nowait(encode_hub_stream_frame(out))
-            progress.poke()
-
-        async with trio.open_nursery() as nursery:
-            carol.connect(trio.current_time())
-            for frame in carol.datagrams_to_send():
-                stream.send_nowait(encode_hub_stream_frame(frame))
-            await nursery.start(stream.run, on_frame)
-            with trio.fail_after(10):
-                await progress.until(lambda: carol.bound)
-            stream.send_nowait(encode_hub_stream_frame(carol.wrap(bob.public_key, b"by tcp")))
-            await bob_sock.sendto(bob.wrap(carol.public_key, b"by udp"), hub.relay)
-            with trio.fail_after(10):
-                assert await _data(bob, bob_sock) == (carol.public_key, b"by tcp")
-                await progress.until(lambda: received)
-            assert received == [(bob.public_key, b"by udp")]
-            nursery.cancel_scope.cancel()
+        await _tcp_to_udp(carol, hub.relay, bob, bob_sock, hub.relay)
 
         # An unregistered key is refused; data from an unbound source goes nowhere.
         stranger = HubRelayClient(PrivateKey.generate().raw, info.public_key.raw)
@@ -243,31 +218,43 @@ async def test_a_relay_on_both_families_carries_ipv4_to_ipv6(dual_stack_hub: Run
             assert await _data(alice, alice_sock) == (bob.public_key, b"6 to 4")
 
         # TCP over IPv6 (carol) <-> UDP over IPv4 (alice)
-        stream = RelayStream(v6, decoder_factory=HubStreamDecoder)
-        received: list[tuple[bytes, bytes]] = []
-        progress = Progress()
-
-        def on_frame(frame: bytes, now: float) -> None:
-            result = carol.receive_frame(frame, now)
-            if result is not None:
-                received.append(result)
-            for out in carol.datagrams_to_send():
-                stream.send_nowait(encode_hub_stream_frame(out))
-            progress.poke()
-
-        async with trio.open_nursery() as nursery:
-            carol.connect(trio.current_time())
-            for frame in carol.datagrams_to_send():
-                stream.send_nowait(encode_hub_stream_frame(frame))
-            await nursery.start(stream.run, on_frame)
-            with trio.fail_after(10):
-                await progress.until(lambda: carol.bound)
-            stream.send_nowait(encode_hub_stream_frame(carol.wrap(alice.public_key, b"tcp6")))
-            await alice_sock.sendto(alice.wrap(carol.public_key, b"udp4"), v4)
-            with trio.fail_after(10):
-                assert await _data(alice, alice_sock) == (carol.public_key, b"tcp6")
-                await progress.until(lambda: received)
-            assert received == [(alice.public_key, b"udp4")]
-            nursery.cancel_scope.cancel()
+        await _tcp_to_udp(carol, v6, alice, alice_sock, v4)
         for sock in (alice_sock, bob_sock):
             sock.close()
+
+
+async def _tcp_to_udp(
+    tcp_peer: HubRelayClient,
+    tcp_relay: tuple[str, int],
+    udp_peer: HubRelayClient,
+    udp_sock: trio.socket.SocketType,
+    udp_relay: tuple[str, int],
+) -> None:
+    """Bind ``tcp_peer`` over TCP at ``tcp_relay``, then one frame each way between it and
+    ``udp_peer`` (bound on ``udp_sock`` at ``udp_relay``)."""
+    stream = RelayStream(tcp_relay, decoder_factory=HubStreamDecoder)
+    received: list[tuple[bytes, bytes]] = []
+    progress = Progress()
+
+    def on_frame(frame: bytes, now: float) -> None:
+        result = tcp_peer.receive_frame(frame, now)
+        if result is not None:
+            received.append(result)
+        for out in tcp_peer.datagrams_to_send():
+            stream.send_nowait(encode_hub_stream_frame(out))
+        progress.poke()
+
+    async with trio.open_nursery() as nursery:
+        tcp_peer.connect(trio.current_time())
+        for frame in tcp_peer.datagrams_to_send():
+            stream.send_nowait(encode_hub_stream_frame(frame))
+        await nursery.start(stream.run, on_frame)
+        with trio.fail_after(10):
+            await progress.until(lambda: tcp_peer.bound)
+        stream.send_nowait(encode_hub_stream_frame(tcp_peer.wrap(udp_peer.public_key, b"by tcp")))
+        await udp_sock.sendto(udp_peer.wrap(tcp_peer.public_key, b"by udp"), udp_relay)
+        with trio.fail_after(10):
+            assert await _data(udp_peer, udp_sock) == (tcp_peer.public_key, b"by tcp")
+            await progress.until(lambda: received)
+        assert received == [(udp_peer.public_key, b"by udp")]
+        nursery.cancel_scope.cancel()

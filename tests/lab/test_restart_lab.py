@@ -42,9 +42,10 @@ COLD_WITHIN_S = 20.0
 RESTART_WITHIN_S = 30.0
 """After one side starts again, a ping through the tunnel must answer within this (Python's
 start-up included, which takes seconds on a loaded machine)."""
-UP_TO_PING_S = 3.0
+UP_TO_PING_S = 2.0
 """...and within this of the restarted side's ``up`` event (its TUN is up): the signals and the
-handshake, never WireGuard's rekey timers (5 s or more)."""
+handshake, never WireGuard's rekey timers (5 s or more). The goal is 2 s from the restart; from
+``up`` it takes 0.05-0.1 s (docs/benchmarks.md, restart), Python's start-up being the rest."""
 OUTAGE_WITHIN_S = 5.0
 """The longest gap in ping replies allowed when a NAT forgets its mappings under traffic."""
 
@@ -73,7 +74,8 @@ def sides(lab: Lab, request: pytest.FixtureRequest) -> Iterator[tuple[Side, Side
     exit 0 then."""
     lab.net.flush_conntrack()
     label = re.sub(r"[^a-z0-9]", "", request.node.name.lower())[-6:]
-    alice, bob = pair(lab.net, label, *(nat.hosts[0] for nat in lab.net.requested), lab.workdir)
+    a, b = (nat.hosts[0] for nat in lab.net.requested)
+    alice, bob = pair(lab.net, label, a, b, lab.workdir)
     alice.start()
     bob.start()
     try:

@@ -10,24 +10,54 @@ from __future__ import annotations
 import json
 import subprocess
 import tempfile
+import time
 from pathlib import Path
 
 import pytest
 from labs.discovery import PUNCHTRIO
 from labs.scenarios.punch_matrix import running_pair, start_hub
-from labs.topology import build
+from labs.topology import Host, build
 
+from punchtrio import PrivateKey
 from tests.conftest import require_root_and
 
 pytestmark = pytest.mark.lab
 
-BINARIES = ("ip", "nft", "conntrack", "sysctl", "ping")
+BINARIES = ("ip", "nft", "conntrack", "sysctl", "ping", "wg")
+HANDSHAKE_WITHIN_S = 60
+"""`wg show`'s latest handshake must be this recent (seconds; the pair connected moments ago)."""
 
 
 def _cli(*args: str) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
         [*PUNCHTRIO, *args], capture_output=True, text=True, check=False, timeout=30
     )
+
+
+def _wg(host: Host, *args: str) -> str:
+    """Run the real `wg` tool in ``host``'s namespace; its stdout (a failure is an assertion)."""
+    done = subprocess.run(
+        host.ns.exec("wg", *args), capture_output=True, text=True, check=False, timeout=10
+    )
+    assert done.returncode == 0, (args, done.stderr)
+    return done.stdout
+
+
+def _check_wg_show(host: Host, iface: str, peer_public: str, endpoint: str) -> None:
+    """`wg show IFACE` and `wg show IFACE dump` name the peer, the endpoint that `punchtrio status`
+    shows for it, and a handshake at most :data:`HANDSHAKE_WITHIN_S` old."""
+    shown = _wg(host, "show", iface)
+    assert f"interface: {iface}" in shown, shown
+    assert f"peer: {peer_public}" in shown, shown
+    assert f"endpoint: {endpoint}" in shown, shown
+    assert "latest handshake:" in shown, shown
+    lines = [line.split("\t") for line in _wg(host, "show", iface, "dump").splitlines()]
+    (peer,) = lines[1:]
+    public, _psk, shown_endpoint, _allowed, handshake, rx, tx, _keepalive = peer
+    assert (public, shown_endpoint) == (peer_public, endpoint), peer
+    assert 0 <= time.time() - int(handshake) < HANDSHAKE_WITHIN_S, peer
+    assert int(rx) > 0, peer
+    assert int(tx) > 0, peer
 
 
 def test_status_and_ping_read_a_running_up_pair() -> None:
@@ -52,6 +82,9 @@ def test_status_and_ping_read_a_running_up_pair() -> None:
             assert peer["rx_bytes"] > 0
             assert peer["tx_bytes"] > 0
             assert peer["tunnel_ip"] == "10.99.0.2"
+            b_public = str(PrivateKey.from_file(Path(tmp) / "st-b.key").public_key())
+            assert peer["public_key"] == b_public
+            _check_wg_show(a, ifaces[0], b_public, peer["endpoint"])
             text = _cli("status", ifaces[1])
             assert text.returncode == 0, text.stderr
             assert "st-a  direct 203.0.113." in text.stdout

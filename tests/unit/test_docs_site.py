@@ -42,6 +42,7 @@ GUIDES = (
     "index.md",
     "quickstart.md",
     "deploy-hub.md",
+    "service.md",
     "troubleshooting.md",
     "security.md",
     "nat-research.md",

@@ -158,14 +158,17 @@ class _JsonFormatter(logging.Formatter):
 
 class LogReport:
     """A progress reporter (``report(event, fields)``) that logs each event at info level on
-    ``logger``, with the event's name and fields attached for ``--log-format json``."""
+    ``logger``, with the event's name and fields attached for ``--log-format json``; a
+    ``peer_failed`` at warning level, so that ``-q`` still shows why a peer is being retried."""
 
     def __init__(self, logger: logging.Logger) -> None:
         self._logger = logger
 
     def __call__(self, event: str, fields: dict[str, Any]) -> None:
         details = ", ".join(f"{k}={v}" for k, v in fields.items())
-        self._logger.info(
+        level = logging.WARNING if event == "peer_failed" else logging.INFO
+        self._logger.log(
+            level,
             "%s",
             f"{event}: {details}" if details else event,
             extra={"event": event, "fields": fields},

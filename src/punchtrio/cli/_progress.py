@@ -104,8 +104,12 @@ class ProgressView:
             )
         if event == "path_lost":
             return f"[yellow]![/] lost the path to {fields.get('peer')}; probing again"
-        if event == "peer_failed":  # the CLI's one-line error follows: only mark the peer here
-            return f"[red]✗[/] {fields.get('peer')} failed at the {fields.get('stage')} stage"
+        if event == "peer_failed":
+            failed = f"[red]✗[/] {fields.get('peer')} failed at the {fields.get('stage')} stage"
+            retry = fields.get("retry_in")
+            if retry is None:  # final: the CLI's one-line error follows, only mark the peer here
+                return failed
+            return f"{failed}: {fields.get('reason')}; retrying in {float(retry):.0f} s"
         if event == "peer_removed":
             return f"[yellow]-[/] removed {fields.get('peer')}: {fields.get('reason')}"
         if event == "down":
