@@ -22,11 +22,13 @@ import pytest
 import trio
 
 from punchtrio import PrivateKey
-from punchtrio.rendezvous import StoreFullError, StoreLimits, messages_from_json
+from punchtrio.relay import HubRelayClient, RefusalCode, RelayRefused
+from punchtrio.rendezvous import HubInfo, StoreFullError, StoreLimits, messages_from_json
 from punchtrio.rendezvous._redis_store import RedisStore
 from punchtrio.rendezvous._resp import RespClient
 from tests.conftest import require_root_and
 from tests.interop.test_hub_redis import Peer, Replica, redis_url
+from tests.interop.test_relay_hub_process import _data, _udp
 
 pytestmark = pytest.mark.interop
 
@@ -36,7 +38,9 @@ __all__ = ["redis_url"]  # the fixture, shared with test_hub_redis
 class Hub:
     """One ``punchtrio hub --redis`` process (a supervisor with ``workers`` > 1)."""
 
-    def __init__(self, redis: str, directory: Path, name: str, *extra: str, workers: int = 1):
+    def __init__(
+        self, redis: str, directory: Path, name: str, *extra: str, workers: int = 1, more: int = 0
+    ):
         self.log = directory / f"{name}.log"
         command = [
             sys.executable, "-m", "punchtrio.cli", "hub", "--listen", "127.0.0.1:0",
@@ -47,8 +51,9 @@ class Hub:
             self.process = subprocess.Popen(command, stderr=sink, text=True)
         self.url = self._wait(r"serving (http://\S+)")[1]
         self.workers = workers
-        if workers > 1:
-            self._wait_until(lambda: len(self.children()) == workers and self._served(workers))
+        if workers > 1:  # ``more``: processes beside the HTTP workers (the relay's)
+            processes = workers + more
+            self._wait_until(lambda: len(self.children()) == processes and self._served(workers))
 
     def _served(self, count: int) -> bool:
         return len(re.findall(r"serving http://", self.log.read_text())) >= count
@@ -333,3 +338,60 @@ async def test_every_key_carries_the_hash_tag_of_its_network(redis_url: str) -> 
     network = sorted(k.split("}:", 1)[1] for k in keys if k.startswith("punchtrio:{n:}:"))
     assert network == sorted(["r:alice", "r:bob", "q:bob", "expiry", "revision", "ip4", "queued"])
     assert len(keys) == len(network) + 1, keys  # nothing outside those two tags
+
+
+async def test_workers_share_one_relay_that_follows_their_registrations(
+    redis_url: str, tmp_path: Path
+) -> None:
+    """``--workers 2 --relay``: a third process serves the relay, learning from Redis whom the
+    workers registered; both workers publish it, registered peers bind and exchange frames, an
+    unregistered key is refused, and a peer deleted at a worker can no longer bind."""
+    key = PrivateKey.generate()
+    key.write(tmp_path / "hub.key")
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    relay = ("127.0.0.1", port)
+    hub = Hub(redis_url, tmp_path, "r", "--relay", f"127.0.0.1:{port}", workers=2, more=1)
+    try:
+        hub._wait(rf"relay on 127\.0\.0\.1 port {port} \(UDP, TCP\)")
+        async with httpx.AsyncClient(timeout=20) as http:
+            infos = [HubInfo.from_json((await http.get(f"{hub.url}/v1/hub")).json()) for _ in "ab"]
+            assert all(i.relay is not None and i.relay.port == port for i in infos)
+            alice, bob, carol = Peer(key), Peer(key), Peer(key)
+            for name, peer in (("alice", alice), ("bob", bob), ("carol", carol)):
+                assert (await _register(http, hub, name, peer)).status_code == 201
+            registered = time.monotonic()
+            clients: dict[str, HubRelayClient] = {}
+            socks: dict[str, trio.socket.SocketType] = {}
+            for name, peer in (("alice", alice), ("bob", bob), ("carol", carol)):
+                while name not in clients:  # refused until the relay's mirror has the record
+                    client = HubRelayClient(peer.key.raw, key.public_key().raw)
+                    sock = await _udp(client, relay)
+                    if client.bound:
+                        clients[name], socks[name] = client, sock
+                    else:
+                        sock.close()
+                        assert time.monotonic() - registered < 5, client.counters
+                        await trio.sleep(0.05)
+            print(f"bound {time.monotonic() - registered:.2f} s after registering")
+            a, b = clients["alice"], clients["bob"]
+            await socks["alice"].sendto(a.wrap(b.public_key, b"via the relay process"), relay)
+            with trio.fail_after(10):
+                assert await _data(b, socks["bob"]) == (a.public_key, b"via the relay process")
+            # Deleted at a worker: the relay hears it through Redis; a new bind is refused.
+            deleted = await http.delete(f"{hub.url}/v1/peers/carol", auth=carol.auth)
+            assert deleted.status_code == 204
+            await trio.sleep(1.0)
+            again = HubRelayClient(carol.key.raw, key.public_key().raw)
+            stranger = HubRelayClient(PrivateKey.generate().raw, key.public_key().raw)
+            for client in (again, stranger):
+                sock = await _udp(client, relay)
+                event = client.next_event()
+                assert isinstance(event, RelayRefused), client.counters
+                assert event.code == RefusalCode.NOT_REGISTERED
+                sock.close()
+            for sock in socks.values():
+                sock.close()
+    finally:
+        assert hub.stop() == 0, hub.log.read_text()

@@ -25,7 +25,7 @@ from punchtrio.cli._main import main
         (["--workers", "3", "--store", "memory"], "--workers 3 needs --redis URL: the memory"),
         (["--workers", "0"], "--workers must be from 1 to 256"),
         (["--workers", "2", "--redis", "redis://127.0.0.1:1/0", "--relay", "127.0.0.1:0"],
-         "--relay cannot be combined with --workers"),
+         "--relay with --workers needs a port (not 0)"),
         (["--workers", "2", "--redis", "redis://127.0.0.1:1/0", "--stun", "127.0.0.1:0"],
          "--stun cannot be combined with --workers"),
         (["--workers", "2", "--redis", "redis://127.0.0.1:1/0", "--metrics", "127.0.0.1:0"],

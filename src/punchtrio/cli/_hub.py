@@ -38,7 +38,7 @@ if TYPE_CHECKING:
     from prometheus_client.registry import CollectorRegistry
 
     from ..relay import TurnServerURI
-    from ..rendezvous import AddressPolicy, HubConfig, HubListeners
+    from ..rendezvous import AddressPolicy, HubConfig, HubListeners, HubRelayAddress, Store
 
 log = logging.getLogger("punchtrio.hub")
 
@@ -488,24 +488,32 @@ def _run(args: argparse.Namespace) -> int:
         counters = HubCounters()
         config = dataclasses.replace(config, counters=counters)
         registry = hub_registry(store, counters)
+    if args.workers > 1:
+        from ._hub_workers import run_workers
+        from ._main import run_reporting
+
+        # The HTTP workers publish the relay; one more process serves it (one peer table).
+        config = dataclasses.replace(config, relays=_published_relays(relay, relay_tls))
+        relay_alone = partial(_serve_relay_alone, config, relay, relay_tls, store)
+
+        def serve_one(_: argparse.Namespace) -> int:
+            trio.run(_until_signal, partial(serve, config), config, metrics_at, registry)
+            return 0
+
+        def serve_relay(_: argparse.Namespace) -> int:
+            trio.run(_until_signal, relay_alone, config)
+            return 0
+
+        def worker(index: int) -> int:
+            return run_reporting(serve_relay if index == args.workers else serve_one, args)
+
+        with opened, _server_gc():
+            return run_workers(args.workers + (1 if relay else 0), worker)
     hub = (
         partial(serve, config)
         if not relay
         else partial(_serve_with_relay, serve, config, relay, relay_tls, registry=registry)
     )
-    if args.workers > 1:
-        from ._hub_workers import run_workers
-        from ._main import run_reporting
-
-        def serve_one(_: argparse.Namespace) -> int:
-            trio.run(_until_signal, hub, config, metrics_at, registry)
-            return 0
-
-        def worker(index: int) -> int:
-            return run_reporting(serve_one, args)
-
-        with opened, _server_gc():
-            return run_workers(args.workers, worker)
     with opened, _server_gc():
         trio.run(_until_signal, hub, config, metrics_at, registry)
     return 0
@@ -522,8 +530,12 @@ def _check_workers(args: argparse.Namespace) -> None:
             f"--workers {args.workers} needs --redis URL: the {args.store} store lives in one "
             "process, so workers would not share names, messages or replay protection"
         )
+    if any(text.endswith(":0") for text in args.relay or ()):
+        raise UsageError(
+            "--relay with --workers needs a port (not 0): every worker publishes the relay's "
+            "address before the relay's own process has bound it"
+        )
     for option, value, why in (
-        ("--relay", args.relay, "its peer table lives in one process"),
         ("--stun", args.stun, "its UDP port can be bound by one process"),
         ("--metrics", args.metrics, "each worker would count only its own requests"),
     ):
@@ -575,6 +587,47 @@ async def _serve_with_relay(
             task_status.started(listeners)
     if failure is not None:
         raise failure
+
+
+def _published_relays(
+    relay: list[tuple[str, int]], tls: ssl.SSLContext | None
+) -> tuple[HubRelayAddress, ...]:
+    """How ``GET /v1/hub`` publishes a relay on ``relay`` (see ``published_addresses``)."""
+    from ..rendezvous import HubRelayAddress, published_addresses
+
+    return tuple(
+        HubRelayAddress(ip, port, tls is not None, family)
+        for ip, port, family in published_addresses(relay)
+    )
+
+
+async def _serve_relay_alone(
+    config: HubConfig,
+    relay: list[tuple[str, int]],
+    tls: ssl.SSLContext | None,
+    store: Store,
+    *,
+    task_status: trio.TaskStatus[HubListeners] = trio.TASK_STATUS_IGNORED,
+) -> None:
+    """The relay's own process beside ``--workers``: it binds the relay, and learns who may bind
+    from the shared store (``follow_registrations``), where the workers register peers."""
+    from ..relay import HubRelayServer, HubRelayService
+    from ..rendezvous import HubListeners, KeyDirectory, follow_registrations
+
+    directory = KeyDirectory()
+    server = HubRelayServer(config.key, config.networks, registered=directory.is_registered)
+    service = HubRelayService(server, *relay, tls=tls)
+    networks = [network.network_id for network in config.networks] or [""]
+    async with trio.open_nursery() as nursery:
+        listener = getattr(store, "run", None)  # a shared store's wake-ups
+        if listener is not None:
+            await nursery.start(listener)
+        await nursery.start(follow_registrations, store, directory, networks)
+        await nursery.start(service.serve)
+        transport = "TLS" if tls is not None else "TCP"
+        for ip, port in service.bound:
+            log.info("relay on %s port %s (UDP, %s)", ip, port, transport)
+        task_status.started(HubListeners((), ()))
 
 
 # Allocations between young-generation collections while the hub serves (Python's default: 700).

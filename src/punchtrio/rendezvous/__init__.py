@@ -88,6 +88,7 @@ from ._store import (
 )
 
 if TYPE_CHECKING:
+    from ._follow import follow_registrations
     from ._hub import HubConfig, HubCounters, KeyDirectory, create_app
     from ._serve import (
         HubListeners,
@@ -176,6 +177,7 @@ __all__ = [
     "check_network_prefixes",
     "create_app",
     "error_reason",
+    "follow_registrations",
     "hub_mac_key",
     "keyed_mac",
     "listing_tag",
@@ -190,6 +192,10 @@ __all__ = [
 
 
 def __getattr__(name: str) -> object:
+    if name == "follow_registrations":
+        from . import _follow
+
+        return _follow.follow_registrations
     if name in ("HubConfig", "HubCounters", "KeyDirectory", "create_app"):
         from . import _hub
 

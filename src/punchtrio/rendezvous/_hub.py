@@ -11,7 +11,7 @@ import itertools
 import math
 import re
 import time
-from collections.abc import Awaitable, Callable, Mapping
+from collections.abc import Awaitable, Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from functools import partial
 from typing import TypeVar
@@ -151,8 +151,8 @@ class KeyDirectory:
 
     The hub app notes every successful registration (with the record's expiry, Unix seconds) and
     deletion; the hub's relay asks :meth:`is_registered` before binding a key. It is this hub
-    process's view: with several replicas on one shared store, a peer binds at the relay of the
-    hub it registers with. Expired entries are swept every ``sweep_every`` notes, by ``clock``
+    process's view: with several replicas on one shared store, a relay in another process follows
+    the store instead (:func:`follow_registrations`). Expired entries are swept every ``sweep_every`` notes, by ``clock``
     (Unix seconds, the hub's clock).
     """
 
@@ -181,6 +181,14 @@ class KeyDirectory:
             names.pop(name, None)
             if not names:
                 del self._entries[network_id, public_key]
+
+    def replace(self, network_id: str, entries: Iterable[tuple[str, bytes, float]]) -> None:
+        """Make ``network_id``'s entries exactly ``entries``, ``(name, public_key, expires_at)``
+        (a listing read from a shared store: see :func:`follow_registrations`)."""
+        for key in [key for key in self._entries if key[0] == network_id]:
+            del self._entries[key]
+        for name, public_key, expires_at in entries:
+            self._entries.setdefault((network_id, public_key), {})[name] = expires_at
 
     def is_registered(self, public_key: bytes, network_id: str, now: float) -> bool:
         """Whether ``public_key`` has a record in ``network_id`` (``""``: an open hub) that is
