@@ -451,6 +451,19 @@ async def test_relayed_then_direct_through_a_symmetric_nat(
             await ifaces["alice"].send(packet)
             with trio.fail_after(5):
                 assert await ifaces["bob"].receive() == packet
+            # Idle for three of the NATs' mapping lifetimes: what the tunnel sends on the kept
+            # socket by itself (path heartbeats, WireGuard keepalives) holds the hit mapping, so
+            # the path is still the same direct one, and carries.
+            endpoints = {
+                n: connectors[n].peers[o].endpoint for n, o in (("alice", "bob"), ("bob", "alice"))
+            }
+            await trio.sleep(3 * world.nats[0].behavior.mapping_timeout)
+            for name, other in (("alice", "bob"), ("bob", "alice")):
+                assert connectors[name].peers[other].path == "direct", name
+                assert connectors[name].peers[other].endpoint == endpoints[name], name
+            await ifaces["alice"].send(packet)
+            with trio.fail_after(5):
+                assert await ifaces["bob"].receive() == packet
             nursery.cancel_scope.cancel()
         assert world.hosts[hard_side].sockets == []
     finally:
