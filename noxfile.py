@@ -159,4 +159,6 @@ def bench(session: nox.Session) -> None:
     """Benchmarks (root): each prints ratios measured in the same run and updates docs/benchmarks.md."""
     _require_root(session)
     session.install("-e", ".[test]")
+    # benchmarks/asgi_servers.py only: other ASGI servers, never punchtrio dependencies.
+    session.install("uvicorn==0.54.0", "granian==2.8.7", "uvloop", "httptools")
     session.run("python", "-m", "benchmarks", *session.posargs)

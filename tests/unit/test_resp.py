@@ -11,7 +11,7 @@ import trio.testing
 from hypothesis import given
 from hypothesis import strategies as st
 
-from punchtrio.rendezvous._resp import RedisAddress, RespError, _Connection, _encode
+from punchtrio.rendezvous._resp import RedisAddress, RespError, _Connection, _encode, _Pipeline
 
 
 def _wire(value: Any) -> bytes:
@@ -97,3 +97,89 @@ def test_urls(url: str, address: RedisAddress) -> None:
 def test_a_url_of_another_scheme_is_refused() -> None:
     with pytest.raises(ValueError, match="redis://, rediss:// or unix://"):
         RedisAddress.parse("http://localhost:6379")
+
+
+async def _fake_redis(stream: trio.abc.Stream, replies: dict[bytes, bytes], log: list[int]) -> None:
+    """Answer each command (a bulk array whose first argument is a key of ``replies``) in order;
+    ``log`` gets the number of commands that arrived in each read."""
+    buffer = b""
+    while True:
+        data = await stream.receive_some(65536)
+        if not data:
+            return
+        buffer += data
+        answers, count = b"", 0
+        while buffer.count(b"\r\n") >= 5:  # every test command is *2 $N name $N arg
+            parts = buffer.split(b"\r\n", 5)
+            answers += replies[parts[2]] % parts[4]
+            buffer = parts[5]
+            count += 1
+        log.append(count)
+        await stream.send_all(answers)
+
+
+async def test_pipelined_commands_of_many_tasks_share_writes_and_get_their_own_replies() -> None:
+    client, server = trio.testing.memory_stream_pair()
+    log: list[int] = []
+    replies = {b"ECHO": b"+%s\r\n", b"FAIL": b"-ERR %s\r\n"}
+    results: dict[int, object] = {}
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(_fake_redis, server, replies, log)
+        with trio.CancelScope() as scope:
+            pipeline = _Pipeline(_Connection(client, None), scope)  # type: ignore[arg-type]
+            nursery.start_soon(pipeline.write)
+            nursery.start_soon(pipeline.read)
+
+            async def one(index: int) -> None:
+                slot = pipeline.submit(("FAIL" if index % 5 == 0 else "ECHO", f"n{index}"))
+                await slot.event.wait()
+                results[index] = slot.answer
+
+            async with trio.open_nursery() as tasks:
+                for index in range(50):
+                    tasks.start_soon(one, index)
+            # A caller that gives up leaves its reply to be dropped: the next gets its own.
+            abandoned = pipeline.submit(("ECHO", "gone"))
+            last = pipeline.submit(("ECHO", "last"))
+            await last.event.wait()
+        nursery.cancel_scope.cancel()
+    assert abandoned.answer == b"gone"
+    assert last.answer == b"last"
+    for index in range(50):
+        answer = results[index]
+        if index % 5 == 0:
+            assert isinstance(answer, RespError)
+            assert str(answer) == f"ERR n{index}"
+        else:
+            assert answer == f"n{index}".encode()
+    assert max(log) > 1  # commands ready together went out in one write
+
+
+async def test_a_lost_pipeline_fails_every_command_written_or_not() -> None:
+    client, server = trio.testing.memory_stream_pair()
+    pipeline = _Pipeline(_Connection(client, None), trio.CancelScope())  # type: ignore[arg-type]
+    slots = [pipeline.submit(("ECHO", f"n{i}")) for i in range(3)]
+    pipeline.waiting.append(pipeline.unsent.pop(0)[0])  # as if written
+    pipeline.fail(RespError("lost the pipelined connection to Redis"))
+    assert all(isinstance(s.answer, RespError) and s.event.is_set() for s in slots)
+    assert not pipeline.waiting
+    assert not pipeline.unsent
+    await server.aclose()
+
+
+async def test_a_command_withdrawn_before_it_is_written_never_reaches_redis() -> None:
+    client, server = trio.testing.memory_stream_pair()
+    log: list[int] = []
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(_fake_redis, server, {b"ECHO": b"+%s\r\n"}, log)
+        pipeline = _Pipeline(_Connection(client, None), nursery.cancel_scope)  # type: ignore[arg-type]
+        withdrawn = pipeline.submit(("ECHO", "withdrawn"))
+        kept = pipeline.submit(("ECHO", "kept"))
+        pipeline.withdraw(withdrawn)
+        nursery.start_soon(pipeline.write)
+        nursery.start_soon(pipeline.read)
+        await kept.event.wait()
+        nursery.cancel_scope.cancel()
+    assert kept.answer == b"kept"
+    assert not withdrawn.event.is_set()
+    assert log == [1]

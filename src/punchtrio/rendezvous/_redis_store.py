@@ -15,7 +15,8 @@ only), and ``max_nonces`` bounds the whole hub.
 
 Commands go through a small Redis client on Trio streams (:mod:`._resp`), in the hub's own loop:
 redis-py's asyncio client does not run under Trio, and its synchronous client would cost a hop to
-a worker thread and back per command.
+a worker thread and back per command. While :meth:`RedisStore.run` runs, they share one pipelined
+connection (the client's :meth:`~._resp.RespClient.run`).
 """
 
 from __future__ import annotations
@@ -40,7 +41,7 @@ from ._models import (
     address_span,
     parse_allowed_ip,
 )
-from ._resp import RespClient, RespError
+from ._resp import RespClient, RespError, Subscription
 from ._store import (
     AllowedIPsConflictError,
     Clock,
@@ -532,7 +533,8 @@ class RedisStore:
                 entry[0].set()
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
-        """Listen for wake-ups from every replica until cancelled (start it before serving).
+        """Listen for wake-ups from every replica until cancelled (start it before serving), and
+        carry the store's commands on one pipelined connection meanwhile.
 
         Raises :class:`StoreError` if Redis cannot be reached at the start. A subscription lost
         later is opened again (after 0.1 s, doubling to 5 s while it fails); each loss and each
@@ -542,7 +544,12 @@ class RedisStore:
             subscription = await self._client.subscribe(self._channel)
         except RespError as exc:
             raise StoreError(f"the hub's store is unavailable: {exc}") from None
-        task_status.started()
+        async with trio.open_nursery() as nursery:
+            await nursery.start(self._client.run)
+            task_status.started()
+            await self._listen(subscription)
+
+    async def _listen(self, subscription: Subscription) -> None:
         backoff = _FIRST_BACKOFF
         try:
             while True:

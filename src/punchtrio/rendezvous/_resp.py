@@ -4,7 +4,9 @@ Only what :class:`~punchtrio.rendezvous.RedisStore` needs: ``EVALSHA`` (loading 
 ``NOSCRIPT``), ``PUBLISH`` and ``SUBSCRIBE``, over TCP, TLS (``rediss://``) or a Unix socket, with
 ``AUTH`` and ``SELECT`` from the URL. It runs in the hub's Trio loop: a command costs a write and
 a read on a pooled connection, where a synchronous client would cost a hop to a worker thread and
-back (``benchmarks/hub.py`` measures the difference).
+back (``benchmarks/hub.py`` measures the difference). While :meth:`RespClient.run` runs, commands
+share one pipelined connection instead: the commands of every task that are ready at once go out
+in one write and their replies come back in one read, in order.
 """
 
 from __future__ import annotations
@@ -12,6 +14,7 @@ from __future__ import annotations
 import hashlib
 import re
 import ssl
+from collections import deque
 from dataclasses import dataclass
 from typing import Any
 from urllib.parse import parse_qs, unquote, urlsplit
@@ -163,9 +166,70 @@ class _Connection:
         self.socket.close()
 
 
+class _Slot:
+    """Where the reply of one pipelined command arrives."""
+
+    __slots__ = ("answer", "event")
+
+    def __init__(self) -> None:
+        self.event = trio.Event()
+        self.answer: Any = None
+
+
+class _Pipeline:
+    """One connection carrying the commands of every task: a writer sends what has queued up, a
+    reader hands each reply to the oldest waiting :class:`_Slot` (Redis answers in order)."""
+
+    def __init__(self, connection: _Connection, scope: trio.CancelScope) -> None:
+        self.connection = connection
+        self.scope = scope
+        self.unsent: list[tuple[_Slot, bytes]] = []
+        self.waiting: deque[_Slot] = deque()
+        self.ready = trio.Event()
+
+    def submit(self, args: tuple[Arg, ...]) -> _Slot:
+        slot = _Slot()
+        self.unsent.append((slot, _encode(args)))
+        self.ready.set()
+        return slot
+
+    def withdraw(self, slot: _Slot) -> None:
+        """Drop ``slot``'s command if it is not written yet (its caller was cancelled)."""
+        self.unsent = [entry for entry in self.unsent if entry[0] is not slot]
+
+    async def write(self) -> None:
+        while True:
+            if not self.unsent:
+                self.ready = trio.Event()
+                await self.ready.wait()
+                continue
+            batch, self.unsent = self.unsent, []
+            self.waiting.extend(slot for slot, _ in batch)
+            await self.connection.stream.send_all(b"".join(data for _, data in batch))
+
+    async def read(self) -> None:
+        while True:
+            answer = await self.connection.reply()
+            if not self.waiting:
+                raise RespError("Redis sent a reply to no command")
+            slot = self.waiting.popleft()
+            slot.answer = answer
+            slot.event.set()
+
+    def fail(self, error: RespError) -> None:
+        """Answer every command not answered yet with ``error`` (whether Redis ran those
+        written is unknown)."""
+        for slot in [*self.waiting, *(slot for slot, _ in self.unsent)]:
+            slot.answer = error
+            slot.event.set()
+        self.waiting.clear()
+        self.unsent = []
+
+
 class RespClient:
-    """Commands to the Redis server at ``url`` over pooled connections, each call bounded by
-    ``timeout`` seconds. Every failure raises :class:`RespError`."""
+    """Commands to the Redis server at ``url`` over pooled connections, or over one pipelined
+    connection while :meth:`run` runs; each call bounded by ``timeout`` seconds. Every failure
+    raises :class:`RespError`."""
 
     def __init__(self, url: str, *, timeout: float = 10.0) -> None:
         try:
@@ -176,6 +240,7 @@ class RespClient:
         self._idle: list[_Connection] = []
         self._shas: dict[str, str] = {}
         self._limiter: trio.CapacityLimiter | None = None
+        self._pipeline: _Pipeline | None = None
 
     async def _connect(self) -> _Connection:
         address = self.address
@@ -205,6 +270,9 @@ class RespClient:
 
     async def call(self, *args: Arg) -> Any:
         """Send one command and return its reply (bytes, int, ``None`` or a list of them)."""
+        pipeline = self._pipeline
+        if pipeline is not None:
+            return await self._pipelined(pipeline, args)
         if self._limiter is None:
             self._limiter = trio.CapacityLimiter(MAX_CONNECTIONS)
         async with self._limiter:
@@ -235,6 +303,71 @@ class RespClient:
 
     def _release(self, connection: _Connection) -> None:
         self._idle.append(connection)
+
+    async def _pipelined(self, pipeline: _Pipeline, args: tuple[Arg, ...]) -> Any:
+        # A caller cancelled before its command is written withdraws it; after, the command
+        # runs (as it would have on a connection of its own) and the reader drops its reply.
+        slot = pipeline.submit(args)
+        try:
+            with trio.fail_after(self.timeout):
+                await slot.event.wait()
+        except trio.TooSlowError:
+            pipeline.withdraw(slot)
+            pipeline.scope.cancel()  # Redis is stuck: run() opens another connection
+            raise RespError("Redis did not answer in time") from None
+        except BaseException:
+            pipeline.withdraw(slot)
+            raise
+        if isinstance(slot.answer, RespError):
+            raise slot.answer
+        return slot.answer
+
+    async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        """Carry every command on one pipelined connection until cancelled; never raises.
+
+        Reports started at once. While the connection is being opened (and without ``run``),
+        commands use pooled connections, one command each. A lost connection fails the commands
+        waiting on it (:class:`RespError`) and is opened again after 0.1 s (doubling to 5 s while
+        opening it fails).
+        """
+        task_status.started()
+        backoff = 0.1
+        while True:
+            try:
+                with trio.fail_after(self.timeout):
+                    connection = await self._connect()
+            except (RespError, OSError, trio.BrokenResourceError, trio.TooSlowError, ssl.SSLError):
+                await trio.sleep(backoff)
+                backoff = min(2 * backoff, 5.0)
+                continue
+            backoff = 0.1
+            error = RespError("lost the pipelined connection to Redis")
+            try:
+                with trio.CancelScope() as scope:
+                    pipeline = _Pipeline(connection, scope)
+                    self._pipeline = pipeline
+                    async with trio.open_nursery() as nursery:
+                        nursery.start_soon(self._guard, pipeline, pipeline.write)
+                        nursery.start_soon(self._guard, pipeline, pipeline.read)
+            finally:
+                self._pipeline = None
+                pipeline.fail(error)
+                connection.close()
+            await trio.sleep(backoff)  # a server that accepts and drops is not retried hot
+
+    @staticmethod
+    async def _guard(pipeline: _Pipeline, part: Any) -> None:
+        """Run the reader or the writer; a failure of either ends the pipeline."""
+        try:
+            await part()
+        except (
+            RespError,
+            OSError,
+            trio.BrokenResourceError,
+            trio.ClosedResourceError,
+            ssl.SSLError,
+        ):
+            pipeline.scope.cancel()
 
     async def script(self, source: str, keys: list[str], args: list[Arg]) -> Any:
         """Run the Lua ``source`` with ``keys`` and ``args`` (``EVALSHA``, loading it once)."""
