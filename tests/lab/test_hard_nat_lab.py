@@ -206,9 +206,11 @@ def _start_miniupnpd(net: Network, nat: Nat, workdir: Path) -> None:
     conf.write_text(MINIUPNPD_CONF.format(stun=net.hub.primary_ip, lan=nat.lan_net))
     log_path = workdir / f"miniupnpd-{nat.name}.log"
     with log_path.open("wb") as log:
+        pidfile = workdir / f"miniupnpd-{nat.name}.pid"  # one per instance: two labs may run one
         proc = net.lab.spawn(
-            nat.ns, "miniupnpd", "-d", "-f", str(conf), stdout=log, stderr=subprocess.STDOUT
-        )
+            nat.ns, "miniupnpd", "-d", "-f", str(conf), "-P", str(pidfile),
+            stdout=log, stderr=subprocess.STDOUT,
+        )  # fmt: skip
     deadline = time.monotonic() + 20
     while f"{nat.lan_ip}:5351" not in nat.ns.run("ss", "-H", "-uln"):
         assert proc.poll() is None, log_path.read_text()
