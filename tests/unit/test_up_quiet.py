@@ -12,7 +12,7 @@ import pytest
 from punchtrio.cli import _up
 from punchtrio.cli._main import main
 
-from .test_connect_basic import KEYS
+from .test_up_cli import _args
 
 EVENTS: tuple[tuple[str, dict[str, Any]], ...] = (
     ("up", {"name": "alice", "interface": "tun7", "listen_port": 51820}),
@@ -24,25 +24,6 @@ EVENTS: tuple[tuple[str, dict[str, Any]], ...] = (
     ),
     ("down", {"interface": "tun7", "peers": []}),
 )
-
-
-def _argv(tmp_path: pathlib.Path, *extra: str) -> list[str]:
-    key = tmp_path / "alice.key"
-    KEYS["alice"].write(key)
-    return [
-        "up",
-        "--hub",
-        "http://192.0.2.9:7777",
-        "--name",
-        "alice",
-        "--key-file",
-        str(key),
-        "--address",
-        "10.99.0.1/24",
-        "--peer",
-        "bob",
-        *extra,
-    ]
 
 
 def _run(
@@ -61,7 +42,7 @@ def _run(
         logging.getLogger("punchtrio.connect").warning("the hub is unreachable; retrying")
 
     monkeypatch.setattr(_up, "serve_up", fake)
-    assert main(_argv(tmp_path, *extra)) == 0
+    assert main(_args(tmp_path, *extra)) == 0
     captured = capsys.readouterr()
     return captured.out, captured.err
 
