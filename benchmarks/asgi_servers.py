@@ -30,7 +30,7 @@ import httpx
 
 from punchtrio import PrivateKey
 
-from .hub import _LUA, Bench, Peer, Run, _cpu_seconds, _free_port
+from .hub import Bench, Peer, Run, _cpu_seconds
 
 NAME = "asgi_servers"
 
@@ -93,15 +93,7 @@ class Served(Bench):
     (statuses come from wrk's non-2xx count: these servers have no metrics listener)."""
 
     def __init__(self, workdir: Path, server: Server, key_file: Path, extra_path: str) -> None:
-        cpus = sorted(os.sched_getaffinity(0))
-        self.pinned = len(cpus) >= 2
-        self.hub_cpu, self.load_cpu = (cpus[0], cpus[1]) if self.pinned else (cpus[0], cpus[0])
-        self.workdir = workdir
-        self.script = workdir / "pool.lua"
-        self.script.write_text(_LUA)
-        self.pool = workdir / "pool.bin"
-        self.port = _free_port()
-        self.host = f"127.0.0.1:{self.port}"
+        self._prepare(workdir)
         self.metrics_url = None
         self.next_peer = 0
         self.workers = 1

@@ -194,6 +194,18 @@ class Bench:
     ``key_file``: the hub's key (replicas of one hub share it; default: a fresh key).
     """
 
+    def _prepare(self, workdir: Path) -> None:
+        """Choose the hub's and the load's cores, write wrk's script and pick the hub's port."""
+        cpus = sorted(os.sched_getaffinity(0))
+        self.pinned = len(cpus) >= 2
+        self.hub_cpu, self.load_cpu = (cpus[0], cpus[1]) if self.pinned else (cpus[0], cpus[0])
+        self.workdir = workdir
+        self.script = workdir / "pool.lua"
+        self.script.write_text(_LUA)
+        self.pool = workdir / "pool.bin"
+        self.port = _free_port()
+        self.host = f"127.0.0.1:{self.port}"
+
     def __init__(
         self,
         workdir: Path,
@@ -209,15 +221,7 @@ class Bench:
                     f"benchmarks hub: `{tool}` is not installed; the hub benchmark drives load "
                     "with wrk (Debian: apt-get install wrk taskset, or run scripts/bootstrap)"
                 )
-        cpus = sorted(os.sched_getaffinity(0))
-        self.pinned = len(cpus) >= 2
-        self.hub_cpu, self.load_cpu = (cpus[0], cpus[1]) if self.pinned else (cpus[0], cpus[0])
-        self.workdir = workdir
-        self.script = workdir / "pool.lua"
-        self.script.write_text(_LUA)
-        self.pool = workdir / "pool.bin"
-        self.port = _free_port()
-        self.host = f"127.0.0.1:{self.port}"
+        self._prepare(workdir)
         metrics_at = f"127.0.0.1:{_free_port()}"
         self.metrics_url: str | None = f"http://{metrics_at}/metrics" if workers == 1 else None
         self.next_peer = 0

@@ -530,7 +530,7 @@ def _check_workers(args: argparse.Namespace) -> None:
             f"--workers {args.workers} needs --redis URL: the {args.store} store lives in one "
             "process, so workers would not share names, messages or replay protection"
         )
-    if any(text.endswith(":0") for text in args.relay or ()):
+    if any(port == 0 for _, port in _relay_addresses(args.relay)):
         raise UsageError(
             "--relay with --workers needs a port (not 0): every worker publishes the relay's "
             "address before the relay's own process has bound it"
@@ -558,7 +558,7 @@ async def _serve_with_relay(
     """Bind the hub's relay first (so a taken port starts nothing), then serve the hub with the
     relay published in ``GET /v1/hub`` and its counters in ``registry`` (the metrics listener's)."""
     from ..relay import HubRelayServeError, HubRelayServer, HubRelayService
-    from ..rendezvous import HubRelayAddress, HubServeError, KeyDirectory, published_addresses
+    from ..rendezvous import HubServeError, KeyDirectory
 
     directory = KeyDirectory()
     server = HubRelayServer(config.key, config.networks, registered=directory.is_registered)
@@ -571,10 +571,7 @@ async def _serve_with_relay(
     async with trio.open_nursery() as nursery:
         try:
             await nursery.start(service.serve)
-            published = tuple(
-                HubRelayAddress(ip, port, tls is not None, family)
-                for ip, port, family in published_addresses(service.bound)
-            )
+            published = _published_relays(list(service.bound), tls)
             config = dataclasses.replace(config, relays=published, directory=directory)
             listeners = await nursery.start(serve, config)
         except (HubServeError, HubRelayServeError) as exc:
