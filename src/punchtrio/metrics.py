@@ -126,18 +126,18 @@ class ConnectorCollector(Collector):
             "Datagrams and packets dropped, by layer and reason.",
             labels=["layer", "reason"],
         )
-        for reason, count in connector.core.device.counters.items():
+        wireguard = getattr(connector.core.device, "counters", None)  # none with wireguard-go
+        for reason, count in (wireguard or {}).items():
             drops.add_metric(["wireguard", reason], float(count))
         for reason, count in puncher.counters.items():
             drops.add_metric(["probe", reason], float(count))
-        mux = getattr(getattr(tunnel, "device", None), "mux", None)
-        if mux is not None:
-            for reason in ("unknown", "unrouted", "queue_full"):
-                drops.add_metric(["mux", reason], float(getattr(mux.counters, reason)))
-        if tunnel is not None:
-            counters = tunnel.counters
-            for reason in ("receive_errors", "send_errors", "tun_write_errors"):
-                drops.add_metric(["tunnel", reason], float(getattr(counters, reason)))
+        for reason in ("unknown", "unrouted", "queue_full"):
+            drops.add_metric(["mux", reason], float(getattr(connector.mux.counters, reason)))
+        counters = getattr(tunnel, "counters", None)
+        for reason in ("receive_errors", "send_errors", "tun_write_errors", "dropped"):
+            if hasattr(counters, reason):  # the userspace tunnel's, or the proxies' (wireguard-go)
+                layer = "proxy" if reason == "dropped" else "tunnel"
+                drops.add_metric([layer, reason], float(getattr(counters, reason)))
         yield drops
 
 

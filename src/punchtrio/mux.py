@@ -19,7 +19,7 @@ from __future__ import annotations
 import enum
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
-from typing import Any, NamedTuple
+from typing import Any, NamedTuple, Protocol
 
 import trio
 
@@ -37,6 +37,7 @@ __all__ = [
     "MuxCounters",
     "MuxError",
     "MuxedDevice",
+    "RouteTable",
     "classify",
     "serve_mux",
 ]
@@ -286,6 +287,19 @@ class Mux:
             return None
         result = handler(data, addr, now)
         return result if type(result) is bytes else None
+
+
+class RouteTable(Protocol):
+    """Where relayed paths are registered: :class:`MuxedDevice` (punchtrio's WireGuard) or
+    :class:`punchtrio.connect.UapiDevice` (wireguard-go, through loopback proxies)."""
+
+    def set_route(self, address: Address, route: Route | None, *, wrap: Wrap | None = None) -> None:
+        """Hand what WireGuard sends to ``address`` to ``route(datagram)``; ``None`` removes it."""
+        ...
+
+    def routed(self, address: Address) -> Route | None:
+        """Return the route set for ``address``, or ``None``."""
+        ...
 
 
 class MuxedDevice:

@@ -26,11 +26,12 @@ from typing import Any
 
 import trio
 
-from ..connect import Connector
+from ..connect import Connector, UapiDevice
 from ..keys import PublicKey
 from ..punch import PunchError
 from ..tunnel import (
     SocketInUseError,
+    Tunnel,
     UserspaceTunnel,
     bind_unix_listener,
     format_endpoint,
@@ -61,7 +62,7 @@ def control_path(interface: str, directory: str = CONTROL_DIRECTORY) -> str:
 
 
 def status_snapshot(
-    tunnel: UserspaceTunnel, device: Device, connector: Connector | None, *, now: float
+    tunnel: Tunnel, device: Device | UapiDevice, connector: Connector | None, *, now: float
 ) -> dict[str, Any]:
     """Return the status of a running ``up`` as JSON values.
 
@@ -149,7 +150,7 @@ def status_snapshot(
     }
 
 
-def _tunnel_ip(device: Device, key: bytes) -> str | None:
+def _tunnel_ip(device: Device | UapiDevice, key: bytes) -> str | None:
     """The peer's own tunnel address: its first single-address allowed IP."""
     try:
         config = device.peer_config(key)
@@ -221,7 +222,7 @@ class ControlServer:
     """Answers control requests for a running ``up`` (its tunnel, device and connector)."""
 
     def __init__(
-        self, tunnel: UserspaceTunnel, device: Device, connector: Connector | None
+        self, tunnel: Tunnel, device: Device | UapiDevice, connector: Connector | None
     ) -> None:
         self.tunnel = tunnel
         self.device = device
@@ -299,8 +300,8 @@ class ControlServer:
 
 
 async def serve_control(
-    tunnel: UserspaceTunnel,
-    device: Device,
+    tunnel: Tunnel,
+    device: Device | UapiDevice,
     connector: Connector | None,
     *,
     directory: str = CONTROL_DIRECTORY,
@@ -319,8 +320,8 @@ async def serve_control(
 
 async def start_local_sockets(
     nursery: trio.Nursery,
-    tunnel: UserspaceTunnel,
-    device: Device,
+    tunnel: Tunnel,
+    device: Device | UapiDevice,
     connector: Connector | None,
     report: Report,
     *,
@@ -332,6 +333,8 @@ async def start_local_sockets(
     (``uapi_unavailable`` / ``control_unavailable`` with ``path`` and ``reason``) and ``up`` goes
     on without it: the tunnel matters more."""
     if uapi:
+        assert isinstance(tunnel, UserspaceTunnel)
+        assert isinstance(device, Device)
         await start_uapi(
             nursery,
             tunnel,

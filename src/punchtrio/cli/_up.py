@@ -38,6 +38,7 @@ from ..connect import (
     PeerFailed,
     PeerFound,
     Registered,
+    TunnelBackendName,
     TunnelConfig,
 )
 from ..keys import InvalidKeyError, PrivateKey, PublicKey
@@ -109,7 +110,8 @@ class UpPlan:
     it joins, and drop it as it leaves (``--all-peers``; needs ``network_secret``); ``hub_ca``:
     the TLS context that verifies the hub and relays over TLS with our own CA bundle
     (``--hub-ca``; ``None``: the system's CAs); ``hub_key``: the hub's pinned public key (``--hub-key``); ``port_mapping``:
-    ask the gateway for a mapping (``--port-mapping``).
+    ask the gateway for a mapping (``--port-mapping``); ``tunnel``: who moves the packets
+    (``--tunnel``: ``"userspace"`` or ``"wireguard-go"``).
     """
 
     hub: str
@@ -129,6 +131,7 @@ class UpPlan:
     hub_ca: ssl.SSLContext | None = dataclasses.field(default=None, repr=False, compare=False)
     hub_key: PublicKey | None = None
     port_mapping: bool = False
+    tunnel: TunnelBackendName = "userspace"
 
 
 def register(subparsers: Any) -> None:
@@ -234,8 +237,8 @@ def register(subparsers: Any) -> None:
         default="userspace",
         help=(
             "who moves the packets: userspace (punchtrio's own WireGuard, the default), "
-            "wireguard-go (with a wg-quick --config FILE), or a backend another package "
-            "registers (see docs/tunnel.md)"
+            "wireguard-go (with --hub or a wg-quick --config FILE), or a backend another "
+            "package registers (with --config FILE; see docs/tunnel.md)"
         ),
     )
     up.add_argument("--json", action="store_true", help="print events as JSON, one per line")
@@ -274,11 +277,17 @@ def _up(args: argparse.Namespace) -> int:
                 "up needs --hub URL (with --name, --key-file, --address, --peer) or --config FILE"
             )
         return _up_static(args)
-    if args.tunnel != "userspace":
+    if args.tunnel not in ("userspace", "wireguard-go"):
         raise UsageError(
             f"--tunnel {args.tunnel[:40]} works with a wg-quick --config FILE only, not with "
-            "--hub: the hub's punching, STUN and relays run on punchtrio's own WireGuard and "
-            "share its UDP port (see docs/tunnel.md); use --tunnel userspace"
+            "--hub: with the hub, punchtrio steers WireGuard between its own UDP port and the "
+            "tunnel, which only the userspace and wireguard-go backends support (see "
+            "docs/tunnel.md)"
+        )
+    if args.tunnel == "wireguard-go" and args.config:
+        raise UsageError(
+            "--tunnel wireguard-go takes --hub or --config FILE, not both: a wg-quick file's "
+            "static peers are added with --hub on the userspace tunnel only"
         )
     plan = build_plan(args)
     configure_logging(args, "up", secrets=_secrets(plan.key, plan.static, plan))
@@ -378,6 +387,7 @@ def build_plan(args: argparse.Namespace) -> UpPlan:
         _hub_tls(args.hub_ca),
         _hub_key(args.hub_key),
         args.port_mapping,
+        "wireguard-go" if args.tunnel == "wireguard-go" else "userspace",
     )
 
 
@@ -562,6 +572,7 @@ async def serve_up(
         turn_servers=plan.turn,
         relay=plan.relay,
         all_peers=plan.all_peers,
+        backend=plan.tunnel,
         **options,
     )
     failure: PunchtrioError | None = None
@@ -587,7 +598,10 @@ async def serve_up(
                 {"name": plan.name, "interface": tunnel.name, "listen_port": connector.listen_port},
             )
             if options.get("interface") is None:  # a real TUN: `wg show` and `punchtrio status`
-                await start_local_sockets(nursery, tunnel, connector.core.device, connector, report)
+                # wireguard-go serves `wg show` on its own UAPI socket.
+                uapi = connector.backend == "userspace"
+                device: Any = connector.core.device
+                await start_local_sockets(nursery, tunnel, device, connector, report, uapi=uapi)
             if isinstance(connector.rendezvous, HubClient):
                 nursery.start_soon(
                     _end_when_refused, connector.rendezvous, refused, nursery.cancel_scope

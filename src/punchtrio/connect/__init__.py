@@ -8,13 +8,14 @@ and tests. See ``docs/connect.md``.
 """
 
 from ._config import TunnelConfig
-from ._connector import UNREGISTER_TIMEOUT, Connector
+from ._connector import UNREGISTER_TIMEOUT, Connector, TunnelBackendName
 from ._core import (
     PEER_DOWN_AFTER,
     SIGNAL_PREFIX,
     TRANSITIONS,
     Action,
     ConnectCore,
+    CoreDevice,
     CoreError,
     CoreInput,
     CorePeer,
@@ -62,6 +63,8 @@ from ._memif import MemoryInterface
 from ._mesh import LEFT_REASON, MeshPlan, MeshPolicy, follow_directory
 from ._open import open_connector
 from ._relay_choice import HubRelay
+from ._uapi_device import UapiDevice
+from ._uapi_shell import ProxyCounters, UapiTunnel, open_uapi_tunnel
 
 __all__ = [
     "LEFT_REASON",
@@ -76,6 +79,7 @@ __all__ = [
     "ConnectError",
     "ConnectEvent",
     "Connector",
+    "CoreDevice",
     "CoreError",
     "CoreInput",
     "CorePeer",
@@ -100,6 +104,7 @@ __all__ = [
     "PeerRemoved",
     "PeerSettled",
     "PeerState",
+    "ProxyCounters",
     "PunchStarted",
     "RecordFound",
     "RegisterDone",
@@ -112,11 +117,15 @@ __all__ = [
     "SignallingUnsupported",
     "Stage",
     "StageStarted",
+    "TunnelBackendName",
     "TunnelConfig",
+    "UapiDevice",
+    "UapiTunnel",
     "WaitForRecord",
     "WireGuardEvent",
     "follow_directory",
     "open_connector",
+    "open_uapi_tunnel",
     "signal_text",
     "state_diagram",
 ]

@@ -21,7 +21,7 @@ import ssl
 import sys
 import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
-from typing import Any
+from typing import Any, Literal
 from urllib.parse import urlsplit
 
 import trio
@@ -32,7 +32,7 @@ if sys.version_info < (3, 11):
 from .._endpoint import format_endpoint
 from .._exceptions import PunchtrioError
 from ..keys import PrivateKey, PublicKey
-from ..mux import Datagram, Kind, Mux, MuxedDevice
+from ..mux import Datagram, Kind, Mux, MuxedDevice, serve_mux
 from ..punch import (
     BirthdaySockets,
     Candidate,
@@ -108,8 +108,13 @@ from ._sockets import (
     url_addresses,
 )
 from ._turn_shell import TurnShell
+from ._uapi_device import UapiDevice
+from ._uapi_shell import UapiTunnel, open_uapi_tunnel
 
 Address = tuple[str, int]
+
+TunnelBackendName = Literal["userspace", "wireguard-go"]
+"""Which program moves the connector's packets: punchtrio's own WireGuard, or wireguard-go."""
 
 UNREGISTER_TIMEOUT = 5.0
 """Seconds teardown spends on deleting our record at the rendezvous before giving up."""
@@ -193,6 +198,10 @@ class Connector:
       default route's gateway, a string the gateway at that literal address; ``False``
       (default) never asks. ``port_mapping_settings`` tunes it
       (:class:`~punchtrio.punch.PortMapSettings`).
+    - ``backend``: ``"userspace"`` (default) runs punchtrio's own WireGuard on the shared port;
+      ``"wireguard-go"`` starts the wireguard-go program on a port of its own, steers WireGuard
+      between the two ports with nftables, and relays through loopback proxies (root, real
+      sockets: not with ``interface`` or ``socket_factory``; see ``docs/tunnel.md``).
 
     Run it with :func:`open_connector` (or ``await nursery.start(connector.run)``). Events arrive
     on :attr:`events`. The decisions are :class:`ConnectCore`'s; this class does the I/O. Raises
@@ -228,7 +237,17 @@ class Connector:
         all_peers: bool = False,
         port_mapping: bool | str = False,
         port_mapping_settings: PortMapSettings | None = None,
+        backend: TunnelBackendName = "userspace",
     ) -> None:
+        if backend not in ("userspace", "wireguard-go"):
+            raise ValueError(f"backend {backend!r} is not 'userspace' or 'wireguard-go'")
+        if backend == "wireguard-go" and (interface is not None or socket_factory is not None):
+            raise ValueError(
+                "the wireguard-go backend needs a real TUN device and sockets: not with "
+                "interface= or socket_factory="
+            )
+        self.backend: TunnelBackendName = backend
+        """Which program moves the packets (``"userspace"`` or ``"wireguard-go"``)."""
         self.name = name
         self.config = tunnel if isinstance(tunnel, TunnelConfig) else TunnelConfig(tunnel)
         self._private_key = private_key
@@ -288,20 +307,28 @@ class Connector:
         self._first_registered = trio.Event()
         self._send_events, self.events = trio.open_memory_channel[ConnectEvent](math.inf)
         """Every :data:`~punchtrio.connect.ConnectEvent`, in order; closed when the run ends."""
-        device = Device(
-            private_key.raw,
-            timers=self.config.timers,
-            mtu=self.config.mtu,
-            wall_clock=wall_clock,
-            defer_handshakes=True,
-        )
         puncher = Puncher(private_key.raw, settings=punch, families=(4,), wall_clock=wall_clock)
         self._mux = Mux()
-        self._muxed = MuxedDevice(device, self._mux)
-        self._links = RelayLinks(self._muxed, puncher)
+        device: Device | UapiDevice
+        self._routes: MuxedDevice | UapiDevice  # where relayed paths are registered
+        self._muxed: MuxedDevice | None = None  # punchtrio's WireGuard behind the mux
+        if backend == "wireguard-go":
+            device = self._routes = UapiDevice(
+                public_key=self.public_key.raw, wall_clock=wall_clock
+            )
+        else:
+            device = Device(
+                private_key.raw,
+                timers=self.config.timers,
+                mtu=self.config.mtu,
+                wall_clock=wall_clock,
+                defer_handshakes=True,
+            )
+            self._muxed = self._routes = MuxedDevice(device, self._mux)
+        self._links = RelayLinks(self._routes, puncher)
         self._birthday = BirthdaySockets(
             puncher,
-            route=self._muxed.set_route,
+            route=self._routes.set_route,
             deliver=self._deliver_relayed,
             base_port=lambda: self.listen_port,
             socket_factory=socket_factory,
@@ -326,7 +353,7 @@ class Connector:
         self._peer_tasks: dict[str, set[trio.CancelScope]] = {}  # every task of a peer
         self._reasons: dict[str, str] = {}  # why a peer was removed, for connect()
         self._nursery: trio.Nursery | None = None
-        self.tunnel: UserspaceTunnel | None = None
+        self.tunnel: UserspaceTunnel | UapiTunnel | None = None
         """The running tunnel (``None`` before :meth:`run` starts it)."""
         self._sock: SocketSet | None = None
         self._families: tuple[int, ...] = (4, 6)  # the IP versions we gather and probe in
@@ -358,6 +385,12 @@ class Connector:
     def record(self) -> PeerRecord | None:
         """Our record as the rendezvous last stored it."""
         return self.core.record
+
+    @property
+    def mux(self) -> Mux:
+        """The demultiplexer of the shared port (its :attr:`~punchtrio.mux.Mux.counters` count
+        what it dropped)."""
+        return self._mux
 
     @property
     def listen_port(self) -> int:
@@ -399,26 +432,46 @@ class Connector:
         self._started = True
         self.core.started_at = trio.current_time()
         try:
-            with contextlib.ExitStack() as stack:
+            async with contextlib.AsyncExitStack() as stack:
                 sock = self._sock = self._open_socket()
                 stack.callback(sock.close)
-                tun: Any = self._interface
-                if tun is None:
-                    tun = stack.enter_context(self._open_tun())
                 self._mux.route(Kind.PROBE, self._on_probe)
                 stun = self._mux.open_queue(Kind.STUN)
                 # The puncher probes the families there is a socket for (IPv6-only hosts: 6).
                 self.core.puncher.families = frozenset(sock.families)
-                real = sock.real
-                self.tunnel = UserspaceTunnel(
-                    self._muxed, tun, sock.sockets, on_event=self._on_wireguard, gso=real, gro=real
-                )
+                if isinstance(self._routes, UapiDevice):
+                    self.tunnel = await stack.enter_async_context(
+                        open_uapi_tunnel(
+                            self._routes,
+                            self.config,
+                            self._private_key.raw,
+                            shared_port=sock.port,
+                            on_event=self._on_wireguard,
+                        )
+                    )
+                else:
+                    tun: Any = self._interface
+                    if tun is None:
+                        tun = stack.enter_context(self._open_tun())
+                    real = sock.real
+                    assert self._muxed is not None
+                    self.tunnel = UserspaceTunnel(
+                        self._muxed,
+                        tun,
+                        sock.sockets,
+                        on_event=self._on_wireguard,
+                        gso=real,
+                        gro=real,
+                    )
                 try:
                     async with contextlib.AsyncExitStack() as hub:
                         if self._own_hub:
                             await hub.enter_async_context(self.rendezvous)  # type: ignore[arg-type]
                         async with trio.open_nursery() as nursery:
                             await nursery.start(self.tunnel.serve)
+                            if isinstance(self.tunnel, UapiTunnel):  # no tunnel drains them
+                                for one in sock.sockets:
+                                    await nursery.start(serve_mux, one, self._mux)
                             self._nursery = nursery
                             nursery.start_soon(self._timer)
                             await nursery.start(self._birthday.run)
@@ -623,7 +676,7 @@ class Connector:
     def _drain(self) -> None:
         """Send the probes the core queued, start its actions, emit its events, re-arm its timer."""
         core = self.core
-        routed = self._muxed.routed
+        routed = self._routes.routed
         sock = self._sock
         for data, address in core.datagrams_to_send():
             route = routed(address)
@@ -841,7 +894,7 @@ class Connector:
             tls=client_tls_context(self._tls_verify) if server.uri.secure else None,
             sock=self._sock,
             mux=self._mux,
-            device=self._muxed,
+            device=self._routes,
             puncher=self.core.puncher,
             changed=self._turn_moved,
             deliver=self._deliver_relayed,

@@ -23,9 +23,9 @@ import ipaddress
 import math
 import secrets
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
-from typing import Literal
+from typing import Literal, Protocol
 
 from .._exceptions import PunchtrioError
 from ..keys import PublicKey
@@ -34,7 +34,7 @@ from ..punch import PathChosen as _PunchPathChosen
 from ..punch import PathLost as _PunchPathLost
 from ..punch import PunchFailed as _PunchFailed
 from ..rendezvous import PeerRecord
-from ..wireguard import ConfigError, Device, PeerConfig
+from ..wireguard import ConfigError, PeerConfig, PeerStats
 from ..wireguard import HandshakeCompleted as _WgHandshakeCompleted
 from ._events import (
     CandidatesGathered,
@@ -377,6 +377,33 @@ class CorePeer:
     retry_at: float | None = None
 
 
+class CoreDevice(Protocol):
+    """What :class:`ConnectCore` asks of a WireGuard device: punchtrio's own
+    :class:`~punchtrio.wireguard.Device`, or :class:`~punchtrio.connect.UapiDevice` for
+    wireguard-go. Each method raises :class:`~punchtrio.wireguard.ConfigError` for an unknown or
+    invalid peer."""
+
+    def add_peer(self, config: PeerConfig) -> None:
+        """Add a peer."""
+        ...
+
+    def remove_peer(self, public_key: bytes) -> None:
+        """Remove a peer with its sessions and allowed IPs."""
+        ...
+
+    def set_endpoint(self, public_key: bytes, endpoint: tuple[str, int]) -> None:
+        """Send to ``endpoint`` from now on."""
+        ...
+
+    def initiate_handshake(self, public_key: bytes, now: float, *, restarted: bool = False) -> None:
+        """Start a new handshake with the peer."""
+        ...
+
+    def peer_stats(self) -> Mapping[bytes, PeerStats]:
+        """Each peer's statistics, by public key."""
+        ...
+
+
 class ConnectCore:
     """The decisions of a :class:`~punchtrio.connect.Connector`, without I/O (see the module docs).
 
@@ -400,7 +427,7 @@ class ConnectCore:
         self,
         *,
         public_key: PublicKey,
-        device: Device,
+        device: CoreDevice,
         puncher: Puncher,
         persistent_keepalive: float,
         wait_timeout: float,

@@ -20,7 +20,7 @@ from ..punch import PortMapSettings, PunchSettings
 from ..relay import TurnServer
 from ..rendezvous import NetworkSecret, Rendezvous
 from ._config import TunnelConfig
-from ._connector import Connector
+from ._connector import Connector, TunnelBackendName
 from ._memif import MemoryInterface
 from ._relay_choice import HubRelay
 
@@ -56,6 +56,7 @@ async def open_connector(
     all_peers: bool = False,
     port_mapping: bool | str = False,
     port_mapping_settings: PortMapSettings | None = None,
+    backend: TunnelBackendName = "userspace",
     stop_signals: Iterable[int] = (),
 ) -> AsyncIterator[Connector]:
     """Run a :class:`Connector` (same arguments) for the duration of the ``async with`` block.
@@ -96,6 +97,7 @@ async def open_connector(
         all_peers=all_peers,
         port_mapping=port_mapping,
         port_mapping_settings=port_mapping_settings,
+        backend=backend,
     )
     # Every error leaves as itself (a PunchtrioError for what goes wrong in the connector), never
     # wrapped in an exception group: the caller's `except TunnelError:` must see it.

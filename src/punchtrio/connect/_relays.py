@@ -16,7 +16,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Literal, Protocol
 
-from ..mux import MuxedDevice, Route, Wrap
+from ..mux import Route, RouteTable, Wrap
 from ..punch import Puncher
 
 Address = tuple[str, int]
@@ -76,7 +76,7 @@ class RelayLink:
 class RelayLinks:
     """The relay links of one connector and the relayed path of every peer over each."""
 
-    def __init__(self, device: MuxedDevice, puncher: Puncher) -> None:
+    def __init__(self, device: RouteTable, puncher: Puncher) -> None:
         self._device = device
         self._puncher = puncher
         self._links: list[RelayLink] = []

@@ -20,7 +20,7 @@ from typing import Any, Literal
 import trio
 
 from .._exceptions import PunchtrioError
-from ..mux import Mux, MuxedDevice
+from ..mux import Mux, RouteTable
 from ..punch import Candidate, CandidateType, Puncher
 from ..relay import (
     RelayStream,
@@ -57,7 +57,7 @@ class TurnShell:
         tls: ssl.SSLContext | None = None,
         sock: Any,
         mux: Mux,
-        device: MuxedDevice,
+        device: RouteTable,
         puncher: Puncher,
         changed: Callable[[], None],
         deliver: Callable[[bytes, Address], None],

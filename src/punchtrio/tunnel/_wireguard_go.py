@@ -133,6 +133,17 @@ class WireGuardGoTunnel:
             ) from None
         await self.info()
 
+    async def apply(self, text: str) -> None:
+        """Send one complete ``set=1`` request ``text`` as it is. Raises
+        :class:`WireGuardGoError` if wireguard-go does not answer or refuses it (naming its
+        errno)."""
+        reply = await self.request(text)
+        try:
+            parse_uapi_get(reply)
+        except UapiError as exc:
+            reason = os.strerror(exc.errno) if exc.errno else str(exc)
+            raise WireGuardGoError(f"wireguard-go refused a request: {reason}") from None
+
     async def info(self) -> DeviceInfo:
         """Read the device through ``get=1``. Raises :class:`WireGuardGoError`."""
         reply = await self.request("get=1\n\n")
