@@ -323,13 +323,15 @@ def running_pair(
     *,
     interfaces: tuple[str, str] | None = None,
     extra: tuple[str, ...] = (),
+    extra_a: tuple[str, ...] = (),
 ) -> Iterator[LivePair]:
     """:func:`run_pair` that keeps both tunnels up while the context is open.
 
     ``interfaces`` names the two TUN devices (``--interface``; default: the kernel's ``tunN``);
     names unique on the machine keep the sockets in ``/var/run/wireguard`` and
     ``/run/punchtrio``, which all namespaces share, apart. ``extra`` is added to both command
-    lines (``--metrics 127.0.0.1:9586``: each side's own loopback, in its own namespace).
+    lines (``--metrics 127.0.0.1:9586``: each side's own loopback, in its own namespace), and
+    ``extra_a`` to ``a``'s only (``--tunnel wireguard-go`` on one side).
 
     Starts ``punchtrio up`` on ``a`` and ``b`` at once (names ``<label>-a`` / ``<label>-b``,
     tunnel addresses 10.99.0.1/24 and .2/24), waits for the first ping reply from ``a`` to
@@ -347,7 +349,7 @@ def running_pair(
         argv = up_argv(name, key, f"10.99.0.{index + 1}/24", names[1 - index], hub=url)
         if interfaces is not None:
             argv += ["--interface", interfaces[index]]
-        argvs.append([*argv, *extra])
+        argvs.append([*argv, *extra, *(extra_a if index == 0 else ())])
     procs: dict[str, subprocess.Popen[bytes]] = {}
     start = time.monotonic()
     for host, name, argv in zip((a, b), names, argvs, strict=True):

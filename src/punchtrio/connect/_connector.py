@@ -449,6 +449,8 @@ class Connector:
                             on_event=self._on_wireguard,
                         )
                     )
+                    # Relay frames and ChannelData on the shared port unwrap into WireGuard.
+                    self._mux.route(Kind.WIREGUARD, self.tunnel.receive_datagram)
                 else:
                     tun: Any = self._interface
                     if tun is None:
@@ -944,7 +946,9 @@ class Connector:
                         ttl = server.ttl
 
     def _deliver_relayed(self, data: bytes, source: Address) -> None:
-        if self.tunnel is not None:
+        if isinstance(self.tunnel, UapiTunnel):  # probes to the core, WireGuard to wireguard-go
+            self._mux.receive_datagram(data, source, trio.current_time())
+        elif self.tunnel is not None:
             self.tunnel.receive_relayed(data, source)
 
     def describe_path(self, address: Address) -> tuple[str, str | None]:

@@ -58,6 +58,7 @@ class _Peer:
     endpoint: Address | None = None
     keepalive_on: bool = False
     learned: bool = False  # wireguard-go knows an endpoint (it answered the peer's handshake)
+    seen: Address | None = None  # the endpoint wireguard-go last reported (paths translated)
     last_handshake: float | None = None
     initiated_at: float = -math.inf
 
@@ -270,7 +271,7 @@ class UapiDevice:
             endpoint = found.endpoint
             if endpoint is not None:
                 endpoint = self._proxied.get(endpoint, endpoint)
-                peer.learned = True
+                peer.learned, peer.seen = True, endpoint
             last = found.last_handshake
             self._stats[found.public_key] = PeerStats(
                 found.public_key,
@@ -300,11 +301,15 @@ class UapiDevice:
 
     def full_request(self) -> str:
         """Return one ``set=1`` that gives a fresh wireguard-go every peer as it stands (after a
-        restart: its peers replaced, endpoints and keepalives set again)."""
+        restart: its peers replaced, endpoints and keepalives set again). A peer's endpoint is
+        the one set, else the one the old wireguard-go last reported; turning the keepalive on
+        there starts a new handshake at once, since the new process has no session."""
         self._queue = []
         lines = ["set=1", "replace_peers=true"]
         for peer in self._peers.values():
             peer.keepalive_on, peer.learned, peer.last_handshake = False, False, None
+            if peer.endpoint is None:  # one wireguard-go learnt: the new one starts there
+                peer.endpoint = peer.seen
             lines += self._section(peer, allowed_ips=True)
             lines += self._section(peer, allowed_ips=False)
         self._stats.clear()

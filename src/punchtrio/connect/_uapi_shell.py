@@ -123,6 +123,13 @@ class UapiTunnel:
             return
         self.counters.to_wireguard += 1
 
+    def receive_datagram(self, data: bytes, source: Address, now: float) -> None:
+        """The shared port's WireGuard route (:meth:`Mux.route <punchtrio.mux.Mux.route>`):
+        relay frames and TURN ChannelData that arrive there are unwrapped into WireGuard from
+        their path's address, which :meth:`receive_relayed` hands on. Steering keeps direct
+        WireGuard away from this port; any that arrives anyway is dropped and counted."""
+        self.receive_relayed(data, source)
+
     async def serve(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         """Run until cancelled: requests, reads, proxies, and restarts of wireguard-go. Reports
         started at once; the proxies are closed on exit."""
