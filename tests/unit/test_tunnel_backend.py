@@ -195,11 +195,18 @@ def test_up_runs_a_registered_backend_and_reports_its_stats(plugin: Path) -> Non
             "ModuleNotFoundError: No module named 'h3counting_missing'\n",
         ),
         (
-            ["--tunnel", "wireguard-go", "--hub", "http://127.0.0.1:9", "--name", "a"],
+            ["--tunnel", "counting", "--hub", "http://127.0.0.1:9", "--name", "a"],
             2,
-            "punchtrio: error: --tunnel wireguard-go works with a wg-quick --config FILE only, "
-            "not with --hub: the hub's punching, STUN and relays run on punchtrio's own "
-            "WireGuard and share its UDP port (see docs/tunnel.md); use --tunnel userspace\n",
+            "punchtrio: error: --tunnel counting works with a wg-quick --config FILE only, "
+            "not with --hub: with the hub, punchtrio steers WireGuard between its own UDP port "
+            "and the tunnel, which only the userspace and wireguard-go backends support (see "
+            "docs/tunnel.md)\n",
+        ),
+        (
+            ["--tunnel", "wireguard-go", "--hub", "http://127.0.0.1:9", "--name", "a", "--config"],
+            2,
+            "punchtrio: error: --tunnel wireguard-go takes --hub or --config FILE, not both: a "
+            "wg-quick file's static peers are added with --hub on the userspace tunnel only\n",
         ),
     ],
 )
@@ -209,6 +216,8 @@ def test_bad_backend_choices_are_one_line(
     config = plugin / "ct2.conf"
     config.write_text(CONFIG)
     extra = [] if "--hub" in args else ["--config", str(config)]
+    if args[-1] == "--config":
+        args = [*args, str(config)]
     proc = _up(plugin, *extra, *args)
     out, err = proc.communicate(timeout=30)
     assert (proc.returncode, err, out) == (status, message, "")
