@@ -16,6 +16,7 @@ from ._backends import (
 )
 from ._interface import Tunnel
 from ._netlink import configure_interface
+from ._steering import steer_wireguard, steering_ruleset, steering_table_name
 from ._tun import TunDevice, TunnelError
 from ._uapi import (
     MAX_REQUEST_BYTES,
@@ -117,6 +118,9 @@ __all__ = [
     "serve_uapi",
     "serve_unix_connections",
     "start_uapi",
+    "steer_wireguard",
+    "steering_ruleset",
+    "steering_table_name",
     "tunnel_backend_names",
     "uapi_path",
 ]
