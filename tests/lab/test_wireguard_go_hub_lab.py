@@ -101,6 +101,10 @@ def test_direct_through_two_nats_with_wg_show(lab: tuple[Network, Path]) -> None
     ifaces = (f"{net.lab.prefix}da", f"{net.lab.prefix}db")
     with running_pair(net, "wd", a, b, tmp, interfaces=ifaces, extra=WG_GO) as pair:
         assert pair.result.seconds is not None, pair.result.stderr
+        up = pair.events["wd-a"][0]
+        assert (up["event"], up["tunnel"], up["listen_port"]) == ("up", "wireguard-go", 51820)
+        assert up["wireguard_port"] != 51820
+        assert f"listening port: {up['wireguard_port']}" in _wg(a, "show", ifaces[0])
         for host, iface, other in ((a, ifaces[0], b), (b, ifaces[1], a)):
             assert _connected(pair, f"wd-{'a' if host is a else 'b'}")["path"] == "direct"
             # wireguard-go sends from the shared port: the peer sees the NAT's mapping of 51820.

@@ -40,6 +40,7 @@ from ..connect import (
     Registered,
     TunnelBackendName,
     TunnelConfig,
+    UapiTunnel,
 )
 from ..keys import InvalidKeyError, PrivateKey, PublicKey
 from ..relay import (
@@ -593,10 +594,18 @@ async def serve_up(
             tunnel = connector.tunnel
             assert tunnel is not None
             down["interface"] = tunnel.name
-            report(
-                "up",
-                {"name": plan.name, "interface": tunnel.name, "listen_port": connector.listen_port},
-            )
+            fields = {
+                "name": plan.name,
+                "interface": tunnel.name,
+                "listen_port": connector.listen_port,
+            }
+            if isinstance(tunnel, UapiTunnel):  # its own port, steered from ours
+                fields |= {
+                    "tunnel": "wireguard-go",
+                    "wireguard_port": tunnel.wireguard_port,
+                    "pid": tunnel.process.process.pid,
+                }
+            report("up", fields)
             if options.get("interface") is None:  # a real TUN: `wg show` and `punchtrio status`
                 # wireguard-go serves `wg show` on its own UAPI socket.
                 uapi = connector.backend == "userspace"
