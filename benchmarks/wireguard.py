@@ -111,10 +111,13 @@ def _tunnel(a_kind: str, b_kind: str) -> Iterator[Pair]:
                 peer.stop()
 
 
-def tunnel_throughput(pair: Pair, *, reverse: bool = False) -> float:
-    """Return single-stream TCP throughput a -> b (b -> a if ``reverse``) in Mbit/s."""
+def tunnel_throughput(pair: Pair, *, reverse: bool = False, address: str = OVERLAY[1]) -> float:
+    """Return single-stream TCP throughput a -> b (b -> a if ``reverse``) in Mbit/s.
+
+    ``address`` is b's tunnel address (default 10.9.0.2), where b's iperf3 server listens.
+    """
     server = subprocess.Popen(
-        pair.b.exec("iperf3", "-s", "-1", "-B", OVERLAY[1]),
+        pair.b.exec("iperf3", "-s", "-1", "-B", address),
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
     )
@@ -124,7 +127,7 @@ def tunnel_throughput(pair: Pair, *, reverse: bool = False) -> float:
             if time.monotonic() > deadline:
                 raise RuntimeError("iperf3 server did not start")
             time.sleep(0.05)
-        argv = ["iperf3", "-c", OVERLAY[1], "-t", str(SECONDS), "-J", "--connect-timeout", "5000"]
+        argv = ["iperf3", "-c", address, "-t", str(SECONDS), "-J", "--connect-timeout", "5000"]
         out = subprocess.run(
             pair.a.exec(*argv, *(["-R"] if reverse else [])),
             capture_output=True,
@@ -153,9 +156,13 @@ def _measure(a_kind: str, b_kind: str) -> tuple[float, float, float, float]:
     return forward, backward, sparse, dense
 
 
-def tunnel_rtt(pair: Pair, *, interval: float, count: int) -> float:
-    """Return the median ping RTT a -> b in ms (the median: the machine may be shared)."""
-    argv = ["ping", "-c", str(count), "-i", str(interval), "-W", "2", OVERLAY[1]]
+def tunnel_rtt(pair: Pair, *, interval: float, count: int, address: str = OVERLAY[1]) -> float:
+    """Return the median ping RTT a -> b in ms (the median: the machine may be shared).
+
+    ``count`` pings ``interval`` seconds apart go to ``address``, b's tunnel address (default
+    10.9.0.2). Raises RuntimeError when fewer than half are answered.
+    """
+    argv = ["ping", "-c", str(count), "-i", str(interval), "-W", "2", address]
     out = pair.a.run(*argv, check=False)
     times = [float(t) for t in re.findall(r"time=([\d.]+) ms", out)]
     if len(times) < count // 2:
