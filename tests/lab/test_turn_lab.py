@@ -37,7 +37,7 @@ SECRET = "lab-turn-secret-0123456789"
 
 @pytest.fixture(scope="module")
 def turn_lab() -> Iterator[tuple[Network, Path]]:
-    require_root_and("ip", "nft", "conntrack", "ss", "ping", "turnserver")
+    require_root_and("ip", "nft", "conntrack", "ss", "ping", "turnserver", "wireguard-go", "wg")
     specs = ["sym", "sym", "port", NatSpec("full", block_udp=True)]
     with tempfile.TemporaryDirectory(prefix="pt-turn-") as tmp, build(specs) as net:
         work = Path(tmp)
@@ -83,6 +83,33 @@ def test_pairs_no_punch_joins_connect_through_coturn(
         text = " ".join(str(event) for event in result.events[name]) + result.stderr[name]
         assert SECRET not in text
         assert "password" not in text
+
+
+def test_wireguard_go_relays_through_coturn(turn_lab: tuple[Network, Path]) -> None:
+    # `up --tunnel wireguard-go`: TURN ChannelData is unwrapped by punchtrio and handed to
+    # wireguard-go through a loopback proxy, which is the endpoint `wg show` names.
+    net, work = turn_lab
+    net.flush_conntrack()
+    sym1, sym2, _, _ = (nat.hosts[0] for nat in net.requested)
+    ifaces = (f"{net.lab.prefix}tga", f"{net.lab.prefix}tgb")
+    extra = ("--tunnel", "wireguard-go")
+    with running_pair(net, "tgo", sym1, sym2, work, interfaces=ifaces, extra=extra) as pair:
+        assert pair.result.seconds is not None, pair.result.stderr
+        connected = pair.result.connected("tgo-a")
+        assert connected is not None, pair.result.stderr
+        assert connected["path"] == "relay"
+        assert connected.get("relay") == f"turn:{net.hub.alternate_ip}:{TURN_PORT}?transport=udp"
+        shown = subprocess.run(
+            sym1.ns.exec("wg", "show", ifaces[0], "endpoints"),
+            capture_output=True,
+            text=True,
+            check=True,
+        )
+        assert shown.stdout.split()[-1].startswith("127.0.0.1:"), shown.stdout
+        final = sym2.ns.exec("ping", "-n", "-q", "-c", "3", "-w", "10", "10.99.0.1")
+        assert subprocess.run(final, capture_output=True, check=False).returncode == 0
+    for name, code in pair.result.returncodes.items():
+        assert code == 0, pair.result.stderr[name]
 
 
 def test_a_relayed_tunnel_outlives_its_turn_credentials(turn_lab: tuple[Network, Path]) -> None:
