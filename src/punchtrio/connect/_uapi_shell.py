@@ -165,13 +165,18 @@ class UapiTunnel:
                 process = await stack.enter_async_context(
                     open_wireguard_go_tunnel(config, name=self.process.name)
                 )
-                await process.apply(self.device.full_request())
             except WireGuardGoError as exc:
                 self.last_error = str(exc)
                 await stack.aclose()
                 continue
+            # Requests from now on go to the new process; the full state is read after the
+            # swap, so it holds every change a request to the old one may have lost.
             self.process, self._process_exit = process, stack
             self.restarts += 1
+            try:
+                await process.apply(self.device.full_request())
+            except WireGuardGoError as exc:  # it exited again: serve() restarts it once more
+                self.last_error = str(exc)
             return
 
     async def _send_requests(self) -> None:
