@@ -256,6 +256,26 @@ async def test_a_full_prefix_answers_409_and_changes_nothing() -> None:
         assert hub.store.stats().peers == 2
 
 
+async def test_a_tiny_prefix_finds_its_last_free_address_whatever_the_key() -> None:
+    # A key whose every hashed candidate in a two-host prefix is the taken address (1 key in
+    # 256) still gets the free one: a prefix with no more hosts than tries is tried host by host.
+    tiny = ipaddress.ip_network("100.64.0.0/30")
+    taken = ipaddress.ip_network("100.64.0.1/32")
+    unlucky = next(
+        key
+        for key in iter(PrivateKey.generate, None)
+        if set(itertools.islice(assignment_candidates(key.public_key(), tiny), 8)) == {taken}
+    )
+    async with Hub(addresses=AddressPolicy(prefixes=(tiny,))) as hub:
+        squatter = hub.peer()
+        assert (
+            await squatter.put("squatter", squatter.body(allowed=[str(taken)]))
+        ).status_code == 201
+        reply = await _assign(hub.peer(key=unlucky), "unlucky")
+        assert reply.status_code == 201, reply.json()
+        assert reply.json()["allowed_ips"] == ["100.64.0.2/32"]
+
+
 async def test_assign_on_a_hub_without_prefix_is_400() -> None:
     async with Hub() as hub:
         reply = await _assign(hub.peer(), "alice")

@@ -129,6 +129,18 @@ def assignment_candidates(key: PublicKey, prefix: IPNetwork) -> Iterator[IPNetwo
         counter += 1
 
 
+def prefix_hosts(prefix: IPNetwork, limit: int) -> list[IPNetwork]:
+    """Return the addresses :func:`assignment_candidates` may offer in ``prefix``, in order, as
+    single-address networks; at most ``limit + 1`` of them (enough to tell a prefix with more
+    than ``limit`` hosts)."""
+    first = int(prefix.network_address)
+    hosts = prefix.num_addresses - (2 if prefix.version == 4 else 1)
+    return [
+        ipaddress.ip_network(f"{ipaddress.ip_address(first + n)}/{prefix.max_prefixlen}")
+        for n in range(1, min(hosts, limit + 1) + 1)
+    ]
+
+
 def assigned_in(
     allowed_ips: tuple[IPNetwork, ...], prefix: IPNetwork
 ) -> ipaddress.IPv4Network | ipaddress.IPv6Network | None:

@@ -34,6 +34,7 @@ from ._addressing import (
     ClaimRefusedError,
     assigned_in,
     assignment_candidates,
+    prefix_hosts,
 )
 from ._auth import (
     DEFAULT_WINDOW,
@@ -487,10 +488,16 @@ class _Hub:
             offer = [current] if current is not None else []
             # A small prefix repeats candidates: they cost a try each, never an endless draw.
             offer += itertools.islice(candidates, ASSIGN_ATTEMPTS - len(offer))
+            if len(small := prefix_hosts(prefix, ASSIGN_ATTEMPTS)) <= ASSIGN_ATTEMPTS:
+                # No more hosts than tries: each once, the key's own choices first, so a free
+                # address is found whenever there is one.
+                offer = list(dict.fromkeys([*offer, *small]))
             offers.append(offer)
         conflict: AllowedIPsConflictError | None = None
-        for attempt in range(ASSIGN_ATTEMPTS):
-            allowed = registration.allowed_ips + tuple(offer[attempt] for offer in offers)
+        for attempt in range(max((len(offer) for offer in offers), default=1)):
+            allowed = registration.allowed_ips + tuple(
+                offer[min(attempt, len(offer) - 1)] for offer in offers
+            )
             request = trusted(
                 RegisterRequest, registration.public_key, registration.endpoints, allowed, False
             )
