@@ -95,8 +95,6 @@ class UapiDevice:
         self._proxies: dict[Address, Address] = {}  # relayed path -> loopback proxy
         self._proxied: dict[Address, Address] = {}  # loopback proxy -> relayed path
         self._fast_until = -math.inf
-        self.under_load = False
-        """Unused: wireguard-go does its own load shedding (kept for the core's shells)."""
 
     # -- the core's calls --------------------------------------------------------------------
 
