@@ -17,6 +17,7 @@ See ``docs/punch.md`` for why the four kinds can never be confused with one anot
 from __future__ import annotations
 
 import enum
+import functools
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any, NamedTuple, Protocol
@@ -32,6 +33,7 @@ __all__ = [
     "STUN_MAGIC_COOKIE",
     "WIREGUARD_MIN_SIZE",
     "Datagram",
+    "Handoff",
     "Kind",
     "Mux",
     "MuxCounters",
@@ -51,6 +53,11 @@ Wrap = Callable[[bytes], tuple[bytes, Address]]
 """A relayed path over the shared socket (:meth:`MuxedDevice.set_route`): ``wrap(datagram)``
 returns the frame carrying the datagram and the relay's ``(ip, port)``, for the tunnel to send
 with the rest of its batch (equal-sized runs in one GSO send)."""
+
+Handoff = Callable[[Callable[[], object]], None]
+"""Where work that must run on the Trio thread goes while another thread drives the mux
+(:meth:`Mux.set_handoff`): ``handoff(call)`` makes ``call()`` later on the Trio thread, in order,
+and writes a ``bytes`` result (an IP packet) to the TUN."""
 
 Handler = Callable[[bytes, Address, float], object]
 """A receiver of one demultiplexed datagram: ``handler(data, source, now)``.
@@ -203,6 +210,18 @@ class Mux:
         self._wireguard = wireguard
         self._handlers: dict[Kind, Handler] = {}
         self._by_source: dict[tuple[Kind, Address], Handler] = {}
+        self._handoff: Handoff | None = None
+
+    def set_handoff(self, handoff: Handoff | None) -> None:
+        """Pass every handler call except WireGuard's to ``handoff`` instead of making it.
+
+        For a tunnel whose data thread calls :meth:`receive_datagram` (see
+        :class:`punchtrio.tunnel.UserspaceTunnel`): the handlers of STUN, probes, TURN and relay
+        frames use Trio and must run on its thread, while WireGuard datagrams, nearly all the
+        traffic, still go to the WireGuard receiver at once. Counting and routing still happen
+        here; ``None`` (the default) makes the calls at once again.
+        """
+        self._handoff = handoff
 
     def route(self, kind: Kind, handler: Handler, *, source: Address | None = None) -> None:
         """Send every datagram of ``kind`` to ``handler(data, source, now)`` from now on.
@@ -262,7 +281,8 @@ class Mux:
 
         Returns what the WireGuard receiver returns for WireGuard datagrams (the inner IP packet
         for the TUN device, or ``None``); for other kinds, what their handler returned if that is
-        ``bytes`` (a relay unwrapper's decrypted packet), else ``None``.
+        ``bytes`` (a relay unwrapper's decrypted packet), else ``None`` (always ``None`` while a
+        handoff is set: the handoff's owner writes the packet, see :meth:`set_handoff`).
         """
         counters = self.counters
         # The WireGuard test comes first here for speed; the kinds are disjoint (see classify).
@@ -284,6 +304,9 @@ class Mux:
             handler = self._handlers.get(kind)
         if handler is None:
             counters.unrouted += 1
+            return None
+        if self._handoff is not None:
+            self._handoff(functools.partial(handler, data, addr, now))
             return None
         result = handler(data, addr, now)
         return result if type(result) is bytes else None
@@ -320,6 +343,7 @@ class MuxedDevice:
         )
         self._routes: dict[Address, Route] = {}
         self._wraps: dict[Address, Wrap] = {}
+        self._handoff: Handoff | None = None
         self.send_packet: Callable[[bytes, float], tuple[bytes, Address] | None] = (
             device.send_packet
         )
@@ -362,6 +386,24 @@ class MuxedDevice:
         """Return the route set for ``address`` (see :meth:`set_route`), or ``None``."""
         return self._routes.get(address)
 
+    def set_handoff(self, handoff: Handoff | None) -> None:
+        """Hand the calls that need the Trio thread to ``handoff`` (``None``: make them at once).
+
+        :class:`punchtrio.tunnel.UserspaceTunnel` sets it while its data thread drives this
+        device: the mux's handlers other than WireGuard's (:meth:`Mux.set_handoff`) and the
+        routes of relayed paths (:meth:`set_route`, which send over a stream or a TURN shell)
+        then run on the Trio thread, in order; wrapped frames (``wrap``) still leave with the
+        tunnel's batches.
+        """
+        self.mux.set_handoff(handoff)
+        self._handoff = handoff
+
+    def _route(self, route: Route, datagram: bytes) -> None:
+        if self._handoff is None:
+            route(datagram)
+        else:
+            self._handoff(functools.partial(route, datagram))
+
     def _routed_send_packet(self, packet: bytes, now: float) -> tuple[bytes, Address] | None:
         out: tuple[bytes, Address] | None = self.device.send_packet(packet, now)
         if out is not None:
@@ -370,7 +412,7 @@ class MuxedDevice:
                 wrap = self._wraps.get(out[1])
                 if wrap is not None:
                     return wrap(out[0])
-                route(out[0])
+                self._route(route, out[0])
                 return None
         return out
 
@@ -387,7 +429,7 @@ class MuxedDevice:
                 if wrap is not None:
                     out.append(wrap(data))
                 else:
-                    route(data)
+                    self._route(route, data)
         return out
 
     @property

@@ -474,3 +474,58 @@ def test_a_route_with_wrap_returns_the_relay_frame_for_the_tunnel_to_send() -> N
     muxed.set_route(virtual, sent_by_route.append)  # the same path without wrap: route only
     assert muxed.send_packet(b"240.0.0.1:1", 0.0) is None
     assert sent_by_route[-1] == b"sealed 240.0.0.1:1"
+
+
+def test_a_handoff_takes_every_handler_call_but_wireguard_s() -> None:
+    got: list[tuple[str, bytes]] = []
+    wireguard = b"\x04\x00\x00\x00" + bytes(40)
+    mux = Mux(lambda data, addr, now: b"decrypted")
+    mux.route(Kind.PROBE, lambda data, addr, now: got.append(("probe", data)))
+    mux.route(Kind.RELAY, lambda data, addr, now: b"inner packet")
+    handed: list[Any] = []
+    mux.set_handoff(handed.append)
+    probe = PROBE_MAGIC + b"ping"
+    frame = RELAY_MAGIC + b"frame"
+    source = ("203.0.113.1", 7778)
+    # WireGuard still goes to its receiver at once; the others only become calls.
+    assert mux.receive_datagram(wireguard, source, 1.0) == b"decrypted"
+    assert mux.receive_datagram(probe, source, 2.0) is None
+    assert mux.receive_datagram(frame, source, 3.0) is None
+    assert mux.receive_datagram(b"\xffnoise", source, 4.0) is None  # unknown: dropped here
+    assert got == []
+    assert len(handed) == 2
+    assert (mux.counters.wireguard, mux.counters.probe, mux.counters.relay) == (1, 1, 1)
+    assert mux.counters.unknown == 1
+    # Making the calls later runs the handlers with what arrived, and returns their results.
+    assert [call() for call in handed] == [None, b"inner packet"]
+    assert got == [("probe", probe)]
+    mux.set_handoff(None)
+    assert mux.receive_datagram(frame, source, 5.0) == b"inner packet"
+    assert len(handed) == 2
+
+
+def test_a_muxed_device_hands_off_its_routes_but_not_its_wraps() -> None:
+    device = _QueuedDevice()
+    mux = Mux()
+    muxed = MuxedDevice(device, mux)
+    relay = ("203.0.113.1", 7778)
+    streamed, wrapped = ("240.0.0.1", 1), ("240.0.0.2", 1)
+    sent: list[bytes] = []
+    muxed.set_route(streamed, sent.append)
+    muxed.set_route(wrapped, sent.append, wrap=lambda data: (b"frame " + data, relay))
+    handed: list[Any] = []
+    muxed.set_handoff(handed.append)
+    assert mux.receive_datagram(PROBE_MAGIC + b"x", relay, 0.0) is None
+    assert mux.counters.unrouted == 1  # no probe handler: nothing to hand off
+    assert muxed.send_packet(b"240.0.0.1:1", 0.0) is None
+    assert muxed.send_packet(b"240.0.0.2:1", 0.0) == (b"frame sealed 240.0.0.2:1", relay)
+    device.queued = [(b"handshake", streamed), (b"keepalive", wrapped)]
+    assert muxed.datagrams_to_send() == [(b"frame keepalive", relay)]
+    assert sent == []  # the stream's sends wait for the Trio thread
+    for call in handed:
+        call()
+    assert sent == [b"sealed 240.0.0.1:1", b"handshake"]
+    muxed.set_handoff(None)
+    assert muxed.send_packet(b"240.0.0.1:1", 0.0) is None
+    assert sent[-1] == b"sealed 240.0.0.1:1"
+    assert len(handed) == 2

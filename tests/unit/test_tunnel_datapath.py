@@ -13,6 +13,7 @@ import pytest
 import trio
 import trio.testing
 
+from punchtrio.mux import PROBE_MAGIC, RELAY_MAGIC, Kind, Mux, MuxedDevice
 from punchtrio.tunnel import UserspaceTunnel, _datapath
 from punchtrio.tunnel._tunwriter import INLINE_TUN_WRITES
 from punchtrio.tunnel._turns import RunLoopTurns, clock_is_real
@@ -329,3 +330,71 @@ async def test_handshake_work_rests_while_transport_flows_and_not_after(
             nursery.cancel_scope.cancel()
     assert while_flowing < len(flood) / 2
     assert device.processed == len(flood)
+
+
+class _ThreadNotingDevice(StandInDevice):
+    """A stand-in that notes the thread each received datagram was handled on."""
+
+    def __init__(self, peer: tuple[str, int] | None) -> None:
+        super().__init__(peer)
+        self.receive_threads: set[int] = set()
+
+    def receive_datagram(self, data: bytes, addr: tuple[str, int], now: float) -> bytes | None:
+        self.receive_threads.add(threading.get_ident())
+        return super().receive_datagram(data, addr, now)
+
+
+async def test_a_muxed_device_gets_the_data_thread_and_its_trio_work_runs_on_trio(
+    fake_tuns: tuple[FakeTun, FakeTun],
+) -> None:
+    # The connector's device: WireGuard is served on the data thread, while the handlers that
+    # use Trio (probes, relay frames) and the routes of relayed paths run on the Trio thread.
+    tun, _ = fake_tuns
+    sock, peer = _udp(), _udp()
+    device = _ThreadNotingDevice(peer=None)
+    mux = Mux()
+    muxed = MuxedDevice(device, mux)
+    trio_thread = threading.get_ident()
+    threads: dict[str, set[int]] = {"probe": set(), "relay": set(), "route": set()}
+    routed: list[bytes] = []
+
+    def on_probe(data: bytes, addr: tuple[str, int], now: float) -> None:
+        threads["probe"].add(threading.get_ident())
+
+    def on_relay(data: bytes, addr: tuple[str, int], now: float) -> bytes:
+        threads["relay"].add(threading.get_ident())
+        return b"unwrapped " + data[len(RELAY_MAGIC) :]
+
+    def route(datagram: bytes) -> None:
+        threads["route"].add(threading.get_ident())
+        routed.append(datagram)
+
+    mux.route(Kind.PROBE, on_probe)
+    mux.route(Kind.RELAY, on_relay)
+    virtual = ("240.0.0.1", 1)
+    muxed.set_route(virtual, route)
+    tunnel = UserspaceTunnel(muxed, tun, [sock])
+    address = sock.getsockname()
+    wireguard = b"\x04\x00\x00\x00" + b"w" * 40
+    with sock, peer:
+        async with trio.open_nursery() as nursery:
+            await nursery.start(tunnel.serve)
+            assert tunnel.data_path == "thread"
+            peer.sendto(wireguard, address)
+            assert await _receive(tun.outside, 1) == [wireguard[1:]]
+            peer.sendto(PROBE_MAGIC + b"ping", address)
+            peer.sendto(RELAY_MAGIC + b"packet", address)
+            assert await _receive(tun.outside, 1) == [b"unwrapped packet"]
+            device.peer = virtual  # what the TUN sends now goes to the relayed path's route
+            tun.outside.send(b"to the relay")
+            with trio.fail_after(5):
+                while not routed:  # noqa: ASYNC110 - the route sets no event
+                    await trio.sleep(0.01)
+            nursery.cancel_scope.cancel()
+    assert routed == [b"\x04to the relay"]
+    assert threads == {"probe": {trio_thread}, "relay": {trio_thread}, "route": {trio_thread}}
+    assert device.receive_threads
+    assert trio_thread not in device.receive_threads
+    assert tunnel.data_thread_turns > 0
+    # Once the tunnel stops, the mux makes its calls at once again.
+    assert mux.receive_datagram(RELAY_MAGIC + b"again", address, 0.0) == b"unwrapped again"

@@ -334,7 +334,8 @@ def _relay_act(
             f"{act.time_to_tunnel_s:.2f} s"
         )
         time.sleep(3)
-    opened = time.monotonic()
+        # Timed from just before the rule goes: a repunch may land while nft is deleting it.
+        opened = time.monotonic()
     say("act 2: the firewall rule is deleted; nobody restarts")
 
     def upgraded(name: str) -> dict[str, Any] | None:

@@ -14,6 +14,7 @@ from ._backends import (
     load_tunnel_backend,
     tunnel_backend_names,
 )
+from ._datapath import HandsOffToTrio
 from ._interface import Tunnel
 from ._netlink import configure_interface
 from ._steering import steer_wireguard, steering_ruleset, steering_table_name
@@ -74,6 +75,7 @@ __all__ = [
     "ConfigError",
     "DeviceInfo",
     "GetRequest",
+    "HandsOffToTrio",
     "InterfaceConfig",
     "PeerChange",
     "PeerInfo",

@@ -21,7 +21,7 @@ import socket
 import threading
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Protocol
+from typing import Any, Protocol, runtime_checkable
 
 import trio
 
@@ -111,6 +111,20 @@ class WireGuardDevice(Protocol):
     def peer_stats(self) -> Mapping[bytes, Any]: ...
 
 
+@runtime_checkable
+class HandsOffToTrio(Protocol):
+    """A device whose methods sometimes need the Trio thread (:class:`punchtrio.mux.MuxedDevice`).
+
+    Such a device still gets the data thread: while the thread runs, the tunnel calls
+    ``set_handoff(handoff)``, and the device passes each call that needs Trio to
+    ``handoff(call)`` instead of making it. The tunnel makes the calls on the Trio thread, in
+    order, writes each ``bytes`` result (an IP packet) to the TUN, and sends what the device
+    queued; it calls ``set_handoff(None)`` once the thread has stopped.
+    """
+
+    def set_handoff(self, handoff: Callable[[Callable[[], object]], None] | None) -> None: ...
+
+
 @dataclass
 class TunnelCounters:
     """Counts kept by the shell (the device keeps per-peer byte counts).
@@ -149,9 +163,11 @@ class UserspaceTunnel:
     5.0), split by the shell. Both apply only when every socket is a real :class:`socket.socket`.
 
     ``data_thread`` chooses who waits on the descriptors. ``None`` (the default) uses the data
-    thread for a :class:`punchtrio.wireguard.Device`, whose methods never call into Trio; ``True``
-    uses it for any device (its methods then run off the Trio thread, in turns with Trio's run
-    loop: they must not call Trio); ``False`` never. It is never used with socket-like stand-ins
+    thread for a :class:`punchtrio.wireguard.Device`, whose methods never call into Trio, and for
+    a device that hands such calls to the Trio thread (:class:`HandsOffToTrio`, such as the
+    connector's :class:`punchtrio.mux.MuxedDevice`); ``True`` uses it for any device (its methods
+    then run off the Trio thread, in turns with Trio's run loop: they must not call Trio unless
+    handed off); ``False`` never. It is never used with socket-like stand-ins
     (netsim) or a clock that is not the kernel's (a test's ``MockClock``), which cannot see a
     thread. Without it, Trio tasks read, and ``linger`` is how long, in seconds, a reader keeps
     waiting on its own descriptors after a batch before handing the thread back to Trio (see
@@ -200,6 +216,7 @@ class UserspaceTunnel:
         self._batches: dict[int, Callable[[], tuple[bool, list[bytes] | None]]] = {}
         # What the data thread leaves for the Trio thread: events, and whether the timer moved.
         self._handoff_events: list[object] = []
+        self._handoff_calls: list[Callable[[], object]] = []
         self._handoff_due = False
         self._handoff_wake: trio.Event | None = None
         self._token: trio.lowlevel.TrioToken | None = None
@@ -268,21 +285,21 @@ class UserspaceTunnel:
         real_clock = clock_is_real(clock)
         wanted = self._data_thread
         if wanted is None:
-            wanted = isinstance(self.device, Device)
+            wanted = isinstance(self.device, (Device, HandsOffToTrio))
         threaded = wanted and self._real and real_clock
         self.data_path = "thread" if threaded else "trio"
         self._tun_writer.inline = not real_clock
         self._now = clock.current_time if threaded else trio.current_time
         flush = self._flush_from_thread if threaded else self._flush
         batches = self._batches
+        tun_fd = self.tun.fileno()
+        tun_batch = batches[tun_fd] = self._tun_batch_function(flush)
         for sock in self._sockets:
-            batches[sock.fileno()] = self._udp_batch(sock, flush=flush)
+            batches[sock.fileno()] = self._udp_batch(sock, flush=flush, answer=tun_batch)
         for sock in self._handshake_sockets:
             batches[sock.fileno()] = self._udp_batch(
                 sock, HANDSHAKE_READS, handshakes=True, flush=flush
             )
-        tun_fd = self.tun.fileno()
-        batches[tun_fd] = self._tun_batch_function(flush)
         if threaded or self._linger:
             self._poller = select.epoll()
             for fd in batches:
@@ -321,6 +338,9 @@ class UserspaceTunnel:
         self._handoff_wake = trio.Event()
         turns = self._turns = RunLoopTurns()
         trio.lowlevel.add_instrument(turns)
+        handing_off = self.device if isinstance(self.device, HandsOffToTrio) else None
+        if handing_off is not None:
+            handing_off.set_handoff(self._hand_off)
         try:
             async with trio.open_nursery() as nursery:
                 nursery.start_soon(self._take_handoffs)
@@ -329,6 +349,9 @@ class UserspaceTunnel:
                 self._wake_w = wake_w
                 await trio.to_thread.run_sync(self._thread_loop, turns, stop)
         finally:
+            if handing_off is not None:
+                handing_off.set_handoff(None)
+                self._handoff_calls.clear()  # the datagrams they carried are dropped
             self._wake_w = self._wake_r = None
             self._batches.pop(wake_r, None)
             trio.lowlevel.remove_instrument(turns)
@@ -473,7 +496,16 @@ class UserspaceTunnel:
         if deadline is not None and deadline < self._armed and deadline > self._now():
             self._armed = deadline
             due = True
-        if due and not self._handoff_due and self._token is not None:
+        if due:
+            self._request_handoff()
+
+    def _hand_off(self, call: Callable[[], object]) -> None:
+        """The device's handoff (see :class:`HandsOffToTrio`), from either thread in its turn."""
+        self._handoff_calls.append(call)
+        self._request_handoff()
+
+    def _request_handoff(self) -> None:
+        if not self._handoff_due and self._token is not None:
             self._handoff_due = True
             try:
                 self._token.run_sync_soon(self._wake_handoffs)
@@ -485,7 +517,8 @@ class UserspaceTunnel:
             self._handoff_wake.set()
 
     async def _take_handoffs(self) -> None:
-        """On the Trio thread: deliver the data thread's events and move the timer."""
+        """On the Trio thread: deliver the data thread's events, move the timer, make the
+        device's handed-off calls."""
         while True:
             assert self._handoff_wake is not None
             await self._handoff_wake.wait()
@@ -494,6 +527,21 @@ class UserspaceTunnel:
             if self._timer_scope is not None:
                 self._timer_scope.deadline = self._armed
             self._deliver_handoff_events()
+            if self._handoff_calls:
+                self._make_handoff_calls()
+
+    def _make_handoff_calls(self) -> None:
+        """Make the handed-off calls in order (and those they hand off in turn), write the IP
+        packets they return to the TUN, and send what the device queued in answer."""
+        counters = self.counters
+        writer = self._tun_writer
+        while self._handoff_calls:
+            calls, self._handoff_calls = self._handoff_calls, []
+            packets = [p for call in calls if type(p := call()) is bytes]
+            if packets and not writer.offer(packets):
+                counters.tun_write_errors += len(packets)  # the backlog is full: dropped
+        self.device.process_handshakes(trio.current_time(), HANDSHAKES_PER_BATCH)
+        self._flush()
 
     def _deliver_handoff_events(self) -> None:
         events, self._handoff_events = self._handoff_events, []
@@ -558,10 +606,14 @@ class UserspaceTunnel:
         *,
         handshakes: bool = False,
         flush: Callable[[], None],
+        answer: Callable[[], object] | None = None,
     ) -> Callable[[], tuple[bool, list[bytes] | None]]:
         """Return a function that reads one batch from ``sock`` and returns ``(drained, stalled)``.
 
         ``stalled`` is the batch of decrypted packets the TUN writer had no room for, else None.
+        ``answer`` (the TUN's batch) runs right after the first packet is written to the TUN:
+        what the kernel answered during that write (an echo reply, a TCP ACK) is then read and
+        sent before the rest of this batch, not after it and a pass through the poll.
         """
         receive = self.device.receive_datagram
         process_handshakes = self.device.process_handshakes
@@ -606,8 +658,11 @@ class UserspaceTunnel:
                         # The first datagram is written before the next read, as above.
                         received += 1
                         packet = receive(data, addr, now)
-                        if packet is not None and not write_now(packet):
-                            keep(packet)
+                        if packet is not None:
+                            if not write_now(packet):
+                                keep(packet)
+                            elif answer is not None:
+                                answer()
                     elif size and len(data) > size:
                         for i in range(0, len(data), size):
                             received += 1
