@@ -212,8 +212,9 @@ def _upgrade(net: Network, a: Host, b: Host, blocked: float, slug: str, workdir:
                 text=True,
             )
             try:
-                block.close()
+                # Timed from just before the rule goes: a probe may cross while nft deletes it.
                 lifted = time.monotonic()
+                block.close()
                 moved = []
                 for name in pair.names:
                     found = pair.wait_for(
