@@ -3,6 +3,7 @@ server over an in-memory stream. The real server is in tests/interop/test_hub_re
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -11,7 +12,14 @@ import trio.testing
 from hypothesis import given
 from hypothesis import strategies as st
 
-from punchtrio.rendezvous._resp import RedisAddress, RespError, _Connection, _encode, _Pipeline
+from punchtrio.rendezvous._resp import (
+    RedisAddress,
+    RespClient,
+    RespError,
+    _Connection,
+    _encode,
+    _Pipeline,
+)
 
 
 def _wire(value: Any) -> bytes:
@@ -183,3 +191,48 @@ async def test_a_command_withdrawn_before_it_is_written_never_reaches_redis() ->
     assert kept.answer == b"kept"
     assert not withdrawn.event.is_set()
     assert log == [1]
+
+
+async def test_run_opens_a_lost_pipelined_connection_again(tmp_path: Path) -> None:
+    # A fake Redis on a Unix socket: the first connection answers one command, then drops the
+    # next one unanswered; every later connection answers everything.
+    path = str(tmp_path / "redis.sock")
+    listener_socket = trio.socket.socket(trio.socket.AF_UNIX, trio.socket.SOCK_STREAM)
+    await listener_socket.bind(path)
+    listener_socket.listen()
+    accepted: list[trio.SocketStream] = []
+    logs: list[list[int]] = []
+
+    async def serve(stream: trio.SocketStream) -> None:
+        accepted.append(stream)
+        log: list[int] = []
+        logs.append(log)
+        if len(accepted) == 1:
+            data = await stream.receive_some(65536)  # ECHO first
+            log.append(1)
+            await stream.send_all(b"+%s\r\n" % data.split(b"\r\n")[4])
+            await stream.receive_some(65536)  # ECHO hang: never answered
+            log.append(1)
+            await stream.aclose()
+            return
+        await _fake_redis(stream, {b"ECHO": b"+%s\r\n"}, log)
+
+    client = RespClient(f"unix://{path}", timeout=5.0)
+    with trio.fail_after(10):
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(trio.serve_listeners, serve, [trio.SocketListener(listener_socket)])
+            await nursery.start(client.run)
+            while client._pipeline is None:  # noqa: ASYNC110 - run() sets no event
+                await trio.sleep(0.01)
+            first = client._pipeline
+            assert await client.call("ECHO", "first") == b"first"
+            with pytest.raises(RespError, match="lost the pipelined connection to Redis"):
+                await client.call("ECHO", "hang")
+            while client._pipeline in (None, first):  # noqa: ASYNC110 - run() sets no event
+                await trio.sleep(0.01)
+            assert await client.call("ECHO", "again") == b"again"
+            nursery.cancel_scope.cancel()
+    client.close()
+    assert len(accepted) == 2
+    assert logs[0] == [1, 1]
+    assert sum(logs[1]) == 1  # the command after the loss went over the new pipeline
