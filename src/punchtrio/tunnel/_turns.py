@@ -33,7 +33,10 @@ class RunLoopTurns(trio.abc.Instrument):
     """
 
     def __init__(self) -> None:
-        self._cond = threading.Condition(threading.Lock())
+        # The lock is taken directly (``with self._lock``: no Python frames, unlike entering
+        # the condition), since the data thread takes it first thing after every wake-up.
+        self._lock = threading.Lock()
+        self._cond = threading.Condition(self._lock)
         self._owner = _LOOP
         self._thread_waiting = False
         self.loop_waiting = False
@@ -43,7 +46,7 @@ class RunLoopTurns(trio.abc.Instrument):
 
     def before_io_wait(self, timeout: float) -> None:
         """The run loop is about to wait for I/O: the data thread may take its turn."""
-        with self._cond:
+        with self._lock:
             self._owner = _FREE
             if self._thread_waiting:
                 self._cond.notify_all()
@@ -55,7 +58,7 @@ class RunLoopTurns(trio.abc.Instrument):
         ending its turn while the loop waits hands the turn straight to the loop: a run loop
         that never sleeps (always a runnable task) and a busy data thread alternate.
         """
-        with self._cond:
+        with self._lock:
             self.loop_waiting = True
             while self._owner is not _LOOP:
                 if self._owner is _FREE and not self._thread_waiting:
@@ -66,17 +69,18 @@ class RunLoopTurns(trio.abc.Instrument):
 
     def acquire(self) -> None:
         """Take a turn from the data thread: block until the run loop waits for I/O."""
-        with self._cond:
-            self._thread_waiting = True
-            while self._owner is not _FREE:
-                self._cond.wait()
+        with self._lock:
+            if self._owner is not _FREE:
+                self._thread_waiting = True
+                while self._owner is not _FREE:
+                    self._cond.wait()
+                self._thread_waiting = False
             self._owner = _THREAD
-            self._thread_waiting = False
             self.turns += 1
 
     def release(self) -> None:
         """End the data thread's turn (handing it to the run loop if that is waiting)."""
-        with self._cond:
+        with self._lock:
             if self.loop_waiting:
                 self._owner = _LOOP
                 self._cond.notify_all()
