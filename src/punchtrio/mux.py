@@ -33,7 +33,6 @@ __all__ = [
     "STUN_MAGIC_COOKIE",
     "WIREGUARD_MIN_SIZE",
     "Datagram",
-    "Handoff",
     "Kind",
     "Mux",
     "MuxCounters",
