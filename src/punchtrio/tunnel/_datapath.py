@@ -703,6 +703,12 @@ class UserspaceTunnel:
         send_batch = self._send_batch
 
         def batch() -> tuple[bool, list[bytes] | None]:
+            try:
+                first = read(fd, _READ_SIZE)
+            except BlockingIOError:
+                # Nothing waiting (a UDP batch's answer that found none): nothing changed in
+                # the device, so there is nothing to count or flush.
+                return True, None
             # Looked up per batch: a device may swap its send path (a relay route, see MuxedDevice).
             send_packet = device.send_packet
             now = now_()
@@ -713,7 +719,7 @@ class UserspaceTunnel:
             try:
                 # The first packet goes out before the next read: a lone packet (a ping, an ACK)
                 # does not wait for the read that finds the TUN empty.
-                out = send_packet(read(fd, _READ_SIZE), now)
+                out = send_packet(first, now)
                 count = 1
                 if out is not None:
                     send_batch([out])
