@@ -2,7 +2,8 @@
 
 Two peers behind two port-restricted cone NATs of the kernel lab connect through a real hub; each
 `up` serves its control socket, and the commands read it from outside the namespaces (the socket
-directory is shared by all of them, never the network).
+directory is shared by all of them, never the network). Two peers behind two symmetric NATs are
+relayed, and both say why no direct path answered.
 """
 
 from __future__ import annotations
@@ -104,3 +105,44 @@ def test_status_and_ping_read_a_running_up_pair() -> None:
         gone = _cli("status", ifaces[0])
         assert gone.returncode == 1
         assert f"/run/punchtrio/{ifaces[0]}.ctl does not exist" in gone.stderr
+
+
+BOTH_HARD = "both NATs map per destination so not even birthday probing reaches a direct path"
+DIRECT_FAILED_WITHIN_S = 40.0
+"""From starting both ``up`` to each side's ``direct_path_failed``: the first round of direct
+probes fails about 8.5 s after the punch starts; the rest is two interpreters starting."""
+
+
+def test_a_relayed_pair_says_why_no_direct_path_answered() -> None:
+    """Two ``masquerade fully-random`` NATs: no punch gets through, the hub's relay carries the
+    tunnel, and each side says once, in its events and in ``punchtrio status``, that both NATs
+    map per destination."""
+    require_root_and(*BINARIES)
+    with tempfile.TemporaryDirectory(prefix="pt-status-") as tmp, build(["sym", "sym"]) as net:
+        start_hub(net, Path(tmp) / "hub.log")
+        a, b = net.requested[0].hosts[0], net.requested[1].hosts[0]
+        ifaces = (f"{net.lab.prefix}ra", f"{net.lab.prefix}rb")
+        with running_pair(net, "rl", a, b, Path(tmp), interfaces=ifaces) as pair:
+            assert pair.result.seconds is not None, pair.result.stderr
+            left = DIRECT_FAILED_WITHIN_S - (time.monotonic() - pair.started)
+            for name, other in zip(pair.names, reversed(pair.names), strict=True):
+                assert pair.result.path(name) == "relay", pair.events[name]
+                found = pair.wait_for(name, "direct_path_failed", max(left, 1.0))
+                assert found is not None, f"{name}: {pair.events[name]}"
+                event, _ = found
+                assert (event["peer"], event["reason"]) == (other, BOTH_HARD), event
+                assert event["retry_in"] == 2.0, event
+            shown = _cli("status", "--json", ifaces[0])
+            assert shown.returncode == 0, shown.stderr
+            (peer,) = json.loads(shown.stdout)["peers"]
+            assert (peer["path"], peer["relay"]) == ("relay", "hub/udp"), peer
+            assert peer["direct_error"] == BOTH_HARD, peer
+            text = _cli("status", ifaces[1])
+            assert text.returncode == 0, text.stderr
+            assert f"no direct path: {BOTH_HARD}" in text.stdout, text.stdout
+            # Later rounds fail for the same reason: nothing more is said about it.
+            time.sleep(12)
+            for name in pair.names:
+                said = [e for e in pair.events[name] if e["event"] == "direct_path_failed"]
+                assert len(said) == 1, said
+        assert pair.result.returncodes == {"rl-a": 0, "rl-b": 0}

@@ -18,6 +18,7 @@ import trio
 
 from punchtrio import PrivateKey, netsim
 from punchtrio.connect import (
+    DirectPathFailed,
     HubRelay,
     MemoryInterface,
     PathChanged,
@@ -156,6 +157,7 @@ async def test_relayed_then_direct_when_the_firewall_opens(
     ifaces = {name: MemoryInterface(name) for name in ("alice", "bob")}
     connectors = {n: connector_for(world, n, ifaces[n], hub_relay=HUB_RELAY) for n in ifaces}
     changes: dict[str, list[tuple[float, PathChanged]]] = {"alice": [], "bob": []}
+    direct_failed: dict[str, list[DirectPathFailed]] = {"alice": [], "bob": []}
     try:
         async with world.net, trio.open_nursery() as nursery:
             await start_world(nursery, world, connectors, services)
@@ -164,12 +166,18 @@ async def test_relayed_then_direct_when_the_firewall_opens(
                 async for event in connectors[name].events:
                     if isinstance(event, PathChanged):
                         changes[name].append((trio.current_time(), event))
+                    elif isinstance(event, DirectPathFailed):
+                        direct_failed[name].append(event)
 
             for name in connectors:
                 nursery.start_soon(collect, name)
             await trio.sleep(20)
+            why = "both NATs map per destination so not even birthday probing reaches a direct path"
             for name, other in (("alice", "bob"), ("bob", "alice")):
                 assert connectors[name].peers[other].path == "relay"
+                # Each side says why it is relayed once; later rounds fail for the same reason.
+                assert direct_failed[name] == [DirectPathFailed(other, why, 2.0)]
+                assert connectors[name].peers[other].direct_error == why
             nat = world.nats[0]
             opened = trio.current_time()
             nat.behavior = nat.table.behavior = dataclasses.replace(
@@ -180,6 +188,8 @@ async def test_relayed_then_direct_when_the_firewall_opens(
                 assert connectors[name].peers[other].path == "direct"
                 [(when, change)] = changes[name]
                 assert (change.old, change.new, change.relay) == ("relay", "direct", None)
+                assert connectors[name].peers[other].direct_error is None
+                assert len(direct_failed[name]) == 1
                 # The first upgrade retry after the opening finds it (retries back off from 2 s).
                 assert when - opened < 20
             packet = ipv4(INNER["alice"], INNER["bob"], b"direct now")

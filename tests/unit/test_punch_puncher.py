@@ -16,6 +16,7 @@ from punchtrio.punch import (
     PONG,
     Candidate,
     CandidateType,
+    DirectFailed,
     PathChosen,
     PathLost,
     Puncher,
@@ -485,6 +486,39 @@ def test_upgrade_retries_back_off_and_stay_bounded() -> None:
     retries = pings / settings.max_unanswered
     assert 40 <= retries <= 80
     assert [e.kind for e in w.chosen("a")] == ["relay"]
+
+
+def test_each_direct_round_that_fails_while_relayed_is_reported_with_the_next_wait() -> None:
+    settings = PunchSettings()
+    w = World(settings=settings)
+    connect_relay(w)
+    set_relays(w)
+    w.start()
+    w.run(200.0)
+    failed = [e for e in w.events["a"] if isinstance(e, DirectFailed)]
+    # One event per failed round, each naming the wait before the next: 2, 4, 8, ... s.
+    assert [e.retry_in for e in failed[:5]] == [2.0, 4.0, 8.0, 16.0, 32.0]
+    assert all(e.peer == PUB["b"] for e in failed)
+    assert max(e.retry_in for e in failed) == settings.upgrade_retry_max
+    # The first round's pairs fail after their probe budget, long after the relay was chosen.
+    first = w.events["a"].index(failed[0])
+    assert [type(e) for e in w.events["a"][:first]] == [PathChosen]
+    assert not [e for e in w.events["a"] if isinstance(e, PunchFailed)]
+
+
+def test_no_direct_failure_is_reported_once_a_direct_path_is_chosen() -> None:
+    w = World()
+    connect_relay(w)
+    set_relays(w)
+    w.start()
+    w.run(20.0)
+    assert [e.retry_in for e in w.events["a"] if isinstance(e, DirectFailed)][:1] == [2.0]
+    w.connect_direct()
+    w.run(40.0)
+    assert [e.kind for e in w.chosen("a")] == ["relay", "direct"]
+    reported = len([e for e in w.events["a"] if isinstance(e, DirectFailed)])
+    w.run(400.0)
+    assert len([e for e in w.events["a"] if isinstance(e, DirectFailed)]) == reported
 
 
 def test_the_preferred_relay_wins_and_a_removed_relay_is_lost() -> None:

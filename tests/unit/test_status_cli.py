@@ -96,6 +96,7 @@ def test_status_text_shows_path_rtt_handshake_bytes_and_stages() -> None:
                 relay="hub/udp",
                 endpoint="198.51.100.1:7778",
                 rtt_ms=None,
+                direct_error="both NATs map per destination",
             ),
             _peer(name="dave", stage="punch", connected=False, path=None, handshake_age_s=None),
             _peer(name="erin", stage="wait", connected=False, error="erin never registered"),
@@ -107,6 +108,7 @@ def test_status_text_shows_path_rtt_handshake_bytes_and_stages() -> None:
         "  bob    direct 203.0.113.5:51820  rtt 12.3 ms  handshake 8 s ago  rx 2.0 KiB tx 100 B"
     )
     assert lines[2].startswith("  carol  relay hub/udp 198.51.100.1:7778  handshake 8 s ago")
+    assert lines[2].endswith("  no direct path: both NATs map per destination")
     assert lines[3] == "  dave   punch"
     assert lines[4] == "  erin   failed at wait: erin never registered"
 

@@ -71,8 +71,9 @@ def status_snapshot(
     static peer), ``connected``, ``path`` (``lan``/``direct``/``relay`` or ``None``), ``relay``
     (its name on a relayed path), ``endpoint`` (``"ip:port"``; the relay server's on a relayed
     path), ``rtt_ms`` (the path's probe round trip), ``last_handshake`` (Unix seconds) and
-    ``handshake_age_s`` (seconds before ``now``, Unix time), ``rx_bytes``/``tx_bytes`` and
-    ``error`` (why it failed, if it did).
+    ``handshake_age_s`` (seconds before ``now``, Unix time), ``rx_bytes``/``tx_bytes``,
+    ``error`` (why it failed, if it did) and ``direct_error`` (on a relayed path: why no direct
+    path answered, once a round of direct probes has failed; else ``None``).
     """
     stats = device.peer_stats()
     named: dict[bytes, dict[str, Any]] = {}
@@ -89,6 +90,7 @@ def status_snapshot(
                 "endpoint": state.endpoint,
                 "rtt_ms": None,
                 "error": state.error.reason if state.error else None,
+                "direct_error": state.direct_error,
             }
             if state.error is not None:
                 entry["stage"] = state.error.stage
@@ -112,6 +114,7 @@ def status_snapshot(
                 "endpoint": None,
                 "rtt_ms": None,
                 "error": None,
+                "direct_error": None,
             }
             peers.append(entry)
         else:

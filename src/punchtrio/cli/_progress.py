@@ -102,6 +102,12 @@ class ProgressView:
                 f"[green]✓[/] path to {fields.get('peer')}: {fields.get('from')} → "
                 f"{fields.get('to')} via {fields.get('endpoint')}{via}"
             )
+        if event == "direct_path_failed":
+            return (
+                f"[yellow]![/] {fields.get('peer')} stays on the relay, no direct path answered: "
+                f"{fields.get('reason')}; trying again in {float(fields.get('retry_in', 0)):.0f} s "
+                "and then less often"
+            )
         if event == "path_lost":
             return f"[yellow]![/] lost the path to {fields.get('peer')}; probing again"
         if event == "peer_failed":

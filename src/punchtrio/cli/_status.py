@@ -149,8 +149,9 @@ def _path_text(entry: dict[str, Any]) -> str:
 
 def render_status(status: dict[str, Any]) -> str:
     """The text ``punchtrio status`` prints for one interface: a header line, then one line
-    per peer (a connected peer's path, endpoint, round trip, last handshake and bytes; otherwise
-    the stage it is in, or why it failed)."""
+    per peer (a connected peer's path, endpoint, round trip, last handshake and bytes, and on a
+    relayed path why no direct path answered, once known; otherwise the stage it is in, or why
+    it failed)."""
     head = [status["interface"]]
     for field in ("name", "address"):
         if status.get(field):
@@ -174,6 +175,8 @@ def render_status(status: dict[str, Any]) -> str:
         age = peer.get("handshake_age_s")
         parts.append(f"handshake {_ago(age)}" if age is not None else "no handshake")
         parts.append(f"rx {_size(peer['rx_bytes'])} tx {_size(peer['tx_bytes'])}")
+        if peer.get("direct_error"):
+            parts.append(f"no direct path: {peer['direct_error']}")
         lines.append(f"  {label}  " + "  ".join(parts))
     if not peers:
         lines.append("  (no peers)")

@@ -987,7 +987,14 @@ class Connector:
     def _state(self, peer: CorePeer) -> PeerState:
         error = None if peer.error is None else ConnectError(peer.name, *peer.error)
         return PeerState(
-            peer.name, peer.stage, peer.public_key, peer.path, peer.endpoint, error, peer.relay
+            peer.name,
+            peer.stage,
+            peer.public_key,
+            peer.path,
+            peer.endpoint,
+            error,
+            peer.relay,
+            peer.direct_error if peer.path == "relay" else None,
         )
 
     def _emit(self, event: ConnectEvent) -> None:

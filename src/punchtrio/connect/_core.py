@@ -30,6 +30,7 @@ from typing import Literal, Protocol
 from .._exceptions import PunchtrioError
 from ..keys import PublicKey
 from ..punch import Candidate, CandidateError, Puncher
+from ..punch import DirectFailed as _PunchDirectFailed
 from ..punch import PathChosen as _PunchPathChosen
 from ..punch import PathLost as _PunchPathLost
 from ..punch import PunchFailed as _PunchFailed
@@ -39,6 +40,7 @@ from ..wireguard import HandshakeCompleted as _WgHandshakeCompleted
 from ._events import (
     CandidatesGathered,
     ConnectEvent,
+    DirectPathFailed,
     HandshakeCompleted,
     PathChanged,
     PathChosen,
@@ -365,6 +367,7 @@ class CorePeer:
     last_path: PathKind | None = None
     endpoint: str | None = None
     relay: str | None = None
+    direct_error: str | None = None  # why no direct path answered while relayed
     error: tuple[Stage, str] | None = None
     connected: PeerConnected | None = None
     handshaken: bool = False  # a WireGuard session exists (it may come before our own punch)
@@ -935,6 +938,11 @@ class ConnectCore:
                     )
                 elif peer.stage == "established":
                     peer.repunch_at = now + self._repunch_delay
+            elif isinstance(event, _PunchDirectFailed) and peer.path == "relay":
+                why = _explain(peer.name, self.mapping_varies, peer.their_nat)
+                if why != peer.direct_error:
+                    peer.direct_error = why
+                    self._events.append(DirectPathFailed(peer.name, why, event.retry_in))
 
     def _on_path(self, peer: CorePeer, event: _PunchPathChosen, now: float) -> None:
         assert peer.key is not None
@@ -955,6 +963,8 @@ class ConnectCore:
         before = peer.last_path
         peer.path, peer.endpoint, peer.relay = event.kind, endpoint, relay
         peer.last_path = event.kind
+        if event.kind != "relay":
+            peer.direct_error = None
         self._events.append(
             PathChosen(peer.name, event.kind, endpoint, event.rtt * 1000, upgrade, relay)
         )

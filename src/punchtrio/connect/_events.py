@@ -137,6 +137,22 @@ class PeerFailed:
 
 
 @dataclass(frozen=True)
+class DirectPathFailed:
+    """A relay carries the tunnel to ``peer`` and no direct or LAN path answered; ``reason``
+    says why, as far as our NAT checks tell (one line, e.g. ``"both NATs map per destination so
+    not even birthday probing reaches a direct path"``).
+
+    The direct paths are probed again in ``retry_in`` seconds, then at growing intervals for as
+    long as the relay carries the tunnel; a direct path found then replaces the relay
+    (:class:`PathChanged`). Emitted once while the tunnel stays on the relay (again only if the
+    reason changes); :attr:`PeerState.direct_error` keeps the reason."""
+
+    peer: str
+    reason: str
+    retry_in: float
+
+
+@dataclass(frozen=True)
 class PeerRemoved:
     """``peer`` was forgotten: its WireGuard peer, allowed IPs (the routes to it), path and
     timers are gone (``reason``: one line, e.g. its record left the network)."""
@@ -157,6 +173,7 @@ ConnectEvent = (
     | HandshakeCompleted
     | PeerConnected
     | PeerFailed
+    | DirectPathFailed
     | PeerRemoved
 )
 """Every event type a connector emits."""
@@ -183,7 +200,9 @@ class ConnectError(PunchtrioError):
 class PeerState:
     """A snapshot of one peer: the ``stage`` it is in (or reached), its WireGuard ``public_key``
     once found, the chosen ``path`` and ``endpoint`` (the relay server's address on a relayed
-    path, whose ``relay`` names it), and the ``error`` if it failed."""
+    path, whose ``relay`` names it), and the ``error`` if it failed. ``direct_error`` is why no
+    direct path answered while the relay carries the tunnel (see :class:`DirectPathFailed`),
+    ``None`` otherwise."""
 
     name: str
     stage: Stage | None = None
@@ -192,6 +211,7 @@ class PeerState:
     endpoint: str | None = None
     error: ConnectError | None = None
     relay: str | None = None
+    direct_error: str | None = None
 
     @property
     def connected(self) -> bool:

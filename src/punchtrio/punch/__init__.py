@@ -88,6 +88,7 @@ from ._probe import (
 from ._puncher import (
     DROP_REASONS,
     CloseSockets,
+    DirectFailed,
     KeepSocket,
     OpenSockets,
     PathChosen,
@@ -130,6 +131,7 @@ __all__ = [
     "CandidateError",
     "CandidateType",
     "CloseSockets",
+    "DirectFailed",
     "IgdService",
     "KeepSocket",
     "MappingFailed",

@@ -5,8 +5,8 @@ public key), then calls :meth:`Puncher.start` with the peer's candidates and the
 agreed to begin (the rendezvous "punch now" signal). From then on it is driven like every punchtrio
 core: :meth:`~Puncher.receive_datagram` with probe datagrams the mux routes here,
 :meth:`~Puncher.datagrams_to_send`, :meth:`~Puncher.get_timer` / :meth:`~Puncher.handle_timer`,
-and :meth:`~Puncher.next_event` for :class:`PathChosen`, :class:`PathLost` and
-:class:`PunchFailed`.
+and :meth:`~Puncher.next_event` for :class:`PathChosen`, :class:`PathLost`, :class:`PunchFailed`
+and :class:`DirectFailed`.
 
 Each remote address is one *pair* (we have one local socket), in one of these states:
 
@@ -27,7 +27,9 @@ Relayed paths (:meth:`Puncher.set_relays`) are pairs like the others, of kind ``
 start ``relay_delay`` after the attempt (so a direct path found at once is chosen first), and rank
 below every direct and LAN path. While a relay carries the tunnel, the failed direct pairs are
 probed again every ``upgrade_retry`` seconds (doubling up to ``upgrade_retry_max``) for as long as
-the peer is known: a peer is never stuck on a relay.
+the peer is known: a peer is never stuck on a relay. Each time every direct pair has failed
+while a relay carries the tunnel, :class:`DirectFailed` says so, with the wait before the next
+retry.
 
 Birthday punching (:mod:`punchtrio.punch._birthday`) runs beside the pairs when one NAT maps per
 destination and the other does not (:meth:`Puncher.start` is told both sides' mapping checks). The
@@ -197,7 +199,18 @@ class PunchFailed:
     probes_sent: int
 
 
-PunchEvent = PathChosen | PathLost | PunchFailed
+@dataclass(frozen=True)
+class DirectFailed:
+    """A relay carries the path to ``peer``, and every direct and LAN pair of this round went
+    unanswered (used its probe budget); they are probed again in ``retry_in`` seconds (the wait
+    doubles after each such round, up to ``upgrade_retry_max``). Emitted once per round, while
+    the relay stays chosen."""
+
+    peer: bytes
+    retry_in: float
+
+
+PunchEvent = PathChosen | PathLost | PunchFailed | DirectFailed
 
 
 @dataclass(frozen=True)
@@ -785,6 +798,7 @@ class Puncher:
         direct = peer.direct_pairs()
         if direct and all(p.state == _FAILED for p in direct):
             peer.retry_at = now + peer.retry_wait
+            self._events.append(DirectFailed(peer.public_key, peer.retry_wait))
 
     def _retry_direct(self, peer: _Peer, now: float) -> None:
         peer.retry_at = None
