@@ -101,7 +101,7 @@ def _measure(pair: Pair) -> Sample:
 
 
 @contextlib.contextmanager
-def _plain(net: Network, hosts: tuple[Host, Host], tag: str) -> Iterator[None]:
+def plain_tunnel(net: Network, hosts: tuple[Host, Host], tag: str) -> Iterator[None]:
     """wireguard-go on both hosts, set up with ``wg``/``ip``, each endpoint the other NAT's public
     address at :data:`UDP_PORT`; yields once a ping crosses and both ``wg show`` agree.
 
@@ -191,7 +191,7 @@ def _one(
     """Bring up the ``kind`` tunnel, measure it, take it down; return the sample and its path."""
     net.flush_conntrack()
     if kind == "plain":
-        with _plain(net, hosts, tag):
+        with plain_tunnel(net, hosts, tag):
             return _measure(Pair(net.lab, hosts[0].ns, hosts[1].ns)), "direct/direct"
     extra = ("--tunnel", "wireguard-go") if kind == "backend" else ()
     return _punchtrio(net, hosts, workdir, tag, extra)
