@@ -14,6 +14,7 @@ from punchtrio.connect import (
     TRANSITIONS,
     ConnectCore,
     CoreError,
+    DirectPathFailed,
     FetchRecord,
     Gathered,
     ListenForSignals,
@@ -239,9 +240,9 @@ def test_records_that_cannot_be_used_fail_the_wait() -> None:
     assert drain(core)[1][-1] == PeerFailed("bob", "wait", "signalling bob failed: queue full")
 
 
-def _punching(me: str) -> tuple[ConnectCore, str]:
+def _punching(me: str, retry_backoff: float | None = None) -> tuple[ConnectCore, str]:
     other = "bob" if me == "alice" else "alice"
-    core = make_core(me)
+    core = make_core(me, retry_backoff=retry_backoff)
     core.add_peer(other, 0.0)
     core.handle(gathered(), 0.0)
     core.handle(RegisterDone(record(me, 1)), 0.0)
@@ -354,6 +355,37 @@ def test_a_relayed_peer_s_record_is_fetched_again_every_minute() -> None:
     core.handle(RecordFound(other, record(other, 2)), 61.6)
     core.handle_timer(122.0)
     assert FetchRecord(other) in drain(core)[0]
+
+
+def test_a_relayed_peer_says_once_why_no_direct_path_answered_until_it_is_retried() -> None:
+    core, other = _punching("alice", retry_backoff=2.0)
+    key = core.peer(other).key
+    assert key is not None
+    relayed = ("240.0.0.1", 1)
+    core.puncher.set_relays(key, {relayed: 0}, 0.0)
+    said: list[DirectPathFailed] = []
+    failed: list[PeerFailed] = []
+    now = 0.0
+    while not failed and now < 30.0:  # the relayed pair answers, no direct one, no handshake
+        when = core.get_timer()
+        assert when is not None
+        now = when
+        core.handle_timer(now)
+        for data, address in core.datagrams_to_send():
+            if address == relayed:
+                _answer(core, other, data, address, now)
+        events = drain(core)[1]
+        said += [e for e in events if isinstance(e, DirectPathFailed)]
+        failed += [e for e in events if isinstance(e, PeerFailed)]
+    why = "no probe got through the NATs between us"
+    # The direct pair failed after its probe budget while the relay carried the path (no
+    # handshake came within 15 s of choosing it, so the peer failed, to be retried).
+    assert said == [DirectPathFailed(other, why, 2.0)]
+    assert [(f.stage, f.retry_in) for f in failed] == [("handshake", 2.0)]
+    assert core.peer(other).direct_error == why
+    core.handle_timer(now + 2.1)
+    assert core.peer(other).stage == "wait"
+    assert core.peer(other).direct_error is None  # the retry starts afresh
 
 
 def _answer(

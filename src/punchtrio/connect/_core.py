@@ -649,7 +649,7 @@ class ConnectCore:
             peer.error = None
             peer.record = None
             peer.pending_signal, peer.refetching, peer.sent_signal = None, False, False
-            peer.path = peer.endpoint = peer.relay = None
+            peer.path = peer.endpoint = peer.relay = peer.direct_error = None
             peer.connected = None
             peer.handshaken = False
             self._actions.append(PeerRetrying(peer.name))

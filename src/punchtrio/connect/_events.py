@@ -145,7 +145,8 @@ class DirectPathFailed:
     The direct paths are probed again in ``retry_in`` seconds, then at growing intervals for as
     long as the relay carries the tunnel; a direct path found then replaces the relay
     (:class:`PathChanged`). Emitted once while the tunnel stays on the relay (again only if the
-    reason changes); :attr:`PeerState.direct_error` keeps the reason."""
+    reason changes, or after the peer failed and is tried again); :attr:`PeerState.direct_error`
+    keeps the reason."""
 
     peer: str
     reason: str
