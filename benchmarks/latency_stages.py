@@ -1,9 +1,10 @@
 """Where a ping's round trip goes, hop by hop: plain wireguard-go against ``punchtrio up --hub``.
 
 The NAT lab's two port-restricted cones and a real hub carry each tunnel in turn (the tunnels of
-``tunnels-lab``). While :data:`PINGS` pings at 20 per second cross the tunnel, ``tcpdump`` runs in
-both hosts' namespaces and records when each packet passed each interface, by the kernel's clock
-(one clock for all namespaces). Each ping is followed through eight sightings:
+``tunnels-lab``). Once a tunnel has run for :data:`SETTLE` seconds, ``tcpdump`` runs in both
+hosts' namespaces while :data:`PINGS` pings at 20 per second cross it, and records when each
+packet passed each interface, by the kernel's clock (one clock for all namespaces). Each ping
+is followed through eight sightings:
 
 1. a's TUN, the echo request leaving the kernel for the tunnel;
 2. a's ``eth0``, the encrypted request leaving;
@@ -49,6 +50,10 @@ PINGS = 100
 """Pings per tunnel and round, :data:`INTERVAL` apart."""
 INTERVAL = 0.05
 """Seconds between pings (20 per second: each packet finds the tunnel asleep)."""
+SETTLE = 10.0
+"""Seconds each tunnel runs before its capture starts: ``up``'s probes to the candidates that
+never answer (the other host's LAN address) end about 8.5 s after the punch began, and they
+must not share the CPU with the pings."""
 WIREGUARD_SIZE = 128
 """UDP payload of one ping through WireGuard: the 84-byte IP packet padded to 96, a 16-byte
 header and a 16-byte tag."""
@@ -161,8 +166,9 @@ def report(trips: Mapping[str, Sequence[tuple[float, ...]]], rounds: int) -> str
         "## Where a round trip goes: packet captures, plain wireguard-go against `up --hub`",
         "",
         "Two hosts behind the NAT lab's two port-restricted cones and a real `punchtrio hub`; "
-        f"{PINGS} pings at {1 / INTERVAL:.0f} per second through each tunnel per round, "
-        f"{rounds} interleaved rounds, `tcpdump` in both hosts' namespaces. Medians over every "
+        f"{PINGS} pings at {1 / INTERVAL:.0f} per second through each tunnel per round, once "
+        f"it has run {SETTLE:.0f} s, {rounds} interleaved rounds, `tcpdump` in both hosts' "
+        "namespaces. Medians over every "
         "ping, in microseconds, of the time between two sightings of the same ping (see "
         "`benchmarks/latency_stages.py`). Command: `.venv/bin/python -m benchmarks "
         "latency-stages` (root, with tcpdump).",
@@ -184,6 +190,7 @@ def _capture(
     hosts: tuple[Host, Host], workdir: Path, pair: Pair, tuns: tuple[str, str]
 ) -> list[tuple[float, ...]]:
     files = [workdir / f"capture-{index}.txt" for index in range(2)]
+    time.sleep(SETTLE)
     captures = []
     try:
         for host, path in zip(hosts, files, strict=True):
